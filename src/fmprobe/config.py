@@ -1,0 +1,278 @@
+"""Experiment configuration: YAML -> validated pydantic models.
+
+Unknown keys are errors (``extra="forbid"``) and every error names the key path, the bad value and,
+where there is a fixed set, the valid choices. Every field here is honoured by the code; an option
+that cannot be honoured raises instead of falling back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fmprobe.errors import ConfigError
+
+TaskType = Literal["binary", "multiclass", "multilabel", "regression"]
+
+METRICS_BY_TASK: dict[str, tuple[str, ...]] = {
+    "binary": ("auroc", "ap", "f1", "accuracy", "balanced_accuracy"),
+    "multiclass": ("balanced_accuracy", "accuracy", "macro_f1", "auroc_ovr"),
+    "multilabel": ("map", "macro_auroc", "macro_f1"),
+    "regression": ("r2", "mae", "rmse", "pearson_r"),
+}
+LOWER_IS_BETTER = frozenset({"mae", "rmse"})
+PRIMARY_METRIC: dict[str, str] = {
+    "binary": "auroc",
+    "multiclass": "balanced_accuracy",
+    "multilabel": "map",
+    "regression": "r2",
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WindowConfig(Strict):
+    """CT/MR intensity window: values outside [center - width/2, center + width/2] are clipped."""
+
+    center: float
+    width: float = Field(gt=0)
+
+
+class DataConfig(Strict):
+    manifest: str
+    root: str | None = None  # base for relative paths in the manifest (default: the manifest's folder)
+    kind: Literal["image", "video", "volume"] = "image"
+    id_column: str = "sample_id"
+    path_column: str = "path"
+    group_column: str | None = "group"
+    split_column: str | None = "split"
+    # video / slice-stack sampling
+    frames_per_clip: int = Field(default=16, ge=1)
+    frame_step: int = Field(default=1, ge=1)
+    clip_position: Literal["center", "uniform", "random"] = "center"
+    num_clips: int = Field(default=1, ge=1)
+    # volumes: a slice stack fed like a video, or single 2D slices (axis, index or "middle")
+    volume_mode: Literal["stack", "slices"] = "stack"
+    slice_axis: int = Field(default=2, ge=0, le=2)
+    window: WindowConfig | None = None
+    on_error: Literal["raise", "skip"] = "raise"
+    num_workers: int = Field(default=0, ge=0)
+
+
+class TaskConfig(Strict):
+    type: TaskType
+    targets: list[str] = Field(min_length=1)
+    class_names: list[str] | None = None  # multiclass: labels in the target column, in order
+    primary_metric: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskConfig":
+        valid = METRICS_BY_TASK[self.type]
+        if self.primary_metric is None:
+            self.primary_metric = PRIMARY_METRIC[self.type]
+        elif self.primary_metric not in valid:
+            raise ValueError(
+                f"primary_metric '{self.primary_metric}' is not valid for a {self.type} task; "
+                f"valid choices: {', '.join(valid)}"
+            )
+        if self.type in ("binary", "multiclass") and len(self.targets) != 1:
+            raise ValueError(f"a {self.type} task takes exactly one target column, got {self.targets}")
+        return self
+
+
+class ModelConfig(Strict):
+    """Which backbone, and where to read tokens from."""
+
+    name: str = "dinov2-small-offline"  # registry name, local directory or hub id
+    kind: Literal["auto", "dinov2", "vjepa2", "vjepa2-native", "videomae", "clip", "siglip", "blip2", "qwen2_5_vl"] = "auto"
+    checkpoint: str | None = None  # native V-JEPA 2 .pt file (kind: vjepa2-native)
+    layers: list[int | str] = Field(default_factory=lambda: [-1])  # index (negative ok) or module path
+    image_size: int | None = None  # override the processor's size
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class FeatureConfig(Strict):
+    cache_dir: str = "~/.cache/fmprobe/features"
+    store_tokens: bool = True
+    token_grid: list[int] | None = None  # pool tokens spatially to (h, w) before storing, bounds size
+    temporal_pool: bool = False  # average tokens over time before storing
+    batch_size: int = Field(default=16, ge=1)
+    shard_size: int = Field(default=256, ge=1)
+
+
+class HeadConfig(Strict):
+    type: Literal["linear", "mlp", "attentive"] = "linear"
+    name: str | None = None  # defaults to the type
+    layer: int | str = -1  # which extracted layer feeds the head
+    pooling: Literal["mean", "cls", "cls+mean", "attentive"] = "mean"
+    hidden: int = Field(default=512, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    num_heads: int = Field(default=8, ge=1)
+    num_queries: int = Field(default=1, ge=1)
+    query_per_class: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "HeadConfig":
+        if (self.type == "attentive") != (self.pooling == "attentive"):
+            raise ValueError("head type 'attentive' goes with pooling 'attentive' and only with it")
+        if self.name is None:
+            self.name = self.type
+        return self
+
+
+class LossConfig(Strict):
+    type: Literal["auto", "ce", "bce", "mse", "huber", "focal"] = "auto"
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    pos_weight: Literal["none", "auto"] | list[float] = "none"
+    focal_alpha: float | None = Field(default=0.25, ge=0, le=1)
+    focal_gamma: float = Field(default=2.0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    huber_delta: float = Field(default=1.0, gt=0)
+
+
+class EarlyStoppingConfig(Strict):
+    metric: str | None = None  # default: the task's primary metric on validation
+    patience: int = Field(default=10, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_epochs: int = Field(default=0, ge=0)
+    grad_accum: int = Field(default=1, ge=1)
+    early_stopping: EarlyStoppingConfig | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+
+
+class SplitConfig(Strict):
+    """Given splits (manifest column) or generated stratified, grouped ones."""
+
+    mode: Literal["given", "generate", "kfold"] = "given"
+    fractions: list[float] = Field(default_factory=lambda: [0.7, 0.15, 0.15])  # train, val, test
+    folds: int = Field(default=5, ge=2)
+    seed: int = 0
+    allow_group_overlap: bool = False
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if len(v) != 3 or any(f < 0 for f in v) or abs(sum(v) - 1) > 1e-6:
+            raise ValueError(f"fractions must be three non-negative numbers (train, val, test) summing to 1, got {v}")
+        return v
+
+
+class EvalConfig(Strict):
+    bootstrap: int = Field(default=1000, ge=0)
+    ci: float = Field(default=0.95, gt=0, lt=1)
+    thresholds: Literal["f1", "fixed"] = "f1"
+    tiny_class: int = Field(default=5, ge=0)  # flag a class with fewer positives than this in a split
+    overfit_gap: float = Field(default=0.2, ge=0)
+
+
+class Experiment(Strict):
+    name: str
+    data: DataConfig
+    task: TaskConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    heads: list[HeadConfig] = Field(default_factory=lambda: [HeadConfig()], min_length=1)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runs_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _check(self) -> "Experiment":
+        names = [h.name for h in self.heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"heads need distinct names, got {names}; set 'name' on each head")
+        layers = [str(x) for x in self.model.layers]
+        for i, head in enumerate(self.heads):
+            if str(head.layer) not in layers:
+                raise ValueError(f"heads[{i}].layer {head.layer!r} is not among model.layers {self.model.layers}")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the documented keys of this section)"
+        elif e["type"] == "literal_error":
+            msg = f"invalid value; valid choices: {e['ctx']['expected']}"
+        bad = e.get("input")
+        shown = "" if e["type"] in ("missing",) or isinstance(bad, dict) else f" (got {bad!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> Experiment:
+    """Validate a config dict; raise ConfigError naming every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
+    """Read a YAML config; relative paths resolve against the config file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config '{path}': {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config '{path}' is not valid YAML: {err}") from None
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    if isinstance(data, dict):
+        _resolve_paths(data, path.parent.resolve())
+    return parse_config(data, source=f"'{path}'")
+
+
+_PATH_KEYS = ("data.manifest", "data.root", "features.cache_dir", "runs_dir", "model.checkpoint")
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config file resolve against the file's folder, not the working directory."""
+    for dotted in _PATH_KEYS:
+        node: Any = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        value = node.get(leaf)
+        if isinstance(value, str) and "://" not in value and not value.startswith("~") and not Path(value).is_absolute():
+            node[leaf] = str(base / value)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict (used by overrides and sweeps)."""
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def dump_config(exp: Experiment) -> str:
+    """The resolved config, as saved next to every output."""
+    return yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)

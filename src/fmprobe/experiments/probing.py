@@ -1,0 +1,181 @@
+"""Train every configured head, for every seed, on cached features, and predict every split.
+
+Selection discipline: the best epoch and the decision thresholds are chosen on validation only; train,
+validation and test are then predicted once with the chosen weights. Each seed changes head init, data
+order and sampling; every seed's predictions are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fmprobe.config import LOWER_IS_BETTER, Experiment, HeadConfig
+from fmprobe.evaluate.metrics import compute_metrics
+from fmprobe.evaluate.thresholds import tune_thresholds
+from fmprobe.features.store import FeatureSet
+from fmprobe.heads import build_head
+from fmprobe.train.losses import build_loss
+from fmprobe.train.trainer import HeadData, predict, train_head
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class HeadRun:
+    """One head trained with one seed: its curves, what was selected, and its scores per split."""
+
+    head: str
+    seed: int
+    best_epoch: int
+    best_val_score: float
+    stopped_early: bool
+    curves: list[dict]
+    scores: dict[str, np.ndarray]  # split -> [n, ...] scores in the task's convention
+    thresholds: list[float] | None
+    loss_info: dict
+    trainable_params: int
+    checkpoint_dir: Path | None = None
+
+
+@dataclass
+class ProbeResults:
+    runs: list[HeadRun] = field(default_factory=list)
+    standardisation: dict[str, str] = field(default_factory=dict)
+
+
+def output_dim(exp: Experiment, class_names: list[str] | None) -> int:
+    task = exp.task
+    if task.type == "binary":
+        return 1
+    if task.type == "multiclass":
+        assert class_names is not None
+        return len(class_names)
+    return len(task.targets)
+
+
+def head_inputs(features: FeatureSet, head: HeadConfig) -> np.ndarray:
+    """Pooled vectors for linear/MLP heads, patch tokens for the attentive pooler."""
+    layer = str(head.layer)
+    if head.pooling == "attentive":
+        return np.asarray(features.tokens(layer))
+    return features.pooled(layer, head.pooling)
+
+
+def _standardise(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Z-score pooled features with statistics of the training split only (no test information leaks in)."""
+    mean = x["train"].mean(axis=0, keepdims=True)
+    std = x["train"].std(axis=0, keepdims=True) + 1e-6
+    return {k: ((v - mean) / std).astype(np.float32) for k, v in x.items()}
+
+
+def train_heads(
+    exp: Experiment,
+    features: FeatureSet,
+    split_ids: dict[str, list[str]],
+    targets: dict[str, np.ndarray],
+    class_names: list[str] | None,
+    checkpoint_root: Path | None = None,
+) -> ProbeResults:
+    task = exp.task
+    primary = task.primary_metric
+    stop_metric = (exp.train.early_stopping.metric if exp.train.early_stopping else None) or primary
+
+    def score_fn(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+        out = compute_metrics(task.type, y_true, scores, class_names=class_names, target_names=task.targets)
+        return {k: v for k, v in out.items() if isinstance(v, (int, float))}
+
+    out_dim = output_dim(exp, class_names)
+    results = ProbeResults()
+    for head_cfg in exp.heads:
+        raw = {s: head_inputs(features.subset(ids), head_cfg) for s, ids in split_ids.items()}
+        if head_cfg.pooling != "attentive":
+            raw = _standardise(raw)
+            results.standardisation[head_cfg.name] = "z-score with training-split mean/std"
+        inputs = {s: torch.from_numpy(np.ascontiguousarray(v)) for s, v in raw.items()}
+        in_dim = inputs["train"].shape[-1]
+        for seed in exp.train.seeds:
+            torch.manual_seed(seed)
+            head = build_head(head_cfg, in_dim, out_dim)
+            loss, loss_info = build_loss(exp.loss, task, targets["train"])
+            fit = train_head(
+                head,
+                HeadData(inputs["train"], targets["train"]),
+                HeadData(inputs["val"], targets["val"]),
+                task_type=task.type,
+                loss=loss,
+                cfg=exp.train,
+                seed=seed,
+                score_fn=score_fn,
+                primary=stop_metric,
+                higher_is_better=stop_metric not in LOWER_IS_BETTER,
+            )
+            head.load_state_dict(fit.best_state)
+            scores = {s: predict(head, inputs[s], task.type, exp.train.batch_size) for s in SPLITS}
+            thresholds = None
+            if task.type in ("binary", "multilabel"):
+                thresholds = tune_thresholds(
+                    targets["val"], scores["val"], method=exp.eval.thresholds
+                )
+            ckpt_dir = None
+            if checkpoint_root is not None:
+                ckpt_dir = checkpoint_root / head_cfg.name / f"seed{seed}"
+                _save_checkpoints(ckpt_dir, fit.best_state, fit.last_state)
+            results.runs.append(
+                HeadRun(
+                    head=head_cfg.name,
+                    seed=seed,
+                    best_epoch=fit.best_epoch,
+                    best_val_score=fit.best_val_score,
+                    stopped_early=fit.stopped_early,
+                    curves=fit.curves,
+                    scores=scores,
+                    thresholds=None if thresholds is None else [float(t) for t in np.atleast_1d(thresholds)],
+                    loss_info=loss_info,
+                    trainable_params=sum(p.numel() for p in head.parameters() if p.requires_grad),
+                    checkpoint_dir=ckpt_dir,
+                )
+            )
+    return results
+
+
+def _save_checkpoints(folder: Path, best: dict, last: dict) -> None:
+    from fmprobe.atomic import atomic_path
+
+    for name, state in (("best", best), ("last", last)):
+        with atomic_path(folder / f"{name}.pt") as tmp:
+            torch.save(state, tmp)
+
+
+def predictions_table(
+    results: ProbeResults,
+    split_ids: dict[str, list[str]],
+    groups: dict[str, list[str]],
+    targets: dict[str, np.ndarray],
+    score_names: list[str],
+    target_names: list[str],
+) -> pd.DataFrame:
+    """Long table: one row per (head, seed, sample). Everything else can be recomputed from it."""
+    frames = []
+    for run in results.runs:
+        for split in SPLITS:
+            n = len(split_ids[split])
+            data: dict[str, object] = {
+                "sample_id": split_ids[split],
+                "split": split,
+                "group": groups[split],
+                "head": run.head,
+                "seed": run.seed,
+            }
+            y = targets[split].reshape(n, -1)
+            for j, name in enumerate(target_names):
+                data[f"y/{name}"] = y[:, j]
+            s = run.scores[split].reshape(n, -1)
+            for j, name in enumerate(score_names):
+                data[f"p/{name}"] = s[:, j]
+            frames.append(pd.DataFrame(data))
+    return pd.concat(frames, ignore_index=True)

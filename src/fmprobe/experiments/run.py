@@ -1,0 +1,123 @@
+"""`fmprobe run CONFIG`: manifest -> splits -> cached features -> heads x seeds -> evaluated run directory.
+
+A run directory is never overwritten:
+``runs/<experiment>/<run_id>/`` holds config.resolved.yaml, env.json, predictions.parquet,
+metrics.json, curves.parquet, checkpoints/ and report.html.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fmprobe.atomic import atomic_path, write_json, write_text
+from fmprobe.config import Experiment, dump_config
+from fmprobe.data.manifest import Manifest, load_manifest
+from fmprobe.experiments.splitting import resolve_splits
+from fmprobe.evaluate.summary import summarise_run
+from fmprobe.experiments.environment import environment_info
+from fmprobe.experiments.probing import SPLITS, predictions_table, train_heads
+from fmprobe.features.extract import extract_features
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+
+
+def config_hash(exp: Experiment) -> str:
+    """Identity of what was asked for (the runs folder excluded, so moving runs keeps it)."""
+    data = exp.model_dump(mode="json", exclude={"runs_dir"})
+    return hashlib.sha256(repr(sorted(_flatten(data).items())).encode()).hexdigest()[:16]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def new_run_dir(exp: Experiment) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = Path(exp.runs_dir).expanduser() / exp.name
+    base.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        run_dir = base / f"{stamp}-{config_hash(exp)[:8]}{'' if i == 0 else f'-{i}'}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory under {base}")
+
+
+def _score_names(exp: Experiment, manifest: Manifest) -> list[str]:
+    if exp.task.type == "multiclass":
+        return list(manifest.class_names or [])
+    return list(exp.task.targets)
+
+
+def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
+    started = time.perf_counter()
+    manifest = load_manifest(exp.data, exp.task)
+    df, split_info = resolve_splits(manifest, exp.task, exp.split)
+    features = extract_features(exp, manifest, progress=progress)
+    extracted = set(features.sample_ids)
+    df = df[df["sample_id"].isin(extracted)]
+    split_ids = {s: df.loc[df["split"] == s, "sample_id"].tolist() for s in SPLITS}
+    for split, ids in split_ids.items():
+        if not ids:
+            from fmprobe.errors import ConfigError
+
+            raise ConfigError(f"split '{split}' is empty after extraction; check split settings and skipped samples")
+    rows = {s: df[df["split"] == s] for s in SPLITS}
+    targets = {s: manifest.targets(rows[s]) for s in SPLITS}
+    groups = {s: rows[s]["group"].astype(str).tolist() for s in SPLITS}
+
+    run_dir = new_run_dir(exp)
+    write_text(run_dir / "config.resolved.yaml", dump_config(exp))
+    results = train_heads(exp, features, split_ids, targets, manifest.class_names, run_dir / "checkpoints")
+    preds = predictions_table(results, split_ids, groups, targets, _score_names(exp, manifest), exp.task.targets)
+    with atomic_path(run_dir / "predictions.parquet") as tmp:
+        preds.to_parquet(tmp, index=False)
+    curves = pd.DataFrame(
+        [{"head": r.head, "seed": r.seed, **row} for r in results.runs for row in r.curves]
+    )
+    with atomic_path(run_dir / "curves.parquet") as tmp:
+        curves.to_parquet(tmp, index=False)
+
+    metrics = summarise_run(
+        exp,
+        results,
+        targets=targets,
+        groups=groups,
+        class_names=manifest.class_names,
+        split_info=split_info,
+        skipped=features.skipped,
+        run_dir=run_dir,
+        config_hash=config_hash(exp),
+    )
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
+    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp)))
+
+    from fmprobe.report.html import write_run_report
+
+    write_run_report(run_dir, exp, metrics, curves)
+    return RunResult(run_dir=run_dir, metrics=metrics)
+
+
+def split_sizes(df: pd.DataFrame) -> dict[str, int]:
+    return {s: int(np.sum(df["split"] == s)) for s in SPLITS}

@@ -1,0 +1,93 @@
+"""Attentive probe on tokens: learned queries cross-attend over the backbone's tokens (after vjepa2's pooler).
+
+One block: queries attend to layer-normed tokens (residual), then a pre-norm MLP (residual), then a linear
+readout. With ``query_per_class`` there is one query per output and each query has its own linear readout to
+one logit, so every class pools its own tokens and its attention map can be inspected per class. Otherwise the
+``num_queries`` pooled vectors are concatenated and read out by one linear layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fmprobe.errors import ConfigError
+
+
+class AttentiveHead(nn.Module):
+    """Cross-attention pooler + readout; ``last_attention`` holds the last forward's weights [B, heads, Q, N]."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        num_heads: int,
+        num_queries: int,
+        query_per_class: bool,
+        hidden: int,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if in_dim % num_heads:
+            raise ConfigError(
+                f"attentive head: num_heads={num_heads} must divide the feature dimension {in_dim}; "
+                f"choose one of {[h for h in range(1, min(in_dim, 64) + 1) if in_dim % h == 0]}"
+            )
+        if query_per_class and num_queries != 1:
+            raise ConfigError(
+                "attentive head: num_queries cannot be set together with query_per_class "
+                "(query_per_class uses one query per output); set one of them"
+            )
+        self.query_per_class = query_per_class
+        n_queries = out_dim if query_per_class else num_queries
+        self.queries = nn.Parameter(torch.empty(n_queries, in_dim))
+        self.norm_tokens = nn.LayerNorm(in_dim)
+        self.attn = nn.MultiheadAttention(in_dim, num_heads, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(in_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, in_dim), nn.Dropout(dropout)
+        )
+        if query_per_class:
+            self.readout_weight = nn.Parameter(torch.empty(n_queries, in_dim))
+            self.readout_bias = nn.Parameter(torch.empty(n_queries))
+        else:
+            self.readout = nn.Linear(n_queries * in_dim, out_dim)
+        self.last_attention: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.queries, std=0.02)
+        self.norm_tokens.reset_parameters()
+        self.norm_mlp.reset_parameters()
+        nn.init.xavier_uniform_(self.attn.in_proj_weight)
+        nn.init.zeros_(self.attn.in_proj_bias)
+        self.attn.out_proj.reset_parameters()
+        nn.init.zeros_(self.attn.out_proj.bias)
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        if self.query_per_class:
+            bound = 1 / math.sqrt(self.readout_weight.shape[1])  # nn.Linear's default init, per query
+            nn.init.uniform_(self.readout_weight, -bound, bound)
+            nn.init.uniform_(self.readout_bias, -bound, bound)
+        else:
+            self.readout.reset_parameters()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.ndim != 3:
+            raise ValueError(
+                f"attentive head takes token features [B, N, D], got shape {tuple(tokens.shape)}; "
+                "pooled features go to a linear or mlp head"
+            )
+        kv = self.norm_tokens(tokens)
+        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        attended, weights = self.attn(q, kv, kv, need_weights=True, average_attn_weights=False)
+        self.last_attention = weights.detach()
+        x = q + attended
+        x = x + self.mlp(self.norm_mlp(x))
+        if self.query_per_class:
+            return (x * self.readout_weight).sum(-1) + self.readout_bias
+        return self.readout(x.flatten(1))
