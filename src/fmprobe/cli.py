@@ -52,6 +52,17 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
 
 @app.command()
 @user_errors
+def extract(config: Path = typer.Argument(..., help="experiment YAML")) -> None:
+    """Fill the feature cache for an experiment (extracts only what is not cached yet)."""
+    from fmprobe.features.extract import extract_command
+
+    summary = extract_command(config)
+    for key, value in summary.items():
+        console.print(f"{key}: {value}", highlight=False)
+
+
+@app.command()
+@user_errors
 def demo(out: Path = typer.Option(Path("fmprobe-demo"), help="folder for the demo data, cache and runs"),
          quiet: bool = typer.Option(False, help="no progress bars")) -> None:
     """The offline demo: MNI152 brain patches, DINOv2-S, linear and attentive probes, two tasks."""

@@ -23,7 +23,6 @@ METRICS_BY_TASK: dict[str, tuple[str, ...]] = {
     "multilabel": ("map", "macro_auroc", "macro_f1"),
     "regression": ("r2", "mae", "rmse", "pearson_r"),
 }
-LOWER_IS_BETTER = frozenset({"mae", "rmse"})
 PRIMARY_METRIC: dict[str, str] = {
     "binary": "auroc",
     "multiclass": "balanced_accuracy",
@@ -63,6 +62,14 @@ class DataConfig(Strict):
     on_error: Literal["raise", "skip"] = "raise"
     num_workers: int = Field(default=0, ge=0)
 
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.num_clips > 1 and self.clip_position != "uniform":
+            raise ValueError(
+                f"num_clips: {self.num_clips} needs clip_position: uniform (got '{self.clip_position}')"
+            )
+        return self
+
 
 class TaskConfig(Strict):
     type: TaskType
@@ -91,9 +98,25 @@ class ModelConfig(Strict):
     name: str = "dinov2-small-offline"  # registry name, local directory or hub id
     kind: Literal["auto", "dinov2", "vjepa2", "vjepa2-native", "videomae", "clip", "siglip", "blip2", "qwen2_5_vl"] = "auto"
     checkpoint: str | None = None  # native V-JEPA 2 .pt file (kind: vjepa2-native)
+    # Native V-JEPA 2 checkpoints store no config: when no params-pretrain.yaml lies beside the .pt,
+    # give the clip length and head count here (crop size: image_size).
+    native_frames: int | None = Field(default=None, ge=1)
+    native_num_heads: int | None = Field(default=None, ge=1)
     layers: list[int | str] = Field(default_factory=lambda: [-1])  # index (negative ok) or module path
     image_size: int | None = None  # override the processor's size
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        native = {"checkpoint": self.checkpoint, "native_frames": self.native_frames,
+                  "native_num_heads": self.native_num_heads}
+        if self.kind != "vjepa2-native":
+            given = [k for k, v in native.items() if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to kind: vjepa2-native (kind is '{self.kind}')")
+        elif self.checkpoint is None:
+            raise ValueError("kind: vjepa2-native needs checkpoint: the path of the native V-JEPA 2 .pt file")
+        return self
 
 
 class FeatureConfig(Strict):

@@ -143,7 +143,9 @@ def _convert(onnx_path: Path, out: Path) -> None:
     try:
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in backbone.tensors.items()}, strict=True)
     except RuntimeError as err:
-        raise EncoderError(f"the ONNX backbone in {onnx_path} does not map onto transformers' Dinov2Model: {err}") from err
+        raise EncoderError(
+            f"the ONNX backbone in {onnx_path} does not map onto transformers' Dinov2Model: {err}"
+        ) from err
 
     diff = _max_abs_diff(model_proto, backbone, model)
     if not diff <= MAX_ABS_DIFF:
@@ -190,7 +192,9 @@ def _read_backbone(model_proto) -> _Backbone:
 
     initializers = {t.name: t for t in graph.initializer}
     prefix = SCOPE + "."
-    tensors = {_rename(t.name[len(prefix) :]): numpy_helper.to_array(t) for t in graph.initializer if t.name.startswith(prefix)}
+    tensors = {
+        _rename(t.name[len(prefix) :]): numpy_helper.to_array(t) for t in graph.initializer if t.name.startswith(prefix)
+    }
     position: dict[str, np.ndarray] = {}
     for node in graph.node:
         if not node.name.startswith(f"/{SCOPE}/"):
@@ -243,8 +247,11 @@ def _layer_norm_eps(graph) -> float:
             eps = [helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon"]
             values.add(np.float32(eps[0] if eps else 1e-5))
     if not values:
-        consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"
-                  and n.attribute and n.attribute[0].name == "value"}
+        consts = {
+            n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+            for n in graph.node
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+        }
         producers = {out: n for n in graph.node for out in n.output}
         for node in graph.node:
             if node.op_type == "Sqrt" and node.name.startswith(f"/{SCOPE}/") and "norm" in node.name:

@@ -154,7 +154,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
+        if "Unsupported global" not in str(err):  # any other unpickling error: not a checkpoint
             raise EncoderError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
         raise EncoderError(
             f"{path}: the checkpoint holds pickled Python objects that are not loaded for safety. "

@@ -8,6 +8,7 @@ multilabel ``[N, C]`` 0/1 + ``[N, C]`` probs, regression ``[N, C]``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,14 +54,14 @@ def compute_metrics(
     elif task_type == "multiclass":
         if thresholds is not None:
             raise FmprobeError("thresholds do not apply to a multiclass task (predictions are the argmax); pass None")
-        out = _multiclass(y_true, y_score, _names(class_names, y_score.shape[1], "class_names"), undefined)
+        out = _multiclass(y_true, y_score, output_names(class_names, y_score.shape[1], "class_names"), undefined)
     elif task_type == "multilabel":
-        names = _names(class_names if class_names is not None else target_names, y_score.shape[1], "class_names")
+        names = output_names(class_names if class_names is not None else target_names, y_score.shape[1], "class_names")
         out = _multilabel(y_true, y_score, names, label_thresholds(thresholds, len(names)), undefined)
     else:
         if thresholds is not None:
             raise FmprobeError("thresholds do not apply to a regression task; pass None")
-        out = _regression(y_true, y_score, _names(target_names, y_score.shape[1], "target_names"), undefined)
+        out = _regression(y_true, y_score, output_names(target_names, y_score.shape[1], "target_names"), undefined)
     missing = [m for m in METRICS_BY_TASK[task_type] if m not in out]
     assert not missing, f"metrics {missing} not computed for {task_type}"
     out["undefined"] = undefined
@@ -106,6 +107,7 @@ def check_inputs(task_type: str, y_true: Any, y_score: Any) -> tuple[np.ndarray,
             raise FmprobeError(
                 f"multiclass y_true has {bad.size} labels outside 0..{k - 1} (first at rows {bad[:5].tolist()})"
             )
+        y_score = _rows_sum_to_one(y_score)
     else:
         bad = np.flatnonzero(~np.isin(y_true, (0, 1)).reshape(len(y_true), -1).all(axis=1))
         if bad.size:
@@ -139,7 +141,7 @@ def _binary(y: np.ndarray, s: np.ndarray, thr: float, undefined: dict[str, str])
         "ap": _ap(y, s, "ap", undefined),
         "f1": _f1(y, pred, "f1", undefined),
         "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "balanced_accuracy": _balanced_accuracy(y, pred),
     }
     return out
 
@@ -150,8 +152,7 @@ def _multiclass(y: np.ndarray, p: np.ndarray, names: list[str], undefined: dict[
     pred = p.argmax(axis=1)
     per_class = f1_score(y, pred, labels=labels, average=None, zero_division=np.nan)
     out: dict[str, Any] = {
-        # sklearn averages recall over the classes present in y_true
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "balanced_accuracy": _balanced_accuracy(y, pred),
         "accuracy": float(accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=np.nan)),
     }
@@ -164,7 +165,7 @@ def _multiclass(y: np.ndarray, p: np.ndarray, names: list[str], undefined: dict[
         out["auroc_ovr"] = float("nan")
         undefined["auroc_ovr"] = f"classes absent from y_true: {absent}"
     else:
-        out["auroc_ovr"] = float(roc_auc_score(y, _rows_sum_to_one(p), multi_class="ovr", labels=labels))
+        out["auroc_ovr"] = float(roc_auc_score(y, p, multi_class="ovr", labels=labels))
     out["confusion_matrix"] = confusion_matrix(y, pred, labels=labels).tolist()
     return out
 
@@ -198,8 +199,10 @@ def _regression(y: np.ndarray, s: np.ndarray, names: list[str], undefined: dict[
     mae = mean_absolute_error(y, s, multioutput="raw_values")
     rmse = root_mean_squared_error(y, s, multioutput="raw_values")
     r = np.array([_pearson(y[:, c], s[:, c], f"pearson_r/{n}", undefined) for c, n in enumerate(names)])
+    # sklearn's uniform average over targets; NaN when any target is constant (its R² is undefined)
+    r2_mean = float("nan") if constant.any() else r2_score(y, s, multioutput="uniform_average", force_finite=False)
     out: dict[str, Any] = {
-        "r2": float(r2_score(y, s, multioutput="uniform_average", force_finite=False)) if not constant.any() else float("nan"),
+        "r2": float(r2_mean),
         "mae": float(mean_absolute_error(y, s)),
         "rmse": float(root_mean_squared_error(y, s)),
         "pearson_r": float(np.mean(r)),
@@ -214,6 +217,14 @@ def _regression(y: np.ndarray, s: np.ndarray, names: list[str], undefined: dict[
         if constant[c]:
             undefined[f"r2/{n}"] = "target constant in y_true"
     return out
+
+
+def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean recall over the classes present in y_true (sklearn's definition; its warning about
+    predicted classes absent from y_true is that definition, not a problem)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(y, pred))
 
 
 def _auroc(y: np.ndarray, s: np.ndarray, key: str, undefined: dict[str, str]) -> float:
@@ -253,8 +264,11 @@ def _mean_defined(values: list[float], key: str, undefined: dict[str, str]) -> f
 
 
 def _rows_sum_to_one(p: np.ndarray) -> np.ndarray:
-    """Renormalise float rounding only; refuse scores that are not probabilities (sklearn's ovr needs them)."""
+    """sklearn's AUROC-ovr needs rows summing to 1 (np.allclose); renormalise low-precision (fp16/fp32)
+    rounding, refuse scores that are not probabilities."""
     sums = p.sum(axis=1)
+    if np.allclose(1, sums):
+        return p
     bad = np.flatnonzero(np.abs(sums - 1) > 1e-3)
     if bad.size:
         raise FmprobeError(
@@ -264,7 +278,8 @@ def _rows_sum_to_one(p: np.ndarray) -> np.ndarray:
     return p / sums[:, None]
 
 
-def _names(names: Sequence[str] | None, n: int, what: str) -> list[str]:
+def output_names(names: Sequence[str] | None, n: int, what: str) -> list[str]:
+    """Names used in per-class keys ("ap/<name>"): the given ones, or the column index as text."""
     if names is None:
         return [str(i) for i in range(n)]
     names = [str(x) for x in names]

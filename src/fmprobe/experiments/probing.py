@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmprobe.config import LOWER_IS_BETTER, Experiment, HeadConfig
-from fmprobe.evaluate.metrics import compute_metrics
+from fmprobe.config import Experiment, HeadConfig
+from fmprobe.evaluate.bootstrap import TaskMetric
+from fmprobe.evaluate.metrics import higher_is_better
 from fmprobe.evaluate.thresholds import tune_thresholds
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads import build_head
@@ -83,14 +84,25 @@ def train_heads(
 ) -> ProbeResults:
     task = exp.task
     primary = task.primary_metric
-    stop_metric = (exp.train.early_stopping.metric if exp.train.early_stopping else None) or primary
+
+    label_names = class_names if task.type == "multiclass" else task.targets
+    metric = TaskMetric(task.type, class_names=label_names, target_names=task.targets)
+
+    results = ProbeResults()
+    # Regression heads fit standardised targets (train mean/std) and answer in the original units.
+    shift, scale = 0.0, 1.0
+    if task.type == "regression":
+        shift = targets["train"].mean(axis=0)
+        scale = targets["train"].std(axis=0) + 1e-12
+        results.standardisation["targets"] = "z-score with training-split mean/std; outputs mapped back"
+    fit_targets = {s: ((y - shift) / scale).astype(y.dtype) for s, y in targets.items()}
 
     def score_fn(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-        out = compute_metrics(task.type, y_true, scores, class_names=class_names, target_names=task.targets)
-        return {k: v for k, v in out.items() if isinstance(v, (int, float))}
+        # The vectorised form (tested equal to scikit-learn): called every epoch, so it must be cheap.
+        out = metric.weighted(y_true * scale + shift, scores * scale + shift, np.ones((1, len(y_true))))
+        return {k: float(v[0]) for k, v in out.items()}
 
     out_dim = output_dim(exp, class_names)
-    results = ProbeResults()
     for head_cfg in exp.heads:
         raw = {s: head_inputs(features.subset(ids), head_cfg) for s, ids in split_ids.items()}
         if head_cfg.pooling != "attentive":
@@ -101,25 +113,26 @@ def train_heads(
         for seed in exp.train.seeds:
             torch.manual_seed(seed)
             head = build_head(head_cfg, in_dim, out_dim)
-            loss, loss_info = build_loss(exp.loss, task, targets["train"])
+            loss, loss_info = build_loss(exp.loss, task, targets["train"],
+                                         num_classes=len(class_names) if class_names else None)
             fit = train_head(
                 head,
-                HeadData(inputs["train"], targets["train"]),
-                HeadData(inputs["val"], targets["val"]),
+                HeadData(inputs["train"], fit_targets["train"]),
+                HeadData(inputs["val"], fit_targets["val"]),
                 task_type=task.type,
                 loss=loss,
                 cfg=exp.train,
                 seed=seed,
                 score_fn=score_fn,
-                primary=stop_metric,
-                higher_is_better=stop_metric not in LOWER_IS_BETTER,
+                primary=primary,
+                higher_is_better=higher_is_better(primary),
             )
             head.load_state_dict(fit.best_state)
-            scores = {s: predict(head, inputs[s], task.type, exp.train.batch_size) for s in SPLITS}
+            scores = {s: predict(head, inputs[s], task.type, exp.train.batch_size) * scale + shift for s in SPLITS}
             thresholds = None
             if task.type in ("binary", "multilabel"):
                 thresholds = tune_thresholds(
-                    targets["val"], scores["val"], method=exp.eval.thresholds
+                    task.type, targets["val"], scores["val"], mode=exp.eval.thresholds, class_names=task.targets
                 )
             ckpt_dir = None
             if checkpoint_root is not None:

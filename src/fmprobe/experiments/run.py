@@ -103,6 +103,7 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         results,
         targets=targets,
         groups=groups,
+        test_ids=split_ids["test"],
         class_names=manifest.class_names,
         split_info=split_info,
         skipped=features.skipped,

@@ -60,16 +60,20 @@ class FingerprintMemo:
 def _stamp(info: dict[str, Any]) -> tuple[str, bool]:
     """A string that changes when the file does, and whether it is old enough to trust."""
     parts = [f"{k}={info[k]}" for k in _STAMP_FIELDS if info.get(k) is not None]
-    modified = info.get("mtime", info.get("LastModified", info.get("last_modified", info.get("updated"))))
-    if isinstance(modified, str):
-        try:
-            modified = datetime.fromisoformat(modified.replace("Z", "+00:00"))
-        except ValueError:
-            modified = None
-    if isinstance(modified, datetime):
-        modified = modified.timestamp()
+    times = []
+    for key in ("mtime", "LastModified", "last_modified", "updated"):
+        value = info.get(key)
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(value, datetime):
+            value = value.timestamp()
+        if isinstance(value, (int, float)):
+            times.append(float(value))
     content_tag = any(info.get(k) for k in ("ETag", "etag", "md5Hash", "generation"))
-    settled = content_tag or (isinstance(modified, (int, float)) and time.time() - modified > _RACY_SECONDS)
+    settled = content_tag or (bool(times) and time.time() - max(times) > _RACY_SECONDS)
     return ";".join(parts), settled
 
 
@@ -81,25 +85,6 @@ def _hash_file(fs: Any, path: str) -> str:
     return digest.hexdigest()
 
 
-class _Hasher:
-    """Hashes files through the memo, collecting new memo rows to write in one transaction."""
-
-    def __init__(self, memo: FingerprintMemo | None):
-        self.memo = memo
-        self.new_rows: list[tuple[str, str, str]] = []
-
-    def files(self, fs: Any, infos: list[dict[str, Any]], pool: ThreadPoolExecutor) -> list[str]:
-        urls = [fs.unstrip_protocol(info["name"]) for info in infos]
-        stamps = [_stamp(info) for info in infos]
-        known = self.memo.lookup(urls) if self.memo else {}
-        todo = [i for i, url in enumerate(urls) if known.get(url, ("", ""))[0] != stamps[i][0]]
-        fresh = dict(zip(todo, pool.map(lambda i: _hash_file(fs, infos[i]["name"]), todo)))
-        for i, digest in fresh.items():
-            if stamps[i][1]:
-                self.new_rows.append((urls[i], stamps[i][0], digest))
-        return [fresh[i] if i in fresh else known[urls[i]][1] for i in range(len(urls))]
-
-
 def fingerprint_paths(
     paths: Sequence[str], sample_ids: Sequence[str], memo: FingerprintMemo | None = None, threads: int = 8
 ) -> list[str | ReaderError]:
@@ -107,44 +92,61 @@ def fingerprint_paths(
 
     Errors are returned, not raised, so the caller applies ``data.on_error`` per sample.
     """
-    hasher = _Hasher(memo)
-    results: list[str | ReaderError] = []
     with ThreadPoolExecutor(threads) as pool:
-        infos: list[dict[str, Any] | ReaderError] = list(
-            pool.map(lambda args: _info(*args), zip(paths, sample_ids))
-        )
-        for path, sample_id, info in zip(paths, sample_ids, infos):
-            if isinstance(info, ReaderError):
-                results.append(info)
-                continue
-            fs, _ = url_to_fs(path)
-            try:
-                if info["type"] == "directory":
-                    members = sorted(fs.find(info["name"], detail=True).values(), key=lambda m: m["name"])
-                    if not members:
-                        raise ReaderError("the folder is empty", sample_id=sample_id, path=path)
-                    digests = hasher.files(fs, members, pool)
-                    digest = hashlib.blake2b(digest_size=20)
-                    for member, member_digest in zip(members, digests):
-                        relative = member["name"][len(info["name"].rstrip("/")) + 1 :]
-                        digest.update(f"{relative}\0{member_digest}\n".encode())
-                    results.append("d" + digest.hexdigest())
-                else:
-                    results.append("f" + hasher.files(fs, [info], pool)[0])
-            except ReaderError as err:
-                results.append(err)
-            except OSError as err:
-                results.append(ReaderError(f"cannot read for fingerprinting: {err}", sample_id=sample_id, path=path))
+        listed = list(pool.map(lambda args: _members(*args), zip(paths, sample_ids)))
+        flat = [(fs, info) for entry in listed if not isinstance(entry, ReaderError) for fs, info in entry[1]]
+        urls = [fs.unstrip_protocol(info["name"]) for fs, info in flat]
+        stamps = [_stamp(info) for _, info in flat]
+        known = memo.lookup(urls) if memo else {}
+        todo = [i for i, url in enumerate(urls) if known.get(url, ("", ""))[0] != stamps[i][0]]
+        hashed = list(pool.map(lambda i: _try_hash(*flat[i]), todo))
+    fresh = dict(zip(todo, hashed))
     if memo:
-        memo.store(hasher.new_rows)
+        memo.store([(urls[i], stamps[i][0], d) for i, d in fresh.items() if isinstance(d, str) and stamps[i][1]])
+    digests = [fresh[i] if i in fresh else known[urls[i]][1] for i in range(len(flat))]
+
+    results: list[str | ReaderError] = []
+    pos = 0
+    for path, sample_id, entry in zip(paths, sample_ids, listed):
+        if isinstance(entry, ReaderError):
+            results.append(entry)
+            continue
+        base, members = entry
+        mine = digests[pos : pos + len(members)]
+        pos += len(members)
+        failed = next((d for d in mine if isinstance(d, OSError)), None)
+        if failed is not None:
+            results.append(ReaderError(f"cannot read for fingerprinting: {failed}", sample_id=sample_id, path=path))
+        elif base is None:
+            results.append("f" + mine[0])
+        else:
+            digest = hashlib.blake2b(digest_size=20)
+            for (_, info), member_digest in zip(members, mine):
+                digest.update(f"{info['name'][len(base) + 1:]}\0{member_digest}\n".encode())
+            results.append("d" + digest.hexdigest())
     return results
 
 
-def _info(path: str, sample_id: str) -> dict[str, Any] | ReaderError:
+def _try_hash(fs: Any, info: dict[str, Any]) -> str | OSError:
+    try:
+        return _hash_file(fs, info["name"])
+    except OSError as err:
+        return err
+
+
+def _members(path: str, sample_id: str) -> tuple[str | None, list[tuple[Any, dict[str, Any]]]] | ReaderError:
+    """(folder name or None for a file, [(fs, info) of each file to hash]) or why the path has none."""
     try:
         fs, stripped = url_to_fs(path)
-        return fs.info(stripped)
+        info = fs.info(stripped)
+        if info["type"] != "directory":
+            return None, [(fs, info)]
+        base = info["name"].rstrip("/")
+        members = sorted(fs.find(base, detail=True).values(), key=lambda m: m["name"])
+        if not members:
+            return ReaderError("the folder is empty", sample_id=sample_id, path=path)
+        return base, [(fs, m) for m in members]
     except FileNotFoundError:
         return ReaderError("file not found", sample_id=sample_id, path=path)
     except OSError as err:
-        return ReaderError(f"cannot stat: {err}", sample_id=sample_id, path=path)
+        return ReaderError(f"cannot read for fingerprinting: {err}", sample_id=sample_id, path=path)

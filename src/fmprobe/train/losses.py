@@ -170,7 +170,9 @@ def _is_set(cfg: LossConfig, key: str) -> bool:
 def _check_applicable(cfg: LossConfig, kind: str, task_type: str) -> None:
     if task_type not in _VALID_TASKS[kind]:
         valid = [k for k, tasks in _VALID_TASKS.items() if task_type in tasks]
-        raise ConfigError(f"loss.type '{kind}' is not valid for a {task_type} task; valid choices: auto, {', '.join(valid)}")
+        raise ConfigError(
+            f"loss.type '{kind}' is not valid for a {task_type} task; valid choices: auto, {', '.join(valid)}"
+        )
     if task_type == "regression" and _is_set(cfg, "class_weights"):
         raise ConfigError("loss.class_weights is not valid for a regression task; remove it")
     if _is_set(cfg, "pos_weight") and (kind not in ("bce", "focal") or task_type == "multiclass"):

@@ -32,10 +32,10 @@ def decode_image(src: Source) -> np.ndarray:
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise src.error(f"cannot decode image (corrupt or truncated?): {err}") from None
     if img.mode in _HIGH_DEPTH:
-        return np.asarray(img, dtype=np.float32)[:, :, None]
+        return np.array(img, dtype=np.float32)[:, :, None]
     if img.mode in _GRAY:
-        return np.asarray(img.convert("L"))[:, :, None]
-    return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("L"))[:, :, None]
+    return np.array(img.convert("RGB"))
 
 
 def read_image(src: Source) -> np.ndarray:

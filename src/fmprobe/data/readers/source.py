@@ -63,7 +63,9 @@ class Source:
             entries = self.fs.ls(self.path, detail=True)
         except FileNotFoundError:
             raise self.error("folder not found") from None
-        files = [e["name"] for e in entries if e["type"] == "file" and not posixpath.basename(e["name"]).startswith(".")]
+        files = [
+            e["name"] for e in entries if e["type"] == "file" and not posixpath.basename(e["name"]).startswith(".")
+        ]
         return [self.child(p) for p in sorted(files)]
 
 

@@ -1,0 +1,65 @@
+"""A torch Dataset over manifest rows that reports bad samples instead of raising.
+
+The extraction loop decides what a bad sample means (``data.on_error``: raise or skip), so one
+corrupt file never kills a DataLoader worker and every skip is recorded with its reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from fmprobe.config import DataConfig
+from fmprobe.data.readers import read_media
+from fmprobe.data.transforms import Preprocess
+from fmprobe.errors import ReaderError
+
+
+class MediaDataset(Dataset):
+    """Item ``i`` = ``{"index": i, "sample_id", "pixels": [K, T, 3, H, W] (empty on error), "error": str | None}``.
+
+    Randomness (random clips, train crops) is seeded by ``(seed, i)``: the same sample gets the same
+    draw in any worker, in any order, on any run.
+    """
+
+    def __init__(self, manifest_df: pd.DataFrame, data_cfg: DataConfig, preprocess: Preprocess, seed: int = 0):
+        self.sample_ids = manifest_df["sample_id"].astype(str).tolist()
+        self.paths = manifest_df["path"].astype(str).tolist()
+        self.data_cfg = data_cfg
+        self.preprocess = preprocess
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample_id, path = self.sample_ids[index], self.paths[index]
+        rng = np.random.default_rng([self.seed, index])
+        generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        try:
+            media = read_media(path, self.data_cfg, sample_id=sample_id, rng=rng)
+            pixels = self.preprocess(media, generator)
+        except ReaderError as err:
+            if err.sample_id is None:  # raised by the transform, which does not know the sample
+                err = ReaderError(err.reason, sample_id=sample_id, path=path)
+            return {"index": index, "sample_id": sample_id, "pixels": torch.empty(0), "error": str(err)}
+        return {"index": index, "sample_id": sample_id, "pixels": pixels, "error": None}
+
+
+def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch the good items, keep the bad ones apart.
+
+    Returns ``{"index": LongTensor [B], "sample_id": list[str], "pixels": [B, K, T, 3, H, W] or None
+    when no item in the batch is good, "errors": list[(index, sample_id, message)]}``.
+    """
+    good = [it for it in items if it["error"] is None]
+    return {
+        "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+        "sample_id": [it["sample_id"] for it in good],
+        "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
+        "errors": [(it["index"], it["sample_id"], it["error"]) for it in items if it["error"] is not None],
+    }

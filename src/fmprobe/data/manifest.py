@@ -1,0 +1,292 @@
+"""The manifest: one row per sample (id, media path, targets, optional group and split), checked up front.
+
+Every check runs on every row before anything is read or extracted, and each problem lists all
+offending rows (row numbers as a spreadsheet shows them for CSV: header = row 1, first sample =
+row 2; for Parquet the first sample is row 1) with their sample ids, so a user fixes the file
+once instead of once per crash.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pandas as pd
+from fsspec.core import url_to_fs
+
+from fmprobe.config import DataConfig, TaskConfig
+from fmprobe.errors import ConfigError, ManifestError
+
+SPLITS = ("train", "val", "test")
+MAX_LISTED = 20
+MISSING_TEXT = {"", "na", "nan", "n/a", "null", "none", "<na>"}  # target cells read as "no value"
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+@dataclass
+class Manifest:
+    """``df`` columns: sample_id (str), path (resolved), the task's target columns, group (str),
+    split (str or None). Multiclass target cells hold class names (str)."""
+
+    df: pd.DataFrame
+    task: TaskConfig
+    class_names: list[str] | None
+    source: str
+
+    def targets(self, df_subset: pd.DataFrame | None = None) -> np.ndarray:
+        """Targets as in CONTRACTS: binary [N] float 0/1, multiclass [N] int64 index into
+        ``class_names``, multilabel [N, C] float 0/1, regression [N, C] float."""
+        df = self.df if df_subset is None else df_subset
+        cols = self.task.targets
+        if self.task.type == "multiclass":
+            index = {name: i for i, name in enumerate(self.class_names or [])}
+            return df[cols[0]].map(index).to_numpy(dtype=np.int64)
+        if self.task.type == "binary":
+            return df[cols[0]].to_numpy(dtype=np.float32)
+        return df[cols].to_numpy(dtype=np.float32)
+
+
+def load_manifest(data: DataConfig, task: TaskConfig) -> Manifest:
+    """Read and check the manifest named by ``data.manifest`` (local path or fsspec URL, CSV/TSV/Parquet).
+
+    Raises ManifestError listing every problem found; relative media paths resolve against
+    ``data.root``, else the manifest's folder.
+    """
+    if task.class_names is not None and task.type != "multiclass":
+        raise ConfigError(f"task.class_names applies to multiclass tasks only (this task is {task.type}); remove it")
+    raw, first_row = _read_table(data.manifest)
+    src = data.manifest
+    if raw.empty:
+        raise ManifestError(f"manifest '{src}' has no rows")
+    group_col, split_col = data.group_column, data.split_column
+    _check_columns(raw, data, task, group_col, split_col, src)
+    group_col = group_col if group_col in raw.columns else None
+    split_col = split_col if split_col in raw.columns else None
+
+    rows = np.arange(len(raw)) + first_row
+    ids = _text(raw[data.id_column])
+    out = pd.DataFrame({"sample_id": ids})
+    problems = _check_ids(ids, rows)
+    where = _Where(rows, ids)
+
+    paths = _text(raw[data.path_column])
+    empty_path = paths == ""
+    if empty_path.any():
+        problems.append(f"empty path: {where(empty_path)}")
+    base = _base_dir(data)
+    out["path"] = [p if not p else _resolve(p, base) for p in paths]
+
+    class_names = None
+    for col in task.targets:
+        if task.type == "multiclass":
+            out[col], class_names, found = _class_targets(raw[col], task.class_names, where)
+        else:
+            out[col], found = _numeric_targets(raw[col], col, task.type, where)
+        problems.extend(found)
+
+    if group_col:
+        groups = _text(raw[group_col])
+        if (groups == "").any():
+            problems.append(f"empty group ('{group_col}'): {where(groups == '')}")
+        out["group"] = groups
+    else:
+        out["group"] = ids
+    if split_col:
+        splits = _text(raw[split_col])
+        bad = ~splits.isin(SPLITS)
+        if bad.any():
+            problems.append(
+                f"split ('{split_col}') not one of {', '.join(SPLITS)}: {where(bad, values=splits)}"
+            )
+        out["split"] = splits
+    else:
+        out["split"] = None
+
+    missing = _missing_files(out["path"], ~empty_path)
+    if missing.any():
+        problems.append(f"file not found: {where(missing, values=out['path'])}")
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise ManifestError(f"manifest '{src}' has {len(problems)} problem(s):\n{listed}")
+    return Manifest(df=out, task=task, class_names=class_names, source=src)
+
+
+class _Where:
+    """Formats offending rows as ``row 3 (id 'a')``, at most MAX_LISTED, then a count of the rest."""
+
+    def __init__(self, rows: np.ndarray, ids: pd.Series):
+        self.rows = rows
+        self.ids = ids.to_numpy()
+
+    def __call__(self, mask: pd.Series | np.ndarray, values: pd.Series | None = None) -> str:
+        picked = np.flatnonzero(np.asarray(mask))
+        parts = []
+        for i in picked[:MAX_LISTED]:
+            item = f"row {self.rows[i]} (id '{self.ids[i]}')"
+            parts.append(item if values is None else f"{item}: {values.iloc[i]!r}")
+        more = f" ... and {len(picked) - MAX_LISTED} more" if len(picked) > MAX_LISTED else ""
+        return f"{len(picked)} row(s): " + ", ".join(parts) + more
+
+
+def _read_table(url: str) -> tuple[pd.DataFrame, int]:
+    """The manifest as read, and the row number of its first sample (2 for CSV/TSV with a header, 1 for Parquet)."""
+    name = posixpath.basename(url).lower()
+    stem = next((name[: -len(c)] for c in _COMPRESSION if name.endswith(c)), name)
+    fmt = _FORMATS.get(posixpath.splitext(stem)[1])
+    if fmt is None:
+        raise ManifestError(
+            f"manifest '{url}': unknown format; use one of {', '.join(_FORMATS)} (optionally compressed)"
+        )
+    try:
+        with fsspec.open(url, "rb", compression="infer") as f:
+            if fmt == "parquet":
+                return pd.read_parquet(f), 1
+            # every cell as text: ids like "007" and "NA" stay as written; targets are parsed below
+            table = pd.read_csv(
+                f, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False, encoding="utf-8-sig"
+            )
+            return table, 2
+    except FileNotFoundError:
+        raise ManifestError(f"manifest '{url}' not found") from None
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise ManifestError(f"cannot read manifest '{url}': {err}") from None
+
+
+def _check_columns(
+    raw: pd.DataFrame, data: DataConfig, task: TaskConfig, group_col: str | None, split_col: str | None, src: str
+) -> None:
+    needed = {data.id_column: "data.id_column", data.path_column: "data.path_column"}
+    needed.update({t: "task.targets" for t in task.targets})
+    # the default group/split names are optional; a name the user set must exist
+    if group_col and group_col != "group":
+        needed[group_col] = "data.group_column"
+    if split_col and split_col != "split":
+        needed[split_col] = "data.split_column"
+    missing = [f"'{c}' ({key})" for c, key in needed.items() if c not in raw.columns]
+    if missing:
+        raise ManifestError(
+            f"manifest '{src}' lacks column(s) {', '.join(missing)}; it has: {', '.join(map(str, raw.columns))}"
+        )
+    reserved = {"sample_id", "path", "group", "split", data.id_column, data.path_column, group_col, split_col}
+    clash = [t for t in task.targets if t in reserved]
+    if clash:
+        raise ManifestError(
+            f"target column(s) {clash} clash with the id/path/group/split columns; rename them in the manifest"
+        )
+
+
+def _label(value: object) -> str:
+    """A cell as text; booleans become 0/1 and integral floats (ints that went through a NaN-able
+    column) lose their '.0', so Parquet and CSV manifests read alike."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _text(series: pd.Series) -> pd.Series:
+    return pd.Series([_label(v) for v in series], dtype=object)
+
+
+def _check_ids(ids: pd.Series, rows: np.ndarray) -> list[str]:
+    problems = []
+    empty = (ids == "").to_numpy()
+    if empty.any():
+        listed = ", ".join(str(r) for r in rows[empty][:MAX_LISTED])
+        problems.append(f"empty sample id: {int(empty.sum())} row(s): rows {listed}")
+    dup = ids.duplicated(keep=False).to_numpy() & ~empty
+    if dup.any():
+        by_id: dict[str, list[int]] = {}
+        for sid, row in zip(ids[dup], rows[dup]):
+            by_id.setdefault(sid, []).append(int(row))
+        listed = "; ".join(f"'{sid}' at rows {', '.join(map(str, r))}" for sid, r in list(by_id.items())[:MAX_LISTED])
+        more = f" ... and {len(by_id) - MAX_LISTED} more" if len(by_id) > MAX_LISTED else ""
+        problems.append(f"duplicate sample ids: {len(by_id)} id(s): {listed}{more}")
+    return problems
+
+
+def _numeric_targets(
+    column: pd.Series, name: str, task_type: str, where: _Where
+) -> tuple[pd.Series, list[str]]:
+    text = _text(column)
+    missing = text.str.strip().str.lower().isin(MISSING_TEXT)
+    values = pd.to_numeric(text.where(~missing), errors="coerce").astype(float)
+    problems = []
+    if missing.any():
+        problems.append(f"missing target '{name}': {where(missing)}")
+    not_number = values.isna() & ~missing
+    if not_number.any():
+        problems.append(f"target '{name}' is not a number: {where(not_number, values=text)}")
+    if task_type == "regression":
+        bad = ~np.isfinite(values) & ~values.isna()
+        rule = "is not finite"
+    else:
+        bad = ~values.isin([0.0, 1.0]) & ~values.isna()
+        rule = "must be 0 or 1"
+    if bad.any():
+        problems.append(f"target '{name}' {rule}: {where(bad, values=text)}")
+    return values, problems
+
+
+def _class_targets(
+    column: pd.Series, given: list[str] | None, where: _Where
+) -> tuple[pd.Series, list[str], list[str]]:
+    """Multiclass labels as text, the class names (given, or the sorted labels found) and problems."""
+    labels = _text(column)
+    name = column.name
+    missing = labels.str.strip().str.lower().isin(MISSING_TEXT)
+    problems = []
+    if missing.any():
+        problems.append(f"missing target '{name}': {where(missing)}")
+    if given is not None:
+        if len(set(given)) != len(given):
+            raise ConfigError(f"task.class_names has duplicates: {given}")
+        class_names = list(given)
+        unknown = ~labels.isin(class_names) & ~missing
+        if unknown.any():
+            problems.append(
+                f"target '{name}' not in task.class_names {class_names}: {where(unknown, values=labels)}"
+            )
+    else:
+        found = sorted(set(labels[~missing]))
+        numeric = all(re.fullmatch(r"[+-]?\d+", v) for v in found)
+        class_names = sorted(found, key=int) if numeric else found
+    return labels, class_names, problems
+
+
+def _base_dir(data: DataConfig) -> str:
+    """Where relative media paths start: data.root, else the manifest's folder."""
+    if data.root:
+        return data.root if "://" in data.root else os.path.abspath(os.path.expanduser(data.root))
+    if "://" in data.manifest:
+        protocol, rest = data.manifest.split("://", 1)
+        return f"{protocol}://{posixpath.dirname(rest)}"
+    return os.path.dirname(os.path.abspath(os.path.expanduser(data.manifest)))
+
+
+def _resolve(path: str, base: str) -> str:
+    if "://" in path:
+        return path
+    local = os.path.expanduser(path)
+    if os.path.isabs(local):
+        return local
+    if "://" in base:
+        protocol, rest = base.split("://", 1)
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, path))}"
+    return os.path.normpath(os.path.join(base, local))
+
+
+def _missing_files(paths: pd.Series, check: pd.Series) -> np.ndarray:
+    missing = np.zeros(len(paths), dtype=bool)
+    for i in np.flatnonzero(check.to_numpy()):
+        fs, path = url_to_fs(paths.iloc[i])
+        missing[i] = not fs.exists(path)
+    return missing

@@ -1,0 +1,82 @@
+"""Turn a reader's ``[K, T, C, H, W]`` array into the encoder's input ``[K, T, 3, H', W']``.
+
+One path for every modality: intensities to [0, 1] (uint8 / 255; other dtypes through the CT/MR
+window when one is set, else a per-sample robust min-max), grayscale to 3 channels, resize of the
+shorter side then a crop to ``spec.image_size``, and the encoder's mean/std. The same crop and flip
+apply to every frame of a sample, so clips stay temporally consistent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fmprobe.backbones.base import InputSpec
+from fmprobe.config import DataConfig
+from fmprobe.errors import ReaderError
+
+TRAIN_SCALE = 1.14  # train: resize to 1.14x the target, then a random crop (as in common ImageNet recipes)
+ROBUST_PERCENTILES = (0.5, 99.5)
+
+
+class Preprocess:
+    """``Preprocess(spec, data_cfg, train)(array, generator=None) -> FloatTensor [K, T, 3, H', W']``.
+
+    With ``train=False`` the output depends on the input only. With ``train=True`` a random crop
+    and a horizontal flip are drawn from ``generator`` (torch's global RNG when None).
+    """
+
+    def __init__(self, spec: InputSpec, data_cfg: DataConfig, train: bool = False):
+        self.spec = spec
+        self.window = data_cfg.window
+        self.train = train
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, array: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+        if array.ndim != 5 or array.shape[2] not in (1, 3):
+            raise ReaderError(f"expected media shaped [K, T, C, H, W] with C = 1 or 3, got {array.shape}")
+        k, t = array.shape[:2]
+        x = self.to_unit(array).reshape(k * t, *array.shape[2:])
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = self.resize_crop(x, generator)
+        x = (x - self.mean) / self.std
+        return x.reshape(k, t, 3, *x.shape[-2:]).contiguous()
+
+    def to_unit(self, array: np.ndarray) -> torch.Tensor:
+        """Intensities to [0, 1]. A constant sample (no contrast at all) maps to 0."""
+        if array.dtype == np.uint8:
+            return torch.from_numpy(array.astype(np.float32)).div_(255.0)
+        x = torch.from_numpy(np.array(array, dtype=np.float32))
+        if not torch.isfinite(x).all():
+            raise ReaderError("media holds NaN or infinite values")
+        if self.window is not None:
+            lo = self.window.center - self.window.width / 2
+            hi = self.window.center + self.window.width / 2
+        else:
+            lo, hi = np.percentile(array, ROBUST_PERCENTILES)
+        if hi <= lo:
+            return torch.zeros_like(x)
+        return ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+    def resize_crop(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Scale so the image covers the target (x1.14 when training), then crop to the target."""
+        th, tw = self.spec.image_size
+        h, w = x.shape[-2:]
+        scale = max(th / h, tw / w) * (TRAIN_SCALE if self.train else 1.0)
+        nh, nw = max(th, math.ceil(h * scale - 1e-6)), max(tw, math.ceil(w * scale - 1e-6))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        if self.train:
+            top = int(torch.randint(0, nh - th + 1, (1,), generator=generator))
+            left = int(torch.randint(0, nw - tw + 1, (1,), generator=generator))
+            x = x[..., top : top + th, left : left + tw]
+            if bool(torch.rand(1, generator=generator) < 0.5):
+                x = x.flip(-1)
+            return x
+        top, left = (nh - th) // 2, (nw - tw) // 2
+        return x[..., top : top + th, left : left + tw]

@@ -1,0 +1,53 @@
+"""The run report: one self-contained HTML file (figures embedded) next to the run's metrics."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from fmprobe import __version__
+from fmprobe.atomic import write_text
+from fmprobe.config import Experiment, dump_config
+from fmprobe.report.plots import metric_bars, training_curves
+from fmprobe.report.terminal import fmt, headline_rows
+
+
+def _per_class_bars(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """Bars with CIs for the per-class / per-target metrics of the selected head."""
+    head = metrics["selection"]["best_head"]
+    h = metrics["heads"][head]
+    test = h["splits"]["test"]["mean"]
+    out = []
+    prefixes = sorted({k.split("/")[0] for k in test if "/" in k})
+    for prefix in prefixes:
+        keys = [k for k in test if k.startswith(prefix + "/")]
+        if not keys or not all(k in h["test_ci"] for k in keys):
+            continue
+        values = [test[k] for k in keys]
+        lows = [h["test_ci"][k][0] for k in keys]
+        highs = [h["test_ci"][k][1] for k in keys]
+        base = [metrics["baseline"]["test"].get(k) for k in keys]
+        names = [k.split("/", 1)[1] for k in keys]
+        out.append((f"{head}: {prefix} per class/target (test)", metric_bars(names, values, lows, highs, base, prefix)))
+    return out
+
+
+def render_run_report(exp: Experiment, metrics: dict[str, Any], curves: pd.DataFrame, run_id: str) -> str:
+    template = jinja2.Template(resources.files("fmprobe.report").joinpath("templates/run.html").read_text(),
+                               autoescape=True)
+    primary = metrics["task"]["primary_metric"]
+    curve_imgs = {h: training_curves(curves, h, primary) for h in metrics["heads"] if len(curves)}
+    return template.render(
+        m=metrics, rows=headline_rows(metrics), bars=_per_class_bars(metrics), curves=curve_imgs,
+        fmt=fmt, config_yaml=dump_config(exp), model_name=exp.model.name, run_id=run_id, version=__version__,
+    )
+
+
+def write_run_report(run_dir: Path, exp: Experiment, metrics: dict[str, Any], curves: pd.DataFrame) -> Path:
+    dest = run_dir / "report.html"
+    write_text(dest, render_run_report(exp, metrics, curves, run_dir.name))
+    return dest

@@ -1,0 +1,392 @@
+"""The extraction loop over real PNG files with a tiny ViT-like encoder (no hub, no download)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from fmprobe.backbones.base import Encoder, EncoderOutput, InputSpec
+from fmprobe.config import parse_config
+from fmprobe.errors import ConfigError, ReaderError
+from fmprobe.features.extract import check_compatible, encode_batch, extract_features, run_extraction
+
+D = 16
+
+
+class TinyViT(Encoder):
+    """Conv patch embedding + CLS + 2 transformer layers; counts the samples it encodes."""
+
+    def __init__(self, seed: int = 0, kind: str = "image", cls_token: bool = True, mean: float = 0.5):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.name = f"tiny-{kind}"
+        self.input_spec = InputSpec(kind=kind, image_size=(16, 16), mean=(mean,) * 3, std=(0.25,) * 3, patch_size=4)
+        self.embed = nn.Conv2d(3, D, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, D)) if cls_token else None
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(D, 2, 32, dropout=0.1, batch_first=True) for _ in range(2)
+        )
+        self.calls = 0
+        self.seen = 0
+
+    def encode(self, pixels, layers, attentions=False):
+        self.check_input(pixels)
+        self.calls += 1
+        self.seen += pixels.shape[0]
+        video = pixels.dim() == 5
+        b, t = pixels.shape[0], pixels.shape[1] if video else 1
+        x = self.embed(pixels.reshape(-1, *pixels.shape[-3:]))  # [b*t, D, 4, 4]
+        x = x.flatten(2).transpose(1, 2).reshape(b, t * 16, D)
+        p = 0
+        if self.cls is not None:
+            x, p = torch.cat([self.cls.expand(b, -1, -1), x], 1), 1
+        hidden = []
+        for block in self.blocks:
+            x = block(x)
+            hidden.append(x)
+        out = EncoderOutput(tokens={}, prefix={}, grid={})
+        for ref in layers:
+            h = hidden[int(ref)]
+            out.tokens[str(ref)], out.prefix[str(ref)], out.grid[str(ref)] = h[:, p:], h[:, :p], (t, 4, 4)
+        return out
+
+    def fingerprint(self):
+        digest = hashlib.sha256(repr(self.input_spec).encode())
+        for key, value in self.state_dict().items():
+            digest.update(key.encode() + value.numpy().tobytes())
+        return digest.hexdigest()
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> pd.DataFrame:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+        rows.append({"sample_id": f"s{i:03d}", "path": str(path), "y": i % 2, "group": f"s{i:03d}", "split": None})
+    return pd.DataFrame(rows)
+
+
+def make_exp(cache: Path, layers=(-1,), **features):
+    feats = {"cache_dir": str(cache), "batch_size": 2, "shard_size": 4, **features}
+    return parse_config({
+        "name": "t",
+        "data": {"manifest": "unused.csv", "on_error": features.pop("on_error", "raise")},
+        "task": {"type": "binary", "targets": ["y"]},
+        "model": {"layers": list(layers)},
+        "features": {k: v for k, v in feats.items() if k != "on_error"},
+        "heads": [{"layer": layers[0]}],
+    })
+
+
+def manifest(df):
+    return types.SimpleNamespace(df=df)
+
+
+@pytest.fixture
+def images(tmp_path):
+    return write_images(tmp_path / "img", 10)
+
+
+def _arrays(fs, layer=-1):
+    return fs.pooled(layer, "mean"), fs.pooled(layer, "cls"), fs.tokens(layer)
+
+
+def test_cache_hit_serves_identical_arrays_without_the_encoder(tmp_path, images):
+    exp = make_exp(tmp_path / "cache")
+    first_encoder = TinyViT()
+    first = extract_features(exp, manifest(images), first_encoder, progress=False)
+    assert first_encoder.seen == 10 and first.sample_ids == images.sample_id.tolist()
+    again = TinyViT()
+    second = extract_features(exp, manifest(images), again, progress=False)
+    assert again.calls == 0
+    for a, b in zip(_arrays(first), _arrays(second)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fully_cached_run_does_not_load_the_model(tmp_path, images, monkeypatch):
+    try:
+        registry = importlib.import_module("fmprobe.backbones.registry")
+    except ImportError:
+        registry = types.ModuleType("fmprobe.backbones.registry")
+        monkeypatch.setitem(sys.modules, "fmprobe.backbones.registry", registry)
+    loads = []
+    monkeypatch.setattr(registry, "load_encoder", lambda cfg: loads.append(cfg) or TinyViT(), raising=False)
+    exp = make_exp(tmp_path / "cache")
+    first = extract_features(exp, manifest(images), progress=False)
+    assert len(loads) == 1
+    second = run_extraction(exp, manifest(images), progress=False)
+    assert len(loads) == 1 and second.cached == 10 and second.extracted == 0
+    np.testing.assert_array_equal(first.tokens(-1), second.features.tokens(-1))
+
+
+@pytest.mark.parametrize("change", ["content", "layer", "preprocessing", "weights", "token_grid"])
+def test_a_change_makes_a_new_entry(tmp_path, images, change):
+    exp = make_exp(tmp_path / "cache", layers=(-1, 0))
+    base = extract_features(exp, manifest(images), TinyViT(), progress=False)
+    encoder, want_seen = TinyViT(), 10
+    if change == "content":
+        Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(images.path[3])
+        want_seen = 1
+    elif change == "layer":
+        exp = make_exp(tmp_path / "cache", layers=(-1, 1))
+    elif change == "preprocessing":
+        encoder = TinyViT(mean=0.4)
+    elif change == "weights":
+        with torch.no_grad():
+            encoder.blocks[1].linear1.weight.mul_(1.5)
+    else:
+        exp = make_exp(tmp_path / "cache", layers=(-1, 0), token_grid=[2, 2])
+    new = extract_features(exp, manifest(images), encoder, progress=False)
+    assert encoder.seen == want_seen
+    differs = ~np.isclose(base.pooled(-1), new.pooled(-1)).all(axis=1)
+    if change == "content":
+        assert new.store_dir == base.store_dir and differs.tolist() == [i == 3 for i in range(10)]
+    else:
+        assert new.store_dir != base.store_dir
+        assert differs.all() == (change in ("preprocessing", "weights"))
+
+
+def test_shapes_cls_mean_and_token_grid(tmp_path, images):
+    exp = make_exp(tmp_path / "cache", layers=(-1, 0))
+    fs = extract_features(exp, manifest(images), TinyViT(), progress=False)
+    assert fs.tokens(-1).shape == (10, 16, D) and fs.tokens(-1).dtype == np.float16
+    assert fs.grid(0) == (1, 4, 4)
+    mean, cls = fs.pooled(-1, "mean"), fs.pooled(-1, "cls")
+    assert mean.shape == cls.shape == (10, D) and mean.dtype == np.float32
+    np.testing.assert_array_equal(fs.pooled(-1, "cls+mean"), np.concatenate([cls, mean], 1))
+    np.testing.assert_allclose(mean, fs.tokens(-1).astype(np.float32).mean(1), atol=2e-3)
+
+    pooled = extract_features(make_exp(tmp_path / "c2", token_grid=[2, 2]), manifest(images), TinyViT(), progress=False)
+    assert pooled.tokens(-1).shape == (10, 4, D) and pooled.grid(-1) == (1, 2, 2)
+    np.testing.assert_array_equal(pooled.pooled(-1), mean)  # pooled features come from the full grid
+    full = fs.tokens(-1).astype(np.float32).reshape(10, 2, 2, 2, 2, D)  # (h2, dh, w2, dw)
+    np.testing.assert_allclose(pooled.tokens(-1), full.mean((2, 4)).reshape(10, 4, D), atol=2e-3)
+
+    no_cls = extract_features(make_exp(tmp_path / "c3"), manifest(images), TinyViT(cls_token=False), progress=False)
+    with pytest.raises(ConfigError, match="CLS"):
+        no_cls.pooled(-1, "cls+mean")
+    with pytest.raises(ConfigError, match="larger"):
+        extract_features(make_exp(tmp_path / "c4", token_grid=[8, 8]), manifest(images), TinyViT(), progress=False)
+
+
+def test_image_encoder_on_clips_stacks_frames_and_averages_clips():
+    encoder = TinyViT().eval()
+    cfg = make_exp(Path("unused")).features
+    clip = torch.randn(2, 1, 3, 3, 16, 16)  # B=2, K=1, T=3
+    with torch.inference_mode():
+        arrays, grids = encode_batch(encoder, clip, [-1], cfg)
+        twice, _ = encode_batch(encoder, clip.expand(2, 2, 3, 3, 16, 16), [-1], cfg)
+        frames = encoder.encode(clip[:, 0].reshape(6, 3, 16, 16), [-1])
+    assert grids["-1"] == (3, 4, 4) and arrays["L0.tokens"].shape == (2, 48, D)
+    np.testing.assert_allclose(arrays["L0.tokens"][1, 16:32], frames.tokens["-1"][4].numpy(), atol=2e-3)
+    np.testing.assert_allclose(arrays["L0.cls"][0], frames.prefix["-1"][:3, 0].mean(0).numpy(), atol=1e-5)
+    for name in arrays:
+        np.testing.assert_allclose(twice[name], arrays[name], atol=1e-5)
+
+    video = TinyViT(kind="video").eval()
+    with torch.inference_mode():
+        arrays, grids = encode_batch(video, clip, [-1], make_exp(Path("unused"), temporal_pool=True).features)
+    assert grids["-1"] == (1, 4, 4) and arrays["L0.tokens"].shape == (2, 16, D)
+
+
+def test_volume_mode_must_match_the_encoder():
+    task = {"type": "binary", "targets": ["y"]}
+    data = parse_config({"name": "v", "data": {"manifest": "m", "kind": "volume"}, "task": task}).data
+    image, video = TinyViT().input_spec, TinyViT(kind="video").input_spec
+    with pytest.raises(ConfigError, match="volume_mode: slices"):
+        check_compatible(data, image, "tiny")
+    check_compatible(data, video, "tiny")
+    data.volume_mode = "slices"
+    with pytest.raises(ConfigError, match="volume_mode: stack"):
+        check_compatible(data, video, "tiny")
+
+
+def test_random_clips_are_refused(tmp_path, images):
+    exp = make_exp(tmp_path / "cache")
+    exp.data.clip_position = "random"
+    with pytest.raises(ConfigError, match="random clips cannot be cached"):
+        extract_features(exp, manifest(images), TinyViT(), progress=False)
+
+
+def test_on_error_raise_names_the_sample_and_keeps_finished_shards(tmp_path, images):
+    Path(images.path[5]).write_bytes(b"not a png")
+    exp = make_exp(tmp_path / "cache")
+    encoder = TinyViT()
+    with pytest.raises(ReaderError) as err:
+        extract_features(exp, manifest(images), encoder, progress=False)
+    assert "s005" in str(err.value) and "img005.png" in str(err.value)
+    assert encoder.seen == 4  # batches [0,1], [2,3]; the batch [4,5] holds the bad file
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(images.path[5])
+    again = TinyViT()
+    fs = extract_features(exp, manifest(images), again, progress=False)
+    assert again.seen == 6 and len(fs.sample_ids) == 10
+
+
+def test_on_error_skip_records_reasons(tmp_path, images):
+    Path(images.path[2]).write_bytes(b"not a png")
+    missing = images.copy()
+    missing.loc[7, "path"] = str(Path(images.path[7]).with_name("gone.png"))
+    exp = make_exp(tmp_path / "cache", on_error="skip")
+    fs = extract_features(exp, manifest(missing), TinyViT(), progress=False)
+    assert [sid for sid, _ in fs.skipped] == ["s002", "s007"]
+    assert "not found" in fs.skipped[1][1] and fs.skipped[0][1]
+    assert "s002" not in fs.sample_ids and len(fs.sample_ids) == 8 and fs.pooled(-1).shape == (8, D)
+    again = TinyViT()
+    assert extract_features(exp, manifest(missing), again, progress=False).skipped == fs.skipped
+    assert again.calls == 0  # the skip is remembered with the file's fingerprint
+    exp.data.on_error = "raise"
+    with pytest.raises(ReaderError, match="s002"):
+        extract_features(exp, manifest(images), TinyViT(), progress=False)
+
+
+# --- killed and concurrent runs, in real subprocesses ------------------------------------------------
+
+CHILD = """
+import sys, json, os
+sys.path.insert(0, {tests!r})
+import pandas as pd, test_extract as t
+args = json.loads(sys.argv[1])
+encoder = t.TinyViT()
+if args.get("kill_after"):
+    real = encoder.encode
+    def encode(*a, **k):
+        if encoder.calls == args["kill_after"]:
+            os._exit(9)
+        return real(*a, **k)
+    encoder.encode = encode
+if args.get("slow"):
+    real_slow = encoder.encode
+    def encode(*a, **k):
+        import time; time.sleep(args["slow"]); return real_slow(*a, **k)
+    encoder.encode = encode
+exp = t.make_exp(t.Path(args["cache"]))
+fs = t.extract_features(exp, t.manifest(pd.DataFrame(args["df"])), encoder, progress=False)
+print(json.dumps({{"ids": fs.sample_ids, "seen": encoder.seen}}))
+"""
+
+
+def _child(df: pd.DataFrame, cache: Path, **args) -> subprocess.Popen:
+    code = CHILD.format(tests=str(Path(__file__).parent))
+    payload = json.dumps({"cache": str(cache), "df": df.to_dict("list"), **args})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, payload], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+
+
+def test_resume_after_a_kill_extracts_only_the_missing_samples(tmp_path):
+    images = write_images(tmp_path / "img", 12)
+    killed = _child(images, tmp_path / "cache", kill_after=4)  # dies while encoding batch 5: 2 shards done
+    killed.communicate(timeout=120)
+    assert killed.returncode == 9
+    store = next((tmp_path / "cache").glob("*/config.json")).parent
+    assert len(list(store.glob("shard-*"))) == 2
+    partial = store / "tmp-0123"
+    partial.mkdir()
+    (partial / "L0.tokens.npy").write_bytes(b"\x93NUMPY half a shard")
+
+    exp = make_exp(tmp_path / "cache")
+    encoder = TinyViT()
+    resumed = extract_features(exp, manifest(images), encoder, progress=False)
+    assert encoder.seen == 4 and not partial.exists()
+    clean = extract_features(make_exp(tmp_path / "clean"), manifest(images), TinyViT(), progress=False)
+    assert resumed.sample_ids == clean.sample_ids
+    for a, b in zip(_arrays(resumed), _arrays(clean)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _check_consistent(tmp_path: Path, images: pd.DataFrame) -> None:
+    store = next((tmp_path / "cache").glob("*/config.json")).parent
+    assert not list(store.glob("tmp-*"))
+    metas = [json.loads((s / "meta.json").read_text()) for s in sorted(store.glob("shard-*"))]
+    assert sorted({sid for m in metas for sid in m["sample_ids"]}) == images.sample_id.tolist()
+    encoder = TinyViT()
+    served = extract_features(make_exp(tmp_path / "cache"), manifest(images), encoder, progress=False)
+    clean = extract_features(make_exp(tmp_path / "clean"), manifest(images), TinyViT(), progress=False)
+    assert encoder.calls == 0
+    for a, b in zip(_arrays(served), _arrays(clean)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_threads_into_one_cache_stay_consistent(tmp_path):
+    images = write_images(tmp_path / "img", 12)
+    results, errors = [], []
+
+    def work() -> None:
+        try:
+            results.append(extract_features(make_exp(tmp_path / "cache"), manifest(images), TinyViT(), progress=False))
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and [fs.sample_ids for fs in results] == [images.sample_id.tolist()] * 2
+    _check_consistent(tmp_path, images)
+
+
+@pytest.mark.slow
+def test_concurrent_processes_into_one_cache_stay_consistent(tmp_path):
+    images = write_images(tmp_path / "img", 12)
+    procs = [_child(images, tmp_path / "cache", slow=0.05) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    for out, _ in outs:
+        assert json.loads(out.strip().splitlines()[-1])["ids"] == images.sample_id.tolist()
+    _check_consistent(tmp_path, images)
+
+
+def test_extract_command_with_a_saved_model_and_its_weights_changing(tmp_path, monkeypatch):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from fmprobe.features.extract import extract_command
+
+    images = write_images(tmp_path / "img", 6)
+    images[["sample_id", "path", "y"]].to_csv(tmp_path / "manifest.csv", index=False)
+
+    def save_model(seed: int) -> None:
+        torch.manual_seed(seed)
+        config = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                              patch_size=8, image_size=16)
+        Dinov2Model(config).save_pretrained(tmp_path / "model")
+
+    save_model(0)
+    (tmp_path / "exp.yaml").write_text(
+        "name: cli\n"
+        "data: {manifest: manifest.csv, group_column: null, split_column: null}\n"
+        "task: {type: binary, targets: [y]}\n"
+        f"model: {{name: {tmp_path / 'model'}}}\n"
+        f"features: {{cache_dir: {tmp_path / 'cache'}, batch_size: 4}}\n"
+    )
+    first = extract_command(tmp_path / "exp.yaml")
+    assert (first["samples"], first["extracted"], first["cached"], first["skipped"]) == (6, 6, 0, 0)
+
+    import fmprobe.backbones.registry as registry
+
+    real_load = registry.load_encoder
+    loads = []
+    monkeypatch.setattr(registry, "load_encoder", lambda cfg: loads.append(cfg) or real_load(cfg))
+    second = extract_command(tmp_path / "exp.yaml")
+    assert (second["extracted"], second["cached"], second["key"]) == (0, 6, first["key"]) and not loads
+
+    save_model(1)  # new weights at the same path: never served the old features
+    third = extract_command(tmp_path / "exp.yaml")
+    assert third["extracted"] == 6 and third["key"] != first["key"] and len(loads) == 1
