@@ -286,10 +286,10 @@ def test_registry_checks_kind_type_and_checkpoint(saved: dict[str, Path], tmp_pa
         load_encoder(ModelConfig(name=str(tmp_path)))
     with pytest.raises(EncoderError, match="cannot find model"):
         load_encoder(ModelConfig(name=str(tmp_path / "missing" / "dir")))
-    with pytest.raises(EncoderError, match="needs model.checkpoint"):
-        load_encoder(ModelConfig(kind="vjepa2-native"))
-    with pytest.raises(EncoderError, match="only read with model.kind: vjepa2-native"):
-        load_encoder(ModelConfig(name=str(saved["dinov2"]), checkpoint="x.pt"))
+    with pytest.raises(ValueError, match="needs checkpoint"):
+        ModelConfig(kind="vjepa2-native")
+    with pytest.raises(ValueError, match="only apply to kind: vjepa2-native"):
+        ModelConfig(name=str(saved["dinov2"]), checkpoint="x.pt")
 
 
 def test_dtype_is_applied(saved: dict[str, Path]) -> None:
@@ -315,7 +315,7 @@ def test_registry_dispatches_offline_qwen_and_native(saved: dict[str, Path], tmp
     assert load_encoder(ModelConfig(name=str(tmp_path))) == "qwen" and calls == [(str(tmp_path), str(tmp_path))]
 
     vjepa = VJEPA2Model.from_pretrained(saved["vjepa2"])
-    monkeypatch.setattr(native, "load_native_vjepa2", lambda path: vjepa if path.endswith("enc.pt") else None)
+    monkeypatch.setattr(native, "load_native_vjepa2", lambda path, **kw: vjepa if path.endswith("enc.pt") else None)
     enc = load_encoder(ModelConfig(kind="vjepa2-native", checkpoint=str(tmp_path / "enc.pt"), dtype="bfloat16"))
     assert enc.name == "vjepa2-native:enc.pt" and enc.input_spec.num_frames == 4
     assert next(enc.parameters()).dtype == torch.bfloat16

@@ -283,8 +283,11 @@ def test_clip_indices_random_is_seeded_and_in_range():
 
 
 def test_num_clips_needs_uniform():
-    with pytest.raises(ConfigError, match="needs data.clip_position: uniform"):
-        clip_indices(50, cfg(num_clips=2))
+    from fmprobe.config import parse_config
+
+    with pytest.raises(ConfigError, match="num_clips: 2 needs clip_position: uniform"):
+        parse_config({"name": "x", "data": {"manifest": "m.csv", "num_clips": 2},
+                      "task": {"type": "binary", "targets": ["y"]}})
 
 
 def test_memory_url_dicom_series_and_video(tmp_path):

@@ -37,11 +37,6 @@ def load_encoder(model: ModelConfig) -> Encoder:
     """Load the backbone ``model`` names, frozen (eval mode, no gradients) in ``model.dtype``."""
     if model.kind == "vjepa2-native":
         return _load_native_vjepa2(model)
-    if model.checkpoint is not None:
-        raise EncoderError(
-            f"model.checkpoint is only read with model.kind: vjepa2-native (got kind '{model.kind}'); "
-            f"remove model.checkpoint or set the kind"
-        )
     source = str(_offline_dir()) if model.name == OFFLINE_DINOV2 else _expand(model.name)
     model_type = _model_type(source)
     kind = MODEL_TYPES.get(model_type)
@@ -89,8 +84,7 @@ def _build(kind: str, model_type: str, source: str, model: ModelConfig) -> Encod
 
 
 def _load_native_vjepa2(model: ModelConfig) -> Encoder:
-    if model.checkpoint is None:
-        raise EncoderError("model.kind vjepa2-native needs model.checkpoint: the path of the native V-JEPA 2 .pt file")
+    assert model.checkpoint is not None  # ModelConfig requires it for this kind
     from fmprobe.backbones.hf_vision import torch_dtype
     from fmprobe.backbones.vjepa2 import VJEPA2VideoEncoder
     from fmprobe.backbones.vjepa2_native import load_native_vjepa2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from fmprobe.config import DataConfig
-from fmprobe.errors import ConfigError
 
 
 def clip_indices(n_frames: int, data: DataConfig, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -21,11 +20,6 @@ def clip_indices(n_frames: int, data: DataConfig, rng: np.random.Generator | Non
     """
     if n_frames < 1:
         raise ValueError(f"a clip needs at least one frame, got {n_frames}")
-    if data.num_clips > 1 and data.clip_position != "uniform":
-        raise ConfigError(
-            f"data.num_clips: {data.num_clips} needs data.clip_position: uniform "
-            f"(got '{data.clip_position}', which takes one clip)"
-        )
     offsets = np.arange(data.frames_per_clip) * data.frame_step
     last_start = max(0, n_frames - (int(offsets[-1]) + 1))
     if data.clip_position == "center":
