@@ -70,9 +70,8 @@ def _head_config_hash(config_hash: str, head: str) -> str:
     return f"{config_hash}:{head}"
 
 
-def _test_output_hash(runs: list[HeadRun], test_ids: Sequence[str]) -> str:
-    stacked = np.stack([r.scores["test"].reshape(len(test_ids), -1) for r in sorted(runs, key=lambda r: r.seed)], 1)
-    return prediction_hash(stacked.reshape(len(test_ids), -1), sample_ids=test_ids)
+def _seed_mean_test_scores(runs: list[HeadRun]) -> np.ndarray:
+    return np.mean([r.scores["test"] for r in runs], axis=0)
 
 
 def previous_prediction_hashes(runs_dir: Path, exclude: Path) -> dict[str, tuple[str, str]]:
@@ -115,7 +114,9 @@ def summarise_run(
     baseline = scalar_metrics(baseline_metrics(task.type, targets["train"], targets["test"],
                                                class_names=label_names, target_names=task.targets))
     head_names = [h.name for h in exp.heads]
-    hashes = {h: _test_output_hash([r for r in results.runs if r.head == h], test_ids) for h in head_names}
+    # The same hash compute_flags makes: seed-mean test outputs in sample-id order.
+    hashes = {h: prediction_hash(_seed_mean_test_scores([r for r in results.runs if r.head == h]),
+                                 sample_ids=test_ids) for h in head_names}
     earlier = previous_prediction_hashes(Path(exp.runs_dir).expanduser(), run_dir)
 
     heads: dict[str, Any] = {}
@@ -132,7 +133,7 @@ def summarise_run(
         others = {k: v for k, v in earlier.items()}
         others.update({f"this run/{h}": (_head_config_hash(config_hash, h), hashes[h])
                        for h in head_names if h != cfg.name})
-        mean_test = np.mean([r.scores["test"] for r in runs], axis=0)
+        mean_test = _seed_mean_test_scores(runs)
         flags: list[Flag] = compute_flags(
             task.type, targets["test"], mean_test,
             eval_cfg=exp.eval, class_names=label_names,

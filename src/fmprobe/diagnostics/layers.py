@@ -1,0 +1,139 @@
+"""`fmprobe layers CONFIG`: which depth of the backbone holds the task best (layer-wise probing).
+
+The experiment is run once, as a normal run, with every requested layer extracted in one pass and one
+head per (layer, head type): same splits, seeds, selection on validation, bootstrap CIs and flags as
+`fmprobe run`. The run directory then also gets ``layers.json``, ``layers.csv``, ``layers.png`` (test
+primary metric with its CI against depth, one line per head type) and ``layers.html``.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fmprobe.atomic import atomic_path, write_json, write_text
+from fmprobe.config import Experiment, HeadConfig
+from fmprobe.diagnostics import plots
+from fmprobe.errors import ConfigError
+
+HEAD_TYPES = ("linear", "mlp", "attentive")
+
+
+def parse_layers(text: str) -> list[int | str]:
+    """``"0,3,-1,visual.merger"`` -> ``[0, 3, -1, "visual.merger"]`` (digits become ints, paths stay strings)."""
+    out: list[int | str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            raise ConfigError(f"--layers '{text}' has an empty entry; give e.g. 0,3,6,-1")
+        out.append(int(part) if part.lstrip("-").isdigit() else part)
+    return out
+
+
+def head_name(head_type: str, layer: int | str) -> str:
+    return f"{head_type}@{layer}"
+
+
+def layer_experiment(exp: Experiment, layers: list[int | str], head_types: list[str]) -> Experiment:
+    """``exp`` with all ``layers`` extracted and one head per (layer, head type).
+
+    Each head copies the settings of the config's first head of its type (pooling, width, heads...), or the
+    defaults when the config has none; only its layer and name change.
+    """
+    if len(layers) < 2:
+        raise ConfigError(f"a layer sweep needs at least two layers, got {layers}; pass e.g. --layers 0,3,6,-1")
+    if len({str(x) for x in layers}) != len(layers):
+        raise ConfigError(f"--layers lists a layer twice: {layers}")
+    bad = [t for t in head_types if t not in HEAD_TYPES]
+    if bad or not head_types:
+        raise ConfigError(f"--heads must list head types from {', '.join(HEAD_TYPES)}; got {head_types}")
+    heads = []
+    for head_type in head_types:
+        template = next((h for h in exp.heads if h.type == head_type), None)
+        if template is None:
+            template = HeadConfig(type=head_type, pooling="attentive" if head_type == "attentive" else "mean")
+        for layer in layers:
+            heads.append(template.model_copy(update={"layer": layer, "name": head_name(head_type, layer)}))
+    data = exp.model_dump()
+    data["name"] = f"{exp.name}-layers"
+    data["model"]["layers"] = list(layers)
+    data["heads"] = [h.model_dump() for h in heads]
+    if "attentive" in head_types:
+        data["features"]["store_tokens"] = True
+    return Experiment.model_validate(data)
+
+
+def layer_table(metrics: dict[str, Any], layers: list[int | str], head_types: list[str]) -> pd.DataFrame:
+    """One row per (head type, layer): test mean, sd and CI of the primary metric, and its validation mean."""
+    primary = metrics["task"]["primary_metric"]
+    rows = []
+    for head_type in head_types:
+        for depth, layer in enumerate(layers):
+            h = metrics["heads"][head_name(head_type, layer)]
+            ci = h["test_ci"][primary]
+            rows.append({
+                "head_type": head_type, "layer": str(layer), "position": depth, "metric": primary,
+                "test_mean": h["splits"]["test"]["mean"][primary], "test_sd": h["splits"]["test"]["sd"][primary],
+                "ci_low": ci[0], "ci_high": ci[1], "val_mean": h["splits"]["val"]["mean"][primary],
+                "flags": ",".join(sorted({f["name"] for f in h["flags"]})),
+            })
+    return pd.DataFrame(rows)
+
+
+def layers_command(
+    exp: Experiment, layers: list[int | str] | None = None, head_types: list[str] | None = None, *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the sweep and write its table, figure and page into the run directory; returns ``layers.json``."""
+    from fmprobe.experiments.run import run_experiment
+
+    layers = list(layers) if layers else list(exp.model.layers)
+    head_types = list(head_types) if head_types else list(dict.fromkeys(h.type for h in exp.heads))
+    sweep = layer_experiment(exp, layers, head_types)
+    result = run_experiment(sweep, progress=progress)
+    metrics, run_dir = result.metrics, result.run_dir
+    table = layer_table(metrics, layers, head_types)
+    primary = metrics["task"]["primary_metric"]
+    series = {
+        t: (g["test_mean"].tolist(), g["ci_low"].tolist(), g["ci_high"].tolist())
+        for t, g in table.groupby("head_type", sort=False)
+    }
+    figure = plots.depth_curves([str(x) for x in layers], series, metric=primary, dest=run_dir / "layers.png",
+                                baseline=metrics["baseline"]["test"].get(primary),
+                                title=f"{exp.name}: test {primary} by layer ({int(metrics['ci_level'] * 100)}% CI)")
+    with atomic_path(run_dir / "layers.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    best = metrics["selection"]["best_head"]
+    summary = {
+        "experiment": exp.name, "run_dir": str(run_dir), "metric": primary, "layers": [str(x) for x in layers],
+        "head_types": head_types, "baseline": metrics["baseline"]["test"].get(primary),
+        "best_on_validation": {"head": best, "layer": str(metrics["heads"][best]["layer"]),
+                               "type": metrics["heads"][best]["type"]},
+        "rows": table.to_dict(orient="records"), "figure": figure.name,
+    }
+    write_json(run_dir / "layers.json", summary)
+    write_text(run_dir / "layers.html", _page(summary, table, plots.png_base64(figure)))
+    return summary
+
+
+def _page(summary: dict[str, Any], table: pd.DataFrame, image: str) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(f'{v:.4f}' if isinstance(v, float) else str(v))}</td>" for v in row) + "</tr>"
+        for row in table.itertuples(index=False)
+    )
+    best = summary["best_on_validation"]
+    return (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(summary['experiment'])} layers"
+        "</title><style>body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1000px}"
+        "table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #ddd;padding:.25rem .5rem}"
+        "img{max-width:100%}</style></head><body>"
+        f"<h1>{esc(summary['experiment'])}: {esc(summary['metric'])} by layer</h1>"
+        f"<p>Best on validation: <b>{esc(best['head'])}</b> (layer {esc(best['layer'])}). Full run report: "
+        f"<a href='report.html'>report.html</a>. Test CIs: bootstrap of the seed-mean metric.</p>"
+        f"<img alt='test {esc(summary['metric'])} by layer' src='data:image/png;base64,{image}'>"
+        f"<table><tr>{head}</tr>{body}</table></body></html>\n"
+    )

@@ -1,0 +1,128 @@
+"""PNG figures of the diagnostics commands, each written atomically to the path it is given.
+
+One function per figure kind: a labelled heatmap (layer x layer alignment, layer x head entropy), bars
+(metrics of one pair), a metric-vs-depth curve with CI bands, and attention maps overlaid on the input.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fmprobe.atomic import atomic_path  # noqa: E402
+
+MAX_ANNOTATED_CELLS = 400  # above this a heatmap shows colours only; numbers would not be readable
+
+
+def save(fig: plt.Figure, dest: str | Path) -> Path:
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return dest
+
+
+def png_base64(path: str | Path) -> str:
+    """A written PNG as base64, for embedding in a self-contained HTML page."""
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def heatmap(
+    matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, title: str, xlabel: str, ylabel: str,
+    dest: str | Path, vmin: float | None = None, vmax: float | None = None,
+) -> Path:
+    """A labelled heatmap, values printed in the cells when they fit."""
+    m = np.asarray(matrix, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.5 * len(cols) + 2), max(3.0, 0.45 * len(rows) + 1.5)))
+    image = ax.imshow(m, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if m.size <= MAX_ANNOTATED_CELLS:
+        mid = np.nanmean(m) if np.isfinite(m).any() else 0.0
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < mid else "black")
+    return save(fig, dest)
+
+
+def bars(names: Sequence[str], values: Sequence[float], *, title: str, dest: str | Path) -> Path:
+    """One bar per named value, the value written above it."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(names) + 1.5), 3.2))
+    x = np.arange(len(names))
+    ax.bar(x, values, color="#4c78a8")
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, list(names), rotation=30, ha="right", fontsize=8)
+    ax.axhline(0, color="#888", lw=0.8)
+    ax.set_title(title, fontsize=10)
+    return save(fig, dest)
+
+
+def depth_curves(
+    layers: Sequence[str], series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]], *,
+    metric: str, title: str, dest: str | Path, baseline: float | None = None,
+) -> Path:
+    """``series``: name -> (values, CI lows, CI highs) per layer, drawn as lines with shaded CI bands."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(layers) + 2), 3.6))
+    x = np.arange(len(layers))
+    for name, (values, lows, highs) in series.items():
+        line = ax.plot(x, values, marker="o", label=name)[0]
+        ax.fill_between(x, lows, highs, color=line.get_color(), alpha=0.2)
+    if baseline is not None:
+        ax.axhline(baseline, color="#e45756", ls="--", lw=1, label="baseline")
+    ax.set_xticks(x, [str(layer) for layer in layers], fontsize=8)
+    ax.set_xlabel("extraction layer")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return save(fig, dest)
+
+
+def attention_overlays(
+    frames: np.ndarray, maps: dict[str, np.ndarray], *, title: str, dest: str | Path
+) -> Path:
+    """Rows: the frames, then each named map over them; ``frames`` ``[F, H, W, 3]`` in [0, 1], maps ``[F, h, w]``.
+
+    Each map is stretched over its frame (nearest cell, no smoothing), so one cell is one token.
+    """
+    n = frames.shape[0]
+    fig, axes = plt.subplots(1 + len(maps), n, figsize=(2.2 * n, 2.2 * (1 + len(maps))), squeeze=False)
+    height, width = frames.shape[1:3]
+    for f in range(n):
+        axes[0, f].imshow(frames[f])
+        axes[0, f].set_title(f"frame {f}" if n > 1 else "input", fontsize=8)
+        for r, (name, m) in enumerate(maps.items(), start=1):
+            axes[r, f].imshow(frames[f])
+            axes[r, f].imshow(m[f], cmap="inferno", alpha=0.55, extent=(0, width, height, 0), interpolation="nearest")
+            if f == 0:
+                axes[r, f].set_ylabel(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    return save(fig, dest)
+
+
+def token_maps(maps: np.ndarray, labels: Sequence[str], *, title: str, dest: str | Path) -> Path:
+    """One small panel per ``[h, w]`` map (e.g. an attentive pooler's attention over the token grid)."""
+    n = len(maps)
+    cols = min(n, 6)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, m, label in zip(axes.flat, maps, labels):
+        ax.imshow(m, cmap="inferno", interpolation="nearest")
+        ax.set_title(label, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return save(fig, dest)

@@ -1,0 +1,68 @@
+"""A tiny end-to-end setup for sweep / index / report tests: PNGs + manifest, a tiny random DINOv2 saved
+with save_pretrained, and a base config writing its cache and runs under the same folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from PIL import Image
+
+
+def write_dataset(folder: Path, n: int = 48, task: str = "binary", seed: int = 0) -> Path:
+    """Images whose brightness carries the label (so a probe learns something), grouped in pairs."""
+    img = folder / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = (i // 2) % (3 if task == "multiclass" else 2)  # both of a pair share it
+        base = 60 + 60 * label
+        arr = np.clip(rng.normal(base, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
+        path = img / f"img{i:03d}.png"
+        Image.fromarray(arr).save(path)
+        y = ["a", "b", "c"][label] if task == "multiclass" else label
+        rows.append({"sample_id": f"s{i:03d}", "path": str(path), "y": y, "group": f"g{i // 2:03d}"})
+    manifest = folder / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def write_model(folder: Path, seed: int = 0) -> Path:
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                          patch_size=8, image_size=16)
+    Dinov2Model(config).save_pretrained(folder)
+    return folder
+
+
+def base_config(folder: Path, task: str = "binary", **overrides) -> dict:
+    manifest = write_dataset(folder, task=task)
+    model = write_model(folder / "model")
+    cfg = {
+        "name": "tiny",
+        "data": {"manifest": str(manifest), "split_column": None},
+        "task": {"type": task, "targets": ["y"], **({"class_names": ["a", "b", "c"]} if task == "multiclass" else {})},
+        "model": {"name": str(model), "layers": [-1]},
+        "features": {"cache_dir": str(folder / "cache"), "batch_size": 16},
+        "heads": [{"type": "linear"}],
+        "train": {"epochs": 3, "batch_size": 16, "lr": 0.01, "seeds": [0, 1]},
+        "split": {"mode": "generate", "fractions": [0.6, 0.2, 0.2]},
+        "eval": {"bootstrap": 50},
+        "runs_dir": str(folder / "runs"),
+    }
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        cfg.setdefault(section, {})[field] = value
+    return cfg
+
+
+def write_base(folder: Path, task: str = "binary", **overrides) -> Path:
+    path = folder / "base.yaml"
+    path.write_text(yaml.safe_dump(base_config(folder, task, **overrides)))
+    return path

@@ -1,0 +1,135 @@
+"""`fmprobe run` end to end on a tiny real backbone: the run directory, its numbers, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fmprobe.cli import app
+from fmprobe.config import parse_config
+from fmprobe.errors import ConfigError, LeakageError, ManifestError
+from fmprobe.evaluate.metrics import compute_metrics
+from fmprobe.experiments.run import run_experiment
+
+
+def test_run_directory_holds_everything_and_numbers_recompute_from_predictions(toy_study):
+    exp = parse_config(toy_study("binary"))
+    result = run_experiment(exp, progress=False)
+    run_dir = result.run_dir
+    for name in ("config.resolved.yaml", "env.json", "predictions.parquet", "metrics.json", "curves.parquet",
+                 "report.html", "checkpoints/linear/seed0/best.pt", "checkpoints/linear/seed1/last.pt"):
+        assert (run_dir / name).exists(), name
+    assert parse_config(yaml.safe_load((run_dir / "config.resolved.yaml").read_text())) == exp
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    preds = pd.read_parquet(run_dir / "predictions.parquet")
+    head = metrics["heads"]["linear"]
+    # Every number can be recomputed from predictions.parquet with scikit-learn.
+    for seed, auroc in zip(exp.train.seeds, head["splits"]["test"]["per_seed"]["auroc"]):
+        rows = preds[(preds["split"] == "test") & (preds["seed"] == seed)]
+        ref = compute_metrics("binary", rows["y/y"].to_numpy(), rows["p/y"].to_numpy())
+        assert auroc == pytest.approx(ref["auroc"], abs=1e-12)
+    lo, hi = head["test_ci"]["auroc"]
+    assert lo <= head["splits"]["test"]["mean"]["auroc"] <= hi
+    # Context next to the number: split sizes and groups, seeds, baseline, what was selected on what.
+    assert metrics["seeds"] == [0, 1]
+    assert sum(metrics["split"]["sizes"].values()) == 90
+    assert metrics["baseline"]["test"]["auroc"] == pytest.approx(0.5)
+    assert metrics["bootstrap"]["unit"] == "group"
+    assert "validation" in metrics["selection"]["rule"]
+    # The signal is real: the probe beats the baseline and nothing is flagged as collapse.
+    assert head["splits"]["test"]["mean"]["auroc"] > 0.8
+    assert not {f["name"] for f in head["flags"]} & {"majority_collapse", "constant_output", "below_baseline"}
+    # Thresholds come from validation and are recorded per seed.
+    assert set(head["thresholds"]) == {"0", "1"}
+
+
+def test_leakage_across_generated_splits_is_impossible(toy_study):
+    exp = parse_config(toy_study("binary"))
+    run_dir = run_experiment(exp, progress=False).run_dir
+    preds = pd.read_parquet(run_dir / "predictions.parquet")
+    sides = preds.groupby("group")["split"].nunique()
+    assert (sides == 1).all()
+
+
+def test_given_splits_that_leak_groups_are_refused(toy_study, tmp_path):
+    config = toy_study("binary")
+    manifest = Path(config["data"]["manifest"])
+    df = pd.read_csv(manifest)
+    df["split"] = np.resize(["train", "val", "test"], len(df))  # patients have 3 samples: one per split
+    df.to_csv(manifest, index=False)
+    config["data"]["split_column"] = "split"
+    config["split"] = {"mode": "given"}
+    with pytest.raises(LeakageError, match="patient"):
+        run_experiment(parse_config(config), progress=False)
+    config["split"]["allow_group_overlap"] = True
+    metrics = run_experiment(parse_config(config), progress=False).metrics
+    assert metrics["split"]["group_overlap"]
+    assert "group_overlap" in {f["name"] for f in metrics["flags"]}
+
+
+def test_uninformative_imbalanced_multiclass_is_flagged(toy_study):
+    config = toy_study("multiclass", n=120, informative=False, n_classes=4, weights=[0.7, 0.1, 0.1, 0.1],
+                       loss={"class_weights": "none"})
+    metrics = run_experiment(parse_config(config), progress=False).metrics
+    names = {f["name"] for f in metrics["heads"]["linear"]["flags"]}
+    assert {"majority_collapse", "below_baseline"} & names, names
+
+
+def test_two_configs_with_the_same_predictions_are_flagged(toy_study):
+    first = toy_study("binary")
+    run_experiment(parse_config(first), progress=False)
+    second = {**first, "eval": {**first["eval"], "tiny_class": 3}}  # a change that cannot move predictions
+    metrics = run_experiment(parse_config(second), progress=False).metrics
+    assert "identical_predictions" in {f["name"] for f in metrics["flags"]}
+
+
+def test_balanced_class_weights_are_computed_and_recorded(toy_study):
+    config = toy_study("binary", weights=[0.8, 0.2], loss={"class_weights": "balanced"})
+    metrics = run_experiment(parse_config(config), progress=False).metrics
+    weights = metrics["heads"]["linear"]["loss"]["class_weights"]
+    assert weights is not None and weights != "balanced"
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"heads": [{"type": "transformer"}]}, r"heads\.0\.type"),
+        ({"task": {"type": "binary", "targets": ["y"], "primary_metric": "r2"}}, "not valid for a binary task"),
+        ({"train": {"epochs": 2, "learning_rate": 0.1}}, r"train\.learning_rate: unknown key"),
+    ],
+)
+def test_bad_config_values_fail_before_any_work(toy_study, tmp_path, patch, message):
+    config = {**toy_study("binary"), **patch}
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(parse_config(config), progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_targets_missing_from_manifest_fail_before_extraction(toy_study, tmp_path):
+    config = toy_study("binary")
+    config["task"]["targets"] = ["diagnosis"]
+    with pytest.raises(ManifestError, match="diagnosis"):
+        run_experiment(parse_config(config), progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_run_prints_summary_and_bad_config_exits_with_one_message(toy_study, tmp_path):
+    config = toy_study("regression")
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["run", str(path), "--quiet"])
+    assert ok.exit_code == 0, ok.output
+    assert "r2" in ok.output and "baseline" in ok.output and "run directory" in ok.output
+    config["heads"] = [{"type": "linear", "pooling": "mean", "hiden": 3}]
+    path.write_text(yaml.safe_dump(config))
+    bad = runner.invoke(app, ["run", str(path)])
+    assert bad.exit_code == 2
+    assert "heads.0.hiden" in bad.output and "Traceback" not in bad.output
