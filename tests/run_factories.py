@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 
-def write_dataset(folder: Path, n: int = 48, task: str = "binary", seed: int = 0) -> Path:
+def write_dataset(folder: Path, n: int = 72, task: str = "binary", seed: int = 0) -> Path:
     """Images whose brightness carries the label (so a probe learns something), grouped in pairs."""
     img = folder / "img"
     img.mkdir(parents=True, exist_ok=True)
@@ -66,3 +66,34 @@ def write_base(folder: Path, task: str = "binary", **overrides) -> Path:
     path = folder / "base.yaml"
     path.write_text(yaml.safe_dump(base_config(folder, task, **overrides)))
     return path
+
+
+def fake_run(runs_dir: Path, run_id: str, heads: dict[str, dict], *, experiment: str = "exp",
+             primary: str = "auroc", lr: float = 0.01, wall: float = 10.0) -> Path:
+    """A run directory in the format of run_experiment with chosen numbers. ``heads``: name ->
+    {"val": v, "test": t, "ci": (lo, hi), "baseline": b, "flags": [(name, severity)], "params": n}."""
+    import json
+
+    run_dir = runs_dir / experiment / run_id
+    run_dir.mkdir(parents=True)
+    out = {}
+    for name, h in heads.items():
+        split = lambda v: {"per_seed": {primary: [v, v]}, "mean": {primary: v}, "sd": {primary: 0.01}}  # noqa: E731
+        out[name] = {
+            "type": "linear", "pooling": "mean", "layer": -1, "trainable_params": h.get("params", 100),
+            "splits": {"train": split(h["val"]), "val": split(h["val"]), "test": split(h["test"])},
+            "test_ci": {primary: list(h["ci"])},
+            "flags": [{"name": f, "severity": s, "message": f, "details": {}} for f, s in h.get("flags", [])],
+        }
+    best = max(heads, key=lambda n: heads[n]["val"])
+    metrics = {
+        "experiment": experiment, "config_hash": f"hash-{run_id}",
+        "task": {"type": "binary", "targets": ["y"], "class_names": None, "primary_metric": primary,
+                 "headline_metrics": [primary]},
+        "seeds": [0, 1], "ci_level": 0.95, "baseline": {"test": {primary: heads[best].get("baseline", 0.5)}},
+        "selection": {"best_head": best}, "heads": out, "flags": [], "wall_seconds": wall,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    config = {"name": experiment, "model": {"name": "m"}, "train": {"lr": lr, "epochs": 5}, "runs_dir": str(runs_dir)}
+    (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(config))
+    return run_dir

@@ -133,3 +133,25 @@ def test_cli_run_prints_summary_and_bad_config_exits_with_one_message(toy_study,
     bad = runner.invoke(app, ["run", str(path)])
     assert bad.exit_code == 2
     assert "heads.0.hiden" in bad.output and "Traceback" not in bad.output
+
+
+def test_compare_runs_pairs_the_same_test_samples_and_refuses_different_ones(toy_study, tmp_path):
+    from fmprobe.errors import FmprobeError
+    from fmprobe.experiments.compare_runs import compare_runs
+
+    base = toy_study("binary")
+    run_a = run_experiment(parse_config(base), progress=False).run_dir
+    mlp = {**base, "heads": [{"type": "mlp", "pooling": "mean", "hidden": 16}]}
+    run_b = run_experiment(parse_config(mlp), progress=False).run_dir
+    result = compare_runs(run_a, run_b, n_resamples=300)
+    assert result["metric"] == "auroc" and result["n_test"] > 0 and result["resampled"] == "groups"
+    assert result["lo"] <= result["diff"] <= result["hi"] and 0 < result["p_value"] <= 1
+    same = compare_runs(run_a, run_a, n_resamples=300)
+    assert same["diff"] == 0 and same["p_value"] == 1
+    other_split = {**base, "split": {"mode": "generate", "seed": 7}}
+    run_c = run_experiment(parse_config(other_split), progress=False).run_dir
+    with pytest.raises(FmprobeError, match="different test samples"):
+        compare_runs(run_a, run_c, n_resamples=100)
+    runner = CliRunner()
+    out = runner.invoke(app, ["compare", str(run_a), str(run_b), "--resamples", "200"])
+    assert out.exit_code == 0 and '"p_value"' in out.output

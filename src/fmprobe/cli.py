@@ -75,3 +75,143 @@ def demo(out: Path = typer.Option(Path("fmprobe-demo"), help="folder for the dem
     console.print("\n[bold]Reports:[/]")
     for result in results:
         console.print(f"  {result.run_dir / 'report.html'}")
+
+
+@app.command()
+@user_errors
+def compare(run_a: Path = typer.Argument(..., help="run directory A"),
+            run_b: Path = typer.Argument(..., help="run directory B"),
+            metric: str = typer.Option(None, help="default: the task's primary metric"),
+            head_a: str = typer.Option(None, help="default: run A's selected head"),
+            head_b: str = typer.Option(None, help="default: run B's selected head"),
+            resamples: int = typer.Option(2000, help="bootstrap resamples")) -> None:
+    """Paired bootstrap of metric(A) - metric(B) on the same test samples: difference, CI, p-value (JSON)."""
+    import json
+
+    from fmprobe.experiments.compare_runs import compare_runs
+
+    result = compare_runs(run_a, run_b, head_a=head_a, head_b=head_b, metric=metric, n_resamples=resamples)
+    console.print_json(json.dumps(result))
+
+
+@app.command()
+@user_errors
+def align(a: str = typer.Argument(..., help="FILE.npy, CONFIG.yaml[:LAYER[:POOLING]] or STORE_DIR[:LAYER[:POOLING]]"),
+          b: str = typer.Argument(..., help="the same forms as A"),
+          metric: list[str] = typer.Option(None, "--metric", help="repeatable; default: all (one layer per side) "
+                                           "or linear_cka (layer x layer)"),
+          out: Path = typer.Option(Path("fmprobe-align"), help="folder for alignment.json and the figure(s)"),
+          seed: int = typer.Option(0, help="seed of linear_r2's held-out split")) -> None:
+    """Representation alignment of A and B (CKA, mutual kNN, RSA, ...) as JSON, with a bar chart or heatmap."""
+    import json
+
+    from fmprobe.diagnostics.align_cli import align_command
+
+    typer.echo(json.dumps(align_command(a, b, metric or None, out=out, seed=seed), indent=2))
+
+
+@app.command("layers")
+@user_errors
+def layers_cmd(config: Path = typer.Argument(..., help="experiment YAML"),
+               layers: str = typer.Option(None, help="comma-separated, e.g. 0,3,6,-1 (default: model.layers)"),
+               heads: str = typer.Option(None, help="head types, e.g. linear,attentive (default: the config's)"),
+               quiet: bool = typer.Option(False, help="no progress bars")) -> None:
+    """Layer-wise probing: one run with a head per (layer, head type); primary metric with CI against depth."""
+    from fmprobe.config import load_config
+    from fmprobe.diagnostics.layers import layers_command, parse_layers
+
+    summary = layers_command(load_config(config), parse_layers(layers) if layers else None,
+                             [h.strip() for h in heads.split(",")] if heads else None, progress=not quiet)
+    for row in summary["rows"]:
+        console.print(f"{row['head_type']:>10} layer {row['layer']:>6}: {row['metric']} {row['test_mean']:.3f} "
+                      f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (val {row['val_mean']:.3f})", highlight=False)
+    console.print(f"best on validation: {summary['best_on_validation']['head']}\n{summary['run_dir']}/layers.html")
+
+
+@app.command("attention")
+@user_errors
+def attention_cmd(config: Path = typer.Argument(None, help="experiment YAML (backbone attention)"),
+                  run: Path = typer.Option(None, help="a finished run directory (its attentive probes)"),
+                  samples: int = typer.Option(8, help="samples to encode (backbone)"),
+                  out: Path = typer.Option(None, help="default: fmprobe-attention, or RUN/attention")) -> None:
+    """Attention entropy per layer and head, by label group, and heatmaps over the images (or of a run's probes)."""
+    import json
+
+    from fmprobe.diagnostics.attention_report import attention_command
+
+    typer.echo(json.dumps(attention_command(config, run=run, samples=samples, out=out), indent=2))
+
+
+@app.command("spatial")
+@user_errors
+def spatial_cmd(encoder: str = typer.Option("pixel", help="pixel | random | CONFIG.yaml | model dir or hub id"),
+                layers: str = typer.Option(None, help="comma-separated extraction points (default: model.layers)"),
+                n_train: int = typer.Option(96), n_test: int = typer.Option(32),
+                image_size: int = typer.Option(None, help="default: the encoder's"),
+                steps: int = typer.Option(300, help="optimisation steps per probe"), seed: int = typer.Option(0),
+                out: Path = typer.Option(Path("fmprobe-spatial"), help="folder for spatial.json")) -> None:
+    """Spatial probes (box, mask, detection) on the built-in shapes data, per extraction point."""
+    from fmprobe.diagnostics.layers import parse_layers
+    from fmprobe.diagnostics.spatial_run import format_table, spatial_command
+
+    result = spatial_command(encoder, layers=parse_layers(layers) if layers else None, n_train=n_train,
+                             n_test=n_test, image_size=image_size, steps=steps, seed=seed, out=out)
+    console.print(format_table(result), highlight=False)
+    console.print(f"written: {out / 'spatial.json'}")
+
+
+@app.command()
+@user_errors
+def sweep(spec: Path = typer.Argument(..., help="sweep YAML: base config + grid of dotted keys"),
+          workers: int = typer.Option(None, help="local processes (default: the sweep's, else one per 2 cores)"),
+          ray: bool = typer.Option(False, "--ray", help="run on Ray (a local instance unless --address)"),
+          address: str = typer.Option(None, help="Ray cluster address (implies --ray)"),
+          gates: Path = typer.Option(None, help="gates YAML: verdicts in the sweep report")) -> None:
+    """Run a grid of experiments (resumable: finished runs are skipped); features extracted once per backbone."""
+    from fmprobe.experiments.sweep import run_sweep
+
+    result = run_sweep(spec, workers=workers, use_ray=ray, ray_address=address, gates=gates,
+                       on_event=lambda m: console.print(m, highlight=False))
+    console.print(f"report: {result.report}")
+
+
+@app.command()
+@user_errors
+def leaderboard(runs: Path = typer.Option(Path("runs"), help="runs folder"),
+                experiment: str = typer.Option(None, help="only this experiment"),
+                metric: str = typer.Option(None, help="default: the runs' primary metric"),
+                csv: Path = typer.Option(None, help="also write the table as CSV"),
+                html: Path = typer.Option(None, help="also write a self-contained HTML report"),
+                gates: Path = typer.Option(None, help="gates YAML: verdicts in the HTML report")) -> None:
+    """Every run x head with metric ± CI, seeds, baseline, flags, parameters, wall time (ranked on validation)."""
+    from fmprobe.experiments.gates import gate_command
+    from fmprobe.experiments.leaderboard import build_leaderboard, print_leaderboard
+    from fmprobe.report.sweep import write_board_report
+
+    board = build_leaderboard(runs, experiment=experiment, metric=metric)
+    print_leaderboard(console, board)
+    if csv:
+        board.to_csv(csv)
+        console.print(f"written: {csv}")
+    if html:
+        verdicts = gate_command(gates, runs, run_dirs=board.table["run_dir"]) if gates else None
+        write_board_report(html, board, verdicts, title=f"leaderboard {experiment or runs}")
+        console.print(f"written: {html}")
+
+
+@app.command()
+@user_errors
+def gate(gates: Path = typer.Argument(..., help="gates YAML: criteria, levels, must/should, weights"),
+         runs: Path = typer.Option(Path("runs"), help="runs folder"),
+         json_out: Path = typer.Option(None, "--json", help="also write the verdicts as JSON")) -> None:
+    """A verdict per candidate, decided with the CI, and one recommendation; exit 1 when none is accepted."""
+    from fmprobe.atomic import write_json
+    from fmprobe.experiments.gates import gate_command, print_gates
+
+    report = gate_command(gates, runs)
+    print_gates(console, report)
+    if json_out:
+        write_json(json_out, report.to_dict())
+    if report.chosen is None:
+        raise typer.Exit(1)
+

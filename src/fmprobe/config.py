@@ -200,6 +200,108 @@ class EvalConfig(Strict):
     overfit_gap: float = Field(default=0.2, ge=0)
 
 
+class ParamGroupConfig(Strict):
+    """Learning rate, warmup and weight decay of one parameter group; unset values come from ``train:``."""
+
+    lr: float | None = Field(default=None, gt=0)
+    warmup_epochs: int | None = Field(default=None, ge=0)
+    weight_decay: float | None = Field(default=None, ge=0)
+
+
+class LoraAdaptConfig(Strict):
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    targets: str = "qv"  # preset qv | qkv | all-linear, or a regex fully matching module paths of the HF model
+    merge: bool = False  # merge the trained adapter into the backbone weights before predicting
+
+
+class StageTwoConfig(Strict):
+    """Stage 2 of ``strategy: staged``: end-to-end from stage 1's best head, with its own LRs, epochs, patience."""
+
+    epochs: int = Field(default=10, ge=1)
+    patience: int | None = Field(default=None, ge=1)  # early stopping on the validation primary metric
+    head: ParamGroupConfig = Field(default_factory=lambda: ParamGroupConfig(lr=1e-4))
+    adapters: ParamGroupConfig = Field(default_factory=lambda: ParamGroupConfig(lr=1e-4))
+    backbone: ParamGroupConfig = Field(default_factory=lambda: ParamGroupConfig(lr=1e-5))
+
+
+class MixConfig(Strict):
+    """Mixup / CutMix on training batches (labels mixed by the same weight); both > 0: one of them per batch."""
+
+    mixup_alpha: float = Field(default=0.0, ge=0)
+    cutmix_alpha: float = Field(default=0.0, ge=0)
+    prob: float = Field(default=1.0, ge=0, le=1)  # chance that a batch is mixed
+
+
+class TTAConfig(Strict):
+    """Test-time augmentation: predicted scores averaged over flips and clips (validation and test alike)."""
+
+    hflip: bool = False
+    clips: int = Field(default=1, ge=1)  # uniformly spaced clips per sample, each scored on its own
+
+
+class AdaptConfig(Strict):
+    """How far the backbone moves: frozen (cached features) | lora | partial (last N blocks) | staged."""
+
+    strategy: Literal["frozen", "lora", "partial", "staged"] = "frozen"
+    unfreeze: Literal["lora", "partial"] = "lora"  # what stage 2 of staged trains in the backbone
+    lora: LoraAdaptConfig = Field(default_factory=LoraAdaptConfig)
+    partial_blocks: int = Field(default=2, ge=1)  # partial: the last N blocks (up to the head's layer) + final norm
+    unfreeze_at_epoch: int | None = Field(default=None, ge=2)  # lora/partial: head only before this epoch
+    head: ParamGroupConfig = Field(default_factory=ParamGroupConfig)
+    adapters: ParamGroupConfig = Field(default_factory=lambda: ParamGroupConfig(lr=1e-4))
+    backbone: ParamGroupConfig = Field(default_factory=lambda: ParamGroupConfig(lr=1e-5))
+    modules: dict[str, ParamGroupConfig] = Field(default_factory=dict)  # module path -> trained, own group
+    layer_decay: float = Field(default=1.0, gt=0, le=1)  # lr x decay^(depth from the top) per block
+    stage2: StageTwoConfig = Field(default_factory=StageTwoConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    balanced_sampler: bool = False
+    tta: TTAConfig = Field(default_factory=TTAConfig)
+    gradient_checkpointing: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; bf16/fp16 need a GPU
+    device: str = "cpu"
+    drop_path: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdaptConfig":
+        given = self.model_fields_set - {"strategy"}
+        if self.strategy == "frozen":
+            if given:
+                raise ValueError(f"adapt keys {', '.join(sorted(given))} need an end-to-end strategy (lora, partial, staged); "
+                                 "strategy is frozen")
+            return self
+        trains = "lora" if self.strategy == "lora" else "partial" if self.strategy == "partial" else self.unfreeze
+        # staged: stage 1 trains the head as train: says, stage 2 with stage2's groups
+        wrong = {"unfreeze", "stage2"} if self.strategy != "staged" else {"unfreeze_at_epoch", "head", "adapters",
+                                                                             "backbone"}
+        wrong |= {"lora"} if trains != "lora" else {"partial_blocks", "adapters"}
+        bad = sorted(given & wrong)
+        if bad:
+            raise ValueError(f"adapt keys {', '.join(bad)} do not apply to strategy {self.strategy}"
+                             + (f" (stage 2 trains {trains})" if self.strategy == "staged" else "") + "; remove them")
+        return self
+
+
+class TrackingConfig(Strict):
+    """Opt-in experiment trackers, fed after each run; each needs its own package (never required)."""
+
+    mlflow: bool = False
+    mlflow_uri: str | None = None  # default: sqlite:///<runs_dir>/mlflow.db
+    wandb: bool = False  # always offline: files under <runs_dir>/wandb, `wandb sync` uploads them
+    wandb_project: str | None = None  # default: the experiment name
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrackingConfig":
+        import importlib.util
+
+        for package, enabled in (("mlflow", self.mlflow), ("wandb", self.wandb)):
+            if enabled and importlib.util.find_spec(package) is None:
+                raise ValueError(f"tracking.{package}: true needs the {package} package, which is not installed: "
+                                 f"pip install {package} (or pip install 'fmprobe[tracking]'), or set it to false")
+        return self
+
+
 class Experiment(Strict):
     name: str
     data: DataConfig
@@ -211,6 +313,8 @@ class Experiment(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runs_dir: str = "runs"
 
     @model_validator(mode="after")

@@ -4,7 +4,8 @@
 probability maps, so they are real anatomy, not noise:
 - multilabel "which tissues are present": grey matter, white matter, outside the brain;
 - regression "grey-matter fraction": the mean grey-matter probability over the patch.
-Samples are grouped by blocks of neighbouring slices, so adjacent slices never straddle splits.
+Samples are grouped by slab: all patches of a slice (and the slices skipped around it) form one group,
+so no slice is ever on two sides of a split.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ TISSUES = ("grey_matter", "white_matter", "outside_brain")
 class DemoDatasetSpec:
     patch: int = 64  # patch side in 1-mm voxels
     stride: int = 40  # between patch origins within a slice
-    slice_step: int = 4  # every n-th axial slice
-    slices_per_group: int = 2  # sampled slices per group (a block of slice_step * this mm)
+    slice_step: int = 4  # every n-th axial slice: sampled slices are 4 mm apart
+    slices_per_group: int = 1  # sampled slices per group: one 4-mm slab per group (34 groups)
     min_brain: float = 0.15  # keep patches with at least this fraction of brain voxels
     # A tissue is "present" when it covers at least this fraction of the patch; set near each
     # tissue's median coverage so every label is informative (prevalence near one half).

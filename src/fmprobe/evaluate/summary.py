@@ -165,6 +165,11 @@ def summarise_run(
             "flags": [f.to_dict() for f in flags],
         }
         if task.type != "regression":
+            from fmprobe.evaluate.subgroups import subgroup_report
+
+            entry["subgroups"] = subgroup_report(  # test split, seed-mean scores, seed-mean thresholds
+                task.type, targets["test"], mean_test, class_names=label_names,
+                thresholds=None if runs[0].thresholds is None else np.mean([r.thresholds for r in runs], axis=0))
             entry["calibration_test"] = {
                 str(r.seed): calibration(task.type, targets["test"], r.scores["test"], class_names=label_names)
                 for r in runs

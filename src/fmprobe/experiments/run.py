@@ -88,7 +88,12 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
 
     run_dir = new_run_dir(exp)
     write_text(run_dir / "config.resolved.yaml", dump_config(exp))
-    results = train_heads(exp, features, split_ids, targets, manifest.class_names, run_dir / "checkpoints")
+    if exp.adapt.strategy == "frozen":
+        results = train_heads(exp, features, split_ids, targets, manifest.class_names, run_dir / "checkpoints")
+    else:  # end to end on pixels (staged: stage 1 on these cached features); writes adaptation.json
+        from fmprobe.adapt.finetune import adapt_heads
+
+        results = adapt_heads(exp, features, df, split_ids, targets, manifest.class_names, run_dir)
     preds = predictions_table(results, split_ids, groups, targets, _score_names(exp, manifest), exp.task.targets)
     with atomic_path(run_dir / "predictions.parquet") as tmp:
         preds.to_parquet(tmp, index=False)
@@ -117,6 +122,9 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     from fmprobe.report.html import write_run_report
 
     write_run_report(run_dir, exp, metrics, curves)
+    from fmprobe.tracking import log_run
+
+    log_run(exp, run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
     return RunResult(run_dir=run_dir, metrics=metrics)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 from fmprobe import __version__
 from fmprobe.atomic import write_text
 from fmprobe.config import Experiment, dump_config
-from fmprobe.report.plots import metric_bars, training_curves
+from fmprobe.report.plots import confusion_matrix_plot, metric_bars, reliability_diagram, training_curves
 from fmprobe.report.terminal import fmt, headline_rows
 
 
@@ -36,18 +36,46 @@ def _per_class_bars(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def render_run_report(exp: Experiment, metrics: dict[str, Any], curves: pd.DataFrame, run_id: str) -> str:
+def _reliability(metrics: dict[str, Any]) -> str | None:
+    """Reliability diagram of the selected head on test (binary, multiclass top-label, multilabel per label)."""
+    head = metrics["selection"]["best_head"]
+    cal = metrics["heads"][head].get("calibration_test")
+    return reliability_diagram(cal, f"{head}: calibration on test") if cal else None
+
+
+def _confusion(metrics: dict[str, Any], predictions: pd.DataFrame | None) -> str | None:
+    """Multiclass: confusion matrix of the selected head on test, from the seed-mean probabilities."""
+    if metrics["task"]["type"] != "multiclass" or predictions is None:
+        return None
+    from sklearn.metrics import confusion_matrix
+
+    head = metrics["selection"]["best_head"]
+    names = metrics["task"]["class_names"]
+    target = metrics["task"]["targets"][0]
+    test = predictions[(predictions["split"] == "test") & (predictions["head"] == head)]
+    mean = test.groupby("sample_id")[[f"p/{c}" for c in names] + [f"y/{target}"]].mean()
+    predicted = mean[[f"p/{c}" for c in names]].to_numpy().argmax(axis=1)
+    matrix = confusion_matrix(mean[f"y/{target}"].to_numpy().astype(int), predicted, labels=list(range(len(names))))
+    n_seeds = test["seed"].nunique()
+    return confusion_matrix_plot(matrix, names, f"{head}: test confusion (argmax of the {n_seeds}-seed mean)")
+
+
+def render_run_report(exp: Experiment, metrics: dict[str, Any], curves: pd.DataFrame, run_id: str,
+                      predictions: pd.DataFrame | None = None) -> str:
     template = jinja2.Template(resources.files("fmprobe.report").joinpath("templates/run.html").read_text(),
                                autoescape=True)
     primary = metrics["task"]["primary_metric"]
     curve_imgs = {h: training_curves(curves, h, primary) for h in metrics["heads"] if len(curves)}
     return template.render(
         m=metrics, rows=headline_rows(metrics), bars=_per_class_bars(metrics), curves=curve_imgs,
+        reliability=_reliability(metrics), confusion=_confusion(metrics, predictions),
         fmt=fmt, config_yaml=dump_config(exp), model_name=exp.model.name, run_id=run_id, version=__version__,
     )
 
 
 def write_run_report(run_dir: Path, exp: Experiment, metrics: dict[str, Any], curves: pd.DataFrame) -> Path:
     dest = run_dir / "report.html"
-    write_text(dest, render_run_report(exp, metrics, curves, run_dir.name))
+    preds = run_dir / "predictions.parquet"
+    predictions = pd.read_parquet(preds) if preds.exists() else None
+    write_text(dest, render_run_report(exp, metrics, curves, run_dir.name, predictions))
     return dest

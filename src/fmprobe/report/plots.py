@@ -57,3 +57,75 @@ def metric_bars(names: list[str], values: list[float], lows: list[float], highs:
     if any(b is not None for b in baseline):
         ax.legend(fontsize=7)
     return _to_base64(fig)
+
+
+def reliability_diagram(calibration_by_seed: dict[str, dict], title: str) -> str:
+    """Reliability curves (observed frequency vs mean predicted probability) per seed and curve, with the
+    diagonal of perfect calibration; the legend carries each curve's ECE."""
+    names = list(next(iter(calibration_by_seed.values()))["curves"])
+    cols = min(len(names), 4)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ax.plot([0, 1], [0, 1], ":", color="#888", lw=1)
+        for seed, cal in calibration_by_seed.items():
+            c = cal["curves"][name]
+            ax.plot(c["prob_pred"], c["prob_true"], "o-", ms=3, alpha=0.8, label=f"seed {seed} (ECE {c['ece']:.3f})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("mean predicted probability", fontsize=8)
+        ax.set_ylabel("observed frequency", fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _to_base64(fig)
+
+
+def confusion_matrix_plot(matrix, class_names: list[str], title: str) -> str:  # noqa: ANN001 (array-like)
+    """Row-normalised confusion matrix (true class per row) with the counts written in each cell."""
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=float)
+    norm = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(3.2, 0.55 * len(class_names) + 1.8)
+    fig, ax = plt.subplots(figsize=(size + 0.8, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ticks = range(len(class_names))
+    ax.set_xticks(list(ticks), class_names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(list(ticks), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    ax.set_title(title, fontsize=10)
+    return _to_base64(fig)
+
+
+def forest_plot(labels: list[str], points: list[float], lows: list[float], highs: list[float],
+                baselines: list[float | None], metric: str, levels: dict[str, float] | None = None) -> str:
+    """One row per candidate: test point with its CI, the baseline as a red tick, gate levels as lines."""
+    import numpy as np
+
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * n + 1.4))
+    y = np.arange(n)[::-1]
+    p = np.asarray(points, dtype=float)
+    lo = np.where(np.isnan(lows), p, lows)
+    hi = np.where(np.isnan(highs), p, highs)
+    ax.errorbar(p, y, xerr=[p - lo, hi - p], fmt="o", color="#4c78a8", capsize=3, ms=4)
+    for yi, b in zip(y, baselines):
+        if b is not None and b == b:
+            ax.plot([b, b], [yi - 0.3, yi + 0.3], color="#e45756", lw=2)
+    for name, value in (levels or {}).items():
+        ax.axvline(value, ls="--", lw=1, color="#54a24b" if name == "target" else "#888")
+        ax.text(value, n - 0.4, name, fontsize=7, rotation=90, va="bottom", ha="right")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlabel(f"test {metric} (point and CI; red: baseline)")
+    ax.set_ylim(-0.7, n - 0.3 + (0.8 if levels else 0))
+    return _to_base64(fig)

@@ -1,0 +1,5 @@
+"""`python -m fmprobe` runs the command line."""
+
+from fmprobe.cli import app
+
+app()

@@ -1,0 +1,90 @@
+"""Where things live inside each wrapped transformers model: blocks, attention projections, the final norm.
+
+The one place that knows module names per family (transformers 5 names, read from the installed source), so
+LoRA presets, partial unfreezing, layer-wise decay and drop-path share them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from fmprobe.backbones.base import Encoder, LayerRef
+from fmprobe.backbones.hf_vision import HFVisionEncoder
+from fmprobe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Module paths relative to ``encoder.model``."""
+
+    blocks: str  # the nn.ModuleList of transformer blocks
+    q: str | None  # query / key / value projections inside a block (None when fused)
+    k: str | None
+    v: str | None
+    qkv: str | None  # the fused projection (BLIP-2's EVA-CLIP)
+    final_norm: str | None  # the norm applied to every token after the last block (None: there is none)
+
+
+_ANATOMY: dict[str, Anatomy] = {
+    "dinov2": Anatomy("encoder.layer", "attention.q_proj", "attention.k_proj", "attention.v_proj", None, "layernorm"),
+    "vjepa2": Anatomy("encoder.layer", "attention.query", "attention.key", "attention.value", None,
+                      "encoder.layernorm"),  # the predictor has the same names: paths stay under encoder.
+    "videomae": Anatomy("encoder.layer", "attention.attention.query", "attention.attention.key",
+                        "attention.attention.value", None, "layernorm"),
+    "clip_vision_model": Anatomy("encoder.layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", None,
+                                 None),  # post_layernorm touches the pooled CLS only, never the tokens
+    "siglip_vision_model": Anatomy("encoder.layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                   None, "post_layernorm"),
+    "blip_2_vision_model": Anatomy("encoder.layers", None, None, None, "self_attn.qkv", "post_layernorm"),
+}
+_ANATOMY["dinov2_with_registers"] = _ANATOMY["dinov2"]
+
+
+def hf_model(encoder: Encoder) -> nn.Module:
+    """The transformers model an adaptation strategy changes; refuses encoders it cannot train through."""
+    if not isinstance(encoder, HFVisionEncoder):
+        raise ConfigError(
+            f"{encoder.name} ({type(encoder).__name__}) cannot be adapted end to end: its encode() runs without "
+            "gradients (Qwen2.5-VL) or it is not a transformers vision model; use adapt.strategy: frozen"
+        )
+    return encoder.model
+
+
+def anatomy(encoder: Encoder) -> Anatomy:
+    model = hf_model(encoder)
+    model_type = model.config.model_type
+    if model_type not in _ANATOMY:
+        raise ConfigError(f"adaptation does not know the layout of '{model_type}' models; use adapt.strategy: frozen")
+    found = _ANATOMY[model_type]
+    if found.final_norm is not None and getattr(model, found.final_norm.split(".")[-1], 1) is None:
+        return Anatomy(found.blocks, found.q, found.k, found.v, found.qkv, None)  # VideoMAE with mean pooling
+    return found
+
+
+def num_blocks(encoder: Encoder) -> int:
+    return len(hf_model(encoder).get_submodule(anatomy(encoder).blocks))
+
+
+def block_index(name: str, blocks_path: str) -> int | None:
+    """Block number of a parameter/module path inside the blocks list, or None outside it."""
+    m = re.match(re.escape(blocks_path) + r"\.(\d+)(\.|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def head_block(encoder: Encoder, layer: LayerRef) -> tuple[int, bool]:
+    """(last block whose output the head reads, whether the final norm is on the path) for a head's layer."""
+    n = num_blocks(encoder)
+    ref = int(layer) if isinstance(layer, str) and re.fullmatch(r"-?\d+", layer.strip()) else layer
+    if isinstance(ref, str):
+        raise ConfigError(
+            f"partial unfreezing counts blocks back from the head's layer, which must be a block index, not the "
+            f"module path '{ref}'; set the head's layer to a block index or -1"
+        )
+    if ref == -1:
+        return n - 1, True
+    if not -n <= ref < n:
+        raise ConfigError(f"layer {ref} is out of range for {n} blocks")
+    return ref % n, False

@@ -1,0 +1,115 @@
+"""`fmprobe spatial`: do a model's patch tokens know where objects are? Spatial probes per extraction point.
+
+The built-in shapes data (diagnostics/shapes.py: circles, squares, triangles on noise, exact boxes and masks)
+is drawn at the encoder's input size, so annotations are in its pixels; clips for video encoders. Every
+extraction point is encoded in one pass and probed with diagnostics.spatial.run_spatial_probes (box IoU of
+the largest object, patch-mask IoU, class-agnostic AP@0.5, with the priors a probe gets from the layout alone).
+
+``--encoder``: ``pixel`` (flattened pixel patches: the floor to beat), ``random`` (noise tokens: chance), an
+experiment YAML (its ``model`` section), or a model directory / hub id. Extraction points are
+``model.layers`` entries: block indices, module paths (``visual.merger``), language-model layers of a VLM
+(``model.language_model.layers.0``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmprobe.atomic import write_json
+from fmprobe.backbones.base import Encoder
+from fmprobe.config import ModelConfig, load_config
+from fmprobe.diagnostics.shapes import make_shapes
+from fmprobe.diagnostics.spatial import STEPS, run_spatial_probes
+from fmprobe.errors import ConfigError
+
+CONTROL_SIZE = 112
+CONTROL_PATCH = 16
+VIDEO_FRAMES = 8  # clip length for a video encoder that accepts any
+BATCH = 8
+
+
+def build_encoder(encoder: str, layers: list[int | str] | None, image_size: int | None) -> tuple[Encoder, list]:
+    """The encoder ``--encoder`` names and the extraction points to probe."""
+    from fmprobe.backbones.controls import PixelPatchEncoder, RandomTokenEncoder
+
+    if encoder in ("pixel", "random"):
+        size = image_size or CONTROL_SIZE
+        control = PixelPatchEncoder(CONTROL_PATCH, size) if encoder == "pixel" else RandomTokenEncoder(
+            patch=CONTROL_PATCH, image_size=size)
+        if layers and any(str(x) not in ("-1", "0") for x in layers):
+            raise ConfigError(f"the {encoder} control has one extraction point (-1); got --layers {layers}")
+        return control, [-1]
+    from fmprobe.backbones.registry import load_encoder
+
+    if encoder.endswith((".yaml", ".yml")):
+        model = load_config(encoder).model
+    else:
+        model = ModelConfig(name=encoder)
+    updates: dict[str, Any] = {}
+    if layers:
+        updates["layers"] = list(layers)
+    if image_size:
+        updates["image_size"] = image_size
+    model = ModelConfig.model_validate({**model.model_dump(), **updates})
+    return load_encoder(model), list(model.layers)
+
+
+def encode_all(encoder: Encoder, images: np.ndarray, layers: list) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
+    """uint8 ``[n, 3, H, W]`` images (``[n, T, 3, H, W]`` clips) -> float32 tokens ``[n, N, D]`` and grid per point."""
+    spec = encoder.input_spec
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    tokens: dict[str, list[np.ndarray]] = {str(x): [] for x in layers}
+    grids: dict[str, tuple] = {}
+    encoder.eval()
+    for start in range(0, len(images), BATCH):
+        x = (torch.from_numpy(images[start : start + BATCH]).float() / 255 - mean) / std
+        with torch.inference_mode():
+            out = encoder.encode(x, layers)
+        for key in tokens:
+            tokens[key].append(out.tokens[key].float().cpu().numpy())
+            grids[key] = tuple(out.grid[key])
+    return {k: np.concatenate(v) for k, v in tokens.items()}, grids
+
+
+def spatial_command(
+    encoder: str = "pixel", *, layers: list[int | str] | None = None, n_train: int = 96, n_test: int = 32,
+    image_size: int | None = None, steps: int = STEPS, seed: int = 0, out: str | Path = "fmprobe-spatial",
+) -> dict[str, Any]:
+    """Probe every extraction point; write ``spatial.json`` to ``out``; return it."""
+    if n_train < 2 or n_test < 1:
+        raise ConfigError(f"need at least 2 training and 1 test images, got --n-train {n_train} --n-test {n_test}")
+    model, points = build_encoder(encoder, layers, image_size)
+    spec = model.input_spec
+    if spec.image_size[0] != spec.image_size[1]:
+        raise ConfigError(f"{model.name} takes {spec.image_size} input; the shapes data is square")
+    size = spec.image_size[0]
+    frames = (spec.num_frames or VIDEO_FRAMES) if spec.kind == "video" else None
+    data = make_shapes(n_train + n_test, size=size, seed=seed, video_frames=frames)
+    tokens, grids = encode_all(model, data.images, points)
+    rows = []
+    for key in tokens:
+        r = run_spatial_probes(tokens[key][:n_train], grids[key], data.objects[:n_train], tokens[key][n_train:],
+                               data.objects[n_train:], size, seed=seed, steps=steps)
+        r.pop("per_image")
+        rows.append({"layer": key, "grid": list(grids[key]), "dim": int(tokens[key].shape[-1]), **r})
+    result = {"encoder": model.name, "image_size": size, "frames": frames, "n_train": n_train, "n_test": n_test,
+              "steps": steps, "seed": seed, "results": rows}
+    write_json(Path(out) / "spatial.json", result)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of the results, one row per extraction point."""
+    head = f"{'layer':<34} {'grid':>9} {'dim':>5} {'box IoU (prior)':>16} {'mask IoU (prior)':>17} {'AP@0.5':>7}"
+    lines = [f"{result['encoder']} · {result['image_size']} px · {result['n_train']} train / {result['n_test']} test",
+             head, "-" * len(head)]
+    for r in result["results"]:
+        grid = "x".join(str(g) for g in r["grid"])
+        lines.append(f"{r['layer']:<34} {grid:>9} {r['dim']:>5} {r['box_iou']:>7.3f} ({r['box_iou_prior']:.3f}) "
+                     f"{r['mask_iou']:>8.3f} ({r['mask_iou_prior']:.3f}) {r['map50']:>7.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,279 @@
+"""`fmprobe gate GATES.yaml`: go / no-go criteria applied to every candidate (run x head), decided with the CI.
+
+A gates file::
+
+    experiment: chest-xray        # optional: only this experiment's runs are candidates
+    reject_flags: error           # error (any error-severity sanity flag rejects) | none | [flag names]
+    criteria:
+      - name: discrimination
+        metric: auroc             # a metric of metrics.json, or ece, trainable_params, wall_seconds
+        split: test               # test (decided with the CI) | val (mean over seeds, no CI)
+        target: 0.90              # optional
+        acceptable: 0.80
+        fail: 0.70                # optional
+        must_pass: true           # false: should-pass, it only counts in the score
+        weight: 2
+
+Level of a criterion (for a higher-is-better metric; mirrored when lower is better). ``lo, hi`` is the
+test CI; where there is none (val, ece, trainable_params, wall_seconds) both are the point:
+
+- ``target``        lo >= target                     (confidently at target)
+- ``pass``          lo >= acceptable                 (confidently acceptable)
+- ``fail``          hi < acceptable, or point < fail (confidently not acceptable, or clearly poor)
+- ``inconclusive``  otherwise: the CI straddles the acceptable level
+
+Verdict of a candidate: ``reject`` if a must-pass criterion fails or a rejecting flag is raised;
+``inconclusive`` if a must-pass criterion is inconclusive (more test data or seeds would decide it);
+``accept`` otherwise. Score: the weighted mean over all criteria of target 1, pass 2/3, inconclusive 1/3,
+fail 0. Recommendation: the accepted candidate with the highest score (ties: the higher validation value
+of the first criterion's metric); if none is accepted, say why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from fmprobe.config import Strict, _format_errors
+from fmprobe.errors import ConfigError, FmprobeError
+from fmprobe.experiments.index import candidates as load_candidates
+from fmprobe.experiments.index import metric_table
+from fmprobe.experiments.leaderboard import RUN_QUANTITIES, better_high
+
+POINTS = {"target": 1.0, "pass": 2 / 3, "inconclusive": 1 / 3, "fail": 0.0}
+
+
+class Criterion(Strict):
+    name: str | None = None  # defaults to the metric
+    metric: str
+    split: Literal["test", "val"] = "test"
+    target: float | None = None
+    acceptable: float
+    fail: float | None = None
+    must_pass: bool = True
+    weight: float = Field(default=1.0, gt=0)
+    direction: Literal["auto", "higher", "lower"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "Criterion":
+        if self.name is None:
+            self.name = self.metric
+        high = self.higher
+        sign = 1 if high else -1
+        word = "above" if high else "below"
+        if self.target is not None and sign * (self.target - self.acceptable) < 0:
+            raise ValueError(f"{self.name}: target {self.target} must be {word} acceptable {self.acceptable} "
+                             f"({self.metric} is {'higher' if high else 'lower'}-is-better)")
+        if self.fail is not None and sign * (self.acceptable - self.fail) < 0:
+            raise ValueError(f"{self.name}: acceptable {self.acceptable} must be {word} fail {self.fail} "
+                             f"({self.metric} is {'higher' if high else 'lower'}-is-better)")
+        return self
+
+    @property
+    def higher(self) -> bool:
+        return better_high(self.metric) if self.direction == "auto" else self.direction == "higher"
+
+
+class GatesSpec(Strict):
+    experiment: str | None = None
+    reject_flags: Literal["error", "none"] | list[str] = "error"
+    criteria: list[Criterion] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "GatesSpec":
+        names = [c.name for c in self.criteria]
+        if len(set(names)) != len(names):
+            raise ValueError(f"criteria need distinct names, got {names}; set 'name' on each")
+        return self
+
+
+@dataclass
+class Level:
+    level: str  # target | pass | inconclusive | fail
+    point: float
+    lo: float
+    hi: float
+
+
+@dataclass
+class Verdict:
+    run_dir: str
+    experiment: str
+    run_id: str
+    head: str
+    verdict: str  # accept | inconclusive | reject
+    score: float
+    levels: dict[str, Level]
+    reasons: list[str]
+    tiebreak: float = float("nan")
+
+    @property
+    def label(self) -> str:
+        return f"{self.experiment}/{self.run_id}/{self.head}"
+
+
+@dataclass
+class GateReport:
+    spec: GatesSpec
+    verdicts: list[Verdict]
+    recommendation: str
+    chosen: Verdict | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recommendation": self.recommendation,
+            "chosen": self.chosen.label if self.chosen else None,
+            "counts": self.counts,
+            "criteria": [c.model_dump() for c in self.spec.criteria],
+            "verdicts": [{"candidate": v.label, "run_dir": v.run_dir, "verdict": v.verdict, "score": v.score,
+                          "levels": {k: vars(lv) for k, lv in v.levels.items()}, "reasons": v.reasons}
+                         for v in self.verdicts],
+        }
+
+
+def load_gates(path: str | Path) -> GatesSpec:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read gates '{path}': {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"gates '{path}' is not valid YAML: {err}") from None
+    try:
+        return GatesSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, f"gates '{path}'")) from None
+
+
+def criterion_level(c: Criterion, point: float, lo: float, hi: float) -> Level:
+    """The level of one criterion from the point estimate and its interval (see the module docstring)."""
+    if any(v != v for v in (lo, hi)):  # no CI could be computed: the point decides
+        lo = hi = point
+    sign = 1.0 if c.higher else -1.0
+    # flipped to higher-is-better: the pessimistic end is lo for higher, hi for lower
+    worst, best, p = (lo, hi, point) if c.higher else (-hi, -lo, -point)
+    if point != point:
+        level = "fail"
+    elif c.target is not None and worst >= sign * c.target:
+        level = "target"
+    elif worst >= sign * c.acceptable:
+        level = "pass"
+    elif best < sign * c.acceptable or (c.fail is not None and p < sign * c.fail):
+        level = "fail"
+    else:
+        level = "inconclusive"
+    return Level(level, point, lo, hi)
+
+
+def _rejecting_flags(spec: GatesSpec, flags: list[str], error_flags: int) -> list[str]:
+    if spec.reject_flags == "none":
+        return []
+    if spec.reject_flags == "error":
+        return [f"{error_flags} error-severity sanity flag(s): {', '.join(flags)}"] if error_flags else []
+    hit = [f for f in flags if f in spec.reject_flags]
+    return [f"flag(s) {', '.join(hit)}"] if hit else []
+
+
+def evaluate_gates(spec: GatesSpec, runs_dir: str | Path, *, run_dirs: Iterable[str | Path] | None = None) -> GateReport:
+    """A verdict for every (run, head) under ``runs_dir`` (or among ``run_dirs``) and one recommendation."""
+    cands = load_candidates(runs_dir, experiment=spec.experiment, run_dirs=run_dirs)
+    if cands.empty:
+        raise FmprobeError(f"no candidate to gate under {runs_dir}")
+    values = metric_table(runs_dir, cands["run_dir"].unique()).set_index(["run_dir", "head", "split", "metric"])
+    verdicts = []
+    for c in cands.itertuples(index=False):
+        levels: dict[str, Level] = {}
+        for crit in spec.criteria:
+            point, lo, hi = _value(crit, c, values)
+            levels[crit.name] = criterion_level(crit, point, lo, hi)
+        reasons = _rejecting_flags(spec, c.flags, c.error_flags)
+        must = [crit for crit in spec.criteria if crit.must_pass]
+        failed = [crit.name for crit in must if levels[crit.name].level == "fail"]
+        open_ = [crit.name for crit in must if levels[crit.name].level == "inconclusive"]
+        reasons += [f"must-pass '{n}' failed" for n in failed]
+        reasons += [f"must-pass '{n}' inconclusive (CI straddles acceptable)" for n in open_]
+        reasons += [f"should-pass '{crit.name}' {levels[crit.name].level}" for crit in spec.criteria
+                    if not crit.must_pass and levels[crit.name].level in ("fail", "inconclusive")]
+        verdict = "reject" if failed or _rejecting_flags(spec, c.flags, c.error_flags) else (
+            "inconclusive" if open_ else "accept")
+        total = sum(crit.weight for crit in spec.criteria)
+        score = sum(crit.weight * POINTS[levels[crit.name].level] for crit in spec.criteria) / total
+        first = spec.criteria[0]
+        tie = _lookup(values, (c.run_dir, c.head, "val", first.metric))
+        verdicts.append(Verdict(c.run_dir, c.experiment, c.run_id, c.head, verdict, score, levels, reasons,
+                                tiebreak=(tie if first.higher else -tie) if tie == tie else -np.inf))
+    order = {"accept": 0, "inconclusive": 1, "reject": 2}
+    verdicts.sort(key=lambda v: (order[v.verdict], -v.score, -v.tiebreak, v.label))
+    counts = {k: sum(v.verdict == k for v in verdicts) for k in order}
+    return GateReport(spec, verdicts, *_recommend(verdicts, counts), counts=counts)
+
+
+def _lookup(values: pd.DataFrame, key: tuple) -> float:
+    if key not in values.index:
+        return float("nan")
+    return float(values.loc[key, "mean"])
+
+
+def _value(crit: Criterion, cand: Any, values: pd.DataFrame) -> tuple[float, float, float]:
+    if crit.metric in RUN_QUANTITIES:
+        v = float(getattr(cand, crit.metric))
+        return v, v, v
+    key = (cand.run_dir, cand.head, crit.split, crit.metric)
+    if key not in values.index:
+        have = sorted({k[3] for k in values.index if k[0] == cand.run_dir and k[2] == crit.split})
+        raise FmprobeError(
+            f"criterion '{crit.name}': {cand.experiment}/{cand.run_id} head '{cand.head}' has no {crit.split} "
+            f"metric '{crit.metric}' (it has: {', '.join(have)}, {', '.join(RUN_QUANTITIES)}); fix the metric "
+            "name or restrict the candidates with 'experiment:'"
+        )
+    row = values.loc[key]
+    lo = row["ci_lo"] if row["ci_lo"] is not None else np.nan
+    hi = row["ci_hi"] if row["ci_hi"] is not None else np.nan
+    return float(row["mean"]), float(lo), float(hi)
+
+
+def _recommend(verdicts: list[Verdict], counts: dict[str, int]) -> tuple[str, Verdict | None]:
+    accepted = [v for v in verdicts if v.verdict == "accept"]
+    tally = f"{counts['accept']} accepted, {counts['inconclusive']} inconclusive, {counts['reject']} rejected"
+    if accepted:
+        best = accepted[0]
+        return f"adopt {best.label} (score {best.score:.2f}; {tally})", best
+    if counts["inconclusive"]:
+        best = next(v for v in verdicts if v.verdict == "inconclusive")
+        return (f"no decision yet: no candidate passes every must-pass criterion with its CI; "
+                f"{best.label} is closest (score {best.score:.2f}) — more test data or seeds would narrow the CI "
+                f"({tally})"), None
+    return f"reject all: every candidate fails a must-pass criterion or raises a rejecting flag ({tally})", None
+
+
+def gate_command(gates: str | Path, runs_dir: str | Path, *, run_dirs: Iterable[str | Path] | None = None) -> GateReport:
+    return evaluate_gates(load_gates(gates), runs_dir, run_dirs=run_dirs)
+
+
+def print_gates(console, report: GateReport) -> None:  # noqa: ANN001 (rich Console)
+    from rich.table import Table
+
+    from fmprobe.report.terminal import fmt
+
+    table = Table(title="gates · levels decided with the CI (lo/hi)", title_justify="left")
+    table.add_column("candidate")
+    table.add_column("verdict")
+    table.add_column("score")
+    for crit in report.spec.criteria:
+        table.add_column(f"{crit.name}{'' if crit.must_pass else ' (should)'}")
+    table.add_column("reasons")
+    colours = {"accept": "green", "inconclusive": "yellow", "reject": "red"}
+    for v in report.verdicts:
+        cells = [f"{lv.level} {fmt(lv.point)} [{fmt(lv.lo)}, {fmt(lv.hi)}]" for lv in v.levels.values()]
+        table.add_row(v.label, f"[{colours[v.verdict]}]{v.verdict}[/]", f"{v.score:.2f}", *cells,
+                      "; ".join(v.reasons) or "—")
+    console.print(table)
+    console.print(f"[bold]recommendation:[/] {report.recommendation}")

@@ -1,0 +1,193 @@
+"""The results index: one SQLite file (``<runs_dir>/index.sqlite``) over every run directory.
+
+It is derived data, rebuilt from the run directories (metrics.json, config.resolved.yaml, env.json):
+``update_index`` re-reads a run only when its metrics.json changed and drops runs whose folder is gone,
+so the files stay the truth and the index can always be deleted. Tables:
+
+- ``runs``    one row per run: experiment, config hash, task, model, seeds, wall time, git sha, best head
+- ``heads``   one row per (run, head): type, pooling, layer, trainable parameters, flags, selected on val
+- ``metrics`` one row per (run, head, split, metric): mean, sd over seeds, CI (test), baseline (test);
+              also ``ece`` (test, mean over seeds) for probabilistic tasks
+- ``params``  one row per (run, flattened config key): the resolved config, to show what varies in a sweep
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from fmprobe.errors import FmprobeError
+
+INDEX_NAME = "index.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+  run_dir TEXT PRIMARY KEY, experiment TEXT, run_id TEXT, config_hash TEXT, metrics_mtime REAL,
+  task_type TEXT, primary_metric TEXT, model TEXT, seeds TEXT, n_seeds INTEGER, ci_level REAL,
+  best_head TEXT, wall_seconds REAL, git_sha TEXT);
+CREATE TABLE IF NOT EXISTS heads (
+  run_dir TEXT, head TEXT, type TEXT, pooling TEXT, layer TEXT, trainable_params INTEGER,
+  selected INTEGER, flags TEXT, error_flags INTEGER, PRIMARY KEY (run_dir, head));
+CREATE TABLE IF NOT EXISTS metrics (
+  run_dir TEXT, head TEXT, split TEXT, metric TEXT, mean REAL, sd REAL, ci_lo REAL, ci_hi REAL, baseline REAL,
+  PRIMARY KEY (run_dir, head, split, metric));
+CREATE TABLE IF NOT EXISTS params (run_dir TEXT, key TEXT, value TEXT, PRIMARY KEY (run_dir, key));
+"""
+
+
+def index_path(runs_dir: str | Path) -> Path:
+    return Path(runs_dir).expanduser() / INDEX_NAME
+
+
+def connect(runs_dir: str | Path) -> sqlite3.Connection:
+    runs_dir = Path(runs_dir).expanduser()
+    if not runs_dir.is_dir():
+        raise FmprobeError(f"runs folder '{runs_dir}' does not exist; run an experiment first or pass --runs")
+    con = sqlite3.connect(index_path(runs_dir), timeout=60)
+    con.executescript(SCHEMA)
+    return con
+
+
+def update_index(runs_dir: str | Path) -> Path:
+    """Bring the index up to date with the run directories; returns its path."""
+    runs_dir = Path(runs_dir).expanduser().resolve()
+    with closing(connect(runs_dir)) as con, con:
+        con.execute("BEGIN IMMEDIATE")  # one writer at a time; readers keep reading
+        known = dict(con.execute("SELECT run_dir, metrics_mtime FROM runs").fetchall())
+        present = set()
+        for metrics_file in sorted(runs_dir.glob("*/*/metrics.json")):
+            run_dir = str(metrics_file.parent)
+            present.add(run_dir)
+            mtime = metrics_file.stat().st_mtime
+            if known.get(run_dir) == mtime:
+                continue
+            try:
+                rows = _read_run(metrics_file.parent, mtime)
+            except (OSError, ValueError, KeyError) as err:
+                raise FmprobeError(f"cannot index run '{run_dir}': {err}") from None
+            _delete(con, [run_dir])
+            _insert(con, rows)
+        _delete(con, [d for d in known if d not in present])
+    return index_path(runs_dir)
+
+
+def _delete(con: sqlite3.Connection, run_dirs: Iterable[str]) -> None:
+    for table in ("runs", "heads", "metrics", "params"):
+        con.executemany(f"DELETE FROM {table} WHERE run_dir = ?", [(d,) for d in run_dirs])
+
+
+def _insert(con: sqlite3.Connection, rows: dict[str, list[tuple]]) -> None:
+    for table, values in rows.items():
+        if values:
+            marks = ", ".join("?" * len(values[0]))
+            con.executemany(f"INSERT INTO {table} VALUES ({marks})", values)
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = float(value)
+    return None if v != v else v
+
+
+def _read_run(run_dir: Path, mtime: float) -> dict[str, list[tuple]]:
+    m = json.loads((run_dir / "metrics.json").read_text())
+    config = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+    env_file = run_dir / "env.json"
+    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    key = str(run_dir)
+    best = m["selection"]["best_head"]
+    runs = [(key, m["experiment"], run_dir.name, m["config_hash"], mtime, m["task"]["type"],
+             m["task"]["primary_metric"], config["model"]["name"], json.dumps(m["seeds"]), len(m["seeds"]),
+             m["ci_level"], best, _num(m.get("wall_seconds")), env.get("git_sha"))]
+    heads, metrics = [], []
+    baseline = m["baseline"]["test"]
+    for head, h in m["heads"].items():
+        errors = sum(f["severity"] == "error" for f in h["flags"])
+        heads.append((key, head, h["type"], h["pooling"], str(h["layer"]), h["trainable_params"],
+                      int(head == best), json.dumps([f["name"] for f in h["flags"]]), errors))
+        for split, s in h["splits"].items():
+            for metric, mean in s["mean"].items():
+                ci = h["test_ci"].get(metric) if split == "test" else None
+                metrics.append((key, head, split, metric, _num(mean), _num(s["sd"].get(metric)),
+                                _num(ci[0]) if ci else None, _num(ci[1]) if ci else None,
+                                _num(baseline.get(metric)) if split == "test" else None))
+        if h.get("calibration_test"):
+            eces = [c["ece"] for c in h["calibration_test"].values()]
+            sd = float(np.std(eces, ddof=1)) if len(eces) > 1 else None
+            metrics.append((key, head, "test", "ece", float(np.mean(eces)), sd, None, None, None))
+    params = [(key, k, json.dumps(v)) for k, v in _flatten(config).items()]
+    return {"runs": runs, "heads": heads, "metrics": metrics, "params": params}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def query(runs_dir: str | Path, sql: str, args: tuple = ()) -> pd.DataFrame:
+    with closing(connect(runs_dir)) as con:
+        return pd.read_sql_query(sql, con, params=args)
+
+
+def candidates(
+    runs_dir: str | Path, *, experiment: str | None = None, run_dirs: Iterable[str | Path] | None = None
+) -> pd.DataFrame:
+    """One row per (run, head) with run and head columns, after updating the index."""
+    update_index(runs_dir)
+    sql = ("SELECT r.*, h.head, h.type, h.pooling, h.layer, h.trainable_params, h.selected, h.flags, h.error_flags "
+           "FROM runs r JOIN heads h USING (run_dir)")
+    df = query(runs_dir, sql)
+    if experiment is not None:
+        if experiment not in set(df["experiment"]):
+            known = ", ".join(sorted(set(df["experiment"]))) or "none"
+            raise FmprobeError(f"no finished run of experiment '{experiment}' under {runs_dir} (experiments: {known})")
+        df = df[df["experiment"] == experiment]
+    if run_dirs is not None:
+        wanted = {str(Path(d).resolve()) for d in run_dirs}
+        df = df[df["run_dir"].isin(wanted)]
+    df = df.assign(flags=df["flags"].map(json.loads), seeds=df["seeds"].map(json.loads))
+    return df.sort_values(["experiment", "run_id", "head"]).reset_index(drop=True)
+
+
+def metric_table(runs_dir: str | Path, run_dirs: Iterable[str]) -> pd.DataFrame:
+    """Every (run, head, split, metric) row of the given runs."""
+    dirs = list(run_dirs)
+    if not dirs:
+        return pd.DataFrame(columns=["run_dir", "head", "split", "metric", "mean", "sd", "ci_lo", "ci_hi", "baseline"])
+    marks = ", ".join("?" * len(dirs))
+    return query(runs_dir, f"SELECT * FROM metrics WHERE run_dir IN ({marks})", tuple(dirs))
+
+
+def varying_params(runs_dir: str | Path, run_dirs: Iterable[str]) -> pd.DataFrame:
+    """Config keys whose value differs between the given runs (run_dir x key, values as YAML-ish text)."""
+    dirs = list(run_dirs)
+    if len(dirs) < 2:
+        return pd.DataFrame(index=pd.Index(dirs, name="run_dir"))
+    marks = ", ".join("?" * len(dirs))
+    long = query(runs_dir, f"SELECT * FROM params WHERE run_dir IN ({marks})", tuple(dirs))
+    wide = long.pivot(index="run_dir", columns="key", values="value")
+    ignore = {"name", "runs_dir"}
+    keep = [c for c in wide.columns if c not in ignore and wide[c].nunique(dropna=False) > 1]
+    return wide[keep].map(lambda v: "—" if v is None or v != v else _short(json.loads(v)))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 40 else "…" + text[-39:]

@@ -1,0 +1,162 @@
+"""Kill and resume: SIGKILL `fmprobe extract` / `fmprobe run` at many points, resume, compare bit for bit.
+
+After every kill: the resumed extraction encodes exactly the samples no committed shard holds (none twice),
+leaves no partial shard behind, and serves features identical to an uninterrupted extraction; a rerun of
+a killed `fmprobe run` writes metrics identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fault_injection as fi
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """Images, manifest, model and config, plus an uninterrupted reference extraction and run."""
+    root = tmp_path_factory.mktemp("fi")
+    model = fi.save_tiny_dinov2(root / "model")
+    fi.write_project(root / "project", model)
+    warm = fresh_project(root, root / "warm-up")  # the first fork pays for lazy imports: time the second
+    durations = []
+    for config in (warm, root / "project" / "exp.yaml"):
+        ref = fi.run_cli(["extract", str(config)], root / "ref-extract.log", batch_delay=BATCH_DELAY)
+        assert ref.exitcode == 0, ref.output
+        durations.append(ref.seconds)
+    (root / "duration").write_text(str(min(durations)))  # what a victim takes, to place kills by time
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(base) -> dict:
+    ids, arrays, encoded = fi.stored_features(base / "project" / "exp.yaml")
+    assert encoded == 0 and len(ids) == fi.N_IMAGES
+    return {"ids": ids, "arrays": arrays}
+
+
+def fresh_project(base: Path, dest: Path) -> Path:
+    """A copy of the project with an empty cache and no runs."""
+    shutil.copytree(base / "project", dest, ignore=shutil.ignore_patterns("cache", "runs"))
+    return dest / "exp.yaml"
+
+
+def kill_then_resume_extract(base: Path, reference: dict, work: Path, kill_when, *, save_delay=0.0) -> dict:
+    """One kill point: run `fmprobe extract` until ``kill_when``, SIGKILL it, resume, check everything."""
+    config = fresh_project(base, work)
+    cache = work / "cache"
+    duration = float((base / "duration").read_text())
+    victim = fi.run_cli(["extract", str(config)], work / "victim.log", kill_when=kill_when(cache, duration),
+                        batch_delay=BATCH_DELAY, save_delay=save_delay)
+    assert victim.killed, victim.output
+    done = fi.committed_rows(cache)
+    partial = len(fi.partial_shards(cache))
+    assert len(done) == len(set(done))
+
+    resumed = fi.run_cli(["extract", str(config)], work / "resume.log")
+    assert resumed.exitcode == 0, resumed.output
+    extracted = int(fi.summary_value(resumed.output, "extracted"))
+    cached = int(fi.summary_value(resumed.output, "cached"))
+    assert (extracted, cached) == (fi.N_IMAGES - len(done), len(done)), "finished work was redone"
+    rows = fi.committed_rows(cache)
+    assert sorted(rows) == sorted(reference["ids"]), "a sample is missing or stored twice"
+    assert not fi.partial_shards(cache), "a partial shard survived the resume"
+
+    ids, arrays, encoded = fi.stored_features(config)
+    assert encoded == 0 and ids == reference["ids"]
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(array, reference["arrays"][name], err_msg=name)
+    return {"committed_before_resume": len(done), "partial_shards_left": partial, "extracted_on_resume": extracted,
+            "victim_seconds": round(victim.seconds, 2)}
+
+
+BATCH_DELAY = 0.02  # per batch in victims: 20 batches take ~0.4 s, so polling hits every step
+# Kill points: by step (k shards committed; shard k half written) and by time (a fraction of an
+# uninterrupted victim's duration, drawn at random with a fixed seed). 40 samples, 10 shards.
+FRACTIONS = [round(float(f), 2) for f in sorted(np.random.default_rng(8).uniform(0.05, 0.85, 5))]
+FAST_POINTS = [
+    ("after 3 shards", lambda c, d: fi.after_shards(c, 3), {}),
+    ("writing shard 5", lambda c, d: fi.during_shard_write(c, 5), {"save_delay": 0.05}),
+    ("at 70% of the time", lambda c, d: fi.after_seconds(0.7 * d), {}),
+]
+SLOW_POINTS = (
+    [(f"after {k} shards", (lambda k: lambda c, d: fi.after_shards(c, k))(k), {}) for k in (1, 2, 4, 5, 6, 7, 8, 9)]
+    + [(f"writing shard {k}", (lambda k: lambda c, d: fi.during_shard_write(c, k))(k), {"save_delay": 0.05})
+       for k in (1, 3, 7, 10)]
+    + [("store created, no shard yet", lambda c, d: lambda _: bool(fi.store_dirs(c)), {})]
+    + [(f"at {f:.0%} of the time", (lambda f: lambda c, d: fi.after_seconds(f * d))(f), {}) for f in FRACTIONS]
+)
+
+
+@pytest.mark.parametrize("name,kill_when,slow", FAST_POINTS, ids=[p[0] for p in FAST_POINTS])
+def test_killed_extraction_resumes_bitwise_identical(base, reference, tmp_path, name, kill_when, slow):
+    kill_then_resume_extract(base, reference, tmp_path / "w", kill_when, **slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kill_when,slow", SLOW_POINTS, ids=[p[0] for p in SLOW_POINTS])
+def test_killed_extraction_resumes_bitwise_identical_slow(base, reference, tmp_path, name, kill_when, slow):
+    kill_then_resume_extract(base, reference, tmp_path / "w", kill_when, **slow)
+
+
+def test_killed_resume_is_itself_resumable(base, reference, tmp_path):
+    """Kill the extraction, then kill its resume too: the second resume still finishes the job exactly."""
+    config = fresh_project(base, tmp_path / "w")
+    cache = tmp_path / "w" / "cache"
+    for k, log in ((2, "first"), (6, "second")):
+        victim = fi.run_cli(["extract", str(config)], tmp_path / f"{log}.log", kill_when=fi.after_shards(cache, k),
+                            batch_delay=BATCH_DELAY)
+        assert victim.killed and len(fi.committed_rows(cache)) >= k * fi.SHARD_SIZE
+    done = len(fi.committed_rows(cache))
+    resumed = fi.run_cli(["extract", str(config)], tmp_path / "resume.log")
+    assert int(fi.summary_value(resumed.output, "extracted")) == fi.N_IMAGES - done
+    assert sorted(fi.committed_rows(cache)) == sorted(reference["ids"])
+
+
+# --- fmprobe run -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_metrics(base) -> dict:
+    config = fresh_project(base, base / "ref-run")
+    outcome = fi.run_cli(["run", str(config), "--quiet"], base / "ref-run.log")
+    assert outcome.exitcode == 0, outcome.output
+    (run_dir,) = fi.finished_runs(base / "ref-run" / "runs")
+    return fi.comparable_metrics(run_dir)
+
+
+def kill_then_rerun(base: Path, reference_metrics: dict, work: Path, kill_when) -> None:
+    """Kill `fmprobe run`, run it again: features resume (nothing extracted twice), metrics are identical."""
+    config = fresh_project(base, work)
+    victim = fi.run_cli(["run", str(config), "--quiet"], work / "victim.log", kill_when=kill_when(work),
+                        batch_delay=BATCH_DELAY)
+    assert victim.killed, victim.output
+    before = set(fi.finished_runs(work / "runs"))
+    rerun = fi.run_cli(["run", str(config), "--quiet"], work / "rerun.log")
+    assert rerun.exitcode == 0, rerun.output
+    (run_dir,) = set(fi.finished_runs(work / "runs")) - before
+    assert sorted(fi.committed_rows(work / "cache")) == sorted(f"s{i:03d}" for i in range(fi.N_IMAGES))
+    assert fi.comparable_metrics(run_dir) == reference_metrics
+
+
+RUN_POINTS = [
+    ("run: extracting, after 4 shards", lambda w: fi.after_shards(w / "cache", 4)),
+    ("run: training, first checkpoint", lambda w: fi.when_glob(w / "runs", "*/*/checkpoints/*/*/*.pt")),
+    ("run: predictions written", lambda w: fi.when_glob(w / "runs", "*/*/predictions.parquet")),
+    ("run: metrics written, report not yet", lambda w: fi.when_glob(w / "runs", "*/*/metrics.json")),
+]
+
+
+def test_killed_run_reruns_to_identical_metrics(base, reference_metrics, tmp_path):
+    name, kill_when = RUN_POINTS[1]
+    kill_then_rerun(base, reference_metrics, tmp_path / "w", kill_when)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kill_when", [p for i, p in enumerate(RUN_POINTS) if i != 1],
+                         ids=[p[0] for i, p in enumerate(RUN_POINTS) if i != 1])
+def test_killed_run_reruns_to_identical_metrics_slow(base, reference_metrics, tmp_path, name, kill_when):
+    kill_then_rerun(base, reference_metrics, tmp_path / "w", kill_when)
