@@ -183,7 +183,8 @@ def _fit_one(
         with atomic_path(ckpt_dir / f"{name}.pt") as tmp:
             torch.save(state, tmp)
     if prepared.peft_model is not None:  # the best weights are loaded: save the adapter alone, then merge if asked
-        info["adapter_dir"] = str(save_adapter(prepared.peft_model, ckpt_dir / "adapter"))
+        adapter_dir = save_adapter(prepared.peft_model, ckpt_dir / "adapter")
+        info["adapter_dir"] = str(adapter_dir.relative_to(checkpoint_root.parent))
         if exp.adapt.lora.merge:
             merge_adapter(encoder, prepared.peft_model)
             info["merged"] = True

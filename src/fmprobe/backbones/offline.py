@@ -45,6 +45,12 @@ _RENAMES = {
 }
 
 
+def offline_dinov2_location(cache_dir: str | Path | None = None) -> Path:
+    """Where the converted model lives (it may not be converted yet)."""
+    root = Path(cache_dir or os.environ.get("FMPROBE_CACHE") or "~/.cache/fmprobe").expanduser()
+    return root / "models" / NAME
+
+
 def offline_dinov2_dir(cache_dir: str | Path | None = None) -> Path:
     """Return the converted model directory, converting and verifying it on first use.
 
@@ -52,8 +58,7 @@ def offline_dinov2_dir(cache_dir: str | Path | None = None) -> Path:
     ``<cache_dir>/models/dinov2-small-offline``. Concurrent callers are safe: one converts under a file lock into a
     temporary directory that is renamed into place only once verified.
     """
-    root = Path(cache_dir or os.environ.get("FMPROBE_CACHE") or "~/.cache/fmprobe").expanduser()
-    target = root / "models" / NAME
+    target = offline_dinov2_location(cache_dir)
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

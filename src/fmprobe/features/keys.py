@@ -66,8 +66,12 @@ def _plain(value: Any) -> Any:
 
 
 def _source_signature(model: ModelConfig) -> list[Any]:
+    from fmprobe.backbones.offline import offline_dinov2_location
+    from fmprobe.backbones.registry import OFFLINE_DINOV2
+
     signature: list[Any] = []
-    for ref in (model.name, model.checkpoint):
+    name = str(offline_dinov2_location()) if model.name == OFFLINE_DINOV2 else model.name
+    for ref in (name, model.checkpoint):
         if not ref:
             continue
         path = Path(ref).expanduser()

@@ -106,12 +106,12 @@ def as_target_tensor(y: np.ndarray, task_type: str) -> torch.Tensor:
     if task_type == "multiclass":
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"multiclass targets must be int class indices [N], got {y.dtype} {y.shape}")
-        return torch.as_tensor(y, dtype=torch.long)
+        return torch.tensor(y, dtype=torch.long)  # a copy: the caller's array may be read-only
     expected = 1 if task_type == "binary" else 2
     if y.ndim != expected:
         shape = "[N]" if expected == 1 else "[N, C]"
         raise ValueError(f"{task_type} targets must have shape {shape}, got {y.shape}")
-    return torch.as_tensor(y, dtype=torch.float32)
+    return torch.tensor(y, dtype=torch.float32)
 
 
 def build_loss(

@@ -1,0 +1,134 @@
+"""Sweeps: grid expansion with dotted keys, resumability, one extraction per cache entry, failures kept apart."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import yaml
+from run_factories import base_config, write_base
+
+from fmprobe.errors import ConfigError, FmprobeError
+from fmprobe.experiments.sweep import expand, load_sweep, run_sweep, set_path
+
+
+def test_set_path_handles_sections_and_list_indices():
+    data = {"heads": [{"type": "linear"}, {"type": "mlp"}], "train": {"lr": 1}}
+    set_path(data, "heads.1.hidden", 8)
+    set_path(data, "train.lr", 0.1)
+    set_path(data, "loss.type", "focal")  # a missing section is created
+    assert data == {"heads": [{"type": "linear"}, {"type": "mlp", "hidden": 8}], "train": {"lr": 0.1},
+                    "loss": {"type": "focal"}}
+    with pytest.raises(ConfigError, match="'heads.2' is out of range"):
+        set_path(data, "heads.2.type", "mlp")
+    with pytest.raises(ConfigError, match="'heads' is a list, so 'first' must be an index"):
+        set_path(data, "heads.first.type", "mlp")
+    with pytest.raises(ConfigError, match="no list 'model' to index"):
+        set_path(data, "model.0.name", "x")
+
+
+def _sweep(tmp_path, grid, **extra):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": "base.yaml", "grid": grid, **extra}))
+    return path
+
+
+def test_expand_product_zipped_keys_dedupe_and_all_errors_up_front(tmp_path):
+    write_base(tmp_path)
+    grid = {"heads.0.type": ["linear", "mlp"], "model.layers, heads.0.layer": [[[-1], -1], [[0], 0]],
+            "train.lr": [0.01, 0.01]}  # a repeated value gives the same config: run once
+    points = expand(load_sweep(_sweep(tmp_path, grid)))
+    assert len(points) == 4 and len({p.config_hash for p in points}) == 4
+    assert {(p.exp.heads[0].type, p.exp.heads[0].layer, tuple(p.exp.model.layers)) for p in points} == {
+        ("linear", -1, (-1,)), ("linear", 0, (0,)), ("mlp", -1, (-1,)), ("mlp", 0, (0,))}
+
+    bad = {"model.layers": [[-1], [0]], "train.lr": [0.1, -1.0]}
+    with pytest.raises(ConfigError, match="3 grid combination") as err:
+        expand(load_sweep(_sweep(tmp_path, bad)))
+    assert "heads[0].layer -1 is not among model.layers [0]" in str(err.value) and "train.lr" in str(err.value)
+    with pytest.raises(ConfigError, match="list of 2 items"):
+        load_sweep(_sweep(tmp_path, {"model.layers, heads.0.layer": [[-1], -1]}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_sweep(_sweep(tmp_path, {"train.lr": [0.1]}, worker=2))
+
+
+@pytest.fixture
+def count_extractions(monkeypatch):
+    import fmprobe.features.extract as extract
+
+    calls = []
+    real = extract._extract
+    monkeypatch.setattr(extract, "_extract", lambda *a, **k: calls.append(a[2].root) or real(*a, **k))
+    return calls
+
+
+def test_sweep_extracts_once_per_cache_entry_and_resumes(tmp_path, count_extractions):
+    write_base(tmp_path)
+    path = _sweep(tmp_path, {"heads.0.type": ["linear", "mlp"], "train.lr": [0.01, 0.05]})
+    result = run_sweep(path, workers=1)
+    assert [p.status for p in result.points] == ["ran"] * 4
+    assert len(count_extractions) == 1  # four runs, one backbone pass
+    assert len({json.loads((p.run_dir / "metrics.json").read_text())["config_hash"] for p in result.points}) == 4
+    assert all((p.run_dir / "metrics.json").exists() for p in result.points)
+    record = json.loads((result.sweep_dir / "sweep.json").read_text())
+    assert [r["status"] for r in record["runs"]] == ["ran"] * 4
+    html = result.report.read_text()
+    assert 'id="leaderboard"' in html and all(p.run_dir.name in html for p in result.points)
+
+    # resumable: finished runs are skipped; a run without metrics.json is run again
+    again = run_sweep(path, workers=1)
+    assert [p.status for p in again.points] == ["done"] * 4 and len(count_extractions) == 1
+    (result.points[1].run_dir / "metrics.json").unlink()
+    third = run_sweep(path, workers=1)
+    assert [p.status for p in third.points] == ["done", "ran", "done", "done"]
+    assert third.points[1].run_dir != result.points[1].run_dir
+    assert len(count_extractions) == 1  # still cached
+
+
+def test_a_failed_run_is_reported_and_the_others_finish(tmp_path):
+    write_base(tmp_path)
+    shutil.copy(tmp_path / "manifest.csv", tmp_path / "other.csv")
+    path = _sweep(tmp_path, {"data.manifest": ["manifest.csv", "missing.csv"]})
+    with pytest.raises(FmprobeError, match=r"1 of 2 sweep runs failed") as err:
+        run_sweep(path, workers=1)
+    assert "missing.csv" in str(err.value) and "rerun the sweep" in str(err.value)
+    record = json.loads((tmp_path / "runs" / "_sweeps" / "sweep" / "sweep.json").read_text())
+    assert sorted(r["status"] for r in record["runs"]) == ["failed", "ran"]
+    assert "missing.csv" in (tmp_path / "runs" / "_sweeps" / "sweep" / "report.html").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed here")
+def test_ray_without_ray_says_what_to_install(tmp_path):
+    write_base(tmp_path)
+    with pytest.raises(ConfigError, match="pip install ray"):
+        run_sweep(_sweep(tmp_path, {"train.lr": [0.1]}), use_ray=True)
+
+
+def test_process_pool_runs_the_grid(tmp_path, count_extractions):
+    write_base(tmp_path)
+    result = run_sweep(_sweep(tmp_path, {"train.lr": [0.01, 0.05]}, workers=2))
+    assert [p.status for p in result.points] == ["ran", "ran"]
+    assert {json.loads((p.run_dir / "metrics.json").read_text())["config_hash"] for p in result.points} == \
+        {p.config_hash for p in result.points}
+
+
+def test_data_on_an_fsspec_url_runs(tmp_path):
+    """Manifest and media on memory:// (an in-process filesystem); the feature cache stays local."""
+    import fsspec
+    import pandas as pd
+
+    cfg = base_config(tmp_path)
+    fs = fsspec.filesystem("memory")
+    df = pd.read_csv(cfg["data"]["manifest"])
+    for row in df.itertuples():
+        fs.pipe(f"/remote/img/{row.sample_id}.png", open(row.path, "rb").read())
+    df["path"] = [f"img/{s}.png" for s in df["sample_id"]]  # relative to the manifest's folder
+    with fs.open("/remote/manifest.csv", "w") as f:
+        df.to_csv(f, index=False)
+    cfg["data"]["manifest"] = "memory://remote/manifest.csv"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
+    result = run_sweep(_sweep(tmp_path, {"train.lr": [0.05]}), workers=1)
+    metrics = json.loads((result.points[0].run_dir / "metrics.json").read_text())
+    assert sum(metrics["split"]["sizes"].values()) == len(df)
