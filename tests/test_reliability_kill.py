@@ -103,6 +103,22 @@ def test_killed_extraction_resumes_bitwise_identical_slow(base, reference, tmp_p
     kill_then_resume_extract(base, reference, tmp_path / "w", kill_when, **slow)
 
 
+@pytest.mark.slow
+def test_killed_fmprobe_script_extract_resumes(base, reference, tmp_path):
+    """The same with the installed `fmprobe extract` script as a plain process at full speed (no slow-down)."""
+    config = fresh_project(base, tmp_path / "w")
+    cache = tmp_path / "w" / "cache"
+    victim = fi.cli_subprocess(["extract", str(config)], kill_when=fi.after_shards(cache, 1))
+    assert victim.killed, victim.output
+    done = len(fi.committed_rows(cache))
+    resumed = fi.cli_subprocess(["extract", str(config)])
+    assert resumed.exitcode == 0 and int(fi.summary_value(resumed.output, "extracted")) == fi.N_IMAGES - done
+    ids, arrays, _ = fi.stored_features(config)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(array, reference["arrays"][name], err_msg=name)
+
+
+@pytest.mark.slow
 def test_killed_resume_is_itself_resumable(base, reference, tmp_path):
     """Kill the extraction, then kill its resume too: the second resume still finishes the job exactly."""
     config = fresh_project(base, tmp_path / "w")

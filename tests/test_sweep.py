@@ -66,23 +66,23 @@ def count_extractions(monkeypatch):
 
 def test_sweep_extracts_once_per_cache_entry_and_resumes(tmp_path, count_extractions):
     write_base(tmp_path)
-    path = _sweep(tmp_path, {"heads.0.type": ["linear", "mlp"], "train.lr": [0.01, 0.05]})
+    path = _sweep(tmp_path, {"heads.0.type": ["linear", "mlp"], "train.lr": [0.05]})
     result = run_sweep(path, workers=1)
-    assert [p.status for p in result.points] == ["ran"] * 4
-    assert len(count_extractions) == 1  # four runs, one backbone pass
-    assert len({json.loads((p.run_dir / "metrics.json").read_text())["config_hash"] for p in result.points}) == 4
+    assert [p.status for p in result.points] == ["ran"] * 2
+    assert len(count_extractions) == 1  # two runs, one backbone pass
+    assert len({json.loads((p.run_dir / "metrics.json").read_text())["config_hash"] for p in result.points}) == 2
     assert all((p.run_dir / "metrics.json").exists() for p in result.points)
     record = json.loads((result.sweep_dir / "sweep.json").read_text())
-    assert [r["status"] for r in record["runs"]] == ["ran"] * 4
+    assert [r["status"] for r in record["runs"]] == ["ran"] * 2
     html = result.report.read_text()
     assert 'id="leaderboard"' in html and all(p.run_dir.name in html for p in result.points)
 
     # resumable: finished runs are skipped; a run without metrics.json is run again
     again = run_sweep(path, workers=1)
-    assert [p.status for p in again.points] == ["done"] * 4 and len(count_extractions) == 1
+    assert [p.status for p in again.points] == ["done"] * 2 and len(count_extractions) == 1
     (result.points[1].run_dir / "metrics.json").unlink()
     third = run_sweep(path, workers=1)
-    assert [p.status for p in third.points] == ["done", "ran", "done", "done"]
+    assert [p.status for p in third.points] == ["done", "ran"]
     assert third.points[1].run_dir != result.points[1].run_dir
     assert len(count_extractions) == 1  # still cached
 
@@ -106,7 +106,8 @@ def test_ray_without_ray_says_what_to_install(tmp_path):
         run_sweep(_sweep(tmp_path, {"train.lr": [0.1]}), use_ray=True)
 
 
-def test_process_pool_runs_the_grid(tmp_path, count_extractions):
+@pytest.mark.slow  # spawning workers imports torch in each: ~45 s on 2 busy cores
+def test_process_pool_runs_the_grid(tmp_path):
     write_base(tmp_path)
     result = run_sweep(_sweep(tmp_path, {"train.lr": [0.01, 0.05]}, workers=2))
     assert [p.status for p in result.points] == ["ran", "ran"]

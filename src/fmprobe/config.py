@@ -265,7 +265,10 @@ class AdaptConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "AdaptConfig":
-        given = self.model_fields_set - {"strategy"}
+        # keys set to something other than their default (a saved config.resolved.yaml lists every key)
+        fields = type(self).model_fields
+        given = {k for k in self.model_fields_set - {"strategy"}
+                 if getattr(self, k) != fields[k].get_default(call_default_factory=True)}
         if self.strategy == "frozen":
             if given:
                 raise ValueError(f"adapt keys {', '.join(sorted(given))} need an end-to-end strategy (lora, partial, staged); "
@@ -358,9 +361,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     """Read a YAML config; relative paths resolve against the config file's folder."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config '{path}': {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config '{path}' is not UTF-8 text: {err}") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
@@ -391,6 +396,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in a nested dict (used by overrides and sweeps)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"cannot set '{dotted}': the config is not a mapping (got {type(data).__name__})")
     node = data
     parts = dotted.split(".")
     for part in parts[:-1]:

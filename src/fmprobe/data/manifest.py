@@ -228,6 +228,9 @@ def _numeric_targets(
     if task_type == "regression":
         bad = ~np.isfinite(values) & ~values.isna()
         rule = "is not finite"
+        huge = np.isfinite(values) & (np.abs(values) > np.finfo(np.float32).max)  # targets are float32
+        if huge.any():
+            problems.append(f"target '{name}' is beyond the float32 range (3.4e38): {where(huge, values=text)}")
     else:
         bad = ~values.isin([0.0, 1.0]) & ~values.isna()
         rule = "must be 0 or 1"

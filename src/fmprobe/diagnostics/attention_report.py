@@ -5,8 +5,9 @@ encoder with attention maps on (first clip of each sample; an image encoder take
 Written to ``out``:
 
 - ``attention.json``: normalised entropy H / log K (K = keys, prefix tokens included; 1 = uniform, 0 = one key)
-  per block and head, averaged over queries, frames and samples; per-sample entropies summarised by label
-  combination (last block, and all blocks), for classification tasks;
+  per block and head, averaged over queries, frames and samples (a window-attention block, as in Qwen2.5-VL,
+  reaches at most log(window) / log K); per-sample entropies summarised by label combination (last block,
+  and all blocks), for classification tasks;
 - ``entropy_blocks_heads.png``: that block x head matrix;
 - ``attention_<sample>.png``: the input (per frame), the last block's attention from the CLS token to each patch
   (averaged over heads; without a CLS token, the mean attention each patch receives) and the attention rollout

@@ -56,13 +56,11 @@ def layer_experiment(exp: Experiment, layers: list[int | str], head_types: list[
             template = HeadConfig(type=head_type, pooling="attentive" if head_type == "attentive" else "mean")
         for layer in layers:
             heads.append(template.model_copy(update={"layer": layer, "name": head_name(head_type, layer)}))
-    data = exp.model_dump()
-    data["name"] = f"{exp.name}-layers"
-    data["model"]["layers"] = list(layers)
-    data["heads"] = [h.model_dump() for h in heads]
+    features = exp.features
     if "attentive" in head_types:
-        data["features"]["store_tokens"] = True
-    return Experiment.model_validate(data)
+        features = features.model_copy(update={"store_tokens": True})
+    return exp.model_copy(update={"name": f"{exp.name}-layers", "heads": heads, "features": features,
+                                  "model": exp.model.model_copy(update={"layers": list(layers)})})
 
 
 def layer_table(metrics: dict[str, Any], layers: list[int | str], head_types: list[str]) -> pd.DataFrame:

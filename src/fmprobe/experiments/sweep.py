@@ -321,10 +321,10 @@ def run_sweep(
         if point.config_hash in finished:
             point.status, point.run_dir = "done", finished[point.config_hash]
     pending = [p for p in points if p.status == "pending"]
-    on_event(f"sweep {spec.name}: {len(points)} runs, {len(points) - len(pending)} finished earlier, "
-             f"{len(pending)} to run")
     executor = (RayExecutor(ray_address) if use_ray or ray_address
                 else LocalExecutor(workers or spec.workers or default_workers()))
+    on_event(f"sweep {spec.name}: {len(points)} runs, {len(points) - len(pending)} finished earlier, "
+             f"{len(pending)} to run")
 
     # 1. one extraction per feature-cache entry, so the runs after it all read the cache
     groups: dict[str, list[SweepPoint]] = {}
