@@ -7,6 +7,7 @@ a killed `fmprobe run` writes metrics identical to an uninterrupted run's.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import fault_injection as fi
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    """Images, manifest, model and config, plus an uninterrupted reference extraction and run."""
+    """Images, manifest, model and config, an uninterrupted reference extraction, and how long one takes."""
     root = tmp_path_factory.mktemp("fi")
     model = fi.save_tiny_dinov2(root / "model")
     fi.write_project(root / "project", model)
@@ -166,13 +167,93 @@ RUN_POINTS = [
 ]
 
 
-def test_killed_run_reruns_to_identical_metrics(base, reference_metrics, tmp_path):
-    name, kill_when = RUN_POINTS[1]
+@pytest.mark.slow  # each point runs `fmprobe run` twice (test_reliability_determinism covers reruns fast)
+@pytest.mark.parametrize("name,kill_when", RUN_POINTS, ids=[p[0] for p in RUN_POINTS])
+def test_killed_run_reruns_to_identical_metrics(base, reference_metrics, tmp_path, name, kill_when):
     kill_then_rerun(base, reference_metrics, tmp_path / "w", kill_when)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name,kill_when", [p for i, p in enumerate(RUN_POINTS) if i != 1],
-                         ids=[p[0] for i, p in enumerate(RUN_POINTS) if i != 1])
-def test_killed_run_reruns_to_identical_metrics_slow(base, reference_metrics, tmp_path, name, kill_when):
-    kill_then_rerun(base, reference_metrics, tmp_path / "w", kill_when)
+# --- two processes, one cache ------------------------------------------------------------------------------
+
+def test_two_processes_extracting_into_one_cache_stay_consistent(base, reference, tmp_path):
+    """The fast, multi-process twin of test_extract's slow test: two `fmprobe extract` at once, and a third
+    one SIGKILLed halfway while the others run; the cache ends complete and identical to the reference."""
+    config = fresh_project(base, tmp_path / "w")
+    cache = tmp_path / "w" / "cache"
+    ctx = fi._ctx()
+    workers = [ctx.Process(target=fi._victim, args=(["extract", str(config)], str(tmp_path / f"{i}.log"),
+                                                     BATCH_DELAY, 0.02)) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    duration = float((base / "duration").read_text())
+    killed = fi.run_cli(["extract", str(config)], tmp_path / "killed.log", kill_when=fi.after_seconds(0.5 * duration),
+                        batch_delay=BATCH_DELAY, save_delay=0.05)
+    for worker in workers:
+        worker.join(timeout=300)
+    outputs = [(tmp_path / f"{i}.log").read_text() for i in range(2)]
+    assert [w.exitcode for w in workers] == [0, 0], outputs
+    assert all(fi.summary_value(out, "samples") == str(fi.N_IMAGES) for out in outputs)
+    assert set(fi.committed_rows(cache)) == set(reference["ids"])
+    ids, arrays, encoded = fi.stored_features(config)
+    assert encoded == 0 and ids == reference["ids"]
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(array, reference["arrays"][name], err_msg=name)
+    resumed = fi.run_cli(["extract", str(config)], tmp_path / "after.log")  # a later open sweeps the dead temp shard
+    assert int(fi.summary_value(resumed.output, "extracted")) == 0 and not fi.partial_shards(cache)
+    assert killed.killed
+
+
+# --- fmprobe sweep ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_sweep(base) -> list[dict]:
+    spec = sweep_project(base, base / "ref-sweep")
+    outcome = fi.run_cli(["sweep", str(spec), "--workers", "1"], base / "ref-sweep.log")
+    assert outcome.exitcode == 0, outcome.output
+    return sorted_metrics(base / "ref-sweep" / "runs")
+
+
+def sweep_project(base: Path, dest: Path) -> Path:
+    fresh_project(base, dest)
+    spec = dest / "sweep.yaml"
+    spec.write_text("base: exp.yaml\nname: grid\ngrid:\n  train.lr: [0.001, 0.01]\n  train.weight_decay: [0.0, 0.01]\n")
+    return spec
+
+
+def sorted_metrics(runs: Path) -> list[dict]:
+    return sorted((fi.comparable_metrics(d) for d in fi.finished_runs(runs)), key=lambda m: json.dumps(m))
+
+
+def kill_then_resume_sweep(base: Path, reference_sweep: list[dict], work: Path, kill_when) -> None:
+    """Kill `fmprobe sweep`, rerun it: finished runs are skipped (never run twice), the rest complete, and
+    every run's metrics equal an uninterrupted sweep's."""
+    spec = sweep_project(base, work)
+    victim = fi.run_cli(["sweep", str(spec), "--workers", "1"], work / "victim.log", kill_when=kill_when(work),
+                        batch_delay=BATCH_DELAY)
+    assert victim.killed, victim.output
+    finished = len(fi.finished_runs(work / "runs"))
+    resumed = fi.run_cli(["sweep", str(spec), "--workers", "1"], work / "resume.log")
+    assert resumed.exitcode == 0, resumed.output
+    assert f"4 runs, {finished} finished earlier, {4 - finished} to run" in resumed.output
+    hashes = [json.loads((d / "metrics.json").read_text())["config_hash"] for d in fi.finished_runs(work / "runs")]
+    assert len(hashes) == len(set(hashes)) == 4, "a finished run was run again"
+    assert sorted(fi.committed_rows(work / "cache")) == sorted(f"s{i:03d}" for i in range(fi.N_IMAGES))
+    assert sorted_metrics(work / "runs") == reference_sweep
+
+
+def after_runs(k: int):
+    return lambda w: lambda _: len(fi.finished_runs(w / "runs")) >= k
+
+
+SWEEP_POINTS = [
+    ("sweep: extracting, after 3 shards", lambda w: fi.after_shards(w / "cache", 3)),
+    ("sweep: after 1 finished run", after_runs(1)),
+    ("sweep: after 2 finished runs", after_runs(2)),
+    ("sweep: after 3 finished runs", after_runs(3)),
+]
+
+
+@pytest.mark.slow  # each point runs a 4-run sweep twice
+@pytest.mark.parametrize("name,kill_when", SWEEP_POINTS, ids=[p[0] for p in SWEEP_POINTS])
+def test_killed_sweep_resumes_without_rerunning_finished_runs(base, reference_sweep, tmp_path, name, kill_when):
+    kill_then_resume_sweep(base, reference_sweep, tmp_path / "w", kill_when)

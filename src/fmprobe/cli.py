@@ -156,8 +156,8 @@ def spatial_cmd(encoder: str = typer.Option("pixel", help="pixel | random | CONF
 
     result = spatial_command(encoder, layers=parse_layers(layers) if layers else None, n_train=n_train,
                              n_test=n_test, image_size=image_size, steps=steps, seed=seed, out=out)
-    console.print(format_table(result), highlight=False)
-    console.print(f"written: {out / 'spatial.json'}")
+    typer.echo(format_table(result))
+    typer.echo(f"written: {out / 'spatial.json'}")
 
 
 @app.command()

@@ -278,7 +278,7 @@ class AdaptConfig(Strict):
         # staged: stage 1 trains the head as train: says, stage 2 with stage2's groups
         wrong = {"unfreeze", "stage2"} if self.strategy != "staged" else {"unfreeze_at_epoch", "head", "adapters",
                                                                              "backbone"}
-        wrong |= {"lora"} if trains != "lora" else {"partial_blocks", "adapters"}
+        wrong |= {"lora", "adapters"} if trains != "lora" else {"partial_blocks"}
         bad = sorted(given & wrong)
         if bad:
             raise ValueError(f"adapt keys {', '.join(bad)} do not apply to strategy {self.strategy}"

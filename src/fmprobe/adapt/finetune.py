@@ -328,9 +328,9 @@ class _Trainer:
 
     def _good(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         """Training batches honour data.on_error: raise, or skip the sample and record it."""
-        for index, sample_id, message in batch["errors"]:
+        for _, sample_id, message in batch["errors"]:
             if self.exp.data.on_error == "raise":
-                raise ReaderError(message, sample_id=sample_id)
+                raise ReaderError(message)  # the dataset's message names the sample and file
             self.skipped.append([sample_id, message])
         return batch if batch["pixels"] is not None else None
 
@@ -351,8 +351,8 @@ class _Trainer:
         out = []
         for batch in self._loader(self.rows[split], self.eval_data, train=False, seed=0):
             if batch["errors"]:
-                _, sample_id, message = batch["errors"][0]
-                raise ReaderError(f"{message} (it was readable when features were extracted)", sample_id=sample_id)
+                message = batch["errors"][0][2]
+                raise ReaderError(f"{message} (it was readable when features were extracted)")
             with self.autocast():
                 out.append(tta_scores(self.model, batch["pixels"].to(self.device), self.exp.adapt.tta,
                                       lambda z: _to_scores(z.float().cpu(), self.task_type)))  # fmt: skip

@@ -13,12 +13,13 @@ import tempfile
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fmprobe.adapt.anatomy import anatomy, block_index, hf_model
 from fmprobe.backbones.base import Encoder
 from fmprobe.config import LoraAdaptConfig
-from fmprobe.errors import ConfigError
+from fmprobe.errors import ConfigError, EncoderError
 
 PRESETS = ("qv", "qkv", "all-linear")
 
@@ -59,12 +60,20 @@ def lora_targets(encoder: Encoder, targets: str) -> list[str]:
     return chosen
 
 
-def apply_lora(encoder: Encoder, cfg: LoraAdaptConfig) -> PeftModel:
-    """Inject LoRA into ``encoder.model`` (in place); only the adapter weights require grad afterwards."""
-    config = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=lora_targets(encoder, cfg.targets)
-    )
-    return get_peft_model(hf_model(encoder), config)
+def apply_lora(encoder: Encoder, cfg: LoraAdaptConfig) -> tuple[PeftModel, list[str]]:
+    """Inject LoRA into ``encoder.model`` (in place); only the adapter weights require grad afterwards.
+
+    Returns the peft model and the adapted module paths. peft shortens long target lists to suffixes, so the
+    modules it actually adapted are checked against the resolved list (a predictor must never be adapted).
+    """
+    targets = lora_targets(encoder, cfg.targets)
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+    peft_model = get_peft_model(hf_model(encoder), config)
+    adapted = sorted(name for name, m in hf_model(encoder).named_modules() if isinstance(m, LoraLayer))
+    if adapted != sorted(targets):
+        extra, missing = sorted(set(adapted) - set(targets)), sorted(set(targets) - set(adapted))
+        raise EncoderError(f"peft adapted other modules than asked: extra {extra[:4]}, missing {missing[:4]}")
+    return peft_model, targets
 
 
 def is_adapter_param(name: str) -> bool:

@@ -50,8 +50,7 @@ def prepare(exp: Experiment, encoder: Encoder, head: nn.Module, head_cfg: HeadCo
         set_drop_path(encoder, cfg.drop_path)
     prepared = Prepared(groups=[], steps_per_epoch=steps_per_epoch, trainable=0)
     if trained_part(exp) == "lora":
-        prepared.peft_model = apply_lora(encoder, cfg.lora)
-        prepared.lora_targets = sorted(prepared.peft_model.peft_config["default"].target_modules)
+        prepared.peft_model, prepared.lora_targets = apply_lora(encoder, cfg.lora)
     else:
         prepared.partial_modules = partial_modules(encoder, cfg.partial_blocks, head_cfg.layer)
         unfreeze(encoder, prepared.partial_modules)
@@ -59,7 +58,7 @@ def prepare(exp: Experiment, encoder: Encoder, head: nn.Module, head_cfg: HeadCo
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{encoder.name} does not support gradient checkpointing; remove it")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     named: dict[str, list[tuple[str, nn.Parameter]]] = {"head": list(head.named_parameters())}
     n = num_blocks(encoder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from fmprobe.atomic import write_text
 from fmprobe.config import load_config
 from fmprobe.demo.dataset import build_demo_dataset
 from fmprobe.experiments.run import RunResult, run_experiment
@@ -22,7 +23,7 @@ def write_demo_configs(out_dir: Path) -> list[Path]:
     for name in DEMO_CONFIGS:
         dest = out_dir / name
         if not dest.exists():
-            dest.write_text(resources.files("fmprobe.demo").joinpath(name).read_text())
+            write_text(dest, resources.files("fmprobe.demo").joinpath(name).read_text())
         paths.append(dest)
     return paths
 

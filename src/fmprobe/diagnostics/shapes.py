@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from fmprobe.atomic import write_text
 from fmprobe.errors import FmprobeError
 
 SHAPES = ("circle", "square", "triangle")
@@ -226,7 +227,8 @@ def write_shapes_dataset(
     tmp = manifest.with_suffix(".tmp")
     pd.DataFrame(rows).to_csv(tmp, index=False)
     tmp.replace(manifest)
-    (out_dir / "shapes.json").write_text(
+    write_text(
+        out_dir / "shapes.json",
         json.dumps({"n": n, "size": size, "max_objects": max_objects, "seed": seed, "video_frames": video_frames})
     )
     return manifest

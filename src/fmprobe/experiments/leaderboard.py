@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fmprobe.atomic import atomic_path
 from fmprobe.errors import FmprobeError
 from fmprobe.evaluate.metrics import higher_is_better
 from fmprobe.experiments.index import candidates, metric_table, varying_params
@@ -38,7 +39,8 @@ class Leaderboard:
     params: list[str]  # the varying config keys shown
 
     def to_csv(self, path: str | Path) -> None:
-        self.table.assign(flags=self.table["flags"].map(";".join)).to_csv(path, index=False)
+        with atomic_path(path) as tmp:
+            self.table.assign(flags=self.table["flags"].map(";".join)).to_csv(tmp, index=False)
 
 
 def build_leaderboard(
