@@ -47,7 +47,8 @@ def metric_bars(names: list[str], values: list[float], lows: list[float], highs:
     """Per-class (or per-target) values with CI whiskers and the baseline as a tick."""
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(names) + 2), 3))
     x = range(len(names))
-    err = [[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]]
+    # Percentile bounds can sit a rounding error past the point estimate: whiskers never go negative.
+    err = [[max(0.0, v - lo) for v, lo in zip(values, lows)], [max(0.0, hi - v) for v, hi in zip(values, highs)]]
     ax.bar(x, values, yerr=err, capsize=4, color="#4c78a8")
     for i, b in enumerate(baseline):
         if b is not None:
