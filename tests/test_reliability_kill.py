@@ -78,7 +78,7 @@ def kill_then_resume_extract(base: Path, reference: dict, work: Path, kill_when,
 BATCH_DELAY = 0.02  # per batch in victims: 20 batches take ~0.4 s, so polling hits every step
 # Kill points: by step (k shards committed; shard k half written) and by time (a fraction of an
 # uninterrupted victim's duration, drawn at random with a fixed seed). 40 samples, 10 shards.
-FRACTIONS = [round(float(f), 2) for f in sorted(np.random.default_rng(8).uniform(0.05, 0.6, 5))]
+FRACTIONS = [round(float(f), 2) for f in sorted(np.random.default_rng(15).uniform(0.05, 0.6, 5))]
 FAST_POINTS = [
     ("after 3 shards", lambda c, d: fi.after_shards(c, 3), {}),
     ("writing shard 5", lambda c, d: fi.during_shard_write(c, 5), {"save_delay": 0.05}),

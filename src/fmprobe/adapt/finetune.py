@@ -38,10 +38,17 @@ from fmprobe.config import DataConfig, Experiment, HeadConfig
 from fmprobe.data.dataset import MediaDataset, collate_samples
 from fmprobe.data.transforms import Preprocess
 from fmprobe.errors import ConfigError, FmprobeError, ReaderError
-from fmprobe.evaluate.bootstrap import TaskMetric
 from fmprobe.evaluate.metrics import higher_is_better
 from fmprobe.evaluate.thresholds import tune_thresholds
-from fmprobe.experiments.probing import SPLITS, HeadRun, ProbeResults, head_inputs, output_dim, train_heads
+from fmprobe.experiments.probing import (
+    SPLITS,
+    FitTargets,
+    HeadRun,
+    ProbeResults,
+    head_inputs,
+    output_dim,
+    train_heads,
+)
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads import build_head
 from fmprobe.train.losses import as_target_tensor, build_loss
@@ -73,18 +80,8 @@ def adapt_heads(
     rows = {s: by_id.loc[ids].reset_index()[["sample_id", "path"]] for s, ids in split_ids.items()}
 
     results = ProbeResults()
-    shift, scale = 0.0, 1.0
-    if task.type == "regression":
-        shift = targets["train"].mean(axis=0)
-        scale = targets["train"].std(axis=0) + 1e-12
-        results.standardisation["targets"] = "z-score with training-split mean/std; outputs mapped back"
-    fit_targets = {s: ((y - shift) / scale).astype(y.dtype) for s, y in targets.items()}
-    label_names = class_names if task.type == "multiclass" else task.targets
-    metric = TaskMetric(task.type, class_names=label_names, target_names=task.targets)
-
-    def score_fn(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-        out = metric.weighted(y_true * scale + shift, scores * scale + shift, np.ones((1, len(y_true))))
-        return {k: float(v[0]) for k, v in out.items()}
+    fitting = FitTargets.for_task(exp, targets, class_names, results)
+    fit_targets, score_fn, shift, scale = fitting.targets, fitting.score, fitting.shift, fitting.scale
 
     stage1 = None
     if cfg.strategy == "staged":

@@ -74,6 +74,44 @@ def _standardise(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: ((v - mean) / std).astype(np.float32) for k, v in x.items()}
 
 
+@dataclass
+class FitTargets:
+    """What heads are fitted to, and how an epoch's outputs are scored.
+
+    Regression heads fit standardised targets (training mean/std) and answer in the original units;
+    classification targets pass through unchanged. Scoring uses the vectorised metrics (tested equal
+    to scikit-learn's) because it runs every epoch.
+    """
+
+    targets: dict[str, np.ndarray]
+    shift: np.ndarray | float
+    scale: np.ndarray | float
+    metric: TaskMetric
+
+    @classmethod
+    def for_task(cls, exp: Experiment, targets: dict[str, np.ndarray], class_names: list[str] | None,
+                 results: ProbeResults) -> "FitTargets":
+        task = exp.task
+        shift, scale = 0.0, 1.0
+        if task.type == "regression":
+            shift = targets["train"].mean(axis=0)
+            scale = targets["train"].std(axis=0) + 1e-12
+            results.standardisation["targets"] = "z-score with training-split mean/std; outputs mapped back"
+        label_names = class_names if task.type == "multiclass" else task.targets
+        return cls(
+            targets={s: ((y - shift) / scale).astype(y.dtype) for s, y in targets.items()},
+            shift=shift, scale=scale,
+            metric=TaskMetric(task.type, class_names=label_names, target_names=task.targets),
+        )
+
+    def to_units(self, scores: np.ndarray) -> np.ndarray:
+        return scores * self.scale + self.shift
+
+    def score(self, y_fit: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+        out = self.metric.weighted(self.to_units(y_fit), self.to_units(scores), np.ones((1, len(y_fit))))
+        return {k: float(v[0]) for k, v in out.items()}
+
+
 def train_heads(
     exp: Experiment,
     features: FeatureSet,
@@ -85,23 +123,9 @@ def train_heads(
     task = exp.task
     primary = task.primary_metric
 
-    label_names = class_names if task.type == "multiclass" else task.targets
-    metric = TaskMetric(task.type, class_names=label_names, target_names=task.targets)
-
     results = ProbeResults()
-    # Regression heads fit standardised targets (train mean/std) and answer in the original units.
-    shift, scale = 0.0, 1.0
-    if task.type == "regression":
-        shift = targets["train"].mean(axis=0)
-        scale = targets["train"].std(axis=0) + 1e-12
-        results.standardisation["targets"] = "z-score with training-split mean/std; outputs mapped back"
-    fit_targets = {s: ((y - shift) / scale).astype(y.dtype) for s, y in targets.items()}
-
-    def score_fn(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-        # The vectorised form (tested equal to scikit-learn): called every epoch, so it must be cheap.
-        out = metric.weighted(y_true * scale + shift, scores * scale + shift, np.ones((1, len(y_true))))
-        return {k: float(v[0]) for k, v in out.items()}
-
+    fitting = FitTargets.for_task(exp, targets, class_names, results)
+    fit_targets, score_fn = fitting.targets, fitting.score
     out_dim = output_dim(exp, class_names)
     for head_cfg in exp.heads:
         raw = {s: head_inputs(features.subset(ids), head_cfg) for s, ids in split_ids.items()}
@@ -128,7 +152,7 @@ def train_heads(
                 higher_is_better=higher_is_better(primary),
             )
             head.load_state_dict(fit.best_state)
-            scores = {s: predict(head, inputs[s], task.type, exp.train.batch_size) * scale + shift for s in SPLITS}
+            scores = {s: fitting.to_units(predict(head, inputs[s], task.type, exp.train.batch_size)) for s in SPLITS}
             thresholds = None
             if task.type in ("binary", "multilabel"):
                 thresholds = tune_thresholds(

@@ -33,8 +33,9 @@ class RunResult:
 
 
 def config_hash(exp: Experiment) -> str:
-    """Identity of what was asked for (the runs folder excluded, so moving runs keeps it)."""
-    data = exp.model_dump(mode="json", exclude={"runs_dir"})
+    """Identity of what was asked for. The runs folder and trackers are excluded: moving runs or turning
+    tracking on does not change what a run computes."""
+    data = exp.model_dump(mode="json", exclude={"runs_dir", "tracking"})
     return hashlib.sha256(repr(sorted(_flatten(data).items())).encode()).hexdigest()[:16]
 
 

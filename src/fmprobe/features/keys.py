@@ -33,6 +33,11 @@ def check_cacheable(exp: Experiment) -> None:
             "data.clip_position: random clips cannot be cached (each epoch would need new features); "
             "use center or uniform for frozen features"
         )
+    if "://" in exp.features.cache_dir:
+        raise ConfigError(
+            f"features.cache_dir must be a local folder (got '{exp.features.cache_dir}'); the feature store "
+            "memory-maps its shards. Manifests and media may be remote URLs; put the cache on local or mounted disk"
+        )
     grid = exp.features.token_grid
     if grid is not None and (len(grid) != 2 or min(grid) < 1):
         raise ConfigError(f"features.token_grid must be two positive integers (h, w), got {grid}")
