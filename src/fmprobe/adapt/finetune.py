@@ -53,7 +53,7 @@ from fmprobe.features.store import FeatureSet
 from fmprobe.heads import build_head
 from fmprobe.train.losses import as_target_tensor, build_loss
 from fmprobe.train.seeding import data_generator, seeded
-from fmprobe.train.trainer import _EarlyStopper, _improved, _lookup, _scalars, _to_scores
+from fmprobe.train.trainer import EarlyStopper, improved, lookup_metric, scalar_values, to_scores
 
 
 def adapt_heads(
@@ -237,9 +237,9 @@ class _Trainer:
         primary = exp.task.primary_metric
         hib = higher_is_better(primary)
         if staged:
-            stopper = None if cfg.stage2.patience is None else _EarlyStopper(primary, not hib, cfg.stage2.patience, 0.0)
+            stopper = None if cfg.stage2.patience is None else EarlyStopper(primary, not hib, cfg.stage2.patience, 0.0)
         else:
-            stopper = _EarlyStopper.from_config(exp.train, primary, hib)
+            stopper = EarlyStopper.from_config(exp.train, primary, hib)
         for g in self.prepared.groups:
             if g["warmup_steps"] > epochs * self.prepared.steps_per_epoch - g["start_step"]:
                 raise ConfigError(f"the warmup of parameter group {g['name']} is longer than the training")
@@ -256,16 +256,16 @@ class _Trainer:
             with torch.no_grad():
                 val_loss = float(self.loss(_as_logits(torch.from_numpy(val_scores), self.task_type).to(self.device),
                                            self.y_val.to(self.device)))  # fmt: skip
-            val_metrics = _scalars(self.score_fn(self.y["val"], val_scores))
-            train_metrics = _scalars(self.score_fn(self.y["train"][seen_idx], seen_scores))
-            score = _lookup(val_metrics, primary, "primary metric")
+            val_metrics = scalar_values(self.score_fn(self.y["val"], val_scores))
+            train_metrics = scalar_values(self.score_fn(self.y["train"][seen_idx], seen_scores))
+            score = lookup_metric(val_metrics, primary, "primary metric")
             if math.isnan(score):
                 raise FmprobeError(f"validation {primary} is NaN in epoch {epoch}; the validation split probably "
                                    "lacks a class — fix the split")  # fmt: skip
             curves.append({"epoch": offset + epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
                            **{f"val_{k}": v for k, v in val_metrics.items()},
-                           f"train_{primary}": _lookup(train_metrics, primary, "primary metric")})  # fmt: skip
-            if not best or _improved(score, best_score, not hib, 0.0):
+                           f"train_{primary}": lookup_metric(train_metrics, primary, "primary metric")})  # fmt: skip
+            if not best or improved(score, best_score, not hib, 0.0):
                 best_score, best_epoch, best = score, offset + epoch, self.state()
             if stopper is not None and stopper.exhausted({**val_metrics, "loss": val_loss}):
                 stopped = epoch < epochs
@@ -309,7 +309,7 @@ class _Trainer:
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 total_loss += value.item() * len(idx)
                 n_seen += len(idx)
-                seen_scores.append(_to_scores(logits.detach().float().cpu(), self.task_type))
+                seen_scores.append(to_scores(logits.detach().float().cpu(), self.task_type))
                 seen_idx.append(idx)
             lr = optimizer.param_groups[0]["lr"]
             if group_size:
@@ -352,7 +352,7 @@ class _Trainer:
                 raise ReaderError(f"{message} (it was readable when features were extracted)")
             with self.autocast():
                 out.append(tta_scores(self.model, batch["pixels"].to(self.device), self.exp.adapt.tta,
-                                      lambda z: _to_scores(z.float().cpu(), self.task_type)))  # fmt: skip
+                                      lambda z: to_scores(z.float().cpu(), self.task_type)))  # fmt: skip
         return torch.cat(out).numpy()
 
 

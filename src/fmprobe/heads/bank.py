@@ -31,7 +31,7 @@ from fmprobe.heads.mlp import MLPHead
 from fmprobe.train.losses import as_target_tensor
 from fmprobe.train.seeding import data_generator, seeded
 from fmprobe.train.trainer import (
-    EVAL_BATCH, HeadData, TrainResult, _batch, _EarlyStopper, _improved, _lookup, _scalars, _to_scores, lr_at,
+    EVAL_BATCH, HeadData, TrainResult, feature_batch, EarlyStopper, improved, lookup_metric, scalar_values, to_scores, lr_at,
 )  # fmt: skip
 
 
@@ -187,7 +187,7 @@ def train_bank(
         optimizer = BankAdamW([[p for p in h.parameters() if p.requires_grad] for h in bank.heads],
                                [m.weight_decay for m in members])  # fmt: skip
         loss.to(device)
-        stoppers = [_EarlyStopper.from_config(cfg, primary, higher_is_better) for _ in members]
+        stoppers = [EarlyStopper.from_config(cfg, primary, higher_is_better) for _ in members]
         active = [True] * n_heads
         curves: list[list[dict[str, float]]] = [[] for _ in members]
         best_state: list[dict[str, torch.Tensor]] = [{} for _ in members]
@@ -208,7 +208,7 @@ def train_bank(
                 group_size = sum(len(b) for b in group)
                 optimizer.zero_grad()
                 for idx in group:
-                    logits = bank(_batch(train.x, idx, device))
+                    logits = bank(feature_batch(train.x, idx, device))
                     y = y_train[idx].to(device)
                     stacked = logits.reshape(n_heads * len(idx), -1)
                     # mean over H copies of the batch = mean of the per-head losses (same targets, same weights)
@@ -229,16 +229,16 @@ def train_bank(
                 if not math.isfinite(train_loss):
                     raise FmprobeError(f"head {m.name}: training loss became {train_loss} in epoch {epoch}; "
                                        "lower its learning rate or check the features")  # fmt: skip
-                val_metrics = _scalars(score_fn(val.y, _to_scores(val_logits[h], task_type).numpy()))
-                train_metrics = _scalars(score_fn(train.y[perm.numpy()], _to_scores(train_logits[h], task_type).numpy()))
-                score = _lookup(val_metrics, primary, "primary metric")
+                val_metrics = scalar_values(score_fn(val.y, to_scores(val_logits[h], task_type).numpy()))
+                train_metrics = scalar_values(score_fn(train.y[perm.numpy()], to_scores(train_logits[h], task_type).numpy()))
+                score = lookup_metric(val_metrics, primary, "primary metric")
                 if math.isnan(score):
                     raise FmprobeError(f"validation {primary} is NaN in epoch {epoch}; the validation split "
                                        "probably lacks a class — fix the split")  # fmt: skip
                 curves[h].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lrs[h],
                                   **{f"val_{k}": v for k, v in val_metrics.items()},
-                                  f"train_{primary}": _lookup(train_metrics, primary, "primary metric")})  # fmt: skip
-                if not best_state[h] or _improved(score, best_score[h], not higher_is_better, 0.0):
+                                  f"train_{primary}": lookup_metric(train_metrics, primary, "primary metric")})  # fmt: skip
+                if not best_state[h] or improved(score, best_score[h], not higher_is_better, 0.0):
                     best_score[h], best_epoch[h], best_state[h] = score, epoch, _copy(bank.heads[h])
                 stopper = stoppers[h]
                 if stopper is not None and stopper.exhausted({**val_metrics, "loss": val_loss}):
@@ -260,7 +260,7 @@ def train_bank(
 def _bank_logits(bank: HeadBank, x: torch.Tensor | np.ndarray, device: str | torch.device) -> torch.Tensor:
     bank.eval()
     idx = torch.arange(len(x))
-    return torch.cat([bank(_batch(x, b, device)).float().cpu() for b in idx.split(EVAL_BATCH)], dim=1)
+    return torch.cat([bank(feature_batch(x, b, device)).float().cpu() for b in idx.split(EVAL_BATCH)], dim=1)
 
 
 def _copy(head: nn.Module) -> dict[str, torch.Tensor]:

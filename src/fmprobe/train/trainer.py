@@ -63,7 +63,7 @@ def predict(head: nn.Module, x: torch.Tensor | np.ndarray, task_type: str, batch
 
     binary [N] P(positive); multiclass [N, K] softmax; multilabel [N, C] sigmoid; regression [N, C] values.
     """
-    return _to_scores(_logits(head, x, max(batch_size, EVAL_BATCH)), task_type).numpy()
+    return to_scores(_logits(head, x, max(batch_size, EVAL_BATCH)), task_type).numpy()
 
 
 def train_head(
@@ -90,7 +90,7 @@ def train_head(
     n_batches = math.ceil(len(y_train) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
-    stopper = _EarlyStopper.from_config(cfg, primary, higher_is_better)
+    stopper = EarlyStopper.from_config(cfg, primary, higher_is_better)
 
     head.to(device)
     loss.to(device)
@@ -117,10 +117,10 @@ def train_head(
             val_logits = _logits(head, val.x, EVAL_BATCH)
             with torch.no_grad():
                 val_loss = float(loss(val_logits.to(device), y_val.to(device)))
-            val_metrics = _scalars(score_fn(val.y, _to_scores(val_logits, task_type).numpy()))
+            val_metrics = scalar_values(score_fn(val.y, to_scores(val_logits, task_type).numpy()))
             # Running train metric: the epoch's own forward passes (no extra pass over the training set).
-            train_metrics = _scalars(score_fn(train.y[seen], _to_scores(train_logits, task_type).numpy()))
-            score = _lookup(val_metrics, primary, "primary metric")
+            train_metrics = scalar_values(score_fn(train.y[seen], to_scores(train_logits, task_type).numpy()))
+            score = lookup_metric(val_metrics, primary, "primary metric")
             if math.isnan(score):
                 raise FmprobeError(
                     f"validation {primary} is NaN in epoch {epoch}, so no checkpoint can be chosen; "
@@ -133,10 +133,10 @@ def train_head(
                     "val_loss": val_loss,
                     "lr": lr,
                     **{f"val_{k}": v for k, v in val_metrics.items()},
-                    f"train_{primary}": _lookup(train_metrics, primary, "primary metric"),
+                    f"train_{primary}": lookup_metric(train_metrics, primary, "primary metric"),
                 }
             )
-            if not best_state or _improved(score, best_score, not higher_is_better, 0.0):
+            if not best_state or improved(score, best_score, not higher_is_better, 0.0):
                 best_score, best_epoch, best_state = score, epoch, _copy_state(head)
             if stopper is not None and stopper.exhausted({**val_metrics, "loss": val_loss}):
                 stopped = epoch < cfg.epochs
@@ -162,7 +162,7 @@ def _param_groups(head: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _batch(x: torch.Tensor | np.ndarray, idx: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+def feature_batch(x: torch.Tensor | np.ndarray, idx: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     rows = x[idx] if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x[idx.numpy()]))
     return rows.to(device=device, dtype=torch.float32)
 
@@ -190,7 +190,7 @@ def _train_epoch(
         group_size = sum(len(b) for b in group)
         optimizer.zero_grad(set_to_none=True)
         for idx in group:
-            logits = head(_batch(x, idx, device))
+            logits = head(feature_batch(x, idx, device))
             value = loss(logits, y[idx].to(device))
             seen_logits.append(logits.detach().float().cpu())
             (value * (len(idx) / group_size)).backward()  # the group's gradient = the full-batch mean's
@@ -206,10 +206,10 @@ def _logits(head: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int) -> t
     device = next(head.parameters()).device
     head.eval()
     idx = torch.arange(len(x))
-    return torch.cat([head(_batch(x, b, device)).float().cpu() for b in idx.split(batch_size)])
+    return torch.cat([head(feature_batch(x, b, device)).float().cpu() for b in idx.split(batch_size)])
 
 
-def _to_scores(logits: torch.Tensor, task_type: str) -> torch.Tensor:
+def to_scores(logits: torch.Tensor, task_type: str) -> torch.Tensor:
     if task_type == "binary":
         return torch.sigmoid(logits[:, 0])
     if task_type == "multiclass":
@@ -219,7 +219,7 @@ def _to_scores(logits: torch.Tensor, task_type: str) -> torch.Tensor:
     return logits
 
 
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+def scalar_values(metrics: dict[str, Any]) -> dict[str, float]:
     """The scalar entries of a metrics dict (drops e.g. confusion matrices)."""
     return {
         k: float(v)
@@ -228,17 +228,17 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _lookup(metrics: dict[str, float], name: str, what: str) -> float:
+def lookup_metric(metrics: dict[str, float], name: str, what: str) -> float:
     if name not in metrics:
         raise ConfigError(f"{what} '{name}' is not among the computed metrics: {', '.join(sorted(metrics))}")
     return metrics[name]
 
 
-def _improved(value: float, best: float, lower: bool, min_delta: float) -> bool:
+def improved(value: float, best: float, lower: bool, min_delta: float) -> bool:
     return value < best - min_delta if lower else value > best + min_delta
 
 
-class _EarlyStopper:
+class EarlyStopper:
     """Counts epochs since the watched validation metric last improved by more than min_delta."""
 
     def __init__(self, metric: str, lower: bool, patience: int, min_delta: float):
@@ -246,7 +246,7 @@ class _EarlyStopper:
         self.best, self.since_best = math.nan, 0
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, primary: str, higher_is_better: bool) -> _EarlyStopper | None:
+    def from_config(cls, cfg: TrainConfig, primary: str, higher_is_better: bool) -> EarlyStopper | None:
         es = cfg.early_stopping
         if es is None:
             return None
@@ -256,8 +256,8 @@ class _EarlyStopper:
 
     def exhausted(self, metrics: dict[str, float]) -> bool:
         """Record this epoch's metrics (a NaN counts as no improvement); True once patience is used up."""
-        value = _lookup(metrics, self.metric, "train.early_stopping.metric")
-        if not math.isnan(value) and (math.isnan(self.best) or _improved(value, self.best, self.lower, self.min_delta)):
+        value = lookup_metric(metrics, self.metric, "train.early_stopping.metric")
+        if not math.isnan(value) and (math.isnan(self.best) or improved(value, self.best, self.lower, self.min_delta)):
             self.best, self.since_best = value, 0
         else:
             self.since_best += 1
