@@ -327,14 +327,16 @@ def _check_consistent(tmp_path: Path, images: pd.DataFrame) -> None:
 def test_concurrent_threads_into_one_cache_stay_consistent(tmp_path):
     images = write_images(tmp_path / "img", 12)
     results, errors = [], []
+    # Built before the threads start: TinyViT seeds torch's global generator, which threads would race on.
+    encoders = [TinyViT(), TinyViT()]
 
-    def work() -> None:
+    def work(encoder: TinyViT) -> None:
         try:
-            results.append(extract_features(make_exp(tmp_path / "cache"), manifest(images), TinyViT(), progress=False))
+            results.append(extract_features(make_exp(tmp_path / "cache"), manifest(images), encoder, progress=False))
         except Exception as err:  # surfaced below
             errors.append(err)
 
-    threads = [threading.Thread(target=work) for _ in range(2)]
+    threads = [threading.Thread(target=work, args=(encoder,)) for encoder in encoders]
     for thread in threads:
         thread.start()
     for thread in threads:

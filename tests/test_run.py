@@ -82,12 +82,21 @@ def test_uninformative_imbalanced_multiclass_is_flagged(toy_study):
     assert {"majority_collapse", "below_baseline"} & names, names
 
 
-def test_two_configs_with_the_same_predictions_are_flagged(toy_study):
+def test_two_configs_with_the_same_predictions_are_flagged(toy_study, tiny_dinov2_dir, tmp_path):
+    import shutil
+
     first = toy_study("binary")
     run_experiment(parse_config(first), progress=False)
-    second = {**first, "eval": {**first["eval"], "tiny_class": 3}}  # a change that cannot move predictions
-    metrics = run_experiment(parse_config(second), progress=False).metrics
-    assert "identical_predictions" in {f["name"] for f in metrics["flags"]}
+    # An evaluation setting reads predictions and never changes them: no flag.
+    eval_only = {**first, "eval": {**first["eval"], "tiny_class": 3}}
+    metrics = run_experiment(parse_config(eval_only), progress=False).metrics
+    assert "identical_predictions" not in {f["name"] for f in metrics["flags"]}
+    # A "different backbone" that is the same weights under another path is what the flag exists for.
+    copy = shutil.copytree(tiny_dinov2_dir, tmp_path / "other-backbone")
+    other_model = {**first, "model": {**first["model"], "name": str(copy)}}
+    metrics = run_experiment(parse_config(other_model), progress=False).metrics
+    flags = [f for f in metrics["flags"] if f["name"] == "identical_predictions"]
+    assert flags and flags[0]["severity"] == "error"
 
 
 def test_balanced_class_weights_are_computed_and_recorded(toy_study):

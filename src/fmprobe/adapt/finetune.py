@@ -68,7 +68,7 @@ def adapt_heads(
     encoder: Encoder | None = None,
 ) -> ProbeResults:
     """Train every head x seed end to end; ``df`` holds the manifest rows (sample_id, path) of ``split_ids``."""
-    cfg, task = exp.adapt, exp.task
+    cfg = exp.adapt
     if cfg.strategy == "frozen":
         raise ValueError("adapt_heads is for end-to-end strategies; strategy frozen goes through train_heads")
     device, autocast, scaler = runtime(exp)
@@ -147,7 +147,7 @@ def _fit_one(
     fit_targets: dict[str, np.ndarray], score_fn: Callable, shift: Any, scale: Any, stage1: HeadRun | None,
     checkpoint_root: Path, device: torch.device, autocast: Callable, scaler: Any, class_names: list[str] | None,
 ) -> tuple[HeadRun, dict[str, Any]]:
-    task, primary = exp.task, exp.task.primary_metric
+    task = exp.task
     with seeded(seed, device):
         head = build_head(head_cfg, in_dim, out_dim)
         head.reset_parameters()

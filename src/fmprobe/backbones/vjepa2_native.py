@@ -25,7 +25,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import math
 import pickle
 import re
 import warnings

@@ -9,7 +9,6 @@ primary metric with its CI against depth, one line per head type) and ``layers.h
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from typing import Any
 
 import pandas as pd

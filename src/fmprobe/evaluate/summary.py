@@ -21,6 +21,7 @@ from fmprobe.evaluate.bootstrap import TaskMetric, resample_weights, scalar_metr
 from fmprobe.evaluate.flags import Flag, compute_flags, prediction_hash
 from fmprobe.evaluate.metrics import higher_is_better
 from fmprobe.evaluate.thresholds import calibration
+from fmprobe.experiments.identity import head_hash
 from fmprobe.experiments.probing import SPLITS, HeadRun, ProbeResults
 
 
@@ -64,10 +65,6 @@ def _mean_sd(per_seed: list[dict[str, float]]) -> tuple[dict[str, list[float]], 
         mean = {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in values.items()}
         sd = {k: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan") for k, v in values.items()}
     return values, mean, sd
-
-
-def _head_config_hash(config_hash: str, head: str) -> str:
-    return f"{config_hash}:{head}"
 
 
 def _seed_mean_test_scores(runs: list[HeadRun]) -> np.ndarray:
@@ -131,7 +128,7 @@ def summarise_run(
         test_ci = seed_mean_bootstrap([metric_for(r) for r in runs], targets["test"], [r.scores["test"] for r in runs],
                                       groups=test_groups, n_resamples=exp.eval.bootstrap, ci=exp.eval.ci)
         others = {k: v for k, v in earlier.items()}
-        others.update({f"this run/{h}": (_head_config_hash(config_hash, h), hashes[h])
+        others.update({f"this run/{h}": (head_hash(exp, h), hashes[h])
                        for h in head_names if h != cfg.name})
         mean_test = _seed_mean_test_scores(runs)
         flags: list[Flag] = compute_flags(
@@ -143,7 +140,7 @@ def summarise_run(
             train_value=splits["train"]["mean"][primary], val_value=splits["val"]["mean"][primary],
             y_by_split=targets, overlap=split_info["group_overlap"],
             allow_group_overlap=split_info["allow_group_overlap"],
-            config_hash=_head_config_hash(config_hash, cfg.name), sample_ids=test_ids, other_runs=others,
+            config_hash=head_hash(exp, cfg.name), sample_ids=test_ids, other_runs=others,
         )
         # A collapsed seed is hidden by the seed mean: check each seed's outputs too.
         names = {f.name for f in flags}
@@ -201,7 +198,7 @@ def summarise_run(
         },
         "heads": heads,
         "flags": all_flags,
-        "prediction_hashes": {h: [_head_config_hash(config_hash, h), hashes[h]] for h in head_names},
+        "prediction_hashes": {h: [head_hash(exp, h), hashes[h]] for h in head_names},
         "skipped": [list(s) for s in skipped],
     }
 

@@ -7,13 +7,11 @@ metrics.json, curves.parquet, checkpoints/ and report.html.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from fmprobe.atomic import atomic_path, write_json, write_text
@@ -22,6 +20,7 @@ from fmprobe.data.manifest import Manifest, load_manifest
 from fmprobe.experiments.splitting import resolve_splits
 from fmprobe.evaluate.summary import summarise_run
 from fmprobe.experiments.environment import environment_info
+from fmprobe.experiments.identity import config_hash
 from fmprobe.experiments.probing import SPLITS, predictions_table, train_heads
 from fmprobe.features.extract import extract_features
 
@@ -30,24 +29,6 @@ from fmprobe.features.extract import extract_features
 class RunResult:
     run_dir: Path
     metrics: dict
-
-
-def config_hash(exp: Experiment) -> str:
-    """Identity of what was asked for. The runs folder and trackers are excluded: moving runs or turning
-    tracking on does not change what a run computes."""
-    data = exp.model_dump(mode="json", exclude={"runs_dir", "tracking"})
-    return hashlib.sha256(repr(sorted(_flatten(data).items())).encode()).hexdigest()[:16]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def new_run_dir(exp: Experiment) -> Path:
@@ -117,17 +98,15 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         config_hash=config_hash(exp),
     )
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
-    write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp)))
 
     from fmprobe.report.html import write_run_report
 
     write_run_report(run_dir, exp, metrics, curves)
+    # metrics.json last: its presence is what marks a run finished (sweeps skip it, the index lists it).
+    write_json(run_dir / "metrics.json", metrics)
     from fmprobe.tracking import log_run
 
     log_run(exp, run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
     return RunResult(run_dir=run_dir, metrics=metrics)
 
-
-def split_sizes(df: pd.DataFrame) -> dict[str, int]:
-    return {s: int(np.sum(df["split"] == s)) for s in SPLITS}

@@ -157,7 +157,7 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 def expand(spec: SweepSpec) -> list[SweepPoint]:
     """Every grid combination as a validated Experiment (all errors are reported before anything runs)."""
-    from fmprobe.experiments.run import config_hash
+    from fmprobe.experiments.identity import config_hash
 
     points: list[SweepPoint] = []
     errors: list[str] = []

@@ -1,0 +1,44 @@
+"""What identifies a run, and a head within it, for resuming sweeps and for the identical-predictions check.
+
+Settings that only say where things are stored or how fast they are computed (runs and cache folders,
+trackers, batch sizes for extraction, worker counts) are left out: changing them must neither re-run a
+finished sweep point nor make two runs look differently configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from fmprobe.config import Experiment
+
+_NOT_IDENTITY: dict[str, Any] = {
+    "runs_dir": True,
+    "tracking": True,
+    "features": {"cache_dir", "batch_size", "shard_size"},
+    "data": {"num_workers"},
+}
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def identity(exp: Experiment) -> dict[str, Any]:
+    return exp.model_dump(mode="json", exclude=_NOT_IDENTITY)
+
+
+def config_hash(exp: Experiment) -> str:
+    """Identity of what a run computes."""
+    return _hash(identity(exp))
+
+
+def head_hash(exp: Experiment, head: str) -> str:
+    """Identity of what one head's predictions depend on: everything but the other heads, the
+    experiment's name and the evaluation settings (which read predictions, never change them)."""
+    data = identity(exp)
+    data.pop("name")
+    data.pop("eval")
+    data["heads"] = [h for h in data["heads"] if h["name"] == head]
+    return _hash(data)
