@@ -164,3 +164,21 @@ def test_compare_runs_pairs_the_same_test_samples_and_refuses_different_ones(toy
     runner = CliRunner()
     out = runner.invoke(app, ["compare", str(run_a), str(run_b), "--resamples", "200"])
     assert out.exit_code == 0 and '"p_value"' in out.output
+
+
+def test_kfold_rotates_validation_and_scores_every_fold_on_one_test_set(toy_study):
+    config = toy_study("binary", n=120, split={"mode": "kfold", "folds": 3, "fractions": [0.6, 0.2, 0.2]},
+                       train={"seeds": [0]})
+    result = run_experiment(parse_config(config), progress=False)
+    metrics, run_dir = result.metrics, result.run_dir
+    head = metrics["heads"]["linear"]
+    assert metrics["folds"] == 3 and head["members"] == ["fold0/seed0", "fold1/seed0", "fold2/seed0"]
+    assert len(head["splits"]["val"]["per_seed"]["auroc"]) == 3
+    preds = pd.read_parquet(run_dir / "predictions.parquet")
+    val_ids = [set(preds[(preds["fold"] == k) & (preds["split"] == "val")]["sample_id"]) for k in range(3)]
+    assert not (val_ids[0] & val_ids[1]) and not (val_ids[1] & val_ids[2])  # validation rotates
+    test_ids = [set(preds[(preds["fold"] == k) & (preds["split"] == "test")]["sample_id"]) for k in range(3)]
+    assert test_ids[0] == test_ids[1] == test_ids[2] and not (test_ids[0] & val_ids[0])
+    assert (run_dir / "checkpoints" / "fold2" / "linear" / "seed0" / "best.pt").exists()
+    lo, hi = head["test_ci"]["auroc"]
+    assert lo <= head["splits"]["test"]["mean"]["auroc"] <= hi

@@ -119,10 +119,12 @@ def summarise_run(
     heads: dict[str, Any] = {}
     all_flags: list[dict[str, Any]] = []
     for cfg in exp.heads:
-        runs = sorted((r for r in results.runs if r.head == cfg.name), key=lambda r: r.seed)
+        runs = sorted((r for r in results.runs if r.head == cfg.name), key=lambda r: (r.fold or 0, r.seed))
         splits = {}
         for split in SPLITS:
-            per_seed = [scalar_metrics(metric_for(r)(targets[split], r.scores[split])) for r in runs]
+            # Folds differ in train/val samples; test is the same for every member.
+            per_seed = [scalar_metrics(metric_for(r)((r.data.targets if r.data else targets)[split], r.scores[split]))
+                        for r in runs]
             values, mean, sd = _mean_sd(per_seed)
             splits[split] = {"per_seed": values, "mean": mean, "sd": sd}
         test_ci = seed_mean_bootstrap([metric_for(r) for r in runs], targets["test"], [r.scores["test"] for r in runs],
@@ -148,15 +150,16 @@ def summarise_run(
             for f in compute_flags(task.type, targets["test"], r.scores["test"], eval_cfg=exp.eval,
                                    class_names=label_names, thresholds=r.thresholds, groups=test_groups):
                 if f.name not in names:
-                    flags.append(Flag(f.name, f.severity, f"seed {r.seed}: {f.message}", f.details))
+                    flags.append(Flag(f.name, f.severity, f"{r.member}: {f.message}", f.details))
                     names.add(f.name)
         entry: dict[str, Any] = {
             "type": cfg.type, "pooling": cfg.pooling, "layer": cfg.layer,
             "trainable_params": runs[0].trainable_params,
             "loss": runs[0].loss_info,
-            "selected_epochs": {str(r.seed): r.best_epoch for r in runs},
-            "stopped_early": {str(r.seed): r.stopped_early for r in runs},
-            "thresholds": {str(r.seed): r.thresholds for r in runs} if runs[0].thresholds is not None else None,
+            "members": [r.member for r in runs],
+            "selected_epochs": {r.member: r.best_epoch for r in runs},
+            "stopped_early": {r.member: r.stopped_early for r in runs},
+            "thresholds": {r.member: r.thresholds for r in runs} if runs[0].thresholds is not None else None,
             "splits": splits,
             "test_ci": {k: [lo, hi] for k, (_, lo, hi) in test_ci.items()},
             "flags": [f.to_dict() for f in flags],
@@ -168,7 +171,7 @@ def summarise_run(
                 task.type, targets["test"], mean_test, class_names=label_names,
                 thresholds=None if runs[0].thresholds is None else np.mean([r.thresholds for r in runs], axis=0))
             entry["calibration_test"] = {
-                str(r.seed): calibration(task.type, targets["test"], r.scores["test"], class_names=label_names)
+                r.member: calibration(task.type, targets["test"], r.scores["test"], class_names=label_names)
                 for r in runs
             }
         heads[cfg.name] = entry
@@ -183,9 +186,10 @@ def summarise_run(
                  "headline_metrics": [primary] + [m for m in METRICS_BY_TASK[task.type] if m != primary]},
         "split": split_info,
         "seeds": exp.train.seeds,
+        "folds": split_info.get("folds"),  # kfold: every (fold, seed) member is scored on the same test set
         "ci_level": exp.eval.ci,
         "bootstrap": {"resamples": exp.eval.bootstrap, "unit": "group" if test_groups is not None else "sample",
-                      "statistic": "mean over seeds, each resample shared by all seeds", "method": "percentile"},
+                      "statistic": "mean over seeds (and folds), each resample shared by all of them", "method": "percentile"},
         "baseline": {"test": baseline,
                      "description": _baseline_description(task.type)},
         "selection": {

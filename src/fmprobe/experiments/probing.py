@@ -27,6 +27,15 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass
+class SplitData:
+    """Sample ids, groups and targets of each split."""
+
+    ids: dict[str, list[str]]
+    groups: dict[str, list[str]]
+    targets: dict[str, np.ndarray]
+
+
+@dataclass
 class HeadRun:
     """One head trained with one seed: its curves, what was selected, and its scores per split."""
 
@@ -41,6 +50,13 @@ class HeadRun:
     loss_info: dict
     trainable_params: int
     checkpoint_dir: Path | None = None
+    fold: int | None = None  # split.mode kfold: which train/val fold (the test set is the same for all)
+    data: SplitData | None = None  # the fold's samples; None = the run's one split
+
+    @property
+    def member(self) -> str:
+        """Label of this (fold, seed) member in metrics.json."""
+        return str(self.seed) if self.fold is None else f"fold{self.fold}/seed{self.seed}"
 
 
 @dataclass
@@ -190,28 +206,28 @@ def _save_checkpoints(folder: Path, best: dict, last: dict) -> None:
 
 def predictions_table(
     results: ProbeResults,
-    split_ids: dict[str, list[str]],
-    groups: dict[str, list[str]],
-    targets: dict[str, np.ndarray],
+    split: SplitData,
     score_names: list[str],
     target_names: list[str],
 ) -> pd.DataFrame:
-    """Long table: one row per (head, seed, sample). Everything else can be recomputed from it."""
+    """Long table: one row per (head, fold, seed, sample). Everything else can be recomputed from it."""
     frames = []
     for run in results.runs:
-        for split in SPLITS:
-            n = len(split_ids[split])
+        own = run.data or split
+        for part in SPLITS:
+            n = len(own.ids[part])
             data: dict[str, object] = {
-                "sample_id": split_ids[split],
-                "split": split,
-                "group": groups[split],
+                "sample_id": own.ids[part],
+                "split": part,
+                "group": own.groups[part],
                 "head": run.head,
+                "fold": -1 if run.fold is None else run.fold,
                 "seed": run.seed,
             }
-            y = targets[split].reshape(n, -1)
+            y = own.targets[part].reshape(n, -1)
             for j, name in enumerate(target_names):
                 data[f"y/{name}"] = y[:, j]
-            s = run.scores[split].reshape(n, -1)
+            s = run.scores[part].reshape(n, -1)
             for j, name in enumerate(score_names):
                 data[f"p/{name}"] = s[:, j]
             frames.append(pd.DataFrame(data))

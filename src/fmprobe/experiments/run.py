@@ -17,11 +17,12 @@ import pandas as pd
 from fmprobe.atomic import atomic_path, write_json, write_text
 from fmprobe.config import Experiment, dump_config
 from fmprobe.data.manifest import Manifest, load_manifest
-from fmprobe.experiments.splitting import resolve_splits
+from fmprobe.experiments.splitting import resolve_folds
+from fmprobe.errors import ConfigError
 from fmprobe.evaluate.summary import summarise_run
 from fmprobe.experiments.environment import environment_info
 from fmprobe.experiments.identity import config_hash
-from fmprobe.experiments.probing import SPLITS, predictions_table, train_heads
+from fmprobe.experiments.probing import SPLITS, ProbeResults, SplitData, predictions_table, train_heads
 from fmprobe.features.extract import extract_features
 
 
@@ -51,36 +52,53 @@ def _score_names(exp: Experiment, manifest: Manifest) -> list[str]:
     return list(exp.task.targets)
 
 
+def _split_data(df: pd.DataFrame, manifest: Manifest) -> SplitData:
+    """Ids, groups and targets per split, for the samples that were extracted."""
+    ids = {s: df.loc[df["split"] == s, "sample_id"].tolist() for s in SPLITS}
+    empty = [s for s, v in ids.items() if not v]
+    if empty:
+        raise ConfigError(f"split(s) {empty} are empty after extraction; check split settings and skipped samples")
+    rows = {s: df[df["split"] == s] for s in SPLITS}
+    return SplitData(ids=ids, groups={s: rows[s]["group"].astype(str).tolist() for s in SPLITS},
+                     targets={s: manifest.targets(rows[s]) for s in SPLITS})
+
+
 def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     started = time.perf_counter()
     manifest = load_manifest(exp.data, exp.task)
-    df, split_info = resolve_splits(manifest, exp.task, exp.split)
+    folds = resolve_folds(manifest, exp.task, exp.split)
+    if len(folds) > 1 and exp.adapt.strategy != "frozen":
+        raise ConfigError("split.mode kfold runs frozen probes only; use split.mode generate with adapt strategies")
     features = extract_features(exp, manifest, progress=progress)
     extracted = set(features.sample_ids)
-    df = df[df["sample_id"].isin(extracted)]
-    split_ids = {s: df.loc[df["split"] == s, "sample_id"].tolist() for s in SPLITS}
-    for split, ids in split_ids.items():
-        if not ids:
-            from fmprobe.errors import ConfigError
-
-            raise ConfigError(f"split '{split}' is empty after extraction; check split settings and skipped samples")
-    rows = {s: df[df["split"] == s] for s in SPLITS}
-    targets = {s: manifest.targets(rows[s]) for s in SPLITS}
-    groups = {s: rows[s]["group"].astype(str).tolist() for s in SPLITS}
+    data = [_split_data(df[df["sample_id"].isin(extracted)], manifest) for df, _ in folds]
+    split, split_info = data[0], folds[0][1]
 
     run_dir = new_run_dir(exp)
     write_text(run_dir / "config.resolved.yaml", dump_config(exp))
-    if exp.adapt.strategy == "frozen":
-        results = train_heads(exp, features, split_ids, targets, manifest.class_names, run_dir / "checkpoints")
-    else:  # end to end on pixels (staged: stage 1 on these cached features); writes adaptation.json
-        from fmprobe.adapt.finetune import adapt_heads
+    results = ProbeResults()
+    for k, fold in enumerate(data):
+        if exp.adapt.strategy == "frozen":
+            ckpt = run_dir / "checkpoints" / (f"fold{k}" if len(data) > 1 else "")
+            part = train_heads(exp, features, fold.ids, fold.targets, manifest.class_names, ckpt)
+        else:  # end to end on pixels (staged: stage 1 on these cached features); writes adaptation.json
+            from fmprobe.adapt.finetune import adapt_heads
 
-        results = adapt_heads(exp, features, df, split_ids, targets, manifest.class_names, run_dir)
-    preds = predictions_table(results, split_ids, groups, targets, _score_names(exp, manifest), exp.task.targets)
+            part = adapt_heads(exp, features, folds[0][0][folds[0][0]["sample_id"].isin(extracted)], fold.ids,
+                               fold.targets, manifest.class_names, run_dir)
+        if len(data) > 1:
+            for r in part.runs:
+                r.fold, r.data = k, fold
+        results.runs += part.runs
+        results.standardisation.update(part.standardisation)
+    if len(data) > 1:
+        split_info = {**split_info, "fold": None, "fold_sizes": [info["sizes"] for _, info in folds]}
+    preds = predictions_table(results, split, _score_names(exp, manifest), exp.task.targets)
     with atomic_path(run_dir / "predictions.parquet") as tmp:
         preds.to_parquet(tmp, index=False)
     curves = pd.DataFrame(
-        [{"head": r.head, "seed": r.seed, **row} for r in results.runs for row in r.curves]
+        [{"head": r.head, "fold": -1 if r.fold is None else r.fold, "seed": r.seed, **row}
+         for r in results.runs for row in r.curves]
     )
     with atomic_path(run_dir / "curves.parquet") as tmp:
         curves.to_parquet(tmp, index=False)
@@ -88,9 +106,9 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     metrics = summarise_run(
         exp,
         results,
-        targets=targets,
-        groups=groups,
-        test_ids=split_ids["test"],
+        targets=split.targets,
+        groups=split.groups,
+        test_ids=split.ids["test"],
         class_names=manifest.class_names,
         split_info=split_info,
         skipped=features.skipped,

@@ -8,7 +8,7 @@ import pandas as pd
 
 from fmprobe.config import SplitConfig, TaskConfig
 from fmprobe.data.manifest import Manifest
-from fmprobe.data.splits import enforce_no_leakage, make_splits
+from fmprobe.data.splits import enforce_no_leakage, kfold_splits, make_splits
 from fmprobe.errors import ConfigError, ManifestError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -32,20 +32,39 @@ def resolve_splits(manifest: Manifest, task: TaskConfig, cfg: SplitConfig) -> tu
     elif cfg.mode == "generate":
         df["split"] = make_splits(df, task, cfg, manifest.targets(df)).to_numpy()
     else:
-        raise ConfigError(
-            f"split.mode '{cfg.mode}' is not available for a single run; use 'given' or 'generate'"
-        )
+        raise ConfigError(f"split.mode '{cfg.mode}' gives several folds; use resolve_folds")
+    return df, _checked(df, cfg)
+
+
+def resolve_folds(manifest: Manifest, task: TaskConfig, cfg: SplitConfig) -> list[tuple[pd.DataFrame, dict[str, Any]]]:
+    """One (manifest with split column, report info) per fold: a single one unless split.mode is kfold.
+
+    kfold keeps one held-out test set (``fractions[2]`` of the groups) and rotates validation over
+    ``folds`` stratified group folds of the rest, so every fold is scored on the same test samples.
+    """
+    if cfg.mode != "kfold":
+        return [resolve_splits(manifest, task, cfg)]
+    if cfg.fractions[2] <= 0:
+        raise ConfigError("split.mode kfold needs a held-out test set: set split.fractions[2] above 0")
+    folds = []
+    for k, column in enumerate(kfold_splits(manifest.df, task, cfg, manifest.targets(manifest.df))):
+        df = manifest.df.copy()
+        df["split"] = column.to_numpy()
+        folds.append((df, {**_checked(df, cfg), "fold": k, "folds": cfg.folds}))
+    return folds
+
+
+def _checked(df: pd.DataFrame, cfg: SplitConfig) -> dict[str, Any]:
     counts = {s: int((df["split"] == s).sum()) for s in SPLIT_NAMES}
     empty = [s for s, n in counts.items() if n == 0]
     if empty:
         raise ConfigError(f"split(s) {empty} have no samples (sizes: {counts}); every run needs train, val and test")
     overlap = enforce_no_leakage(df, allow_group_overlap=cfg.allow_group_overlap)
-    info = {
+    return {
         "mode": cfg.mode,
         "sizes": counts,
         "groups": {s: int(df.loc[df["split"] == s, "group"].nunique()) for s in SPLIT_NAMES},
         "allow_group_overlap": cfg.allow_group_overlap,
         "group_overlap": overlap,
-        "seed": cfg.seed if cfg.mode == "generate" else None,
+        "seed": cfg.seed if cfg.mode != "given" else None,
     }
-    return df, info
