@@ -254,10 +254,13 @@ def stored_features(config: Path) -> tuple[list[str], dict[str, np.ndarray], int
 
 def comparable_metrics(run_dir: Path) -> dict:
     """metrics.json without what differs between two runs of the same config by nature: the wall time, and
-    the config hash, which covers absolute paths (each kill point works in its own copy of the project)."""
+    the config and head hashes, which cover absolute paths (each kill point works in its own copy of the
+    project). The hashes of the outputs themselves are kept: they must match."""
     text = (run_dir / "metrics.json").read_text()
     metrics = json.loads(text.replace(json.loads(text)["config_hash"], "<config hash>"))
     metrics.pop("wall_seconds", None)
+    for pair in metrics.get("prediction_hashes", {}).values():
+        pair[0] = "<head hash>"
     return metrics
 
 

@@ -163,7 +163,7 @@ RUN_POINTS = [
     ("run: extracting, after 4 shards", lambda w: fi.after_shards(w / "cache", 4)),
     ("run: training, first checkpoint", lambda w: fi.when_glob(w / "runs", "*/*/checkpoints/*/*/*.pt")),
     ("run: predictions written", lambda w: fi.when_glob(w / "runs", "*/*/predictions.parquet")),
-    ("run: metrics written, report not yet", lambda w: fi.when_glob(w / "runs", "*/*/metrics.json")),
+    ("run: report written, metrics not yet", lambda w: fi.when_glob(w / "runs", "*/*/report.html")),
 ]
 
 
