@@ -13,6 +13,7 @@ from fmprobe.config import DataConfig, WindowConfig
 from fmprobe.data.dataset import MediaDataset, collate_samples
 from fmprobe.data.readers import read_media
 from fmprobe.data.transforms import Preprocess
+from fmprobe.errors import ReaderError
 
 SPEC = InputSpec(kind="image", image_size=(16, 16), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
 UNIT = InputSpec(kind="image", image_size=(16, 16), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -148,3 +149,9 @@ def test_dataset_with_workers_matches_in_process(samples):
     assert [e for b in loaded for e in b["errors"]] == direct["errors"]
     other_seed = MediaDataset(samples, cfg, Preprocess(SPEC, cfg, train=True), seed=4)
     assert any(not torch.equal(ds[i]["pixels"], other_seed[i]["pixels"]) for i in (0, 2, 3))
+
+
+def test_window_on_8bit_images_is_refused_not_ignored():
+    window = WindowConfig(center=40, width=400)
+    with pytest.raises(ReaderError, match="data.window applies to raw intensities"):
+        Preprocess(UNIT, data(window=window)).to_unit(np.zeros((1, 1, 1, 4, 4), dtype=np.uint8))

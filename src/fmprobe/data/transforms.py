@@ -50,6 +50,11 @@ class Preprocess:
     def to_unit(self, array: np.ndarray) -> torch.Tensor:
         """Intensities to [0, 1]. A constant sample (no contrast at all) maps to 0."""
         if array.dtype == np.uint8:
+            if self.window is not None:  # 8-bit pixels are display values: a HU/MR window cannot apply
+                raise ReaderError(
+                    "data.window applies to raw intensities (DICOM, NIfTI, .npy), but this file holds 8-bit "
+                    "display values; remove data.window or give the raw scans"
+                )
             return torch.from_numpy(array.astype(np.float32)).div_(255.0)
         x = torch.from_numpy(np.array(array, dtype=np.float32))
         if not torch.isfinite(x).all():
