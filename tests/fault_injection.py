@@ -39,14 +39,9 @@ _context = None
 # --- a tiny project ------------------------------------------------------------------------------------
 
 def save_tiny_dinov2(folder: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
+    from run_factories import write_model  # the same tiny Dinov2 the sweep tests use
 
-    torch.manual_seed(seed)
-    config = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                          patch_size=8, image_size=16)
-    Dinov2Model(config).save_pretrained(folder)
-    return folder
+    return write_model(folder, seed)
 
 
 def write_project(root: Path, model_dir: Path, n: int = N_IMAGES, **config: dict) -> Path:
