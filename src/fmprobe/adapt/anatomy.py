@@ -13,6 +13,7 @@ from torch import nn
 
 from fmprobe.backbones.base import Encoder, LayerRef
 from fmprobe.backbones.hf_vision import HFVisionEncoder
+from fmprobe.backbones.qwen2_5_vl import QwenVisionEncoder
 from fmprobe.errors import ConfigError
 
 
@@ -39,16 +40,25 @@ _ANATOMY: dict[str, Anatomy] = {
     "siglip_vision_model": Anatomy("encoder.layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                    None, "post_layernorm"),
     "blip_2_vision_model": Anatomy("encoder.layers", None, None, None, "self_attn.qkv", "post_layernorm"),
+    # the merger's ln_q feeds only the merger's tokens (read as the module path "merger"), so no final norm
+    "qwen2_5_vl_vision": Anatomy("blocks", None, None, None, "attn.qkv", None),
 }
 _ANATOMY["dinov2_with_registers"] = _ANATOMY["dinov2"]
 
 
 def hf_model(encoder: Encoder) -> nn.Module:
     """The transformers model an adaptation strategy changes; refuses encoders it cannot train through."""
+    if isinstance(encoder, QwenVisionEncoder):
+        if encoder.vlm is not None:
+            raise ConfigError(
+                f"{encoder.name}: end-to-end adaptation trains the vision tower, but model.layers reads language-model "
+                "layers; read a vision block or visual.merger, or use adapt.strategy: frozen"
+            )
+        return encoder.visual
     if not isinstance(encoder, HFVisionEncoder):
         raise ConfigError(
-            f"{encoder.name} ({type(encoder).__name__}) cannot be adapted end to end: its encode() runs without "
-            "gradients (Qwen2.5-VL) or it is not a transformers vision model; use adapt.strategy: frozen"
+            f"{encoder.name} ({type(encoder).__name__}) cannot be adapted end to end: it is not a transformers "
+            "vision model; use adapt.strategy: frozen"
         )
     return encoder.model
 

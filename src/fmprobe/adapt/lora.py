@@ -104,7 +104,7 @@ def load_adapter(encoder: Encoder, folder: str | Path, *, merge: bool = False) -
 
 
 def merge_adapter(encoder: Encoder, peft_model: PeftModel) -> nn.Module:
-    """Fold the adapter into the base weights; ``encoder.model`` becomes a plain transformers model again."""
+    """Fold the adapter into the base weights, in place: the encoder's model is a plain transformers model again."""
     merged = peft_model.merge_and_unload()
-    encoder.model = merged
+    assert merged is hf_model(encoder)  # peft injects into and unloads from the model object itself
     return merged

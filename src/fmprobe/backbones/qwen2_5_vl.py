@@ -115,7 +115,6 @@ class QwenVisionEncoder(Encoder):
 
     # -- public API ---------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def encode(self, pixels: torch.Tensor, layers: list[LayerRef], attentions: bool = False) -> EncoderOutput:
         self.check_input(pixels)
         if pixels.shape[1] != self.in_channels:
