@@ -2,8 +2,9 @@
 
 Same data (synthetic DINOv2-S-sized cls+mean features, a 3-label multilabel task), same epochs, batches,
 schedule and seed; the grid is linear heads x 4 learning rates x 2 weight decays. Both sides run in this one
-process, interleaved, best of ``REPEATS`` (the machine is shared). The bank reproduces each separate run's
-weights (checked here, max |difference| printed). ``--threads`` sets torch's intra-op threads for both sides
+process, interleaved, best of ``REPEATS`` (the machine is shared). The separate runs score each head per epoch
+with ``TaskMetric.weighted``, the bank all heads at once with ``TaskMetric.stacked`` (same values, tested). The
+bank reproduces each separate run's weights (checked here, max |difference| printed). ``--threads`` sets torch's intra-op threads for both sides
 (default 1: on a loaded shared machine torch's thread-pool wake-ups dominate such small kernels and make both
 timings noise). Last line: ``headbank_speedup=<separate seconds / bank seconds>`` (goal >= 4).
 """
@@ -60,7 +61,7 @@ def main() -> None:
         return out
 
     def bank():
-        return train_bank(members, train, val, in_dim=DIM, out_dim=LABELS, cfg=cfg, **common)
+        return train_bank(members, train, val, in_dim=DIM, out_dim=LABELS, cfg=cfg, **{**common, "score_fn": metric.stacked})
 
     times = {"separate": [], "bank": []}
     for _ in range(REPEATS):

@@ -10,8 +10,8 @@ from fmprobe.config import EarlyStoppingConfig, HeadConfig, LossConfig, TaskConf
 from fmprobe.errors import ConfigError
 from fmprobe.evaluate.bootstrap import TaskMetric
 from fmprobe.heads import build_head
-from fmprobe.heads.bank import BankAdamW, HeadBank, head_grid, train_bank
-from fmprobe.train.losses import build_loss
+from fmprobe.heads.bank import BankAdamW, HeadBank, head_grid, summed_loss, train_bank
+from fmprobe.train.losses import as_target_tensor, build_loss
 from fmprobe.train.trainer import HeadData, train_head
 
 
@@ -34,7 +34,7 @@ def fit_both(members, cfg, loss_cfg=LossConfig()):
     train, val = multiclass(240, 0), multiclass(120, 1)
     loss, _ = build_loss(loss_cfg, TASK, train.y)
     common = dict(task_type="multiclass", loss=loss, seed=3, score_fn=score_fn, primary="balanced_accuracy")
-    bank = train_bank(members, train, val, in_dim=12, out_dim=3, cfg=cfg, **common)
+    bank = train_bank(members, train, val, in_dim=12, out_dim=3, cfg=cfg, **{**common, "score_fn": METRIC.stacked})
     separate = {m.name: train_head(build_head(m.head, 12, 3), train, val, **common,
                                    cfg=cfg.model_copy(update={"lr": m.lr, "weight_decay": m.weight_decay}))
                 for m in members}  # fmt: skip
@@ -75,20 +75,28 @@ def test_fused_forward_equals_each_head():
 
 def test_bank_optimizer_matches_torch_adamw_per_group():
     torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    ours = BankAdamW([ps[:2], ps[2:]], [0.1, 0.3])
-    torch_opt = torch.optim.AdamW([{"params": [ref[0]], "weight_decay": 0.1, "lr": 0.01},
+    # head 0 owns a matrix and a bias, head 1 a matrix; a stacked [2, 3, 2] tensor holds one matrix per head
+    ps = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3)),
+          torch.nn.Parameter(torch.randn(2, 2)), torch.nn.Parameter(torch.randn(2, 3, 2))]  # fmt: skip
+    ref = [torch.nn.Parameter(t.detach().clone()) for t in ps[:3] + list(ps[3])]
+    ours = BankAdamW([(ps[0], 0, True), (ps[1], 0, False), (ps[2], 1, True), (ps[3], [0, 1], True)], [0.1, 0.3])
+    torch_opt = torch.optim.AdamW([{"params": [ref[0], ref[3]], "weight_decay": 0.1, "lr": 0.01},
                                    {"params": [ref[1]], "weight_decay": 0.0, "lr": 0.01},
-                                   {"params": [ref[2]], "weight_decay": 0.3, "lr": 0.05}])  # fmt: skip
+                                   {"params": [ref[2], ref[4]], "weight_decay": 0.3, "lr": 0.05}])  # fmt: skip
     for step in range(4):
         grads = [torch.randn_like(p) for p in ps]
-        for p, r, g in zip(ps, ref, grads):
-            p.grad, r.grad = g.clone(), g.clone()
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        for r, g in zip(ref, grads[:3] + list(grads[3])):
+            r.grad = g.clone()
         ours.step([0.01, 0.05])
         torch_opt.step()
-    for p, r in zip(ps, ref):
+    for p, r in zip(ps[:3] + list(ps[3]), ref):
         torch.testing.assert_close(p, r)
+    frozen = ps[3][1].detach().clone()
+    ps[3].grad = torch.randn_like(ps[3])
+    ours.step([0.01, 0.0])  # learning rate 0: that head does not move at all
+    assert torch.equal(ps[3][1], frozen)
 
 
 def test_grid_refuses_mixed_inputs_and_empty_axes():
@@ -96,3 +104,52 @@ def test_grid_refuses_mixed_inputs_and_empty_axes():
         head_grid([HeadConfig(), HeadConfig(type="attentive", pooling="attentive")], [1e-3], [0.0])
     with pytest.raises(ConfigError, match="at least one"):
         head_grid([HeadConfig()], [], [0.0])
+
+
+@pytest.mark.parametrize("task_type,loss_cfg", [
+    ("multiclass", LossConfig(class_weights="balanced", label_smoothing=0.1)),
+    ("multiclass", LossConfig(type="focal", class_weights="balanced")),
+    ("binary", LossConfig(pos_weight="auto", class_weights="balanced")),
+    ("multilabel", LossConfig(type="focal", focal_alpha=0.3)),
+    ("regression", LossConfig(type="huber")),
+    ("regression", LossConfig()),
+])  # fmt: skip
+def test_summed_loss_is_the_sum_of_each_heads_loss(task_type, loss_cfg):
+    rng = np.random.default_rng(0)
+    n, heads = 30, 4
+    if task_type == "multiclass":
+        task, y, out = TASK, rng.integers(0, 3, n), 3
+    elif task_type == "binary":
+        task, y, out = TaskConfig(type="binary", targets=["y"]), (rng.random(n) < 0.3).astype(np.float32), 1
+    else:
+        task = TaskConfig(type=task_type, targets=["a", "b"])
+        y = (rng.random((n, 2)) < 0.3).astype(np.float32) if task_type == "multilabel" else rng.normal(size=(n, 2))
+        out = 2
+    loss, _ = build_loss(loss_cfg, task, y)
+    yt = as_target_tensor(y, task_type)
+    logits = torch.randn(heads, n, out)
+    expected = sum(loss(logits[h], yt) for h in range(heads))
+    torch.testing.assert_close(summed_loss(loss, logits, yt), expected)
+
+
+def test_token_bank_of_attentive_heads_reproduces_separate_runs():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(96, 4, 8)).astype(np.float32))
+    y = (x[:, :, :2].mean(1).sum(1) > 0).numpy().astype(np.float32)
+    train, val = HeadData(x[:64], y[:64]), HeadData(x[64:], y[64:])
+    task = TaskConfig(type="binary", targets=["y"])
+    metric = TaskMetric("binary")
+    loss, _ = build_loss(LossConfig(), task, train.y)
+    head = HeadConfig(type="attentive", pooling="attentive", hidden=8, num_heads=2)
+    members = head_grid([head], [1e-2, 3e-2], [0.0, 0.1])
+    cfg = TrainConfig(epochs=3, batch_size=16)
+    common = dict(task_type="binary", loss=loss, seed=1, primary="auroc", cfg=cfg)
+    bank = train_bank(members, train, val, in_dim=8, out_dim=1, score_fn=metric.stacked, **common)
+    for m in members:
+        ref = train_head(build_head(m.head, 8, 1), train, val, **{**common, "cfg": cfg.model_copy(
+            update={"lr": m.lr, "weight_decay": m.weight_decay})},
+            score_fn=lambda a, s: {k: float(v[0]) for k, v in metric.weighted(a, s, np.ones((1, len(a)))).items()})
+        got = bank.results[m.name]
+        assert got.best_epoch == ref.best_epoch and got.best_val_score == pytest.approx(ref.best_val_score, abs=1e-6)
+        for key in ref.last_state:
+            torch.testing.assert_close(got.last_state[key], ref.last_state[key], atol=1e-5, rtol=1e-4)

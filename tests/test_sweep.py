@@ -99,11 +99,41 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path):
     assert "missing.csv" in (tmp_path / "runs" / "_sweeps" / "sweep" / "report.html").read_text()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed here")
-def test_ray_without_ray_says_what_to_install(tmp_path):
+def test_ray_without_ray_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed: importing it fails
     write_base(tmp_path)
     with pytest.raises(ConfigError, match="pip install ray"):
         run_sweep(_sweep(tmp_path, {"train.lr": [0.1]}), use_ray=True)
+
+
+@pytest.mark.slow  # a local Ray instance takes ~10-30 s to start, and the process pool ~45 s
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install ray)")
+def test_ray_runs_the_grid_with_the_process_pool_s_metrics(tmp_path):
+    import ray
+
+    write_base(tmp_path)
+    results = {}
+    for name in ("ray", "pool"):  # same data and model; own runs and cache folders (not part of a run's identity)
+        grid = {"train.lr": [0.01, 0.05], "runs_dir": [str(tmp_path / name)],
+                "features.cache_dir": [str(tmp_path / f"{name}-cache")]}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"base": "base.yaml", "grid": grid, "workers": 2}))
+        if name == "ray":
+            ray.init(num_cpus=2, include_dashboard=False)
+        try:
+            result = run_sweep(path, use_ray=name == "ray")
+        finally:
+            if name == "ray":
+                ray.shutdown()
+        assert [p.status for p in result.points] == ["ran"] * 2
+        results[name] = {p.config_hash: json.loads((p.run_dir / "metrics.json").read_text()) for p in result.points}
+    assert results["ray"].keys() == results["pool"].keys()
+    for digest, metrics in results["ray"].items():
+        expected = results["pool"][digest]
+        for key in ("heads", "baseline", "selection", "split", "flags", "prediction_hashes"):
+            assert metrics[key] == expected[key], (digest, key)
 
 
 @pytest.mark.slow  # spawning workers imports torch in each: ~45 s on 2 busy cores

@@ -42,22 +42,25 @@ def main() -> None:
 def run(config: Path = typer.Argument(..., help="experiment YAML"),
         quiet: bool = typer.Option(False, help="no progress bars")) -> None:
     """Run one experiment: features (cached) -> heads x seeds -> metrics, CIs, baselines, flags, report."""
+    from fmprobe import distributed
     from fmprobe.config import load_config
     from fmprobe.experiments.run import run_experiment
     from fmprobe.report.terminal import print_summary
 
     result = run_experiment(load_config(config), progress=not quiet)
-    print_summary(console, result.metrics, result.run_dir)
+    if distributed.is_main():  # launched as several processes (torchrun / accelerate launch): print once
+        print_summary(console, result.metrics, result.run_dir)
 
 
 @app.command()
 @user_errors
 def extract(config: Path = typer.Argument(..., help="experiment YAML")) -> None:
     """Fill the feature cache for an experiment (extracts only what is not cached yet)."""
+    from fmprobe import distributed
     from fmprobe.features.extract import extract_command
 
     summary = extract_command(config)
-    for key, value in summary.items():
+    for key, value in summary.items() if distributed.is_main() else ():
         console.print(f"{key}: {value}", highlight=False)
 
 
@@ -101,13 +104,14 @@ def align(a: str = typer.Argument(..., help="FILE.npy, CONFIG.yaml[:LAYER[:POOLI
           metric: list[str] = typer.Option(None, "--metric", help="repeatable; default: all (one layer per side) "
                                            "or linear_cka (layer x layer)"),
           out: Path = typer.Option(Path("fmprobe-align"), help="folder for alignment.json and the figure(s)"),
-          seed: int = typer.Option(0, help="seed of linear_r2's held-out split")) -> None:
+          seed: int = typer.Option(0, help="seed of linear_r2's held-out split"),
+          bootstrap: int = typer.Option(0, help="resamples for CKA CIs (linear_cka, rbf_cka); 0: none")) -> None:
     """Representation alignment of A and B (CKA, mutual kNN, RSA, ...) as JSON, with a bar chart or heatmap."""
     import json
 
     from fmprobe.diagnostics.align_cli import align_command
 
-    typer.echo(json.dumps(align_command(a, b, metric or None, out=out, seed=seed), indent=2))
+    typer.echo(json.dumps(align_command(a, b, metric or None, out=out, seed=seed, bootstrap=bootstrap), indent=2))
 
 
 @app.command("layers")
@@ -149,13 +153,16 @@ def spatial_cmd(encoder: str = typer.Option("pixel", help="pixel | random | CONF
                 n_train: int = typer.Option(96), n_test: int = typer.Option(32),
                 image_size: int = typer.Option(None, help="default: the encoder's"),
                 steps: int = typer.Option(300, help="optimisation steps per probe"), seed: int = typer.Option(0),
-                out: Path = typer.Option(Path("fmprobe-spatial"), help="folder for spatial.json")) -> None:
+                out: Path = typer.Option(Path("fmprobe-spatial"), help="folder for spatial.json"),
+                frames: int = typer.Option(None, help="moving shapes: clips of this many frames"),
+                bootstrap: int = typer.Option(1000, help="resamples of the test samples for CIs; 0: none")) -> None:
     """Spatial probes (box, mask, detection) on the built-in shapes data, per extraction point."""
     from fmprobe.diagnostics.layers import parse_layers
     from fmprobe.diagnostics.spatial_run import format_table, spatial_command
 
     result = spatial_command(encoder, layers=parse_layers(layers) if layers else None, n_train=n_train,
-                             n_test=n_test, image_size=image_size, steps=steps, seed=seed, out=out)
+                             n_test=n_test, image_size=image_size, steps=steps, seed=seed, out=out, frames=frames,
+                             bootstrap=bootstrap)
     typer.echo(format_table(result))
     typer.echo(f"written: {out / 'spatial.json'}")
 
@@ -212,6 +219,24 @@ def gate(gates: Path = typer.Argument(..., help="gates YAML: criteria, levels, m
     print_gates(console, report)
     if json_out:
         write_json(json_out, report.to_dict())
+    if report.chosen is None:
+        raise typer.Exit(1)
+
+
+@app.command("gate-points")
+@user_errors
+def gate_points_cmd(gates: Path = typer.Argument(..., help="gates YAML (split: test criteria)"),
+                    spatial: list[Path] = typer.Option(..., help="spatial.json or its folder (still and/or moving)"),
+                    align: Path = typer.Option(None, help="alignment.json (points as A, a reference as B)"),
+                    control: list[Path] = typer.Option(None, help="spatial.json of a pixel / random control"),
+                    out: Path = typer.Option(Path("fmprobe-gate-points"), help="folder for gates.json, report")) -> None:
+    """A gate verdict per extraction point of one model (spatial and alignment outputs) and a recommendation."""
+    from fmprobe.experiments.gates import print_gates
+    from fmprobe.experiments.point_gates import points_command
+
+    report = points_command(gates, spatial, align, controls=control or (), out=out)
+    print_gates(console, report)
+    console.print(f"report: {out / 'report.html'}")
     if report.chosen is None:
         raise typer.Exit(1)
 

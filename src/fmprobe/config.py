@@ -61,6 +61,7 @@ class DataConfig(Strict):
     window: WindowConfig | None = None
     on_error: Literal["raise", "skip"] = "raise"
     num_workers: int = Field(default=0, ge=0)
+    mask_column: str | None = None  # label-mask path per row (PNG/.npy, 0 = background; empty = none): segmentation
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -164,6 +165,22 @@ class EarlyStoppingConfig(Strict):
     min_delta: float = Field(default=0.0, ge=0)
 
 
+class GridConfig(Strict):
+    """Learning rates x weight decays every head trains with at once (a HeadBank per seed); per head the member
+    with the best mean validation primary metric over seeds is reported. An axis left out: train.lr / weight_decay."""
+
+    lr: list[float] | None = Field(default=None, min_length=1)
+    weight_decay: list[float] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "GridConfig":
+        for name, values, positive in (("lr", self.lr, True), ("weight_decay", self.weight_decay, False)):
+            if values and (len(set(values)) != len(values) or min(values) < 0 or (positive and min(values) == 0)):
+                kind = "positive" if positive else "non-negative"
+                raise ValueError(f"train.grid.{name} needs distinct {kind} values, got {values}")
+        return self
+
+
 class TrainConfig(Strict):
     epochs: int = Field(default=50, ge=1)
     batch_size: int = Field(default=64, ge=1)
@@ -173,6 +190,7 @@ class TrainConfig(Strict):
     grad_accum: int = Field(default=1, ge=1)
     early_stopping: EarlyStoppingConfig | None = None
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    grid: GridConfig | None = None  # frozen probes: lr x weight_decay members per head, best on validation
 
 
 class SplitConfig(Strict):
@@ -247,7 +265,8 @@ class AdaptConfig(Strict):
     strategy: Literal["frozen", "lora", "partial", "staged"] = "frozen"
     unfreeze: Literal["lora", "partial"] = "lora"  # what stage 2 of staged trains in the backbone
     lora: LoraAdaptConfig = Field(default_factory=LoraAdaptConfig)
-    partial_blocks: int = Field(default=2, ge=1)  # partial: the last N blocks (up to the head's layer) + final norm
+    partial_blocks: int = Field(default=2, ge=0)  # partial: the last N blocks (up to the head's layer) + final norm;
+    # 0: the final norm alone (e.g. BLIP-2's post_layernorm = LAVIS' ln_vision), with the head reading layer -1
     unfreeze_at_epoch: int | None = Field(default=None, ge=2)  # lora/partial: head only before this epoch
     head: ParamGroupConfig = Field(default_factory=ParamGroupConfig)
     adapters: ParamGroupConfig = Field(default_factory=lambda: ParamGroupConfig(lr=1e-4))
@@ -286,6 +305,16 @@ class AdaptConfig(Strict):
         return self
 
 
+class SegmentationConfig(Strict):
+    """Auxiliary segmentation head on patch tokens, trained on the rows with a mask (``data.mask_column``)."""
+
+    class_names: list[str] = Field(min_length=2)  # index 0 = background; mask values are 0..K-1
+    loss_weight: float = Field(default=0.5, gt=0)  # adapted path: loss = main + loss_weight x segmentation CE
+    layer: int | str = -1  # must be among model.layers
+    decoder: Literal["linear", "conv"] = "linear"
+    lr: float | None = Field(default=None, gt=0)  # default: train.lr
+
+
 class TrackingConfig(Strict):
     """Opt-in experiment trackers, fed after each run; each needs its own package (never required)."""
 
@@ -318,6 +347,7 @@ class Experiment(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    segmentation: SegmentationConfig | None = None
     runs_dir: str = "runs"
 
     @model_validator(mode="after")
@@ -329,6 +359,12 @@ class Experiment(Strict):
         for i, head in enumerate(self.heads):
             if str(head.layer) not in layers:
                 raise ValueError(f"heads[{i}].layer {head.layer!r} is not among model.layers {self.model.layers}")
+        if (self.segmentation is None) != (self.data.mask_column is None):
+            raise ValueError("segmentation: needs data.mask_column (the manifest column of mask paths), and "
+                             "data.mask_column needs a segmentation: section (class_names, ...); set both or neither")
+        if self.segmentation is not None and str(self.segmentation.layer) not in layers:
+            raise ValueError(f"segmentation.layer {self.segmentation.layer!r} is not among model.layers "
+                             f"{self.model.layers}")
         return self
 
 

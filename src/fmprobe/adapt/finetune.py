@@ -17,7 +17,7 @@ import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fmprobe import distributed
+from fmprobe.adapt.data_parallel import DataParallel
 from fmprobe.adapt.lora import merge_adapter, save_adapter
 from fmprobe.adapt.mixup import apply_mix, draw_mix, enabled, soft_targets
 from fmprobe.adapt.model import AdaptModel, Standardise
@@ -36,6 +38,7 @@ from fmprobe.atomic import atomic_path, write_json
 from fmprobe.backbones.base import Encoder
 from fmprobe.config import DataConfig, Experiment, HeadConfig
 from fmprobe.data.dataset import MediaDataset, collate_samples
+from fmprobe.data.masks import MaskedMediaDataset, collate_with_masks
 from fmprobe.data.transforms import Preprocess
 from fmprobe.errors import ConfigError, FmprobeError, ReaderError
 from fmprobe.evaluate.metrics import higher_is_better
@@ -54,6 +57,9 @@ from fmprobe.heads import build_head
 from fmprobe.train.losses import as_target_tensor, build_loss
 from fmprobe.train.seeding import data_generator, seeded
 from fmprobe.train.trainer import EarlyStopper, improved, lookup_metric, scalar_values, to_scores
+
+if TYPE_CHECKING:
+    from fmprobe.adapt.multitask import JointSegmentation
 
 
 def adapt_heads(
@@ -77,7 +83,13 @@ def adapt_heads(
 
         encoder = load_encoder(exp.model)
     by_id = df.drop_duplicates("sample_id").set_index("sample_id")
-    rows = {s: by_id.loc[ids].reset_index()[["sample_id", "path"]] for s, ids in split_ids.items()}
+    columns = ["sample_id", "path"] + (["mask"] if exp.segmentation is not None else [])
+    rows = {s: by_id.loc[ids].reset_index()[columns] for s, ids in split_ids.items()}
+    seg = None
+    if exp.segmentation is not None:  # a decoder per head, trained jointly (fmprobe.adapt.multitask)
+        from fmprobe.adapt.multitask import JointSegmentation
+
+        seg = JointSegmentation(exp, features, df, split_ids, encoder.input_spec, run_dir)
 
     results = ProbeResults()
     fitting = FitTargets.for_task(exp, targets, class_names, results)
@@ -105,11 +117,13 @@ def adapt_heads(
                 exp, copy.deepcopy(encoder), head_cfg, seed, in_dim=in_dim, out_dim=out_dim, standardise=standardise,
                 rows=rows, targets=targets, fit_targets=fit_targets, score_fn=score_fn, shift=shift, scale=scale,
                 stage1=first, checkpoint_root=run_dir / "checkpoints", device=device, autocast=autocast,
-                scaler=scaler, class_names=class_names,
+                scaler=scaler, class_names=class_names, seg=seg,
             )  # fmt: skip
             results.runs.append(run)
             report["heads"][head_cfg.name][str(seed)] = info
-    write_json(run_dir / "adaptation.json", report)
+    if distributed.is_main():  # several processes (data parallel): process 0 writes
+        write_json(run_dir / "adaptation.json", report)
+    results.segmentation = seg.results() if seg is not None else None
     return results
 
 
@@ -124,6 +138,7 @@ def runtime(exp: Experiment) -> tuple[torch.device, Callable[[], contextlib.Abst
         raise ConfigError(f"adapt.device is '{cfg.device}' but no CUDA GPU is available; set adapt.device: cpu")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"adapt.device '{cfg.device}' is not supported; use cpu or cuda")
+    device = distributed.local_device(device)  # several processes on one node: each its own GPU
     if cfg.precision != "fp32" and device.type != "cuda":
         raise ConfigError(
             f"adapt.precision {cfg.precision} (autocast) is only used on a GPU, and adapt.device is {device.type}; "
@@ -146,6 +161,7 @@ def _fit_one(
     standardise: Standardise | None, rows: dict[str, pd.DataFrame], targets: dict[str, np.ndarray],
     fit_targets: dict[str, np.ndarray], score_fn: Callable, shift: Any, scale: Any, stage1: HeadRun | None,
     checkpoint_root: Path, device: torch.device, autocast: Callable, scaler: Any, class_names: list[str] | None,
+    seg: JointSegmentation | None = None,
 ) -> tuple[HeadRun, dict[str, Any]]:
     task = exp.task
     with seeded(seed, device):
@@ -155,15 +171,21 @@ def _fit_one(
             assert stage1.checkpoint_dir is not None
             head.load_state_dict(torch.load(stage1.checkpoint_dir / "best.pt", weights_only=True))
         prepared = prepare(exp, encoder, head, head_cfg, steps_per_epoch=_steps_per_epoch(exp, len(rows["train"])))
-        model = AdaptModel(encoder, head, layer=head_cfg.layer, pooling=head_cfg.pooling, features=exp.features,
-                           standardise=standardise).to(device)  # fmt: skip
+        if seg is None:
+            model = AdaptModel(encoder, head, layer=head_cfg.layer, pooling=head_cfg.pooling, features=exp.features,
+                               standardise=standardise).to(device)  # fmt: skip
+        else:  # + this head's segmentation decoder, on the same encoder pass
+            decoder = seg.decoder(seed)
+            seg.add_group(prepared, decoder)
+            model = seg.model(encoder, head, layer=head_cfg.layer, pooling=head_cfg.pooling, standardise=standardise,
+                              decoder=decoder).to(device)  # fmt: skip
         loss, loss_info = build_loss(exp.loss, task, targets["train"],
                                      num_classes=len(class_names) if class_names else None)
         loss.to(device)
         if enabled(exp.adapt.mix) and loss_info["type"] == "focal" and task.type == "multiclass":
             raise ConfigError("adapt.mix needs soft targets, which multiclass focal loss cannot take; use loss.type ce")
         trainer = _Trainer(exp, model, prepared, loss, score_fn, rows, fit_targets, seed, device, autocast, scaler,
-                           out_dim)  # fmt: skip
+                           out_dim, seg=seg)  # fmt: skip
         fit = trainer.fit(offset=len(stage1.curves) if stage1 is not None else 0)
     curves = ([{**row, "stage": 1} for row in stage1.curves] + [{**row, "stage": 2} for row in fit["curves"]]
               if stage1 is not None else fit["curves"])  # fmt: skip
@@ -176,11 +198,14 @@ def _fit_one(
         "skipped_train_samples": trainer.skipped,
     }  # fmt: skip
     ckpt_dir = checkpoint_root / head_cfg.name / f"seed{seed}"
-    for name, state in (("best", fit["best"]), ("last", fit["last"])):
+    main = distributed.is_main()  # several processes hold the same weights: process 0 saves them
+    for name, state in (("best", fit["best"]), ("last", fit["last"])) if main else ():
         with atomic_path(ckpt_dir / f"{name}.pt") as tmp:
             torch.save(state, tmp)
     if prepared.peft_model is not None:  # the best weights are loaded: save the adapter alone, then merge if asked
-        adapter_dir = save_adapter(prepared.peft_model, ckpt_dir / "adapter")
+        adapter_dir = ckpt_dir / "adapter"
+        if main:
+            adapter_dir = save_adapter(prepared.peft_model, adapter_dir)
         info["adapter_dir"] = str(adapter_dir.relative_to(checkpoint_root.parent))
         if exp.adapt.lora.merge:
             merge_adapter(encoder, prepared.peft_model)
@@ -190,6 +215,8 @@ def _fit_one(
     if task.type in ("binary", "multilabel"):
         thresholds = tune_thresholds(task.type, targets["val"], scores["val"], mode=exp.eval.thresholds,
                                      class_names=task.targets)  # fmt: skip
+    if seg is not None:
+        seg.evaluate(model, head_cfg.name, seed, fit, device=device, autocast=autocast)
     run = HeadRun(
         head=head_cfg.name, seed=seed, best_epoch=fit["best_epoch"], best_val_score=fit["best_score"],
         stopped_early=fit["stopped"], curves=curves, scores=scores,
@@ -210,9 +237,10 @@ class _Trainer:
     def __init__(
         self, exp: Experiment, model: AdaptModel, prepared: Prepared, loss: nn.Module, score_fn: Callable,
         rows: dict[str, pd.DataFrame], fit_targets: dict[str, np.ndarray], seed: int, device: torch.device,
-        autocast: Callable, scaler: Any, out_dim: int,
+        autocast: Callable, scaler: Any, out_dim: int, seg: JointSegmentation | None = None,
     ):
         self.exp, self.model, self.prepared, self.loss, self.score_fn = exp, model, prepared, loss, score_fn
+        self.seg = seg
         self.rows, self.y, self.seed, self.device = rows, fit_targets, seed, device
         self.autocast, self.scaler, self.out_dim = autocast, scaler, out_dim
         self.task_type = exp.task.type
@@ -222,9 +250,12 @@ class _Trainer:
         self.y_train = as_target_tensor(fit_targets["train"], self.task_type)
         self.y_val = as_target_tensor(fit_targets["val"], self.task_type)
         self.weights = balanced_weights(fit_targets["train"], self.task_type) if exp.adapt.balanced_sampler else None
+        # several processes (fmprobe.distributed): shards of each global batch, DDP (a no-op for one process)
+        self.parallel = DataParallel(model, loss, self.y_train, self.task_type, mix=enabled(exp.adapt.mix),
+                                     device=device)  # fmt: skip
         trainable = {id(p) for g in prepared.groups for p in g["params"]}
         self.state_keys = [k for k, p in model.named_parameters() if id(p) in trainable]
-        self.state_keys += [k for k, _ in model.named_buffers() if k.startswith(("head.", "standardise."))]
+        self.state_keys += [k for k, _ in model.named_buffers() if k.startswith(("head.", "standardise.", "decoder."))]
 
     def state(self) -> dict[str, torch.Tensor]:
         full = self.model.state_dict()
@@ -246,6 +277,7 @@ class _Trainer:
         optimizer = torch.optim.AdamW(self.prepared.groups, lr=0.0)
         total = epochs * self.prepared.steps_per_epoch
         order, mix_rng = data_generator(self.seed), np.random.default_rng(self.seed)
+        self.parallel.reseed(self.seed)
         curves: list[dict[str, float]] = []
         best: dict[str, torch.Tensor] = {}
         best_score, best_epoch, stopped, step = math.nan, 0, False, 0
@@ -264,7 +296,8 @@ class _Trainer:
                                    "lacks a class — fix the split")  # fmt: skip
             curves.append({"epoch": offset + epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
                            **{f"val_{k}": v for k, v in val_metrics.items()},
-                           f"train_{primary}": lookup_metric(train_metrics, primary, "primary metric")})  # fmt: skip
+                           f"train_{primary}": lookup_metric(train_metrics, primary, "primary metric"),
+                           **(self.seg.end_epoch() if self.seg is not None else {})})  # fmt: skip
             if not best or improved(score, best_score, not hib, 0.0):
                 best_score, best_epoch, best = score, offset + epoch, self.state()
             if stopper is not None and stopper.exhausted({**val_metrics, "loss": val_loss}):
@@ -288,29 +321,35 @@ class _Trainer:
         batches = [indices[i : i + exp.train.batch_size] for i in range(0, len(indices), exp.train.batch_size)]
         total_loss, n_seen, lr = 0.0, 0, math.nan
         seen_scores, seen_idx = [], []
-        loader = iter(self._loader(self.rows["train"], exp.data, train=True, seed=data_seed, sampler=batches))
+        loads = [self.parallel.loads(b) for b in batches]
+        loader = iter(self._loader(self.rows["train"], exp.data, train=True, seed=data_seed, sampler=loads))
+        model = self.parallel.training_model()
         for start in range(0, len(batches), exp.train.grad_accum):
-            group = [next(loader) for _ in batches[start : start + exp.train.grad_accum]]
-            group = [b for b in (self._good(b) for b in group) if b is not None]
-            group_size = sum(len(b["index"]) for b in group)
+            chunk = batches[start : start + exp.train.grad_accum]
+            group = [(b, self._good(next(loader))) for b in chunk]
+            group = [(b, batch) for b, batch in group if batch is not None]
+            group_size = self.parallel.group_size(chunk, [batch for _, batch in group])
             set_lrs(optimizer, step, total)
             optimizer.zero_grad(set_to_none=True)
-            for batch in group:
+            for i, (global_batch, batch) in enumerate(group):
                 idx = batch["index"]
                 pixels = batch["pixels"].to(self.device)
                 y = self.y_train[idx]
                 mix = draw_mix(exp.adapt.mix, len(idx), tuple(pixels.shape[-2:]), mix_rng)
                 if mix.kind != "none":
                     pixels, y = apply_mix(mix, pixels, soft_targets(y, self.task_type, self.out_dim))
-                with self.autocast():
-                    logits = self.model(pixels)
-                    value = self.loss(logits.float(), y.to(self.device))
-                scaled = value * (len(idx) / group_size)
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                total_loss += value.item() * len(idx)
-                n_seen += len(idx)
-                seen_scores.append(to_scores(logits.detach().float().cpu(), self.task_type))
-                seen_idx.append(idx)
+                pixels, y, idx, weight, loss_share, real = self.parallel.take(global_batch, idx, pixels, y, group_size)
+                with self.parallel.sync(last=i == len(group) - 1):  # DDP reduces on the group's last backward
+                    with self.autocast():
+                        logits = model(pixels)
+                        value = self.loss(logits.float(), y.to(self.device))
+                        joint = value if self.seg is None else value + self.seg.batch_loss(self.model, batch["mask"])
+                    scaled = joint * weight
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                total_loss += value.item() * loss_share
+                n_seen += real
+                seen_scores.append(to_scores(logits.detach().float().cpu(), self.task_type)[:real])
+                seen_idx.append(idx[:real])
             lr = optimizer.param_groups[0]["lr"]
             if group_size:
                 if self.scaler is not None:
@@ -319,6 +358,8 @@ class _Trainer:
                 else:
                     optimizer.step()
             step += 1
+        total_loss, n_seen, seen_scores, seen_idx = self.parallel.gather_epoch(total_loss, n_seen, seen_scores,
+                                                                               seen_idx)  # fmt: skip
         if not math.isfinite(total_loss):
             raise FmprobeError(f"training loss became {total_loss} in epoch {epoch}; lower the learning rates")
         return (total_loss / max(n_seen, 1), lr, torch.cat(seen_scores).numpy(), torch.cat(seen_idx).numpy(), step)
@@ -328,6 +369,7 @@ class _Trainer:
         for _, sample_id, message in batch["errors"]:
             if self.exp.data.on_error == "raise":
                 raise ReaderError(message)  # the dataset's message names the sample and file
+            self.parallel.refuse_skip(message)
             self.skipped.append([sample_id, message])
         return batch if batch["pixels"] is not None else None
 
@@ -335,8 +377,12 @@ class _Trainer:
         self, rows: pd.DataFrame, data: DataConfig, *, train: bool, seed: int, sampler: Any = None
     ) -> DataLoader:
         dataset = MediaDataset(rows, data, Preprocess(self.spec, data, train=train), seed=seed)
+        collate = collate_samples
+        if train and self.seg is not None:  # training batches carry their masks (same crop and flip as the pixels)
+            dataset = MaskedMediaDataset(rows, data, dataset.preprocess, len(self.seg.cfg.class_names), seed=seed)
+            collate = collate_with_masks
         if sampler is not None:
-            return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
+            return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                               num_workers=self.exp.data.num_workers)  # fmt: skip
         return DataLoader(dataset, batch_size=self.exp.train.batch_size, collate_fn=collate_samples,
                           num_workers=self.exp.data.num_workers)  # fmt: skip
@@ -346,14 +392,15 @@ class _Trainer:
         """Scores of a split in the task's convention, averaged over the TTA views; every sample must read."""
         self.model.eval()
         out = []
-        for batch in self._loader(self.rows[split], self.eval_data, train=False, seed=0):
+        mine = self.parallel.eval_batches(len(self.rows[split]), self.exp.train.batch_size)
+        for batch in self._loader(self.rows[split], self.eval_data, train=False, seed=0, sampler=mine):
             if batch["errors"]:
                 message = batch["errors"][0][2]
                 raise ReaderError(f"{message} (it was readable when features were extracted)")
             with self.autocast():
                 out.append(tta_scores(self.model, batch["pixels"].to(self.device), self.exp.adapt.tta,
                                       lambda z: to_scores(z.float().cpu(), self.task_type)))  # fmt: skip
-        return torch.cat(out).numpy()
+        return torch.cat(self.parallel.gather_eval(out)).numpy()
 
 
 def _eval_data(data: DataConfig, clips: int) -> DataConfig:

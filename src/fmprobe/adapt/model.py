@@ -12,22 +12,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmprobe.backbones.base import Encoder, LayerRef
+from fmprobe.backbones.base import Encoder, EncoderOutput, LayerRef
 from fmprobe.config import FeatureConfig
 from fmprobe.errors import ConfigError
 from fmprobe.features.extract import pool_tokens
 
 
-def encoder_inputs(
-    encoder: Encoder, pixels: torch.Tensor, layer: LayerRef, pooling: str, features: FeatureConfig
-) -> torch.Tensor:
-    """``[B, K, T, 3, H, W]`` samples -> the head's input: pooled ``[B, D]`` (``[B, 2D]`` for cls+mean) or
-    tokens ``[B, N, D]`` (pooling: attentive); differentiable."""
+def encoder_batch(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, K, T, 3, H, W]`` -> what the encoder takes: clips ``[B*K, T, ...]`` or frames ``[B*K*T, ...]``."""
     b, k, t = pixels.shape[:3]
     video = encoder.input_spec.kind == "video"
-    x = pixels.reshape(b * k, *pixels.shape[2:]) if video else pixels.reshape(b * k * t, *pixels.shape[3:])
+    return pixels.reshape(b * k, *pixels.shape[2:]) if video else pixels.reshape(b * k * t, *pixels.shape[3:])
+
+
+def encoder_inputs(
+    encoder: Encoder, pixels: torch.Tensor, layer: LayerRef, pooling: str, features: FeatureConfig,
+    out: EncoderOutput | None = None,
+) -> torch.Tensor:
+    """``[B, K, T, 3, H, W]`` samples -> the head's input: pooled ``[B, D]`` (``[B, 2D]`` for cls+mean) or
+    tokens ``[B, N, D]`` (pooling: attentive); differentiable. ``out``: the encoding of ``encoder_batch(pixels)``
+    when the caller already has it (one forward pass serving several outputs)."""
+    b, k, t = pixels.shape[:3]
+    video = encoder.input_spec.kind == "video"
     name = str(layer)
-    out = encoder.encode(x, [layer])
+    out = encoder.encode(encoder_batch(encoder, pixels), [layer]) if out is None else out
     tokens = out.tokens[name].float()
     d = tokens.shape[-1]
     grid = tuple(out.grid[name])

@@ -14,13 +14,20 @@ from fmprobe.errors import ConfigError
 
 def partial_modules(encoder: Encoder, n_blocks: int, layer: LayerRef) -> list[str]:
     """Module paths ``partial`` trains: blocks r-N+1..r where r feeds the head, plus the final norm when the head
-    reads the model's final output (layer -1)."""
+    reads the model's final output (layer -1). N = 0 trains the final norm alone (BLIP-2's ``ln_vision``)."""
     parts = anatomy(encoder)
     last, final = head_block(encoder, layer)
     if n_blocks > last + 1:
         raise ConfigError(
             f"adapt.partial_blocks is {n_blocks} but the head reads block {last}, so only {last + 1} blocks feed it; "
             f"set adapt.partial_blocks to at most {last + 1}"
+        )
+    if n_blocks == 0 and not (final and parts.final_norm is not None):
+        why = (f"the head reads block {last}, after which no norm applies" if not final
+               else f"{encoder.name} applies no final norm to its tokens")
+        raise ConfigError(
+            f"adapt.partial_blocks: 0 trains the final norm alone, but {why}, so nothing in the backbone would train; "
+            f"set adapt.partial_blocks to 1 or more, or use adapt.strategy: frozen"
         )
     paths = [f"{parts.blocks}.{i}" for i in range(last - n_blocks + 1, last + 1)]
     if final and parts.final_norm is not None:

@@ -80,6 +80,10 @@ def load_manifest(data: DataConfig, task: TaskConfig) -> Manifest:
         problems.append(f"empty path: {where(empty_path)}")
     base = _base_dir(data)
     out["path"] = [p if not p else _resolve(p, base) for p in paths]
+    if data.mask_column:  # segmentation masks: a path like `path`, or empty / NaN for a row without one
+        masks = _text(raw[data.mask_column])
+        no_mask = masks.str.strip().str.lower().isin(MISSING_TEXT)
+        out["mask"] = [None if none else _resolve(m.strip(), base) for m, none in zip(masks, no_mask)]
 
     class_names = None
     for col in task.targets:
@@ -110,6 +114,10 @@ def load_manifest(data: DataConfig, task: TaskConfig) -> Manifest:
     missing = _missing_files(out["path"], ~empty_path)
     if missing.any():
         problems.append(f"file not found: {where(missing, values=out['path'])}")
+    if data.mask_column:
+        missing = _missing_files(out["mask"], out["mask"].notna())
+        if missing.any():
+            problems.append(f"mask file ('{data.mask_column}') not found: {where(missing, values=out['mask'])}")
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise ManifestError(f"manifest '{src}' has {len(problems)} problem(s):\n{listed}")
@@ -167,12 +175,15 @@ def _check_columns(
         needed[group_col] = "data.group_column"
     if split_col and split_col != "split":
         needed[split_col] = "data.split_column"
+    if data.mask_column:
+        needed[data.mask_column] = "data.mask_column"
     missing = [f"'{c}' ({key})" for c, key in needed.items() if c not in raw.columns]
     if missing:
         raise ManifestError(
             f"manifest '{src}' lacks column(s) {', '.join(missing)}; it has: {', '.join(map(str, raw.columns))}"
         )
     reserved = {"sample_id", "path", "group", "split", data.id_column, data.path_column, group_col, split_col}
+    reserved |= {"mask", data.mask_column} if data.mask_column else set()
     clash = [t for t in task.targets if t in reserved]
     if clash:
         raise ManifestError(

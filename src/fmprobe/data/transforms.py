@@ -9,6 +9,7 @@ apply to every frame of a sample, so clips stay temporally consistent.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,14 +37,17 @@ class Preprocess:
         self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    def __call__(self, array: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, array: np.ndarray, generator: torch.Generator | None = None, geometry: Geometry | None = None
+    ) -> torch.Tensor:
+        """``geometry`` (from :meth:`geometry`) replaces the draw, so a label mask can share the crop and flip."""
         if array.ndim != 5 or array.shape[2] not in (1, 3):
             raise ReaderError(f"expected media shaped [K, T, C, H, W] with C = 1 or 3, got {array.shape}")
         k, t = array.shape[:2]
         x = self.to_unit(array).reshape(k * t, *array.shape[2:])
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = self.resize_crop(x, generator)
+        x = (geometry or self.geometry(x.shape[-2:], generator)).apply(x)
         x = (x - self.mean) / self.std
         return x.reshape(k, t, 3, *x.shape[-2:]).contiguous()
 
@@ -68,20 +72,38 @@ class Preprocess:
             return torch.zeros_like(x)
         return ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
 
-    def resize_crop(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Scale so the image covers the target (x1.14 when training), then crop to the target."""
+    def geometry(self, size: tuple[int, int] | torch.Size, generator: torch.Generator | None = None) -> Geometry:
+        """Scale so the image covers the target (x1.14 when training), then crop to the target: the crop (and a
+        horizontal flip) drawn from ``generator`` when training, centred otherwise."""
         th, tw = self.spec.image_size
-        h, w = x.shape[-2:]
+        h, w = int(size[0]), int(size[1])
         scale = max(th / h, tw / w) * (TRAIN_SCALE if self.train else 1.0)
         nh, nw = max(th, math.ceil(h * scale - 1e-6)), max(tw, math.ceil(w * scale - 1e-6))
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        if self.train:
-            top = int(torch.randint(0, nh - th + 1, (1,), generator=generator))
-            left = int(torch.randint(0, nw - tw + 1, (1,), generator=generator))
-            x = x[..., top : top + th, left : left + tw]
-            if bool(torch.rand(1, generator=generator) < 0.5):
-                x = x.flip(-1)
-            return x
-        top, left = (nh - th) // 2, (nw - tw) // 2
-        return x[..., top : top + th, left : left + tw]
+        if not self.train:
+            return Geometry((h, w), (nh, nw), ((nh - th) // 2, (nw - tw) // 2), (th, tw), False)
+        top = int(torch.randint(0, nh - th + 1, (1,), generator=generator))
+        left = int(torch.randint(0, nw - tw + 1, (1,), generator=generator))
+        flip = bool(torch.rand(1, generator=generator) < 0.5)
+        return Geometry((h, w), (nh, nw), (top, left), (th, tw), flip)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Resize ``source`` -> ``resized``, crop ``size`` at ``offset`` (top, left), then an optional horizontal flip."""
+
+    source: tuple[int, int]
+    resized: tuple[int, int]
+    offset: tuple[int, int]
+    size: tuple[int, int]
+    flip: bool
+
+    def apply(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """``x [N, C, H, W]``; ``mode`` nearest-exact for label masks (pixel centres, as bilinear samples them)."""
+        if tuple(x.shape[-2:]) != self.source:
+            raise ValueError(f"geometry drawn for {self.source}, applied to {tuple(x.shape[-2:])}")
+        if self.resized != self.source:
+            smooth = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
+            x = F.interpolate(x, size=self.resized, mode=mode, **smooth)
+        (top, left), (th, tw) = self.offset, self.size
+        x = x[..., top : top + th, left : left + tw]
+        return x.flip(-1) if self.flip else x

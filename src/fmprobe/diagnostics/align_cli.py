@@ -13,7 +13,8 @@ A and B each name a representation on the command line as one of:
 When both sides carry sample ids, rows are matched by id (the samples both hold, in A's order). Every
 array is float64 before any metric sees it. With one layer per side the result is one value per metric
 (default: every metric) and a bar chart; with several layers on either side it is a layer x layer matrix
-per metric (default: linear CKA) and a heatmap each.
+per metric (default: linear CKA) and a heatmap each. ``bootstrap`` > 0 adds percentile CIs over the samples
+for the metrics that allow one (diagnostics.alignment_ci: linear and RBF CKA).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from fmprobe.atomic import write_json
 from fmprobe.diagnostics import plots
 from fmprobe.diagnostics.alignment import METRICS, align, layer_alignment_matrix, load_representation
+from fmprobe.diagnostics.alignment_ci import BOOTSTRAPPABLE, cka_interval
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.features.store import FeatureSet, FeatureStore
 
@@ -138,20 +140,35 @@ def pair_rows(a: Representation, b: Representation) -> tuple[Representation, Rep
 
 def align_command(
     spec_a: str, spec_b: str, metrics: list[str] | None = None, *, out: str | Path = "fmprobe-align", seed: int = 0,
-    progress: bool = False,
+    progress: bool = False, bootstrap: int = 0, ci: float = 0.95,
 ) -> dict[str, Any]:
-    """Compare A and B; write ``alignment.json`` and the figure(s) to ``out``; return the JSON dict."""
+    """Compare A and B; write ``alignment.json`` and the figure(s) to ``out``; return the JSON dict.
+
+    With ``bootstrap`` resamples, ``intervals`` (one pair) or each matrix's ``ci`` holds ``[lo, hi]`` for the
+    metrics in ``BOOTSTRAPPABLE`` (None for the others)."""
+    if bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0, got {bootstrap}")
     unknown = [m for m in metrics or [] if m not in METRICS]
     if unknown:
         raise ConfigError(f"unknown alignment metric(s) {unknown}; choose from {', '.join(METRICS)}")
     a, b, dropped = pair_rows(load_side(spec_a, progress=progress), load_side(spec_b, progress=progress))
     out = Path(out)
     result: dict[str, Any] = {"a": a.describe(), "b": b.describe(), "samples": a.describe()["samples"],
-                              "unmatched_samples": dropped, "seed": seed, "figures": []}
+                              "unmatched_samples": dropped, "seed": seed, "bootstrap": bootstrap,
+                              "ci_level": ci if bootstrap else None, "figures": []}
+
+    def interval(x: np.ndarray, y: np.ndarray, metric: str) -> list[float] | None:
+        if not bootstrap or metric not in BOOTSTRAPPABLE:
+            return None
+        return cka_interval(x, y, metric, n_resamples=bootstrap, ci=ci, seed=seed)
+
     if len(a.layers) == 1 and len(b.layers) == 1:
         chosen = list(metrics) if metrics else list(METRICS)
         values = align(next(iter(a.layers.values())), next(iter(b.layers.values())), chosen, seed=seed)
         result["metrics"] = values
+        if bootstrap:
+            xa, xb = next(iter(a.layers.values())), next(iter(b.layers.values()))
+            result["intervals"] = {m: interval(xa, xb, m) for m in values}
         fig = plots.bars(list(values), list(values.values()), title=f"A: {a.source}\nB: {b.source}",
                          dest=out / "alignment.png")
         result["figures"].append(fig.name)
@@ -160,6 +177,9 @@ def align_command(
         for metric in metrics or MATRIX_DEFAULT:
             matrix, rows, cols = layer_alignment_matrix(a.layers, b.layers, metric, seed=seed)
             result["matrices"][metric] = {"rows": rows, "cols": cols, "values": matrix.tolist()}
+            if bootstrap:
+                result["matrices"][metric]["ci"] = [[interval(a.layers[r], b.layers[c], metric) for c in cols]
+                                                    for r in rows]
             fig = plots.heatmap(matrix, rows, cols, title=metric, xlabel=f"B: {b.source}", ylabel=f"A: {a.source}",
                                 dest=out / f"alignment_{metric}.png")
             result["figures"].append(fig.name)

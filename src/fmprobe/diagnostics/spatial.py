@@ -90,12 +90,22 @@ def coco_average_precision(
     (each value raised to the best precision at any higher recall) and read at the 101 recall points
     0, 0.01, ..., 1 (0 beyond the highest recall reached); AP is their mean.
     """
+    matches = match_detections(detections, ground_truth, iou_threshold=iou_threshold, max_detections=max_detections)
+    return matched_average_precision(matches, [len(np.asarray(g).reshape(-1, 4)) for g in ground_truth])
+
+
+def match_detections(
+    detections: Sequence[tuple[np.ndarray, np.ndarray]],
+    ground_truth: Sequence[np.ndarray],
+    *,
+    iou_threshold: float = 0.5,
+    max_detections: int = MAX_DETECTIONS,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image, the kept detections' ``(scores, is_true_positive)`` in score order (the per-image half of
+    :func:`coco_average_precision`; images are independent, so a bootstrap over images reuses the matches)."""
     if len(detections) != len(ground_truth):
         raise FmprobeError(f"detections cover {len(detections)} images but ground truth covers {len(ground_truth)}")
-    n_gt = sum(len(np.asarray(g).reshape(-1, 4)) for g in ground_truth)
-    if n_gt == 0:
-        raise FmprobeError("average precision is undefined without any ground-truth box")
-    all_scores, all_tp = [], []
+    matches = []
     for (boxes, scores), gt in zip(detections, ground_truth):
         boxes, scores = np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64)
         if len(boxes) != len(scores):
@@ -109,15 +119,23 @@ def coco_average_precision(
             if candidates.size and candidates.max() >= iou_threshold:
                 matched[int(np.argmax(candidates))] = True
                 tp[d] = True
-        all_scores.append(scores[order])
-        all_tp.append(tp)
-    scores_cat, tp_cat = np.concatenate(all_scores), np.concatenate(all_tp)
+        matches.append((scores[order], tp))
+    return matches
+
+
+def matched_average_precision(matches: Sequence[tuple[np.ndarray, np.ndarray]], n_gt: Sequence[int]) -> float:
+    """COCO AP from per-image ``(scores, is_true_positive)`` and ground-truth counts (the ranking half)."""
+    total = int(sum(n_gt))
+    if total == 0:
+        raise FmprobeError("average precision is undefined without any ground-truth box")
+    scores_cat = np.concatenate([m[0] for m in matches]) if matches else np.empty(0)
     if scores_cat.size == 0:
         return 0.0
+    tp_cat = np.concatenate([m[1] for m in matches])
     rank = np.argsort(-scores_cat, kind="mergesort")
     tp_cum = np.cumsum(tp_cat[rank])
     fp_cum = np.cumsum(~tp_cat[rank])
-    recall = tp_cum / n_gt
+    recall = tp_cum / total
     precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
     precision = np.maximum.accumulate(precision[::-1])[::-1]
     at = np.searchsorted(recall, np.linspace(0.0, 1.0, 101), side="left")
@@ -293,8 +311,8 @@ def _centre_targets(
 
 def _detection_probe(
     x_tr: torch.Tensor, y_tr: _Frames, x_te: torch.Tensor, y_te: _Frames, h: int, w: int, cells: Cells, steps: int
-) -> float:
-    """Class-agnostic COCO AP@0.5 of the decoded test detections."""
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The decoded test detections matched per image (for class-agnostic COCO AP@0.5)."""
     objectness, regression = _centre_targets(y_tr, h, w, cells)
     positive = objectness.bool()
     pos_weight = (objectness.numel() - positive.sum()) / positive.sum()
@@ -315,7 +333,7 @@ def _detection_probe(
         kept = np.flatnonzero(s >= SCORE_THRESHOLD)
         kept = kept[nms(b[kept], s[kept])][:MAX_DETECTIONS]
         detections.append((b[kept], s[kept]))
-    return coco_average_precision(detections, y_te.boxes)
+    return match_detections(detections, y_te.boxes)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -348,7 +366,9 @@ def run_spatial_probes(
     ``tokens_*`` are ``[N, t*h*w, D]`` patch tokens in raster order with grid ``(t, h, w)``; ``ann_*`` hold each
     sample's objects in the pixels of the encoder's input (``image_size``, an int for square images).
     Returns ``box_iou``, ``mask_iou``, ``map50`` and the priors ``box_iou_prior`` / ``mask_iou_prior``, the
-    image counts, and ``per_image`` lists of test box and mask IoU (one entry per test image or clip slice).
+    image counts, and ``per_image`` lists (one entry per test image or clip slice, sample-major): box and mask
+    IoU, ``ap_matches`` (the detections' scores and true-positive flags) and ``n_gt`` (ground-truth boxes), from
+    which diagnostics.spatial_ci bootstraps CIs.
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     t, h, w = grid
@@ -369,7 +389,9 @@ def run_spatial_probes(
         torch.manual_seed(seed)
         box_ious, box_prior = _box_probe(x_tr_t, y_tr, x_te_t, y_te, cells, size, steps)
         mask_ious, mask_prior = _mask_probe(x_tr_t, y_tr, x_te_t, y_te, h, w, size, steps)
-        map50 = _detection_probe(x_tr_t, y_tr, x_te_t, y_te, h, w, cells, steps)
+        matches = _detection_probe(x_tr_t, y_tr, x_te_t, y_te, h, w, cells, steps)
+    n_gt = [len(b) for b in y_te.boxes]
+    map50 = matched_average_precision(matches, n_gt)
     return {
         "box_iou": float(box_ious.mean()),
         "box_iou_prior": box_prior,
@@ -378,5 +400,6 @@ def run_spatial_probes(
         "map50": map50,
         "n_train_images": len(x_tr),
         "n_test_images": len(x_te),
-        "per_image": {"box_iou": box_ious.tolist(), "mask_iou": mask_ious.tolist()},
+        "per_image": {"box_iou": box_ious.tolist(), "mask_iou": mask_ious.tolist(),
+                      "ap_matches": [(scores.tolist(), tp.tolist()) for scores, tp in matches], "n_gt": n_gt},
     }

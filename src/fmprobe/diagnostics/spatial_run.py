@@ -1,9 +1,11 @@
 """`fmprobe spatial`: do a model's patch tokens know where objects are? Spatial probes per extraction point.
 
 The built-in shapes data (diagnostics/shapes.py: circles, squares, triangles on noise, exact boxes and masks)
-is drawn at the encoder's input size, so annotations are in its pixels; clips for video encoders. Every
-extraction point is encoded in one pass and probed with diagnostics.spatial.run_spatial_probes (box IoU of
-the largest object, patch-mask IoU, class-agnostic AP@0.5, with the priors a probe gets from the layout alone).
+is drawn at the encoder's input size, so annotations are in its pixels; clips (moving shapes) for video
+encoders, and for image encoders with ``frames`` (each frame encoded as an image, tokens stacked along t).
+Every extraction point is encoded in one pass and probed with diagnostics.spatial.run_spatial_probes (box IoU
+of the largest object, patch-mask IoU, class-agnostic AP@0.5, with the priors a probe gets from the layout
+alone); ``bootstrap`` > 0 adds percentile CIs over the test samples (diagnostics.spatial_ci).
 
 ``--encoder``: ``pixel`` (flattened pixel patches: the floor to beat), ``random`` (noise tokens: chance), an
 experiment YAML (its ``model`` section), or a model directory / hub id. Extraction points are
@@ -24,6 +26,7 @@ from fmprobe.backbones.base import Encoder
 from fmprobe.config import ModelConfig, load_config
 from fmprobe.diagnostics.shapes import make_shapes
 from fmprobe.diagnostics.spatial import STEPS, run_spatial_probes
+from fmprobe.diagnostics.spatial_ci import spatial_intervals
 from fmprobe.errors import ConfigError
 
 CONTROL_SIZE = 112
@@ -59,8 +62,15 @@ def build_encoder(encoder: str, layers: list[int | str] | None, image_size: int 
 
 
 def encode_all(encoder: Encoder, images: np.ndarray, layers: list) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
-    """uint8 ``[n, 3, H, W]`` images (``[n, T, 3, H, W]`` clips) -> float32 tokens ``[n, N, D]`` and grid per point."""
+    """uint8 ``[n, 3, H, W]`` images (``[n, T, 3, H, W]`` clips) -> float32 tokens ``[n, N, D]`` and grid per point.
+
+    An image encoder given clips encodes every frame as an image and stacks the frames' tokens along t."""
     spec = encoder.input_spec
+    if spec.kind == "image" and images.ndim == 5:
+        n, frames = images.shape[:2]
+        tokens, grids = encode_all(encoder, images.reshape(n * frames, *images.shape[2:]), layers)
+        return ({k: v.reshape(n, frames * v.shape[1], v.shape[2]) for k, v in tokens.items()},
+                {k: (frames * g[0], g[1], g[2]) for k, g in grids.items()})  # fmt: skip
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
     tokens: dict[str, list[np.ndarray]] = {str(x): [] for x in layers}
@@ -79,26 +89,38 @@ def encode_all(encoder: Encoder, images: np.ndarray, layers: list) -> tuple[dict
 def spatial_command(
     encoder: str = "pixel", *, layers: list[int | str] | None = None, n_train: int = 96, n_test: int = 32,
     image_size: int | None = None, steps: int = STEPS, seed: int = 0, out: str | Path = "fmprobe-spatial",
+    frames: int | None = None, bootstrap: int = 1000, ci: float = 0.95,
 ) -> dict[str, Any]:
-    """Probe every extraction point; write ``spatial.json`` to ``out``; return it."""
+    """Probe every extraction point; write ``spatial.json`` to ``out``; return it.
+
+    ``frames``: moving shapes, clips of this many frames (a video encoder's own clip length by default).
+    ``bootstrap``: resamples of the test samples for each score's CI (0: no CI)."""
     if n_train < 2 or n_test < 1:
         raise ConfigError(f"need at least 2 training and 1 test images, got --n-train {n_train} --n-test {n_test}")
+    if bootstrap < 0 or (frames is not None and frames < 1):
+        raise ConfigError(f"--bootstrap must be >= 0 and --frames >= 1, got {bootstrap} and {frames}")
     model, points = build_encoder(encoder, layers, image_size)
     spec = model.input_spec
     if spec.image_size[0] != spec.image_size[1]:
         raise ConfigError(f"{model.name} takes {spec.image_size} input; the shapes data is square")
     size = spec.image_size[0]
-    frames = (spec.num_frames or VIDEO_FRAMES) if spec.kind == "video" else None
+    if spec.kind == "video":
+        if frames is not None and spec.num_frames and frames != spec.num_frames:
+            raise ConfigError(f"{model.name} takes clips of {spec.num_frames} frames; got --frames {frames}")
+        frames = frames or spec.num_frames or VIDEO_FRAMES
     data = make_shapes(n_train + n_test, size=size, seed=seed, video_frames=frames)
     tokens, grids = encode_all(model, data.images, points)
     rows = []
     for key in tokens:
         r = run_spatial_probes(tokens[key][:n_train], grids[key], data.objects[:n_train], tokens[key][n_train:],
                                data.objects[n_train:], size, seed=seed, steps=steps)
-        r.pop("per_image")
+        per_image = r.pop("per_image")
+        if bootstrap:
+            r["ci"] = spatial_intervals(per_image, grids[key][0], n_resamples=bootstrap, ci=ci, seed=seed)
         rows.append({"layer": key, "grid": list(grids[key]), "dim": int(tokens[key].shape[-1]), **r})
     result = {"encoder": model.name, "image_size": size, "frames": frames, "n_train": n_train, "n_test": n_test,
-              "steps": steps, "seed": seed, "results": rows}
+              "steps": steps, "seed": seed, "bootstrap": bootstrap, "ci_level": ci if bootstrap else None,
+              "results": rows}
     write_json(Path(out) / "spatial.json", result)
     return result
 

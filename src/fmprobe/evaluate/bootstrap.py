@@ -156,6 +156,12 @@ class TaskMetric:
             return _w_multilabel(y, s, w, names, label_thresholds(self.thresholds, len(names)))
         return _w_regression(y, s, w, output_names(self.target_names, s.shape[1], "target_names"))
 
+    def stacked(self, y_true: Any, scores: Any) -> dict[str, np.ndarray]:
+        """``{metric: [H]}`` for H heads' scores ``[H, N, ...]`` on the same samples, in one vectorised call."""
+        from fmprobe.evaluate.stacked import stacked_metrics
+
+        return stacked_metrics(self, y_true, scores)
+
 
 def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -155,6 +155,7 @@ def summarise_run(
         entry: dict[str, Any] = {
             "type": cfg.type, "pooling": cfg.pooling, "layer": cfg.layer,
             "trainable_params": runs[0].trainable_params,
+            "total_params": runs[0].total_params,
             "loss": runs[0].loss_info,
             "members": [r.member for r in runs],
             "selected_epochs": {r.member: r.best_epoch for r in runs},

@@ -116,7 +116,7 @@ class Verdict:
 
     @property
     def label(self) -> str:
-        return f"{self.experiment}/{self.run_id}/{self.head}"
+        return "/".join(part for part in (self.experiment, self.run_id, self.head) if part)
 
 
 @dataclass
@@ -187,7 +187,17 @@ def evaluate_gates(spec: GatesSpec, runs_dir: str | Path, *, run_dirs: Iterable[
     cands = load_candidates(runs_dir, experiment=spec.experiment, run_dirs=run_dirs)
     if cands.empty:
         raise FmprobeError(f"no candidate to gate under {runs_dir}")
-    values = metric_table(runs_dir, cands["run_dir"].unique()).set_index(["run_dir", "head", "split", "metric"])
+    return judge(spec, cands, metric_table(runs_dir, cands["run_dir"].unique()))
+
+
+def judge(spec: GatesSpec, cands: pd.DataFrame, values: pd.DataFrame) -> GateReport:
+    """Verdicts and the recommendation for candidates given as tables (runs, or any other source of metrics).
+
+    ``cands``: one row per candidate with ``run_dir``, ``experiment``, ``run_id``, ``head``, ``flags`` (list of
+    names), ``error_flags`` and the ``RUN_QUANTITIES``; ``values``: one row per (run_dir, head, split, metric)
+    with ``mean``, ``ci_lo``, ``ci_hi`` (None/NaN where there is no CI).
+    """
+    values = values.set_index(["run_dir", "head", "split", "metric"])
     verdicts = []
     for c in cands.itertuples(index=False):
         levels: dict[str, Level] = {}

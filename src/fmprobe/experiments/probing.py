@@ -17,6 +17,7 @@ import torch
 from fmprobe.config import Experiment, HeadConfig
 from fmprobe.evaluate.bootstrap import TaskMetric
 from fmprobe.evaluate.metrics import higher_is_better
+from fmprobe.evaluate.segmentation import SegResults
 from fmprobe.evaluate.thresholds import tune_thresholds
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads import build_head
@@ -52,6 +53,7 @@ class HeadRun:
     checkpoint_dir: Path | None = None
     fold: int | None = None  # split.mode kfold: which train/val fold (the test set is the same for all)
     data: SplitData | None = None  # the fold's samples; None = the run's one split
+    total_params: int | None = None  # backbone + head (+ adapters); set by experiments.params.record_parameters
 
     @property
     def member(self) -> str:
@@ -63,6 +65,7 @@ class HeadRun:
 class ProbeResults:
     runs: list[HeadRun] = field(default_factory=list)
     standardisation: dict[str, str] = field(default_factory=dict)
+    segmentation: SegResults | None = None  # the auxiliary segmentation decoders, when configured
 
 
 def output_dim(exp: Experiment, class_names: list[str] | None) -> int:

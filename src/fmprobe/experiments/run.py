@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fmprobe import distributed
 from fmprobe.atomic import atomic_path, write_json, write_text
 from fmprobe.config import Experiment, dump_config
 from fmprobe.data.manifest import Manifest, load_manifest
@@ -22,8 +23,12 @@ from fmprobe.errors import ConfigError
 from fmprobe.evaluate.summary import summarise_run
 from fmprobe.experiments.environment import environment_info
 from fmprobe.experiments.identity import config_hash
+from fmprobe.experiments.parallel import fold_share, gather_members
 from fmprobe.experiments.probing import SPLITS, ProbeResults, SplitData, predictions_table, train_heads
+from fmprobe.experiments.segmenting import add_segmentation, check_segmentation, segment_frozen
 from fmprobe.features.extract import extract_features
+from fmprobe.experiments.grid import check_grid, select_members, train_grid
+from fmprobe.experiments.params import backbone_parameters, record_parameters
 
 
 @dataclass
@@ -65,22 +70,32 @@ def _split_data(df: pd.DataFrame, manifest: Manifest) -> SplitData:
 
 def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     started = time.perf_counter()
+    # launched by torchrun / accelerate: join the other processes (fmprobe.distributed); else nothing changes
+    distributed.init(cuda=exp.adapt.strategy != "frozen" and exp.adapt.device.startswith("cuda"))
+    progress = progress and distributed.is_main()
     manifest = load_manifest(exp.data, exp.task)
     folds = resolve_folds(manifest, exp.task, exp.split)
     if len(folds) > 1 and exp.adapt.strategy != "frozen":
         raise ConfigError("split.mode kfold runs frozen probes only; use split.mode generate with adapt strategies")
-    features = extract_features(exp, manifest, progress=progress)
+    check_segmentation(exp)
+    check_grid(exp)
+    backbone_params, encoder = backbone_parameters(exp)  # frozen: memoised; the encoder if it had to be loaded
+    features = extract_features(exp, manifest, encoder, progress=progress)
     extracted = set(features.sample_ids)
     data = [_split_data(df[df["sample_id"].isin(extracted)], manifest) for df, _ in folds]
     split, split_info = data[0], folds[0][1]
 
-    run_dir = new_run_dir(exp)
-    write_text(run_dir / "config.resolved.yaml", dump_config(exp))
+    run_dir = distributed.broadcast_object(new_run_dir(exp) if distributed.is_main() else None)
+    if distributed.is_main():
+        write_text(run_dir / "config.resolved.yaml", dump_config(exp))
     results = ProbeResults()
     for k, fold in enumerate(data):
         if exp.adapt.strategy == "frozen":
             ckpt = run_dir / "checkpoints" / (f"fold{k}" if len(data) > 1 else "")
-            part = train_heads(exp, features, fold.ids, fold.targets, manifest.class_names, ckpt)
+            train = train_grid if exp.train.grid is not None else train_heads  # grid: HeadBanks (experiments.grid)
+            part = train(fold_share(exp, k), features, fold.ids, fold.targets, manifest.class_names, ckpt)
+            if exp.segmentation is not None and distributed.is_main():  # its own probe on the same cached tokens
+                part.segmentation = segment_frozen(exp, features, folds[0][0], fold.ids, ckpt)
         else:  # end to end on pixels (staged: stage 1 on these cached features); writes adaptation.json
             from fmprobe.adapt.finetune import adapt_heads
 
@@ -91,6 +106,15 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
                 r.fold, r.data = k, fold
         results.runs += part.runs
         results.standardisation.update(part.standardisation)
+        results.segmentation = part.segmentation
+    if exp.adapt.strategy == "frozen":  # several processes: each trained its share of the members
+        results = gather_members(exp, results)
+    if not distributed.is_main():  # process 0 alone writes the run
+        return distributed.broadcast_object(None)
+    grid_record = None
+    if exp.train.grid is not None:  # per head, the member with the best mean validation score over seeds
+        results, grid_record = select_members(exp, results, split, manifest.class_names)
+    record_parameters(exp, results, run_dir, backbone_params)
     if len(data) > 1:
         split_info = {**split_info, "fold": None, "fold_sizes": [info["sizes"] for _, info in folds]}
     preds = predictions_table(results, split, _score_names(exp, manifest), exp.task.targets)
@@ -115,8 +139,13 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         run_dir=run_dir,
         config_hash=config_hash(exp),
     )
+    if results.segmentation is not None:
+        add_segmentation(metrics, exp, results.segmentation, split, run_dir)
+    if grid_record is not None:
+        metrics["selection"]["grid"] = grid_record
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
-    write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp)))
+    write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp),
+                                                      **distributed.describe()))
 
     from fmprobe.report.html import write_run_report
 
@@ -126,5 +155,5 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     from fmprobe.tracking import log_run
 
     log_run(exp, run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
-    return RunResult(run_dir=run_dir, metrics=metrics)
+    return distributed.broadcast_object(RunResult(run_dir=run_dir, metrics=metrics))
 

@@ -7,6 +7,7 @@ not grow with the dataset and a killed run resumes where its last shard ended.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from torch.utils.data import DataLoader
 
+from fmprobe import distributed
 from fmprobe.backbones.base import Encoder, InputSpec
 from fmprobe.config import DataConfig, Experiment, FeatureConfig, load_config
 from fmprobe.data.dataset import MediaDataset, collate_samples
 from fmprobe.data.manifest import Manifest, load_manifest
 from fmprobe.data.transforms import Preprocess
-from fmprobe.errors import ConfigError, ReaderError
+from fmprobe.errors import ConfigError, EncoderError, ReaderError
 from fmprobe.features.fingerprint import FingerprintMemo, fingerprint_paths
 from fmprobe.features.keys import cache_key, check_cacheable, describe, remember_identity, remembered_identity
+from fmprobe.features.remote import local_cache_dir, open_store
 from fmprobe.features.store import FeatureSet, FeatureStore
 
 Identity = tuple[str, str, InputSpec]  # encoder name, fingerprint, input spec
@@ -74,16 +77,14 @@ def run_extraction(
     """Like :func:`extract_features`, plus the key and how many samples were extracted vs served from the cache."""
     start = time.perf_counter()
     check_cacheable(exp)
-    cache_dir = Path(exp.features.cache_dir).expanduser()
+    distributed.init()
+    cache_dir = local_cache_dir(exp.features.cache_dir)  # this machine's state (a remote cache's mirror)
     df = manifest.df
     ids = df["sample_id"].astype(str).tolist()
     paths = df["path"].astype(str).tolist()
 
-    memo = FingerprintMemo(cache_dir)
-    try:
-        prints = fingerprint_paths(paths, ids, memo)
-    finally:
-        memo.close()
+    part = distributed.block(len(paths))  # several processes: each hashes its block of samples
+    prints = distributed.gather_blocks(_fingerprints(cache_dir, [paths[i] for i in part], [ids[i] for i in part]))
     unreadable: dict[str, str] = {}
     for found in prints:
         if isinstance(found, ReaderError):
@@ -92,26 +93,60 @@ def run_extraction(
             unreadable[found.sample_id] = found.reason
     keys = [(sid, fp if isinstance(fp, str) else "") for sid, fp in zip(ids, prints)]
 
-    if encoder is not None:
-        identity: Identity | None = (encoder.name, encoder.fingerprint(), encoder.input_spec)
-    else:
-        identity = remembered_identity(exp.model, cache_dir)
-        if identity is None:
+    # One process decides the key and what is missing, so that all processes agree on it.
+    plan = _plan(exp, cache_dir, encoder, keys, unreadable, paths) if distributed.is_main() else None
+    identity, todo = distributed.broadcast_object(None if plan is None else plan[:2])
+    encoder = plan[2] if plan is not None else encoder
+    store = open_store(exp.features.cache_dir, cache_key(describe(exp, *identity)), describe(exp, *identity))
+    # Each process extracts whole batches, dealt round-robin: every batch holds the samples it would hold
+    # in one process, so the features are the same bits.
+    size = exp.features.batch_size
+    mine = [i for b in distributed.round_robin(math.ceil(len(todo) / size)) for i in todo[b * size : (b + 1) * size]]
+    extracted = 0
+    if mine:
+        if encoder is None:  # a process other than 0 (which loaded it while planning)
             encoder = _load(exp, cache_dir)
-            identity = (encoder.name, encoder.fingerprint(), encoder.input_spec)
+            if (encoder.name, encoder.fingerprint(), encoder.input_spec) != identity:
+                raise EncoderError(f"process {distributed.rank()} loaded another model than process 0 did "
+                                   f"({encoder.name}); every process must see the same model files")
+        extracted = _extract(exp, encoder, store, mine, [paths[i] for i in mine], [keys[i] for i in mine],
+                             progress and distributed.is_main())
+    extracted = sum(distributed.all_gather_object(extracted))  # also waits until every shard is committed
+    features = store.feature_set(keys, unreadable)
+    cached = len(keys) - len(unreadable) - len(todo)
+    return Extraction(features, cache_key(store.description), extracted, cached, time.perf_counter() - start)
+
+
+def _fingerprints(cache_dir: Path, paths: list[str], ids: list[str]) -> list[str | ReaderError]:
+    memo = FingerprintMemo(cache_dir)
+    try:
+        return fingerprint_paths(paths, ids, memo)
+    finally:
+        memo.close()
+
+
+def _plan(
+    exp: Experiment, cache_dir: Path, encoder: Encoder | None, keys: list[tuple[str, str]], unreadable: dict[str, str],
+    paths: list[str],
+) -> tuple[Identity, list[int], Encoder | None]:
+    """The encoder identity that keys the store, the positions of the samples the store lacks, and the
+    encoder if it had to be loaded (a fully cached run never loads it)."""
+    if encoder is not None:
+        identity: Identity = (encoder.name, encoder.fingerprint(), encoder.input_spec)
+    else:
+        remembered = remembered_identity(exp.model, cache_dir)
+        if remembered is None:
+            encoder = _load(exp, cache_dir)
+            remembered = (encoder.name, encoder.fingerprint(), encoder.input_spec)
+        identity = remembered
     check_compatible(exp.data, identity[2], identity[0])
-    store, key, todo = _open_store(exp, cache_dir, identity, keys, unreadable, paths)
+    todo = _missing(exp, cache_dir, identity, keys, unreadable, paths)
     if todo and encoder is None:
         encoder = _load(exp, cache_dir)
         actual = (encoder.name, encoder.fingerprint(), encoder.input_spec)
         if actual != identity:  # the remembered identity was stale: key by the real one
-            store, key, todo = _open_store(exp, cache_dir, actual, keys, unreadable, paths)
-    extracted = 0
-    if todo:
-        extracted = _extract(exp, encoder, store, todo, [paths[i] for i in todo], [keys[i] for i in todo], progress)
-    features = store.feature_set(keys, unreadable)
-    cached = len(keys) - len(unreadable) - len(todo)
-    return Extraction(features, key, extracted, cached, time.perf_counter() - start)
+            identity, todo = actual, _missing(exp, cache_dir, actual, keys, unreadable, paths)
+    return identity, todo, encoder
 
 
 def _load(exp: Experiment, cache_dir: Path) -> Encoder:
@@ -122,19 +157,17 @@ def _load(exp: Experiment, cache_dir: Path) -> Encoder:
     return encoder
 
 
-def _open_store(
+def _missing(
     exp: Experiment,
     cache_dir: Path,
     identity: Identity,
     keys: list[tuple[str, str]],
     unreadable: dict[str, str],
     paths: list[str],
-) -> tuple[FeatureStore, str, list[int]]:
-    """The store for this key and the positions of the samples it lacks."""
+) -> list[int]:
+    """The positions of the samples the store for this identity lacks."""
     description = describe(exp, *identity)
-    key = cache_key(description)
-    store = FeatureStore(cache_dir / key, description)
-    index = store.scan()
+    index = open_store(exp.features.cache_dir, cache_key(description), description).scan()
     todo = []
     for i, sample in enumerate(keys):
         if sample[0] in unreadable or sample in index.rows:
@@ -145,7 +178,7 @@ def _open_store(
                 raise ReaderError(reason, sample_id=sample[0], path=paths[i])
             continue
         todo.append(i)
-    return store, key, todo
+    return todo
 
 
 def check_compatible(data: DataConfig, spec: InputSpec, name: str) -> None:

@@ -15,6 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fsspec.core import url_to_fs
+
 from fmprobe.backbones.base import InputSpec
 from fmprobe.config import Experiment, ModelConfig
 from fmprobe.errors import ConfigError
@@ -33,11 +35,11 @@ def check_cacheable(exp: Experiment) -> None:
             "data.clip_position: random clips cannot be cached (each epoch would need new features); "
             "use center or uniform for frozen features"
         )
-    if "://" in exp.features.cache_dir:
-        raise ConfigError(
-            f"features.cache_dir must be a local folder (got '{exp.features.cache_dir}'); the feature store "
-            "memory-maps its shards. Manifests and media may be remote URLs; put the cache on local or mounted disk"
-        )
+    if "://" in exp.features.cache_dir:  # a remote store (features/remote.py): its filesystem must be available
+        try:
+            url_to_fs(exp.features.cache_dir)
+        except (ImportError, ValueError) as err:
+            raise ConfigError(f"features.cache_dir '{exp.features.cache_dir}' cannot be opened: {err}") from None
     grid = exp.features.token_grid
     if grid is not None and (len(grid) != 2 or min(grid) < 1):
         raise ConfigError(f"features.token_grid must be two positive integers (h, w), got {grid}")

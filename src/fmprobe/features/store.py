@@ -12,6 +12,8 @@ A shard is written in a temp dir and renamed under the store lock, so readers ne
 two processes never take the same number. A temp dir whose lock nobody holds was left by a killed
 process and is discarded on the next open. Rows are identified by (sample_id, content fingerprint);
 when two processes extracted the same sample, the lowest shard wins (the arrays are identical).
+A cache on an fsspec URL (s3://, gs://...) is a RemoteFeatureStore (features/remote.py): same reads and
+writer, shards committed by marker objects instead of renames.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -90,14 +92,18 @@ class FeatureStore:
             os.rename(tmp, final)
         return final
 
-    def scan(self) -> StoreIndex:
-        """Read every shard's meta.json: where each sample's row is, and which samples were skipped."""
-        index = StoreIndex()
+    def _metas(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(shard name, meta) of every committed shard, in the order that decides duplicates (first wins)."""
         for shard in self._shards():
-            meta = json.loads((shard / "meta.json").read_text())
-            index.metas[shard.name] = meta
+            yield shard.name, json.loads((shard / "meta.json").read_text())
+
+    def scan(self) -> StoreIndex:
+        """Read every shard's meta: where each sample's row is, and which samples were skipped."""
+        index = StoreIndex()
+        for name, meta in self._metas():
+            index.metas[name] = meta
             for row, key in enumerate(zip(meta["sample_ids"], meta["fingerprints"])):
-                index.rows.setdefault(key, (shard.name, row))
+                index.rows.setdefault(key, (name, row))
             for sample_id, fingerprint, reason in meta["skipped"]:
                 index.skipped.setdefault((sample_id, fingerprint), reason)
         return index
@@ -123,8 +129,29 @@ class FeatureStore:
                 skipped.append((key[0], index.skipped[key]))
             else:
                 raise FmprobeError(f"sample '{key[0]}' is not in the feature store {self.root}; extract it first")
-        catalog = _Catalog(self.root, self.layers, self.store_tokens, index.metas)
-        return FeatureSet(catalog, ids, locations, skipped)
+        return FeatureSet(self._catalog(index.metas), ids, locations, skipped)
+
+    def _catalog(self, metas: dict[str, dict[str, Any]]) -> _Catalog:
+        return _Catalog(self.root, self.layers, self.store_tokens, metas)
+
+    def write_shard(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Write one shard in a locked temp dir, then commit it by an atomic rename."""
+        name = f"tmp-{uuid.uuid4().hex}"
+        tmp = self.root / name
+        lock = FileLock(self.root / f"{name}.lock")
+        lock.acquire()
+        try:
+            tmp.mkdir()
+            for file, array in arrays.items():
+                _save(tmp / f"{file}.npy", array)
+            _write_atomic_json(tmp / "meta.json", meta)
+            self.commit(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            lock.release()
+            Path(f"{tmp}.lock").unlink(missing_ok=True)
 
 
 @dataclass
@@ -186,30 +213,15 @@ class ShardWriter:
         n = len(self._ids)
         if n == 0 and not self._skipped:
             return
-        name = f"tmp-{uuid.uuid4().hex}"
-        tmp = self.store.root / name
-        lock = FileLock(self.store.root / f"{name}.lock")
-        lock.acquire()
-        try:
-            tmp.mkdir()
-            if n:
-                for file, buffer in self._buffers.items():
-                    _save(tmp / f"{file}.npy", buffer[:n])
-            meta = {
-                "sample_ids": self._ids,
-                "fingerprints": self._fingerprints,
-                "grids": {layer: list(grid) for layer, grid in self._grids.items()} if n else {},
-                "cls": any(file.endswith(".cls") for file in self._buffers),
-                "skipped": [list(s) for s in self._skipped],
-            }
-            _write_atomic_json(tmp / "meta.json", meta)
-            self.store.commit(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            lock.release()
-            Path(f"{tmp}.lock").unlink(missing_ok=True)
+        meta = {
+            "sample_ids": self._ids,
+            "fingerprints": self._fingerprints,
+            "grids": {layer: list(grid) for layer, grid in self._grids.items()} if n else {},
+            "cls": any(file.endswith(".cls") for file in self._buffers),
+            "skipped": [list(s) for s in self._skipped],
+        }
+        arrays = {file: buffer[:n] for file, buffer in self._buffers.items()} if n else {}
+        self.store.write_shard(arrays, meta)
         self.committed += n
         self._ids, self._fingerprints, self._skipped, self._grids = [], [], [], {}
 
@@ -218,15 +230,19 @@ class ShardWriter:
 class _Catalog:
     """Shard metadata plus lazily opened memory maps, shared by a FeatureSet and its subsets."""
 
-    root: Path
+    root: Path | str  # a URL for a remote store (features/remote.py)
     layers: list[str]
     store_tokens: bool
     metas: dict[str, dict[str, Any]]
     maps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
+    def path(self, shard: str, file: str) -> Path:
+        """The local file to memory-map (a remote store's catalog fetches it into its mirror first)."""
+        return self.root / shard / f"{file}.npy"
+
     def array(self, shard: str, file: str) -> np.ndarray:
         if (shard, file) not in self.maps:
-            self.maps[shard, file] = np.load(self.root / shard / f"{file}.npy", mmap_mode="r")
+            self.maps[shard, file] = np.load(self.path(shard, file), mmap_mode="r")
         return self.maps[shard, file]
 
     def layer_index(self, layer: int | str) -> int:
@@ -258,7 +274,7 @@ class FeatureSet:
         return len(self.sample_ids)
 
     @property
-    def store_dir(self) -> Path:
+    def store_dir(self) -> Path | str:
         return self._catalog.root
 
     @property

@@ -13,7 +13,7 @@ from fmprobe import __version__
 from fmprobe.atomic import write_text
 from fmprobe.config import Experiment, dump_config
 from fmprobe.report.plots import confusion_matrix_plot, metric_bars, reliability_diagram, training_curves
-from fmprobe.report.terminal import fmt, headline_rows
+from fmprobe.report.terminal import fmt, headline_rows, params_text
 
 
 def _per_class_bars(metrics: dict[str, Any]) -> list[tuple[str, str]]:
@@ -69,7 +69,8 @@ def render_run_report(exp: Experiment, metrics: dict[str, Any], curves: pd.DataF
     return template.render(
         m=metrics, rows=headline_rows(metrics), bars=_per_class_bars(metrics), curves=curve_imgs,
         reliability=_reliability(metrics), confusion=_confusion(metrics, predictions),
-        fmt=fmt, config_yaml=dump_config(exp), model_name=exp.model.name, run_id=run_id, version=__version__,
+        fmt=fmt, params=params_text, config_yaml=dump_config(exp), run_id=run_id, version=__version__,
+        model_name=exp.model.checkpoint if exp.model.kind == "vjepa2-native" else exp.model.name,
     )
 
 

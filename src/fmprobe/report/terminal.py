@@ -39,7 +39,44 @@ def headline_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 "flags": [f["name"] for f in h["flags"]],
                 "selected": head == metrics["selection"]["best_head"],
             })
+        if "segmentation" in h:  # adapted: the decoder trained jointly with this head
+            rows.append(segmentation_row(metrics, head, h["segmentation"]))
+    seg = metrics.get("segmentation")
+    if seg and seg["path"] == "frozen":
+        rows += [segmentation_row(metrics, name, block) for name, block in seg["decoders"].items()]
     return rows
+
+
+def segmentation_row(metrics: dict[str, Any], head: str, block: dict[str, Any]) -> dict[str, Any]:
+    """The mIoU of a segmentation decoder, as a headline row (baseline: the training location prior)."""
+    return {
+        "head": head, "metric": "mIoU (segmentation)", "val": block["splits"]["val"]["mean"]["miou"],
+        "mean": block["splits"]["test"]["mean"]["miou"], "sd": block["splits"]["test"]["sd"]["miou"],
+        "ci": block["test_ci"].get("miou"), "baseline": metrics["segmentation"]["baseline"]["test"]["miou"],
+        "flags": [], "selected": False,
+    }
+
+
+def params_text(h: dict[str, Any]) -> str:
+    """"trainable / total" parameters of a head's run (total unknown in runs written before it was recorded)."""
+    total = h.get("total_params")
+    return f"{h['trainable_params']:,} / {total:,}" if total is not None else f"{h['trainable_params']:,} / ?"
+
+
+def parameter_lines(metrics: dict[str, Any]) -> list[str]:
+    return ["parameters (trainable / total): " + "; ".join(f"{head} {params_text(h)}"
+                                                           for head, h in metrics["heads"].items())]
+
+
+def grid_lines(metrics: dict[str, Any]) -> list[str]:
+    """train.grid: the member chosen per head, and how many there were."""
+    grid = metrics["selection"].get("grid")
+    if not grid:
+        return []
+    return [f"grid, per head the member with the best mean validation {grid['metric']}: " + "; ".join(
+        f"{head} → lr {g['lr']:g}, wd {g['weight_decay']:g} "
+        f"({fmt(next(m['val_mean'] for m in g['members'] if m['member'] == g['chosen']))} of {len(g['members'])})"
+        for head, g in grid["heads"].items())]
 
 
 def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> None:
@@ -62,6 +99,8 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
                       fmt(r["baseline"]), flags, style=style)
     console.print(table)
     console.print(f"* selected on validation ({metrics['selection']['rule']}); test evaluated once per seed.")
+    for line in parameter_lines(metrics) + grid_lines(metrics):
+        console.print(line)
     for flag in metrics["flags"]:
         colour = "red" if flag["severity"] == "error" else "yellow"
         console.print(f"[{colour}]flag {flag['name']}[/] ({flag.get('head', 'run')}): {flag['message']}")

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from fmprobe.atomic import atomic_path
+
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
 
 
@@ -73,10 +75,9 @@ def native_vjepa2_state(model: transformers.VJEPA2Model, prefix: str = "module.b
 
 def native_vjepa2(path: str | Path, **sizes: int) -> Path:
     """A native V-JEPA 2 pretraining checkpoint (``target_encoder`` as the repository saves it) at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"target_encoder": native_vjepa2_state(vjepa2_model(**sizes)), "epoch": 1}, path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save({"target_encoder": native_vjepa2_state(vjepa2_model(**sizes)), "epoch": 1}, tmp)
+    return Path(path)
 
 
 def videomae(folder: str | Path, *, image_size: int = 32, frames: int = 4, seed: int = 0) -> Path:
@@ -105,7 +106,9 @@ def blip2(folder: str | Path, *, image_size: int = 32, patch: int = 8, layers: i
     language projection and a tiny OPT."""
     torch.manual_seed(seed)
     config = transformers.Blip2Config(
-        vision_config=_vision(image_size, patch, layers),
+        # Blip2VisionConfig's default initializer_range (1e-10) leaves every vision weight ~0: the tower would
+        # output the same tokens for every image, and no probe could learn anything from it
+        vision_config=dict(_vision(image_size, patch, layers), initializer_range=0.02),
         qformer_config=dict(TEXT, encoder_hidden_size=32),
         text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
                          vocab_size=100, word_embed_proj_dim=32),  # fmt: skip

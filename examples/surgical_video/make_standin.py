@@ -1,0 +1,166 @@
+"""Stand-in data for the surgical-video recipe: laparoscopic "clips" whose Critical View of Safety criteria are
+visible structures, laid out like the real data (one video file per clip, grouped by video, masks for some clips).
+
+    python examples/surgical_video/make_standin.py [OUT]      # default OUT: examples/surgical_video/standin/
+
+Each video (group) has one clip per entry of COMBOS, FRAMES frames each (32x32 mp4). The scene is liver-coloured
+tissue with a gallbladder and, in some clips, a grey tool; the camera pans one pixel per frame. A criterion that
+is met is drawn as the structure the surgeon has to expose:
+
+- c1 (two structures): the cystic duct (pale bar) and the cystic artery (red bar);
+- c2 (hepatocystic triangle cleared): a dark triangle;
+- c3 (cystic plate exposed): a yellow strip below the gallbladder.
+
+Every video holds clips with no criterion, each single criterion, C1+C2 and all three, so every split has the
+"only C1 / only C2 / only C3" subgroups. Every other clip has a mask of its centre frame (PNG of class indices:
+positions in ``segmentation.class_names`` of sweep.yaml, 0 = background); the others have an empty ``mask`` cell.
+The model is a tiny random V-JEPA 2 (crop 32, patch 16, 4 frames, tubelet 2) saved like the hub checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+
+from fmprobe.standin import models
+from fmprobe.standin.configs import standin_yaml
+
+HERE = Path(__file__).resolve().parent
+REAL_MODEL = "facebook/vjepa2-vitl-fpc16-256-ssv2"
+SIZE, FRAMES, SCENE = 32, 8, 40  # clip size, frames per clip file, scene the camera pans over
+VIDEOS = 15
+# criteria met in the clips of each video (c1, c2, c3): none, each one alone, C1+C2 and all three
+COMBOS = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 1, 1)]
+# mask values: positions in segmentation.class_names of sweep.yaml (0 = background)
+LABELS = {"cystic_plate": 1, "calot_triangle": 2, "cystic_artery": 3, "cystic_duct": 4, "gallbladder": 5, "tool": 6}
+COLOURS = {"gallbladder": (90, 130, 60), "tool": (160, 160, 170), "cystic_duct": (235, 230, 200),
+           "cystic_artery": (230, 40, 30), "calot_triangle": (30, 20, 35), "cystic_plate": (245, 215, 40)}  # fmt: skip
+# Settings of the stand-in run (tiny model, tiny data, a few steps); everything else is the recipe as written.
+CONFIG_SET = {"data.frames_per_clip": 4, "data.frame_step": 2, "features.cache_dir": "cache",
+              "features.batch_size": 32, "train.epochs": 3, "train.batch_size": 32, "train.lr": 0.003,
+              "train.seeds": [0, 1], "eval.bootstrap": 200}  # fmt: skip
+ADAPTER_LR = 0.01  # a few steps from LoRA's zero init: at the real 1e-4 the tiny adapters would not move
+
+
+def _scene(combo: tuple[int, ...], rng: np.random.Generator, tint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB scene [SCENE, SCENE, 3] and its label map."""
+    image = np.clip(rng.normal(0, 12, (SCENE, SCENE, 3)) + np.array([170, 80, 75]) + tint, 0, 255)
+    labels = np.zeros((SCENE, SCENE), dtype=np.uint8)
+
+    def paint(name: str, rows: slice | np.ndarray, cols: slice | None = None) -> None:
+        region = rows if cols is None else (rows, cols)
+        image[region] = COLOURS[name]
+        labels[region] = LABELS[name]
+
+    top = int(rng.integers(2, 8))
+    paint("gallbladder", slice(top, top + 12), slice(4, 36))
+    if combo[2]:
+        paint("cystic_plate", slice(top + 12, top + 17), slice(8, 32))
+    x = int(rng.integers(6, 18))
+    if combo[1]:
+        yy, xx = np.mgrid[:SCENE, :SCENE]
+        y0 = top + 18
+        paint("calot_triangle", (yy >= y0) & (yy < y0 + 14) & (np.abs(xx - x - 7) <= (yy - y0) // 2 + 1))
+    if combo[0]:
+        paint("cystic_duct", slice(top + 17, SCENE - 2), slice(x, x + 5))
+        paint("cystic_artery", slice(top + 17, SCENE - 4), slice(x + 11, x + 15))
+    if rng.random() < 0.5:
+        paint("tool", slice(SCENE - 6, SCENE - 2), slice(20, 38))
+    return image.astype(np.uint8), labels
+
+
+def _write_clip(path: Path, scene: np.ndarray, start: tuple[int, int], step: tuple[int, int]) -> None:
+    """FRAMES frames of a SIZE x SIZE window panning over ``scene``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        for t in range(FRAMES):
+            y, x = start[0] + step[0] * t, start[1] + step[1] * t
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene[y : y + SIZE, x : x + SIZE]), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_data(folder: Path, seed: int = 0) -> Path:
+    """Clips, masks and ``manifest.csv`` under ``folder``; returns the manifest path."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for v in range(VIDEOS):
+        video = f"v{v:02d}"
+        tint = rng.normal(0, 10, 3)
+        for c, i in enumerate(rng.permutation(len(COMBOS))):
+            combo = COMBOS[i]
+            scene, labels = _scene(combo, rng, tint)
+            step = (int(rng.choice([-1, 1])), int(rng.choice([-1, 1])))
+            start = tuple(0 if s > 0 else SCENE - SIZE for s in step)  # the pan stays inside the scene
+            clip = f"clips/{video}/{video}_c{c:02d}.mp4"
+            _write_clip(folder / clip, scene, start, step)
+            mask = ""
+            if c % 2 == 0:
+                centre = FRAMES // 2
+                y, x = start[0] + step[0] * centre, start[1] + step[1] * centre
+                mask = f"masks/{video}/{video}_c{c:02d}.png"
+                (folder / mask).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(labels[y : y + SIZE, x : x + SIZE]).save(folder / mask)
+            rows.append({"sample_id": f"{video}_c{c:02d}", "path": clip, "c1": combo[0], "c2": combo[1],
+                         "c3": combo[2], "group": video, "mask": mask})  # fmt: skip
+    manifest = folder / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def _sweep_set(sweep: Path) -> dict[tuple, object]:
+    """Per-arm settings of the stand-in: adapted arms on CPU in fp32 with ADAPTER_LR, staged's stage 2 short."""
+    grid = yaml.safe_load(sweep.read_text())["grid"]
+    out: dict[tuple, object] = {"workers": 1}
+    for key, arms in grid.items():
+        names = [k.strip() for k in key.split(",")]
+        if "adapt" not in names:
+            continue
+        col = names.index("adapt")
+        for i, arm in enumerate(arms):
+            adapt = arm[col]
+            if adapt.get("strategy", "frozen") == "frozen":
+                continue
+            out[("grid", key, i, col, "device")] = "cpu"
+            out[("grid", key, i, col, "precision")] = "fp32"
+            if adapt["strategy"] == "staged":
+                out[("grid", key, i, col, "stage2", "epochs")] = 2
+                out[("grid", key, i, col, "stage2", "adapters", "lr")] = ADAPTER_LR
+            else:
+                out[("grid", key, i, col, "adapters", "lr")] = ADAPTER_LR
+    return out
+
+
+def main(out: Path) -> dict[str, Path]:
+    """Write the stand-in data, the tiny model and stand-in copies of the recipe's YAML files into ``out``."""
+    out = Path(out)
+    written = {"manifest": write_data(out / "data"), "model": models.vjepa2(out / "models" / "vjepa2")}
+    replace = {REAL_MODEL: str(written["model"])}
+    written["config"] = standin_yaml(HERE / "config.yaml", out / "config.yaml", replace=replace, set=CONFIG_SET)
+    written["sweep"] = standin_yaml(HERE / "sweep.yaml", out / "sweep.yaml", replace=replace,
+                                    set=_sweep_set(HERE / "sweep.yaml"))  # fmt: skip
+    written["gates"] = standin_yaml(HERE / "gates.yaml", out / "gates.yaml")
+    return written
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "standin"
+    paths = main(target)
+    runs = target / "runs"
+    print(f"stand-in written to {target}\nnext:")
+    print(f"  fmprobe sweep {paths['sweep']}")
+    print(f"  fmprobe leaderboard --runs {runs} --experiment surgical-cvs")
+    print(f"  fmprobe gate {paths['gates']} --runs {runs}")
+    print(f"  fmprobe attention {paths['config']} --out {target / 'attention'}")
+    print(f"  fmprobe attention --run {runs}/surgical-cvs/<run_id of the 'bce' arm>")

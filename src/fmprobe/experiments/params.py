@@ -1,0 +1,50 @@
+"""Trainable and total parameters of every head run, for metrics.json and the reports.
+
+Frozen probes train the head alone: total = backbone + head. The backbone count is memoised next to the
+feature cache's encoder identities (same key: model config + weight files + versions), so a fully cached
+run does not load the model; when the count is not known yet the encoder is loaded once and handed to the
+extraction, which would otherwise load it itself. Adapted runs take both counts from adaptation.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fmprobe.backbones.base import Encoder
+from fmprobe.config import Experiment
+from fmprobe.experiments.probing import ProbeResults
+from fmprobe.features.keys import _identity_path
+from fmprobe.features.remote import local_cache_dir
+
+
+def backbone_parameters(exp: Experiment) -> tuple[int | None, Encoder | None]:
+    """(parameters of the backbone ``load_encoder`` builds, the encoder if it had to be loaded to count them);
+    (None, None) for adapted runs, whose counts come from adaptation.json."""
+    if exp.adapt.strategy != "frozen":
+        return None, None
+    memo = _identity_path(exp.model, local_cache_dir(exp.features.cache_dir)).with_suffix(".params.json")
+    if memo.is_file():
+        return int(json.loads(memo.read_text())["backbone_params"]), None
+    from fmprobe.backbones.registry import load_encoder
+
+    encoder = load_encoder(exp.model)
+    count = sum(p.numel() for p in encoder.parameters())
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"backbone_params": count}))
+    os.replace(tmp, memo)
+    return count, encoder
+
+
+def record_parameters(exp: Experiment, results: ProbeResults, run_dir: Path, backbone: int | None) -> None:
+    """Set ``total_params`` on every run (``trainable_params`` is set where the run is trained)."""
+    if exp.adapt.strategy == "frozen":
+        assert backbone is not None
+        for run in results.runs:
+            run.total_params = backbone + run.trainable_params
+        return
+    report = json.loads((run_dir / "adaptation.json").read_text())
+    for run in results.runs:
+        run.total_params = int(report["heads"][run.head][str(run.seed)]["total_params"])

@@ -1,0 +1,195 @@
+"""Recipe examples/surgical_video: the real YAMLs validate, the stand-in has the real layout, and the stand-in
+sweep (every arm: losses, balanced sampling, multi-task segmentation, staged, LoRA) runs end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fmprobe.cli import app
+from fmprobe.config import load_config
+from fmprobe.experiments.gates import load_gates
+from fmprobe.experiments.identity import config_hash
+from fmprobe.experiments.sweep import expand, load_sweep
+
+RECIPE = Path(__file__).resolve().parents[1] / "examples" / "surgical_video"
+ARMS = ["bce", "bce-pos-weight", "focal", "lora-r16-qv", "lora-r32-qkv", "lora-r16-qv-balanced",
+        "lora-r16-qv-segmentation", "staged-lora-r16-qv"]  # fmt: skip
+HIDDEN = 32  # width of the stand-in V-JEPA 2 (fmprobe.standin.models.vjepa2_model)
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("surgical_standin", RECIPE / "make_standin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory) -> dict[str, Path]:
+    return _load_generator().main(tmp_path_factory.mktemp("surgical"))
+
+
+def test_real_yamls_validate_and_name_the_real_model():
+    exp = load_config(RECIPE / "config.yaml")
+    assert exp.model.name == "facebook/vjepa2-vitl-fpc16-256-ssv2" and exp.data.frames_per_clip == 16
+    assert exp.task.targets == ["c1", "c2", "c3"] and exp.task.primary_metric == "map"
+    head = exp.heads[0]
+    assert (head.type, head.num_heads, head.hidden) == ("attentive", 8, 512)
+    assert len(exp.train.seeds) >= 3 and exp.eval.bootstrap >= 1000 and exp.split.mode == "generate"
+    points = {p.values["heads.0.name"]: p for p in expand(load_sweep(RECIPE / "sweep.yaml"))}
+    assert list(points) == ARMS
+    assert config_hash(points["bce"].exp) == config_hash(exp)  # `fmprobe run config.yaml` is the reference arm
+    adapt = {name: p.exp.adapt for name, p in points.items()}
+    assert (adapt["lora-r16-qv"].lora.rank, adapt["lora-r16-qv"].lora.targets) == (16, "qv")
+    assert (adapt["lora-r32-qkv"].lora.rank, adapt["lora-r32-qkv"].lora.targets) == (32, "qkv")
+    assert adapt["lora-r16-qv-balanced"].balanced_sampler and adapt["staged-lora-r16-qv"].strategy == "staged"
+    assert all(a.device == "cuda" for a in adapt.values() if a.strategy != "frozen")
+    seg = points["lora-r16-qv-segmentation"].exp
+    assert seg.data.mask_column == "mask" and seg.segmentation.class_names[0] == "background"
+    assert points["bce-pos-weight"].exp.loss.pos_weight == "auto" and points["focal"].exp.loss.type == "focal"
+    gates = load_gates(RECIPE / "gates.yaml")
+    assert gates.experiment == exp.name and {c.metric for c in gates.criteria} == {"map", "ap/c1", "ap/c2", "ap/c3"}
+
+
+def test_standin_has_the_real_layout_and_visible_criteria(standin):
+    gen = _load_generator()
+    df = pd.read_csv(standin["manifest"], dtype=str, keep_default_na=False)
+    assert list(df.columns) == ["sample_id", "path", "c1", "c2", "c3", "group", "mask"]
+    assert df["group"].nunique() == gen.VIDEOS and len(df) == gen.VIDEOS * len(gen.COMBOS)
+    combos = df[["c1", "c2", "c3"]].astype(int).agg(tuple, axis=1)
+    for _, clips in combos.groupby(df["group"]):  # every video has each single-criterion clip
+        assert {(1, 0, 0), (0, 1, 0), (0, 0, 1)} <= set(clips)
+    root = standin["manifest"].parent
+    with av.open(str(root / df["path"].iloc[0])) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == gen.FRAMES and frames[0].shape == (gen.SIZE, gen.SIZE, 3)
+    with_mask = df[df["mask"] != ""]
+    assert 0 < len(with_mask) < len(df)
+    labels = gen.LABELS
+    for row, combo in zip(with_mask.itertuples(), combos[with_mask.index]):
+        mask = np.array(Image.open(root / row.mask))
+        assert mask.shape == (gen.SIZE, gen.SIZE) and mask.max() <= max(labels.values())
+        present = set(np.unique(mask).tolist())
+        assert (labels["cystic_duct"] in present) == bool(combo[0]), row.sample_id
+        assert (labels["calot_triangle"] in present) == bool(combo[1]), row.sample_id
+    # the stand-in copies are the recipe with the tiny model, sizes and CPU settings swapped
+    exp = load_config(standin["config"])
+    assert exp.model.name == str(standin["model"]) and exp.data.frames_per_clip == 4
+    points = expand(load_sweep(standin["sweep"]))
+    assert [p.values["heads.0.name"] for p in points] == ARMS
+    assert all(p.exp.adapt.device == "cpu" for p in points) and all(p.exp.model.name == exp.model.name for p in points)
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_standin_sweep_end_to_end(standin):
+    runner = CliRunner()
+    result = runner.invoke(app, ["sweep", str(standin["sweep"])])
+    assert result.exit_code == 0, result.output
+    runs_dir = standin["config"].parent / "runs"
+    record = json.loads((runs_dir / "_sweeps" / "surgical-cvs-arms" / "sweep.json").read_text())
+    assert [r["status"] for r in record["runs"]] == ["ran"] * len(ARMS)
+    run_of = {r["values"]["heads.0.name"]: Path(r["run_dir"]) for r in record["runs"]}
+    manifest = pd.read_csv(standin["manifest"]).set_index("sample_id")
+
+    for arm, run_dir in run_of.items():
+        m = _metrics(run_dir)
+        head = m["heads"][arm]
+        assert (run_dir / "report.html").exists()
+        assert m["bootstrap"]["unit"] == "group"
+        for key in ("map", "ap/c1", "ap/c2", "ap/c3"):
+            lo, hi = head["test_ci"][key]
+            assert np.isfinite([lo, hi]).all() and lo <= hi, (arm, key)
+        # the criteria are visible, so every arm beats the constant-prevalence baseline
+        assert head["splits"]["test"]["mean"]["map"] > m["baseline"]["test"]["map"] + 0.1, arm
+        assert not [f for f in head["flags"] if f["severity"] == "error"], (arm, head["flags"])
+
+    preds = pd.read_parquet(run_of["bce"] / "predictions.parquet")
+    first = preds[preds["seed"] == preds["seed"].min()]
+    split_of = first.set_index("sample_id")["split"]
+    assert first.groupby("group")["split"].nunique().max() == 1  # grouped by video
+    test = manifest.loc[split_of.index[split_of == "test"], ["c1", "c2", "c3"]]
+    ref = _metrics(run_of["bce"])
+    assert ref["baseline"]["test"]["ap/c3"] == pytest.approx(test["c3"].mean())
+
+    # single-criterion subgroups: the test clips where exactly that criterion is met
+    groups = ref["heads"]["bce"]["subgroups"]["groups"]
+    only: dict[str, int] = {}
+    for j, name in enumerate(["c1", "c2", "c3"]):
+        want = np.zeros(3, dtype=int)
+        want[j] = 1
+        only[name] = int((test.to_numpy() == want).all(axis=1).sum())
+        assert only[name] > 0 and groups[name]["n"] == only[name]
+        assert groups[name]["true/" + name] == 1.0
+    assert groups["exactly one label"]["n"] == sum(only.values())
+
+    # losses: pos_weight is n_neg / n_pos of the training videos; focal as configured
+    train = manifest.loc[split_of.index[split_of == "train"], ["c1", "c2", "c3"]]
+    want_pw = ((train == 0).sum() / (train == 1).sum()).tolist()
+    assert _metrics(run_of["bce-pos-weight"])["heads"]["bce-pos-weight"]["loss"]["pos_weight"] == pytest.approx(want_pw)
+    assert ref["heads"]["bce"]["loss"]["pos_weight"] is None
+    focal = _metrics(run_of["focal"])["heads"]["focal"]["loss"]
+    assert (focal["type"], focal["focal_gamma"]) == ("focal", 2.0)
+
+    # LoRA: the adapted modules and exactly their r x (in + out) parameters on top of the probe
+    frozen_params = ref["heads"]["bce"]["trainable_params"]
+    for arm, rank, kinds in (("lora-r16-qv", 16, {"query", "value"}), ("lora-r32-qkv", 32, {"query", "key", "value"})):
+        info = json.loads((run_of[arm] / "adaptation.json").read_text())["heads"][arm]["0"]
+        assert {t.rsplit(".", 1)[1] for t in info["lora_targets"]} == kinds
+        extra = len(info["lora_targets"]) * rank * 2 * HIDDEN
+        assert _metrics(run_of[arm])["heads"][arm]["trainable_params"] == frozen_params + extra
+    assert load_config(run_of["lora-r16-qv-balanced"] / "config.resolved.yaml").adapt.balanced_sampler
+    stages = pd.read_parquet(run_of["staged-lora-r16-qv"] / "curves.parquet")["stage"]
+    assert set(stages) == {1, 2}
+
+    # multi-task segmentation: mIoU with a CI over the clips that have a mask
+    seg = _metrics(run_of["lora-r16-qv-segmentation"])["segmentation"]
+    has_mask = manifest["mask"].notna()
+    assert seg["n_with_mask"]["test"] == int(has_mask[test.index].sum())
+    lo, hi = seg["decoders"]["lora-r16-qv-segmentation"]["test_ci"]["miou"]
+    assert 0 <= lo <= hi <= 1 and "miou" in seg["baseline"]["test"]
+
+    # leaderboard: one row per arm, ranked on validation
+    csv = runs_dir / "board.csv"
+    result = runner.invoke(app, ["leaderboard", "--runs", str(runs_dir), "--experiment", "surgical-cvs", "--csv",
+                                 str(csv)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    board = pd.read_csv(csv)
+    assert sorted(board["head"]) == sorted(ARMS) and board["val_mean"].is_monotonic_decreasing
+
+    # gates: a verdict per arm, the must-pass mAP level read from its CI
+    verdicts = runs_dir / "gates.json"
+    result = runner.invoke(app, ["gate", str(standin["gates"]), "--runs", str(runs_dir), "--json", str(verdicts)])
+    report = json.loads(verdicts.read_text())
+    assert result.exit_code == (0 if report["chosen"] else 1)
+    assert len(report["verdicts"]) == len(ARMS)
+    for v in report["verdicts"]:
+        level = v["levels"]["CVS mAP"]
+        assert level["level"] == ("target" if level["lo"] >= 0.6 else "pass" if level["lo"] >= 0.5 else
+                                  "fail" if level["hi"] < 0.5 or level["point"] < 0.4 else "inconclusive")
+
+    # attention entropy: the backbone per block and head, the attentive probe per attention head
+    out = runs_dir / "attention"
+    result = runner.invoke(app, ["attention", str(standin["config"]), "--samples", "6", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    backbone = json.loads((out / "attention.json").read_text())
+    entropy = np.array(backbone["entropy"]["per_block_head"])
+    assert entropy.shape == (2, 2) and ((entropy >= 0) & (entropy <= 1)).all()
+    assert backbone["by_group"]["label_order"] == ["c1", "c2", "c3"]
+    result = runner.invoke(app, ["attention", "--run", str(run_of["bce"])])
+    assert result.exit_code == 0, result.output
+    probe = json.loads((run_of["bce"] / "attention" / "attention.json").read_text())["heads"]["bce"]
+    pooled = np.array(probe["entropy_per_head_query"])
+    assert pooled.shape == (8, 1) and ((pooled >= 0) & (pooled <= 1)).all()
