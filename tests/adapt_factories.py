@@ -37,6 +37,7 @@ def clip() -> ClipImageEncoder:
 def blip2() -> Blip2ImageEncoder:
     torch.manual_seed(0)
     model = Blip2VisionModel(Blip2VisionConfig(**TINY, num_hidden_layers=2, intermediate_size=32, image_size=16,
+                                               initializer_range=0.02,  # its default 1e-10 gives constant tokens
                                                patch_size=8))  # fmt: skip
     return Blip2ImageEncoder(model, name="tiny-blip2", input_spec=IMAGE, num_prefix=1)
 

@@ -71,7 +71,8 @@ def write_base(folder: Path, task: str = "binary", **overrides) -> Path:
 def fake_run(runs_dir: Path, run_id: str, heads: dict[str, dict], *, experiment: str = "exp",
              primary: str = "auroc", lr: float = 0.01, wall: float = 10.0) -> Path:
     """A run directory in the format of run_experiment with chosen numbers. ``heads``: name ->
-    {"val": v, "test": t, "ci": (lo, hi), "baseline": b, "flags": [(name, severity)], "params": n}."""
+    {"val": v, "test": t, "ci": (lo, hi), "baseline": b, "flags": [(name, severity)], "params": n,
+    "total": total parameters (default params + 10000; None: not recorded, as in older runs)}."""
     import json
 
     run_dir = runs_dir / experiment / run_id
@@ -81,6 +82,8 @@ def fake_run(runs_dir: Path, run_id: str, heads: dict[str, dict], *, experiment:
         split = lambda v: {"per_seed": {primary: [v, v]}, "mean": {primary: v}, "sd": {primary: 0.01}}  # noqa: E731
         out[name] = {
             "type": "linear", "pooling": "mean", "layer": -1, "trainable_params": h.get("params", 100),
+            **({} if "total" in h and h["total"] is None
+               else {"total_params": h.get("total", h.get("params", 100) + 10000)}),
             "splits": {"train": split(h["val"]), "val": split(h["val"]), "test": split(h["test"])},
             "test_ci": {primary: list(h["ci"])},
             "flags": [{"name": f, "severity": s, "message": f, "details": {}} for f, s in h.get("flags", [])],
@@ -97,3 +100,30 @@ def fake_run(runs_dir: Path, run_id: str, heads: dict[str, dict], *, experiment:
     config = {"name": experiment, "model": {"name": "m"}, "train": {"lr": lr, "epochs": 5}, "runs_dir": str(runs_dir)}
     (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(config))
     return run_dir
+
+
+def add_fake_segmentation(run_dir: Path, decoders: dict[str, float], *, prior: float = 0.1) -> dict:
+    """Add a segmentation section to a fake run's metrics.json, made by the real summariser from per-sample
+    counts whose foreground IoU is the given value on every split and seed (a little lower on seed 1).
+    ``decoders``: {"segmentation": v} for a frozen run, else {head: v} (adapted: copied beside each head)."""
+    import json
+
+    from fmprobe.evaluate.segmentation import SegCounts, SegResults, SegRun, summarise_segmentation
+
+    def counts(iou: float, n: int = 8) -> SegCounts:
+        union = np.full((n, 2), 100, np.int64)
+        inter = np.stack([np.full(n, 90), np.round(np.linspace(iou - 0.05, iou + 0.05, n) * 100)], 1).astype(np.int64)
+        return SegCounts([f"s{i}" for i in range(n)], inter, union)
+
+    runs = [SegRun(name, seed, 3, v, False, [], {s: counts(v - 0.02 * seed) for s in ("train", "val", "test")}, 50)
+            for name, v in decoders.items() for seed in (0, 1)]
+    frozen = list(decoders) == ["segmentation"]
+    results = SegResults("frozen" if frozen else "adapted", "fake", runs, counts(prior), {"test": 8})
+    block = summarise_segmentation(results, ["background", "fg"], test_groups=None, n_resamples=50, ci=0.95)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["segmentation"] = block
+    if not frozen:
+        for head, entry in block["decoders"].items():
+            metrics["heads"][head]["segmentation"] = entry
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return block

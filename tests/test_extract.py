@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from fmprobe.backbones.base import Encoder, EncoderOutput, InputSpec
+from fmprobe.data.manifest import load_manifest
 from fmprobe.config import parse_config
 from fmprobe.errors import ConfigError, ReaderError
 from fmprobe.features.extract import check_compatible, encode_batch, extract_features, run_extraction
@@ -392,3 +393,10 @@ def test_extract_command_with_a_saved_model_and_its_weights_changing(tmp_path, m
     save_model(1)  # new weights at the same path: never served the old features
     third = extract_command(tmp_path / "exp.yaml")
     assert third["extracted"] == 6 and third["key"] != first["key"] and len(loads) == 1
+
+
+def test_an_absent_gpu_for_extraction_is_an_error_not_a_cpu_run(toy_study, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    exp = parse_config(toy_study("binary", n=12, features={"device": "cuda"}))
+    with pytest.raises(ConfigError, match="features.device is 'cuda' but no CUDA GPU"):
+        extract_features(exp, load_manifest(exp.data, exp.task), progress=False)

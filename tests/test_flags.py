@@ -144,3 +144,16 @@ def test_leaking_split_gives_group_overlap_flag():
     assert [f.name for f in flags] == ["group_overlap"] and flags[0].severity == "error"
     allowed = compute_flags("binary", y, s, eval_cfg=EvalConfig(bootstrap=0), overlap=overlap, allow_group_overlap=True)
     assert allowed[0].severity == "warning"
+
+
+def test_few_test_groups_warn_that_the_group_bootstrap_ci_understates_uncertainty():
+    from fmprobe.evaluate.flags import few_groups
+
+    flag = few_groups(["p1", "p1", "p2", "p2"], min_groups=10)
+    assert flag is not None and flag.severity == "warning" and flag.details["n_groups"] == 2
+    assert few_groups([f"p{i}" for i in range(10)], min_groups=10) is None
+    y = np.array([0, 1] * 6)
+    names = {f.name for f in compute_flags("binary", y, y * 0.8 + 0.1, groups=[f"p{i // 4}" for i in range(12)])}
+    assert "few_groups" in names
+    names = {f.name for f in compute_flags("binary", y, y * 0.8 + 0.1, groups=[f"p{i}" for i in range(12)])}
+    assert "few_groups" not in names

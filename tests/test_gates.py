@@ -6,7 +6,7 @@ import math
 
 import pytest
 import yaml
-from run_factories import fake_run
+from run_factories import add_fake_segmentation, fake_run
 
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.experiments.gates import Criterion, criterion_level, evaluate_gates, load_gates
@@ -113,3 +113,25 @@ def test_val_split_is_judged_on_the_point(tmp_path):
     report = evaluate_gates(_gates(tmp_path, [{"metric": "auroc", "split": "val", "acceptable": 0.8}]), runs)
     level = report.verdicts[0].levels["auroc"]
     assert (level.level, level.lo, level.hi) == ("pass", 0.85, 0.85)
+
+
+def test_gates_on_segmentation_miou_and_total_params(tmp_path):
+    runs = tmp_path / "runs"
+    good = fake_run(runs, "r1", {"lin": {"val": 0.9, "test": 0.9, "ci": (0.85, 0.95), "total": 5000}})
+    block = add_fake_segmentation(good, {"segmentation": 0.8})
+    weak = fake_run(runs, "r2", {"lin": {"val": 0.9, "test": 0.9, "ci": (0.85, 0.95), "total": 5000}})
+    add_fake_segmentation(weak, {"lin": 0.5})
+    report = evaluate_gates(_gates(tmp_path, [{"metric": "seg/miou", "acceptable": 0.7},
+                                              {"metric": "total_params", "acceptable": 6000}]), runs)
+    by_run = {v.run_id: v for v in report.verdicts}
+    level = by_run["r1"].levels["seg/miou"]
+    assert level.level == "pass" and [level.lo, level.hi] == block["decoders"]["segmentation"]["test_ci"]["miou"]
+    assert by_run["r1"].levels["total_params"].point == 5000
+    assert by_run["r2"].verdict == "reject" and "must-pass 'seg/miou' failed" in by_run["r2"].reasons
+    assert report.chosen.run_id == "r1"
+
+    fake_run(runs, "r3", {"lin": {"val": 0.9, "test": 0.9, "ci": (0.85, 0.95), "total": None}})  # an older run
+    with pytest.raises(FmprobeError, match="exp/r3 head 'lin' has no test metric 'seg/miou'"):
+        evaluate_gates(_gates(tmp_path, [{"metric": "seg/miou", "acceptable": 0.7}]), runs)
+    with pytest.raises(FmprobeError, match="exp/r3 head 'lin' has no total_params recorded"):
+        evaluate_gates(_gates(tmp_path, [{"metric": "total_params", "acceptable": 6000}]), runs)

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from fmprobe.cli import app
 from fmprobe.config import load_config
+from fmprobe.data.readers import read_media
 from fmprobe.experiments.gates import load_gates
 from fmprobe.experiments.identity import config_hash
 from fmprobe.experiments.sweep import expand, load_sweep
@@ -41,6 +42,7 @@ def standin(tmp_path_factory) -> dict[str, Path]:
 def test_real_yamls_validate_and_name_the_real_model():
     exp = load_config(RECIPE / "config.yaml")
     assert exp.model.name == "facebook/vjepa2-vitl-fpc16-256-ssv2" and exp.data.frames_per_clip == 16
+    assert exp.data.clip_start_column == "clip_start"  # one file per video, a window per row
     assert exp.task.targets == ["c1", "c2", "c3"] and exp.task.primary_metric == "map"
     head = exp.heads[0]
     assert (head.type, head.num_heads, head.hidden) == ("attentive", 8, 512)
@@ -63,15 +65,16 @@ def test_real_yamls_validate_and_name_the_real_model():
 def test_standin_has_the_real_layout_and_visible_criteria(standin):
     gen = _load_generator()
     df = pd.read_csv(standin["manifest"], dtype=str, keep_default_na=False)
-    assert list(df.columns) == ["sample_id", "path", "c1", "c2", "c3", "group", "mask"]
+    assert list(df.columns) == ["sample_id", "path", "clip_start", "c1", "c2", "c3", "group", "mask"]
     assert df["group"].nunique() == gen.VIDEOS and len(df) == gen.VIDEOS * len(gen.COMBOS)
+    assert df.groupby("group")["path"].nunique().max() == 1 and df["path"].nunique() == gen.VIDEOS  # a file per video
     combos = df[["c1", "c2", "c3"]].astype(int).agg(tuple, axis=1)
     for _, clips in combos.groupby(df["group"]):  # every video has each single-criterion clip
         assert {(1, 0, 0), (0, 1, 0), (0, 0, 1)} <= set(clips)
     root = standin["manifest"].parent
     with av.open(str(root / df["path"].iloc[0])) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(frames) == gen.FRAMES and frames[0].shape == (gen.SIZE, gen.SIZE, 3)
+    assert len(frames) == len(gen.COMBOS) * (gen.GAP + gen.FRAMES) and frames[0].shape == (gen.SIZE, gen.SIZE, 3)
     with_mask = df[df["mask"] != ""]
     assert 0 < len(with_mask) < len(df)
     labels = gen.LABELS
@@ -84,6 +87,22 @@ def test_standin_has_the_real_layout_and_visible_criteria(standin):
     # the stand-in copies are the recipe with the tiny model, sizes and CPU settings swapped
     exp = load_config(standin["config"])
     assert exp.model.name == str(standin["model"]) and exp.data.frames_per_clip == 4
+    # each row's window: its middle frame is the annotated one, the frame its mask labels (better than 2 frames off)
+    middle = exp.data.frames_per_clip // 2 * exp.data.frame_step
+    errors = []
+    for row in with_mask.itertuples():
+        with av.open(str(root / row.path)) as container:
+            video = [f.to_ndarray(format="rgb24").astype(float) for f in container.decode(video=0)]
+        clip = read_media(str(root / row.path), exp.data, sample_id=row.sample_id, clip_start=int(row.clip_start))
+        frame = clip[0, middle // exp.data.frame_step].transpose(1, 2, 0)
+        assert np.array_equal(frame, video[int(row.clip_start) + middle]), row.sample_id
+        mask = np.array(Image.open(root / row.mask))
+        drawn = np.zeros((*mask.shape, 3))
+        for name, value in labels.items():
+            drawn[mask == value] = gen.COLOURS[name]
+        errors.append([np.abs(video[int(row.clip_start) + middle + d] - drawn)[mask > 0].mean() for d in (0, -2, 2)])
+    mean_error = np.mean(errors, axis=0)
+    assert mean_error[0] < 20 and mean_error[0] < mean_error[1:].min() - 5, mean_error
     points = expand(load_sweep(standin["sweep"]))
     assert [p.values["heads.0.name"] for p in points] == ARMS
     assert all(p.exp.adapt.device == "cpu" for p in points) and all(p.exp.model.name == exp.model.name for p in points)

@@ -87,6 +87,14 @@ def test_sweep_extracts_once_per_cache_entry_and_resumes(tmp_path, count_extract
     assert len(count_extractions) == 1  # still cached
 
 
+def test_a_sweep_over_tasks_reports_one_leaderboard_per_primary_metric(tmp_path):
+    write_base(tmp_path)
+    result = run_sweep(_sweep(tmp_path, {"task.type": ["binary", "regression"]}), workers=1)
+    html = result.report.read_text()
+    assert 'id="leaderboard"' in html and 'id="leaderboard-2"' in html and 'id="forest-2"' in html
+    assert "metric <b>auroc</b>" in html and "metric <b>r2</b>" in html
+
+
 def test_a_failed_run_is_reported_and_the_others_finish(tmp_path):
     write_base(tmp_path)
     shutil.copy(tmp_path / "manifest.csv", tmp_path / "other.csv")

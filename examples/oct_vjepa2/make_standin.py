@@ -139,7 +139,7 @@ def main(out: Path, *, store: str | None = None) -> dict[str, Path]:
         "data.manifest": str(manifest), "data.frames_per_clip": CHECKPOINT_SIZES["frames"], "data.frame_step": 1,
         "data.num_clips": 2, "data.num_workers": 0,
         "model.image_size": CHECKPOINT_SIZES["crop"], "model.native_frames": CHECKPOINT_SIZES["frames"],
-        "model.native_num_heads": 2, "features.cache_dir": str(out / "cache"), "features.batch_size": 32,
+        "model.native_num_heads": 2, "features.cache_dir": str(out / "cache"), "features.device": "cpu", "features.batch_size": 32,
         "runs_dir": str(out / "runs"), "split.fractions": [0.5, 0.25, 0.25], "eval.bootstrap": 200,
         # ~120 training eyes instead of thousands: smaller batches and a higher lr give the probe enough steps
         "train.batch_size": 16, "train.lr": 0.003, "train.epochs": 40, "train.warmup_epochs": 2,

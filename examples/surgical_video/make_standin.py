@@ -1,18 +1,21 @@
 """Stand-in data for the surgical-video recipe: laparoscopic "clips" whose Critical View of Safety criteria are
-visible structures, laid out like the real data (one video file per clip, grouped by video, masks for some clips).
+visible structures, laid out like the real data (one video file per procedure, one manifest row per annotated clip
+with its ``clip_start`` frame, grouped by video, masks for some clips).
 
     python examples/surgical_video/make_standin.py [OUT]      # default OUT: examples/surgical_video/standin/
 
-Each video (group) has one clip per entry of COMBOS, FRAMES frames each (32x32 mp4). The scene is liver-coloured
-tissue with a gallbladder and, in some clips, a grey tool; the camera pans one pixel per frame. A criterion that
-is met is drawn as the structure the surgeon has to expose:
+Each video (group) is one 32x32 mp4 holding one stretch per entry of COMBOS: GAP frames of a view with no
+criterion, then FRAMES frames of a scene. The scene is liver-coloured tissue with a gallbladder and, in some
+stretches, a grey tool; the camera pans one pixel per frame. A row's annotated moment is the scene's frame
+FRAMES // 2, and its clip starts where the stand-in clip (CLIP_FRAMES frames CLIP_STEP apart) is centred on it.
+A criterion that is met is drawn as the structure the surgeon has to expose:
 
 - c1 (two structures): the cystic duct (pale bar) and the cystic artery (red bar);
 - c2 (hepatocystic triangle cleared): a dark triangle;
 - c3 (cystic plate exposed): a yellow strip below the gallbladder.
 
 Every video holds clips with no criterion, each single criterion, C1+C2 and all three, so every split has the
-"only C1 / only C2 / only C3" subgroups. Every other clip has a mask of its centre frame (PNG of class indices:
+"only C1 / only C2 / only C3" subgroups. Every other clip has a mask of its annotated frame (PNG of class indices:
 positions in ``segmentation.class_names`` of sweep.yaml, 0 = background); the others have an empty ``mask`` cell.
 The model is a tiny random V-JEPA 2 (crop 32, patch 16, 4 frames, tubelet 2) saved like the hub checkpoint.
 """
@@ -33,7 +36,8 @@ from fmprobe.standin.configs import standin_yaml
 
 HERE = Path(__file__).resolve().parent
 REAL_MODEL = "facebook/vjepa2-vitl-fpc16-256-ssv2"
-SIZE, FRAMES, SCENE = 32, 8, 40  # clip size, frames per clip file, scene the camera pans over
+SIZE, FRAMES, GAP, SCENE = 32, 8, 2, 40  # frame size, frames per scene, frames between scenes, scene panned over
+CLIP_FRAMES, CLIP_STEP = 4, 2  # the stand-in clip (data.frames_per_clip, data.frame_step of CONFIG_SET)
 VIDEOS = 15
 # criteria met in the clips of each video (c1, c2, c3): none, each one alone, C1+C2 and all three
 COMBOS = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 1, 1)]
@@ -42,9 +46,9 @@ LABELS = {"cystic_plate": 1, "calot_triangle": 2, "cystic_artery": 3, "cystic_du
 COLOURS = {"gallbladder": (90, 130, 60), "tool": (160, 160, 170), "cystic_duct": (235, 230, 200),
            "cystic_artery": (230, 40, 30), "calot_triangle": (30, 20, 35), "cystic_plate": (245, 215, 40)}  # fmt: skip
 # Settings of the stand-in run (tiny model, tiny data, a few steps); everything else is the recipe as written.
-CONFIG_SET = {"data.frames_per_clip": 4, "data.frame_step": 2, "features.cache_dir": "cache",
-              "features.batch_size": 32, "train.epochs": 3, "train.batch_size": 32, "train.lr": 0.003,
-              "train.seeds": [0, 1], "eval.bootstrap": 200}  # fmt: skip
+CONFIG_SET = {"data.frames_per_clip": CLIP_FRAMES, "data.frame_step": CLIP_STEP, "features.cache_dir": "cache",
+              "features.device": "cpu", "features.batch_size": 32, "train.epochs": 3, "train.batch_size": 32,
+              "train.lr": 0.003, "train.seeds": [0, 1], "eval.bootstrap": 200}  # fmt: skip
 ADAPTER_LR = 0.01  # a few steps from LoRA's zero init: at the real 1e-4 the tiny adapters would not move
 
 
@@ -75,45 +79,57 @@ def _scene(combo: tuple[int, ...], rng: np.random.Generator, tint: np.ndarray) -
     return image.astype(np.uint8), labels
 
 
-def _write_clip(path: Path, scene: np.ndarray, start: tuple[int, int], step: tuple[int, int]) -> None:
+def _pan(scene: np.ndarray, start: tuple[int, int], step: tuple[int, int]) -> list[np.ndarray]:
     """FRAMES frames of a SIZE x SIZE window panning over ``scene``."""
+    frames = []
+    for t in range(FRAMES):
+        y, x = start[0] + step[0] * t, start[1] + step[1] * t
+        frames.append(np.ascontiguousarray(scene[y : y + SIZE, x : x + SIZE]))
+    return frames
+
+
+def _write_video(path: Path, frames: list[np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=25)
         stream.width = stream.height = SIZE
         stream.pix_fmt = "yuv420p"
-        for t in range(FRAMES):
-            y, x = start[0] + step[0] * t, start[1] + step[1] * t
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene[y : y + SIZE, x : x + SIZE]), format="rgb24")
-            for packet in stream.encode(frame):
+        stream.codec_context.gop_size = 12  # keyframes as in a real recording: clips are read by seeking
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
 
 
 def write_data(folder: Path, seed: int = 0) -> Path:
-    """Clips, masks and ``manifest.csv`` under ``folder``; returns the manifest path."""
+    """Videos, masks and ``manifest.csv`` under ``folder``; returns the manifest path."""
     rng = np.random.default_rng(seed)
     rows = []
     for v in range(VIDEOS):
         video = f"v{v:02d}"
+        path = f"videos/{video}.mp4"
         tint = rng.normal(0, 10, 3)
+        tissue = _scene((0, 0, 0), rng, tint)[0][:SIZE, :SIZE]  # shown between the annotated stretches
+        frames: list[np.ndarray] = []
         for c, i in enumerate(rng.permutation(len(COMBOS))):
             combo = COMBOS[i]
             scene, labels = _scene(combo, rng, tint)
             step = (int(rng.choice([-1, 1])), int(rng.choice([-1, 1])))
             start = tuple(0 if s > 0 else SCENE - SIZE for s in step)  # the pan stays inside the scene
-            clip = f"clips/{video}/{video}_c{c:02d}.mp4"
-            _write_clip(folder / clip, scene, start, step)
+            frames += [np.ascontiguousarray(tissue)] * GAP
+            annotated = len(frames) + FRAMES // 2  # the row's moment, in frames from the start of the video
+            frames += _pan(scene, start, step)
             mask = ""
             if c % 2 == 0:
-                centre = FRAMES // 2
-                y, x = start[0] + step[0] * centre, start[1] + step[1] * centre
+                y, x = start[0] + step[0] * (FRAMES // 2), start[1] + step[1] * (FRAMES // 2)
                 mask = f"masks/{video}/{video}_c{c:02d}.png"
                 (folder / mask).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(labels[y : y + SIZE, x : x + SIZE]).save(folder / mask)
-            rows.append({"sample_id": f"{video}_c{c:02d}", "path": clip, "c1": combo[0], "c2": combo[1],
-                         "c3": combo[2], "group": video, "mask": mask})  # fmt: skip
+            rows.append({"sample_id": f"{video}_c{c:02d}", "path": path,
+                         "clip_start": annotated - (CLIP_FRAMES // 2) * CLIP_STEP,  # the clip centred on it
+                         "c1": combo[0], "c2": combo[1], "c3": combo[2], "group": video, "mask": mask})  # fmt: skip
+        _write_video(folder / path, frames)
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest

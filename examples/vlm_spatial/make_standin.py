@@ -41,7 +41,7 @@ def main(out: Path) -> dict[str, Path]:
     out = Path(out)
     written = {"manifest": write_shapes_dataset(out / "data", N_IMAGES, size=SIZE, seed=1),
                "model": models.qwen2_5_vl(out / "models" / "qwen2_5_vl")}  # fmt: skip
-    common = {"features.cache_dir": str(out / "cache"), "runs_dir": str(out / "runs"), "train.epochs": 3,
+    common = {"features.cache_dir": str(out / "cache"), "features.device": "cpu", "runs_dir": str(out / "runs"), "train.epochs": 3,
               "eval.bootstrap": 200}  # fmt: skip
     written["config"] = standin_yaml(
         HERE / "config.yaml", out / "config.yaml", replace={REAL_MODEL: str(written["model"])},

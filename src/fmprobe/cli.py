@@ -186,7 +186,8 @@ def sweep(spec: Path = typer.Argument(..., help="sweep YAML: base config + grid 
 @user_errors
 def leaderboard(runs: Path = typer.Option(Path("runs"), help="runs folder"),
                 experiment: str = typer.Option(None, help="only this experiment"),
-                metric: str = typer.Option(None, help="default: the runs' primary metric"),
+                metric: str = typer.Option(None, help="default: the runs' primary metric; seg/miou: the segmentation "
+                                                      "decoder's mIoU"),
                 csv: Path = typer.Option(None, help="also write the table as CSV"),
                 html: Path = typer.Option(None, help="also write a self-contained HTML report"),
                 gates: Path = typer.Option(None, help="gates YAML: verdicts in the HTML report")) -> None:

@@ -55,6 +55,8 @@ class DataConfig(Strict):
     frame_step: int = Field(default=1, ge=1)
     clip_position: Literal["center", "uniform", "random"] = "center"
     num_clips: int = Field(default=1, ge=1)
+    # per-row window in a long video (or slice stack): the column's integer is the clip's first frame (slice)
+    clip_start_column: str | None = None
     # volumes: a slice stack fed like a video, or single 2D slices (axis, index or "middle")
     volume_mode: Literal["stack", "slices"] = "stack"
     slice_axis: int = Field(default=2, ge=0, le=2)
@@ -69,6 +71,15 @@ class DataConfig(Strict):
             raise ValueError(
                 f"num_clips: {self.num_clips} needs clip_position: uniform (got '{self.clip_position}')"
             )
+        if self.clip_start_column is not None:
+            if self.kind == "image":
+                raise ValueError("clip_start_column picks a window in a video or slice stack; data.kind is image")
+            if self.clip_position != "center" or self.num_clips != 1:
+                raise ValueError(
+                    f"clip_start_column '{self.clip_start_column}' fixes each row's one clip (frames_per_clip frames "
+                    f"from the row's start, every frame_step-th), so clip_position: {self.clip_position} / "
+                    f"num_clips: {self.num_clips} cannot apply; remove them (or give one row per clip)"
+                )
         return self
 
 
@@ -127,6 +138,7 @@ class FeatureConfig(Strict):
     temporal_pool: bool = False  # average tokens over time before storing
     batch_size: int = Field(default=16, ge=1)
     shard_size: int = Field(default=256, ge=1)
+    device: str = "cpu"  # where the frozen backbone runs during extraction (cpu, cuda, cuda:1); not in the cache key
 
 
 class HeadConfig(Strict):
@@ -215,6 +227,7 @@ class EvalConfig(Strict):
     ci: float = Field(default=0.95, gt=0, lt=1)
     thresholds: Literal["f1", "fixed"] = "f1"
     tiny_class: int = Field(default=5, ge=0)  # flag a class with fewer positives than this in a split
+    min_groups: int = Field(default=10, ge=0)  # flag a test split with fewer groups (patients, videos) than this
     overfit_gap: float = Field(default=0.2, ge=0)
 
 
@@ -359,6 +372,9 @@ class Experiment(Strict):
         for i, head in enumerate(self.heads):
             if str(head.layer) not in layers:
                 raise ValueError(f"heads[{i}].layer {head.layer!r} is not among model.layers {self.model.layers}")
+        if self.data.clip_start_column is not None and self.adapt.tta.clips > 1:
+            raise ValueError(f"adapt.tta.clips: {self.adapt.tta.clips} reads several clips per sample, but "
+                             "data.clip_start_column fixes each row's one clip; set adapt.tta.clips: 1")
         if (self.segmentation is None) != (self.data.mask_column is None):
             raise ValueError("segmentation: needs data.mask_column (the manifest column of mask paths), and "
                              "data.mask_column needs a segmentation: section (class_names, ...); set both or neither")

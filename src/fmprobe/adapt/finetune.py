@@ -36,6 +36,7 @@ from fmprobe.adapt.setup import Prepared, prepare
 from fmprobe.adapt.tta import tta_scores
 from fmprobe.atomic import atomic_path, write_json
 from fmprobe.backbones.base import Encoder
+from fmprobe.devices import config_device
 from fmprobe.config import DataConfig, Experiment, HeadConfig
 from fmprobe.data.dataset import MediaDataset, collate_samples
 from fmprobe.data.masks import MaskedMediaDataset, collate_with_masks
@@ -84,6 +85,7 @@ def adapt_heads(
         encoder = load_encoder(exp.model)
     by_id = df.drop_duplicates("sample_id").set_index("sample_id")
     columns = ["sample_id", "path"] + (["mask"] if exp.segmentation is not None else [])
+    columns += ["clip_start"] if exp.data.clip_start_column else []
     rows = {s: by_id.loc[ids].reset_index()[columns] for s, ids in split_ids.items()}
     seg = None
     if exp.segmentation is not None:  # a decoder per head, trained jointly (fmprobe.adapt.multitask)
@@ -130,15 +132,7 @@ def adapt_heads(
 def runtime(exp: Experiment) -> tuple[torch.device, Callable[[], contextlib.AbstractContextManager], Any]:
     """The device, an autocast context factory and a GradScaler (fp16) — or a clear refusal."""
     cfg = exp.adapt
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise ConfigError(f"adapt.device '{cfg.device}' is not a torch device; use cpu or cuda (cuda:0, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"adapt.device is '{cfg.device}' but no CUDA GPU is available; set adapt.device: cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"adapt.device '{cfg.device}' is not supported; use cpu or cuda")
-    device = distributed.local_device(device)  # several processes on one node: each its own GPU
+    device = config_device(cfg.device, "adapt.device")
     if cfg.precision != "fp32" and device.type != "cuda":
         raise ConfigError(
             f"adapt.precision {cfg.precision} (autocast) is only used on a GPU, and adapt.device is {device.type}; "

@@ -29,6 +29,7 @@ class MediaDataset(Dataset):
     def __init__(self, manifest_df: pd.DataFrame, data_cfg: DataConfig, preprocess: Preprocess, seed: int = 0):
         self.sample_ids = manifest_df["sample_id"].astype(str).tolist()
         self.paths = manifest_df["path"].astype(str).tolist()
+        self.clip_starts = clip_starts(manifest_df, data_cfg)
         self.data_cfg = data_cfg
         self.preprocess = preprocess
         self.seed = seed
@@ -41,13 +42,24 @@ class MediaDataset(Dataset):
         rng = np.random.default_rng([self.seed, index])
         generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
         try:
-            media = read_media(path, self.data_cfg, sample_id=sample_id, rng=rng)
+            media = read_media(path, self.data_cfg, sample_id=sample_id, rng=rng, clip_start=self.clip_starts[index])
             pixels = self.preprocess(media, generator)
         except ReaderError as err:
             if err.sample_id is None:  # raised by the transform, which does not know the sample
                 err = ReaderError(err.reason, sample_id=sample_id, path=path)
             return {"index": index, "sample_id": sample_id, "pixels": torch.empty(0), "error": str(err)}
         return {"index": index, "sample_id": sample_id, "pixels": pixels, "error": None}
+
+
+def clip_starts(manifest_df: pd.DataFrame, data_cfg: DataConfig) -> list[int | None]:
+    """Each row's clip start (``data.clip_start_column``, loaded as the manifest's ``clip_start``), or None per
+    row without the option. Rows that lost the column on the way are an error, not centre clips."""
+    if data_cfg.clip_start_column is None:
+        return [None] * len(manifest_df)
+    if "clip_start" not in manifest_df.columns:
+        raise ValueError(f"data.clip_start_column is '{data_cfg.clip_start_column}' but these manifest rows have "
+                         "no 'clip_start' column: pass the rows of load_manifest with all their columns")
+    return [int(v) for v in manifest_df["clip_start"]]
 
 
 def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:

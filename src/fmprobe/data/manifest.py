@@ -31,7 +31,8 @@ _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
 @dataclass
 class Manifest:
     """``df`` columns: sample_id (str), path (resolved), the task's target columns, group (str),
-    split (str or None). Multiclass target cells hold class names (str)."""
+    split (str or None), and ``clip_start`` (int64) with ``data.clip_start_column``. Multiclass target
+    cells hold class names (str)."""
 
     df: pd.DataFrame
     task: TaskConfig
@@ -84,6 +85,9 @@ def load_manifest(data: DataConfig, task: TaskConfig) -> Manifest:
         masks = _text(raw[data.mask_column])
         no_mask = masks.str.strip().str.lower().isin(MISSING_TEXT)
         out["mask"] = [None if none else _resolve(m.strip(), base) for m, none in zip(masks, no_mask)]
+    if data.clip_start_column:
+        out["clip_start"], found = _clip_starts(raw[data.clip_start_column], data.clip_start_column, where)
+        problems.extend(found)
 
     class_names = None
     for col in task.targets:
@@ -177,6 +181,8 @@ def _check_columns(
         needed[split_col] = "data.split_column"
     if data.mask_column:
         needed[data.mask_column] = "data.mask_column"
+    if data.clip_start_column:
+        needed[data.clip_start_column] = "data.clip_start_column"
     missing = [f"'{c}' ({key})" for c, key in needed.items() if c not in raw.columns]
     if missing:
         raise ManifestError(
@@ -184,6 +190,7 @@ def _check_columns(
         )
     reserved = {"sample_id", "path", "group", "split", data.id_column, data.path_column, group_col, split_col}
     reserved |= {"mask", data.mask_column} if data.mask_column else set()
+    reserved |= {"clip_start", data.clip_start_column} if data.clip_start_column else set()
     clash = [t for t in task.targets if t in reserved]
     if clash:
         raise ManifestError(
@@ -248,6 +255,24 @@ def _numeric_targets(
     if bad.any():
         problems.append(f"target '{name}' {rule}: {where(bad, values=text)}")
     return values, problems
+
+
+def _clip_starts(column: pd.Series, name: str, where: _Where) -> tuple[pd.Series, list[str]]:
+    """Each row's first frame (``data.clip_start_column``): a whole number >= 0, never guessed when missing."""
+    text = _text(column).str.strip()
+    missing = text.str.lower().isin(MISSING_TEXT)
+    values = pd.to_numeric(text.where(~missing), errors="coerce").astype(float)
+    whole = np.isfinite(values) & (values == np.round(values)) & (values.abs() < 2**53)
+    problems = []
+    if missing.any():
+        problems.append(f"missing clip start ('{name}'): {where(missing)}")
+    bad = ~whole & ~missing
+    if bad.any():
+        problems.append(f"clip start ('{name}') is not a whole number: {where(bad, values=text)}")
+    negative = whole & (values < 0)
+    if negative.any():
+        problems.append(f"clip start ('{name}') is negative (frames count from 0): {where(negative, values=text)}")
+    return pd.Series(np.where(whole, values, -1).astype(np.int64)), problems
 
 
 def _class_targets(

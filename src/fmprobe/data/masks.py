@@ -88,7 +88,7 @@ class MaskedMediaDataset(MediaDataset):
         rng = np.random.default_rng([self.seed, index])  # the same draws as MediaDataset: same pixels
         generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
         try:
-            media = read_media(path, self.data_cfg, sample_id=sample_id, rng=rng)
+            media = read_media(path, self.data_cfg, sample_id=sample_id, rng=rng, clip_start=self.clip_starts[index])
             geometry = self.preprocess.geometry(media.shape[-2:], generator)
             pixels = self.preprocess(media, geometry=geometry)
             mask = None

@@ -254,6 +254,18 @@ def tiny_class(
                 {"counts": small, "min_count": min_count})
 
 
+def few_groups(groups: Sequence[Any], min_groups: int) -> Flag | None:
+    """Too few independent units (patients, videos) in the evaluated split: the group bootstrap can only recombine
+    those few, so its CI is far narrower than the real uncertainty (two groups give three distinct resamples)."""
+    n = len(set(groups))
+    if n >= min_groups:
+        return None
+    return Flag("few_groups", "warning",
+                f"the test split has only {n} groups: its bootstrap CI recombines {n} units and understates the "
+                f"uncertainty (eval.min_groups is {min_groups}); use a larger test split or split.mode: kfold",
+                {"n_groups": n, "min_groups": min_groups})
+
+
 def group_overlap(overlap: Sequence[tuple[str, Sequence[str]]], *, allowed: bool) -> Flag | None:
     """Groups on more than one side of the split (from ``check_leakage``); an error unless allowed."""
     if not overlap:
@@ -311,6 +323,8 @@ def compute_flags(
         flags.append(tiny_class(task_type, y_by_split, class_names=class_names, min_count=cfg.tiny_class))
     if overlap is not None:
         flags.append(group_overlap(overlap, allowed=allow_group_overlap))
+    if groups is not None and cfg.min_groups > 0:
+        flags.append(few_groups(groups, cfg.min_groups))
     if config_hash is not None and (other_runs is not None or other_scores is not None):
         output_hash = prediction_hash(y_score, sample_ids=sample_ids)
         flags.append(identical_predictions(config_hash, output_hash, other_runs or {},

@@ -6,7 +6,8 @@ A gates file::
     reject_flags: error           # error (any error-severity sanity flag rejects) | none | [flag names]
     criteria:
       - name: discrimination
-        metric: auroc             # a metric of metrics.json, or ece, trainable_params, wall_seconds
+        metric: auroc             # a metric of metrics.json, ece, seg/miou (segmentation decoder), or
+                                  # trainable_params, total_params, wall_seconds
         split: test               # test (decided with the CI) | val (mean over seeds, no CI)
         target: 0.90              # optional
         acceptable: 0.80
@@ -15,7 +16,7 @@ A gates file::
         weight: 2
 
 Level of a criterion (for a higher-is-better metric; mirrored when lower is better). ``lo, hi`` is the
-test CI; where there is none (val, ece, trainable_params, wall_seconds) both are the point:
+test CI; where there is none (val, ece, trainable_params, total_params, wall_seconds) both are the point:
 
 - ``target``        lo >= target                     (confidently at target)
 - ``pass``          lo >= acceptable                 (confidently acceptable)
@@ -234,7 +235,12 @@ def _lookup(values: pd.DataFrame, key: tuple) -> float:
 
 def _value(crit: Criterion, cand: Any, values: pd.DataFrame) -> tuple[float, float, float]:
     if crit.metric in RUN_QUANTITIES:
-        v = float(getattr(cand, crit.metric))
+        value = getattr(cand, crit.metric)
+        if pd.isna(value):
+            raise FmprobeError(f"criterion '{crit.name}': {cand.experiment}/{cand.run_id} head '{cand.head}' has no "
+                               f"{crit.metric} recorded (its run was written by an fmprobe that did not record it); "
+                               "rerun it, or restrict the candidates with 'experiment:'")  # fmt: skip
+        v = float(value)
         return v, v, v
     key = (cand.run_dir, cand.head, crit.split, crit.metric)
     if key not in values.index:

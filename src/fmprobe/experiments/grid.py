@@ -23,7 +23,7 @@ from fmprobe.evaluate.bootstrap import TaskMetric, scalar_metrics
 from fmprobe.evaluate.metrics import higher_is_better
 from fmprobe.evaluate.thresholds import tune_thresholds
 from fmprobe.experiments.probing import (
-    SPLITS, FitTargets, HeadRun, ProbeResults, SplitData, _save_checkpoints, _standardise, head_inputs, output_dim,
+    SPLITS, FitTargets, HeadRun, ProbeResults, SplitData, save_checkpoints, standardise_features, head_inputs, output_dim,
 )  # fmt: skip
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads.bank import BankMember, bank_logits, head_grid, stacked_scores, train_bank
@@ -67,7 +67,7 @@ def train_grid(
     for heads in by_input.values():
         raw = {s: head_inputs(features.subset(ids), heads[0]) for s, ids in split_ids.items()}
         if heads[0].pooling != "attentive":
-            raw = _standardise(raw)
+            raw = standardise_features(raw)
             results.standardisation.update({h.name: "z-score with training-split mean/std" for h in heads})
         inputs = {s: torch.from_numpy(np.ascontiguousarray(v)) for s, v in raw.items()}
         members = [m for h in heads for m in grid_members(exp, h)]
@@ -92,7 +92,7 @@ def train_grid(
                 ckpt_dir = None
                 if checkpoint_root is not None:
                     ckpt_dir = checkpoint_root / member.name / f"seed{seed}"
-                    _save_checkpoints(ckpt_dir, result.best_state, result.last_state)
+                    save_checkpoints(ckpt_dir, result.best_state, result.last_state)
                 results.runs.append(HeadRun(
                     head=member.name, seed=seed, best_epoch=result.best_epoch, best_val_score=result.best_val_score,
                     stopped_early=result.stopped_early, curves=result.curves, scores=own,

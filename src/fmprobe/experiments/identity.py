@@ -16,7 +16,7 @@ from fmprobe.config import Experiment
 _NOT_IDENTITY: dict[str, Any] = {
     "runs_dir": True,
     "tracking": True,
-    "features": {"cache_dir", "batch_size", "shard_size"},
+    "features": {"cache_dir", "batch_size", "shard_size", "device"},
     "data": {"num_workers"},
 }
 

@@ -5,10 +5,16 @@ It is derived data, rebuilt from the run directories (metrics.json, config.resol
 so the files stay the truth and the index can always be deleted. Tables:
 
 - ``runs``    one row per run: experiment, config hash, task, model, seeds, wall time, git sha, best head
-- ``heads``   one row per (run, head): type, pooling, layer, trainable parameters, flags, selected on val
+- ``heads``   one row per (run, head): type, pooling, layer, trainable and total parameters, flags, selected
+              on val, and with ``train.grid`` the member (``<head>/lr<lr>/wd<wd>``) chosen on validation
 - ``metrics`` one row per (run, head, split, metric): mean, sd over seeds, CI (test), baseline (test);
-              also ``ece`` (test, mean over seeds) for probabilistic tasks
+              also ``ece`` (test, mean over seeds) for probabilistic tasks, and with ``segmentation`` the
+              decoder's ``seg/miou`` and ``seg/iou/<class>`` (baseline: the location prior). A frozen run has one
+              decoder reading the backbone's tokens, not the heads: its numbers are listed under every head.
 - ``params``  one row per (run, flattened config key): the resolved config, to show what varies in a sweep
+
+An index written by an older fmprobe (``PRAGMA user_version`` below ``SCHEMA_VERSION``) gets the new columns
+and every run is re-read on the next update, so no run shows a blank where its files hold the data.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ import yaml
 from fmprobe.errors import FmprobeError
 
 INDEX_NAME = "index.sqlite"
+# 0: the first index; 1: heads.total_params and heads.grid_member, segmentation metrics.
+SCHEMA_VERSION = 1
+SEG_PREFIX = "seg/"  # metric names of the segmentation decoder: seg/miou, seg/iou/<class>
+SEG_MIOU = SEG_PREFIX + "miou"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
   run_dir TEXT PRIMARY KEY, experiment TEXT, run_id TEXT, config_hash TEXT, metrics_mtime REAL,
@@ -34,12 +44,15 @@ CREATE TABLE IF NOT EXISTS runs (
   best_head TEXT, wall_seconds REAL, git_sha TEXT);
 CREATE TABLE IF NOT EXISTS heads (
   run_dir TEXT, head TEXT, type TEXT, pooling TEXT, layer TEXT, trainable_params INTEGER,
-  selected INTEGER, flags TEXT, error_flags INTEGER, PRIMARY KEY (run_dir, head));
+  selected INTEGER, flags TEXT, error_flags INTEGER, total_params INTEGER, grid_member TEXT,
+  PRIMARY KEY (run_dir, head));
 CREATE TABLE IF NOT EXISTS metrics (
   run_dir TEXT, head TEXT, split TEXT, metric TEXT, mean REAL, sd REAL, ci_lo REAL, ci_hi REAL, baseline REAL,
   PRIMARY KEY (run_dir, head, split, metric));
 CREATE TABLE IF NOT EXISTS params (run_dir TEXT, key TEXT, value TEXT, PRIMARY KEY (run_dir, key));
 """
+# Columns added since schema 0, which _migrate adds to an older file (ALTER TABLE appends them at the end).
+ADDED_COLUMNS = {"heads": {"total_params": "INTEGER", "grid_member": "TEXT"}}
 
 
 def index_path(runs_dir: str | Path) -> Path:
@@ -52,7 +65,34 @@ def connect(runs_dir: str | Path) -> sqlite3.Connection:
         raise FmprobeError(f"runs folder '{runs_dir}' does not exist; run an experiment first or pass --runs")
     con = sqlite3.connect(index_path(runs_dir), timeout=60)
     con.executescript(SCHEMA)
+    _migrate(con, index_path(runs_dir))
     return con
+
+
+def _version(con: sqlite3.Connection) -> int:
+    return int(con.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _migrate(con: sqlite3.Connection, path: Path) -> None:
+    """Bring an index written by an older fmprobe to this schema: add the missing columns and mark every run
+    for re-reading (its rows lack what this version indexes), which the next ``update_index`` does."""
+    if _version(con) == SCHEMA_VERSION:
+        return
+    if _version(con) > SCHEMA_VERSION:
+        raise FmprobeError(f"the index '{path}' was written by a newer fmprobe (schema {_version(con)}, this one "
+                           f"reads {SCHEMA_VERSION}); upgrade fmprobe, or delete the file: it is rebuilt from the "
+                           "run directories")  # fmt: skip
+    with con:
+        con.execute("BEGIN IMMEDIATE")  # one process migrates; the others find it done
+        if _version(con) == SCHEMA_VERSION:
+            return
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():
+                if name not in have:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        con.execute("UPDATE runs SET metrics_mtime = NULL")
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def update_index(runs_dir: str | Path) -> Path:
@@ -83,11 +123,13 @@ def _delete(con: sqlite3.Connection, run_dirs: Iterable[str]) -> None:
         con.executemany(f"DELETE FROM {table} WHERE run_dir = ?", [(d,) for d in run_dirs])
 
 
-def _insert(con: sqlite3.Connection, rows: dict[str, list[tuple]]) -> None:
+def _insert(con: sqlite3.Connection, rows: dict[str, list[dict[str, Any]]]) -> None:
+    """Rows as {column: value}: named, since a migrated file has its added columns last."""
     for table, values in rows.items():
         if values:
-            marks = ", ".join("?" * len(values[0]))
-            con.executemany(f"INSERT INTO {table} VALUES ({marks})", values)
+            columns = list(values[0])
+            con.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                            [tuple(v[c] for c in columns) for v in values])
 
 
 def _num(value: Any) -> float | None:
@@ -97,34 +139,65 @@ def _num(value: Any) -> float | None:
     return None if v != v else v
 
 
-def _read_run(run_dir: Path, mtime: float) -> dict[str, list[tuple]]:
+def _read_run(run_dir: Path, mtime: float) -> dict[str, list[dict[str, Any]]]:
     m = json.loads((run_dir / "metrics.json").read_text())
     config = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
     env_file = run_dir / "env.json"
     env = json.loads(env_file.read_text()) if env_file.exists() else {}
     key = str(run_dir)
     best = m["selection"]["best_head"]
-    runs = [(key, m["experiment"], run_dir.name, m["config_hash"], mtime, m["task"]["type"],
-             m["task"]["primary_metric"], config["model"]["name"], json.dumps(m["seeds"]), len(m["seeds"]),
-             m["ci_level"], best, _num(m.get("wall_seconds")), env.get("git_sha"))]
+    grid = m["selection"].get("grid", {}).get("heads", {})
+    runs = [{"run_dir": key, "experiment": m["experiment"], "run_id": run_dir.name, "config_hash": m["config_hash"],
+             "metrics_mtime": mtime, "task_type": m["task"]["type"], "primary_metric": m["task"]["primary_metric"],
+             "model": config["model"]["name"], "seeds": json.dumps(m["seeds"]), "n_seeds": len(m["seeds"]),
+             "ci_level": m["ci_level"], "best_head": best, "wall_seconds": _num(m.get("wall_seconds")),
+             "git_sha": env.get("git_sha")}]  # fmt: skip
     heads, metrics = [], []
-    baseline = m["baseline"]["test"]
     for head, h in m["heads"].items():
-        errors = sum(f["severity"] == "error" for f in h["flags"])
-        heads.append((key, head, h["type"], h["pooling"], str(h["layer"]), h["trainable_params"],
-                      int(head == best), json.dumps([f["name"] for f in h["flags"]]), errors))
-        for split, s in h["splits"].items():
-            for metric, mean in s["mean"].items():
-                ci = h["test_ci"].get(metric) if split == "test" else None
-                metrics.append((key, head, split, metric, _num(mean), _num(s["sd"].get(metric)),
-                                _num(ci[0]) if ci else None, _num(ci[1]) if ci else None,
-                                _num(baseline.get(metric)) if split == "test" else None))
+        heads.append({"run_dir": key, "head": head, "type": h["type"], "pooling": h["pooling"],
+                      "layer": str(h["layer"]), "trainable_params": h["trainable_params"],
+                      "total_params": h.get("total_params"),  # absent in runs written before it was recorded
+                      "selected": int(head == best), "flags": json.dumps([f["name"] for f in h["flags"]]),
+                      "error_flags": sum(f["severity"] == "error" for f in h["flags"]),
+                      "grid_member": grid.get(head, {}).get("chosen")})  # fmt: skip
+        metrics += _metric_rows(key, head, h, m["baseline"]["test"])
         if h.get("calibration_test"):
             eces = [c["ece"] for c in h["calibration_test"].values()]
             sd = float(np.std(eces, ddof=1)) if len(eces) > 1 else None
-            metrics.append((key, head, "test", "ece", float(np.mean(eces)), sd, None, None, None))
-    params = [(key, k, json.dumps(v)) for k, v in _flatten(config).items()]
+            metrics.append({"run_dir": key, "head": head, "split": "test", "metric": "ece",
+                            "mean": float(np.mean(eces)), "sd": sd, "ci_lo": None, "ci_hi": None,
+                            "baseline": None})  # fmt: skip
+        decoder = _decoder_of(m, head)
+        if decoder is not None:
+            metrics += _metric_rows(key, head, decoder, m["segmentation"]["baseline"]["test"], prefix=SEG_PREFIX)
+    params = [{"run_dir": key, "key": k, "value": json.dumps(v)} for k, v in _flatten(config).items()]
     return {"runs": runs, "heads": heads, "metrics": metrics, "params": params}
+
+
+def _metric_rows(key: str, head: str, block: dict[str, Any], baseline: dict[str, Any], prefix: str = "") -> list[dict]:
+    """Rows of a block with ``splits`` (mean, sd per split) and ``test_ci``: a head's, or a segmentation decoder's."""
+    rows = []
+    for split, s in block["splits"].items():
+        for metric, mean in s["mean"].items():
+            test = split == "test"
+            ci = block["test_ci"].get(metric) if test else None
+            rows.append({"run_dir": key, "head": head, "split": split, "metric": prefix + metric, "mean": _num(mean),
+                         "sd": _num(s["sd"].get(metric)), "ci_lo": _num(ci[0]) if ci else None,
+                         "ci_hi": _num(ci[1]) if ci else None,
+                         "baseline": _num(baseline.get(metric)) if test else None})  # fmt: skip
+    return rows
+
+
+def _decoder_of(m: dict[str, Any], head: str) -> dict[str, Any] | None:
+    """The segmentation decoder block that goes with ``head``: its own (adapted runs), or the run's one decoder
+    on the frozen tokens, which every head shares."""
+    seg = m.get("segmentation")
+    if seg is None:
+        return None
+    own = m["heads"][head].get("segmentation")
+    if own is not None:
+        return own
+    return seg["decoders"]["segmentation"] if seg["path"] == "frozen" else None
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -151,8 +224,8 @@ def candidates(
 ) -> pd.DataFrame:
     """One row per (run, head) with run and head columns, after updating the index."""
     update_index(runs_dir)
-    sql = ("SELECT r.*, h.head, h.type, h.pooling, h.layer, h.trainable_params, h.selected, h.flags, h.error_flags "
-           "FROM runs r JOIN heads h USING (run_dir)")
+    sql = ("SELECT r.*, h.head, h.type, h.pooling, h.layer, h.trainable_params, h.total_params, h.grid_member, "
+           "h.selected, h.flags, h.error_flags FROM runs r JOIN heads h USING (run_dir)")
     df = query(runs_dir, sql)
     if experiment is not None:
         if experiment not in set(df["experiment"]):

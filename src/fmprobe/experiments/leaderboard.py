@@ -3,13 +3,16 @@
 Ranked on the validation mean of the metric, never on test: test (mean ± sd, CI, baseline) is shown
 for each candidate, but choosing by it would make the winner's test number optimistic. Config keys
 that differ between the listed runs are added as columns, so a sweep's grid shows next to its results.
+Candidates without the metric are not ranked and are listed as such (``Leaderboard.missing``); a run with a
+segmentation decoder adds its test mIoU as a column, and ``seg/miou`` can be the ranked metric itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,14 +20,15 @@ import pandas as pd
 from fmprobe.atomic import atomic_path
 from fmprobe.errors import FmprobeError
 from fmprobe.evaluate.metrics import higher_is_better
-from fmprobe.experiments.index import candidates, metric_table, varying_params
+from fmprobe.experiments.index import SEG_MIOU, candidates, metric_table, varying_params
 
 # Non-metric quantities a gate or a leaderboard can read, all better when smaller.
-RUN_QUANTITIES = ("trainable_params", "wall_seconds")
+RUN_QUANTITIES = ("trainable_params", "total_params", "wall_seconds")
 LOWER_IS_BETTER = frozenset({"ece", *RUN_QUANTITIES})
 
 COLUMNS = ["rank", "experiment", "run_id", "head", "selected", "metric", "val_mean", "test_mean", "test_sd",
-           "ci_lo", "ci_hi", "baseline", "n_seeds", "flags", "trainable_params", "wall_seconds"]
+           "ci_lo", "ci_hi", "baseline", "n_seeds", "flags", "trainable_params", "total_params", "wall_seconds"]
+SEG_COLUMNS = ["seg_miou", "seg_miou_lo", "seg_miou_hi"]  # test mean and CI, when a run has a segmentation decoder
 
 
 def better_high(metric: str) -> bool:
@@ -37,10 +41,22 @@ class Leaderboard:
     metric: str
     ci_level: float | None
     params: list[str]  # the varying config keys shown
+    missing: list[str] = field(default_factory=list)  # candidates (experiment/run/head) without the metric
+
+    @property
+    def shows_segmentation(self) -> bool:
+        return "seg_miou" in self.table
 
     def to_csv(self, path: str | Path) -> None:
         with atomic_path(path) as tmp:
             self.table.assign(flags=self.table["flags"].map(";".join)).to_csv(tmp, index=False)
+
+
+def boards_by_primary_metric(runs_dir: str | Path, run_dirs: Iterable[str | Path]) -> list[Leaderboard]:
+    """One leaderboard per primary metric: runs of different tasks (R² and AUROC) cannot share one ranking."""
+    cands = candidates(runs_dir, run_dirs=run_dirs)
+    return [build_leaderboard(runs_dir, run_dirs=list(group["run_dir"].unique()), metric=metric)
+            for metric, group in cands.groupby("primary_metric")]
 
 
 def build_leaderboard(
@@ -60,38 +76,80 @@ def build_leaderboard(
                 f"the runs have different primary metrics {primaries}; pick one with --metric or one --experiment"
             )
         metric = primaries[0]
-    values = metric_table(runs_dir, cands["run_dir"].unique())
-    values = values[values["metric"] == metric]
-    if values.empty and metric not in RUN_QUANTITIES:
-        raise FmprobeError(f"no run has metric '{metric}'")
+    if metric in RUN_QUANTITIES:
+        raise FmprobeError(f"'{metric}' is shown in every row, not a metric to rank on (the leaderboard ranks on "
+                           "validation); pick a metric with --metric, or make it a gate criterion (fmprobe gate)")
+    every = metric_table(runs_dir, cands["run_dir"].unique())
+    values = every[every["metric"] == metric]
     test = values[values["split"] == "test"].set_index(["run_dir", "head"])
     val = values[values["split"] == "val"].set_index(["run_dir", "head"])
+    has = [(c.run_dir, c.head) in val.index and (c.run_dir, c.head) in test.index for c in cands.itertuples()]
+    if not any(has):
+        raise FmprobeError(f"no run has metric '{metric}' on val and test (the runs have: {_metric_names(every)})")
+    missing = [f"{c.experiment}/{c.run_id}/{c.head}" for c, ok in zip(cands.itertuples(), has) if not ok]
+    cands = cands[has]
+    seg = every[(every["metric"] == SEG_MIOU) & (every["split"] == "test") & every["run_dir"].isin(cands["run_dir"])]
+    seg = seg.set_index(["run_dir", "head"]) if metric != SEG_MIOU else seg.iloc[:0]
     rows = []
     for c in cands.itertuples(index=False):
         key = (c.run_dir, c.head)
-        t = test.loc[key] if key in test.index else None
-        rows.append({
+        t = test.loc[key]
+        row = {
             "run_dir": c.run_dir, "experiment": c.experiment, "run_id": c.run_id, "head": c.head,
-            "selected": bool(c.selected), "metric": metric,
-            "val_mean": val.loc[key, "mean"] if key in val.index else np.nan,
-            "test_mean": t["mean"] if t is not None else np.nan,
-            "test_sd": t["sd"] if t is not None else np.nan,
-            "ci_lo": t["ci_lo"] if t is not None else np.nan,
-            "ci_hi": t["ci_hi"] if t is not None else np.nan,
-            "baseline": t["baseline"] if t is not None else np.nan,
-            "n_seeds": c.n_seeds, "flags": list(c.flags), "trainable_params": c.trainable_params,
-            "wall_seconds": c.wall_seconds,
-        })
-    table = pd.DataFrame(rows)
+            "selected": bool(c.selected), "metric": metric, "val_mean": val.loc[key, "mean"],
+            "test_mean": t["mean"], "test_sd": t["sd"], "ci_lo": t["ci_lo"], "ci_hi": t["ci_hi"],
+            "baseline": t["baseline"], "n_seeds": c.n_seeds, "flags": list(c.flags),
+            "trainable_params": c.trainable_params, "total_params": c.total_params, "wall_seconds": c.wall_seconds,
+            "grid_member": c.grid_member,
+        }
+        if not seg.empty:
+            hit = seg.loc[key] if key in seg.index else None
+            row.update({col: np.nan if hit is None else hit[part]
+                        for col, part in zip(SEG_COLUMNS, ("mean", "ci_lo", "ci_hi"))})  # fmt: skip
+        rows.append(row)
+    table = pd.DataFrame(rows).astype({"trainable_params": "Int64", "total_params": "Int64"})
     sign = 1.0 if better_high(metric) else -1.0
     order = (sign * table["val_mean"].astype(float)).fillna(-np.inf)
     table = table.assign(_order=-order).sort_values(["_order", "run_id", "head"]).drop(columns="_order")
     table.insert(0, "rank", range(1, len(table) + 1))
     params = varying_params(runs_dir, table["run_dir"].unique())
     table = table.merge(params, left_on="run_dir", right_index=True, how="left")
+    extra = [c for c in ("grid_member", *SEG_COLUMNS) if c in table and table[c].notna().any()]
     levels = set(cands["ci_level"])
-    return Leaderboard(table[[*COLUMNS, *params.columns, "run_dir"]].reset_index(drop=True), metric,
-                       levels.pop() if len(levels) == 1 else None, list(params.columns))
+    return Leaderboard(table[[*COLUMNS, *extra, *params.columns, "run_dir"]].reset_index(drop=True), metric,
+                       levels.pop() if len(levels) == 1 else None, list(params.columns), missing)
+
+
+def _metric_names(values: pd.DataFrame) -> str:
+    """The metrics the runs have, per-class and per-target names folded (``ap/…``)."""
+    names = {m if "/" not in m or m == SEG_MIOU else m.rsplit("/", 1)[0] + "/…" for m in values["metric"]}
+    return ", ".join(sorted(names)) or "none"
+
+
+def params_cell(trainable: Any, total: Any) -> str:
+    """"trainable / total" parameters; "?" for the total of a run written before it was recorded."""
+    from fmprobe.report.terminal import params_text
+
+    return params_text({"trainable_params": int(trainable), "total_params": None if pd.isna(total) else int(total)})
+
+
+def seg_cell(row: dict[str, Any]) -> str:
+    """The segmentation decoder's test mIoU and CI; "—" for a run without segmentation."""
+    from fmprobe.report.terminal import fmt
+
+    if pd.isna(row["seg_miou"]):
+        return "—"
+    return f"{fmt(row['seg_miou'])} [{fmt(row['seg_miou_lo'])}, {fmt(row['seg_miou_hi'])}]"
+
+
+def head_label(row: dict[str, Any]) -> str:
+    """The head, or with train.grid the member chosen on validation (``<head>/lr<lr>/wd<wd>``)."""
+    member = row.get("grid_member")
+    return member if isinstance(member, str) else row["head"]
+
+
+SEG_NOTE = ("seg mIoU: test mean [CI] of the run's segmentation decoder (a frozen run has one decoder on the "
+            "backbone's tokens, shared by every head)")
 
 
 def print_leaderboard(console, board: Leaderboard) -> None:  # noqa: ANN001 (rich Console)
@@ -101,18 +159,26 @@ def print_leaderboard(console, board: Leaderboard) -> None:  # noqa: ANN001 (ric
 
     level = f"{int(board.ci_level * 100)}% CI" if board.ci_level else "CI"
     table = Table(title=f"leaderboard · {board.metric} · ranked on validation", title_justify="left")
-    for col in ("#", "run", "head", *board.params, "val", "test mean ± sd", level, "baseline", "seeds",
-                "params", "wall s", "flags"):
+    seg = ["seg mIoU (test)"] if board.shows_segmentation else []
+    for col in ("#", "run", "head", *board.params, "val", "test mean ± sd", level, "baseline", *seg, "seeds",
+                "params (trainable / total)", "wall s", "flags"):
         table.add_column(col)
     for r in board.table.itertuples(index=False):
         row = r._asdict()
-        ci = "—" if np.isnan(row["ci_lo"]) else f"[{fmt(row['ci_lo'])}, {fmt(row['ci_hi'])}]"
+        ci = "—" if pd.isna(row["ci_lo"]) else f"[{fmt(row['ci_lo'])}, {fmt(row['ci_hi'])}]"
         table.add_row(
-            str(row["rank"]), f"{row['experiment']}/{row['run_id']}", row["head"] + (" *" if row["selected"] else ""),
+            str(row["rank"]), f"{row['experiment']}/{row['run_id']}",
+            head_label(row) + (" *" if row["selected"] else ""),
             *[str(board.table.loc[row["rank"] - 1, p]) for p in board.params],
             fmt(row["val_mean"]), f"{fmt(row['test_mean'])} ± {fmt(row['test_sd'])}", ci, fmt(row["baseline"]),
-            str(row["n_seeds"]), str(row["trainable_params"]), fmt(row["wall_seconds"], 1),
+            *([seg_cell(row)] if seg else []), str(row["n_seeds"]),
+            params_cell(row["trainable_params"], row["total_params"]), fmt(row["wall_seconds"], 1),
             ", ".join(row["flags"]) or "ok", style="red" if row["flags"] else None,
         )
     console.print(table)
     console.print("* the head selected on validation within its run; rows ranked by validation mean, never by test.")
+    if seg:
+        console.print(SEG_NOTE)
+    if board.missing:
+        console.print(f"[yellow]not ranked: {len(board.missing)} candidate(s) have no {board.metric} on val and "
+                      f"test: {', '.join(board.missing)}[/]")

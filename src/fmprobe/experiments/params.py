@@ -15,7 +15,7 @@ from pathlib import Path
 from fmprobe.backbones.base import Encoder
 from fmprobe.config import Experiment
 from fmprobe.experiments.probing import ProbeResults
-from fmprobe.features.keys import _identity_path
+from fmprobe.features.keys import identity_path
 from fmprobe.features.remote import local_cache_dir
 
 
@@ -24,7 +24,7 @@ def backbone_parameters(exp: Experiment) -> tuple[int | None, Encoder | None]:
     (None, None) for adapted runs, whose counts come from adaptation.json."""
     if exp.adapt.strategy != "frozen":
         return None, None
-    memo = _identity_path(exp.model, local_cache_dir(exp.features.cache_dir)).with_suffix(".params.json")
+    memo = identity_path(exp.model, local_cache_dir(exp.features.cache_dir)).with_suffix(".params.json")
     if memo.is_file():
         return int(json.loads(memo.read_text())["backbone_params"]), None
     from fmprobe.backbones.registry import load_encoder

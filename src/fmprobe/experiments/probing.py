@@ -86,7 +86,7 @@ def head_inputs(features: FeatureSet, head: HeadConfig) -> np.ndarray:
     return features.pooled(layer, head.pooling)
 
 
-def _standardise(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def standardise_features(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Z-score pooled features with statistics of the training split only (no test information leaks in)."""
     mean = x["train"].mean(axis=0, keepdims=True)
     std = x["train"].std(axis=0, keepdims=True) + 1e-6
@@ -149,7 +149,7 @@ def train_heads(
     for head_cfg in exp.heads:
         raw = {s: head_inputs(features.subset(ids), head_cfg) for s, ids in split_ids.items()}
         if head_cfg.pooling != "attentive":
-            raw = _standardise(raw)
+            raw = standardise_features(raw)
             results.standardisation[head_cfg.name] = "z-score with training-split mean/std"
         inputs = {s: torch.from_numpy(np.ascontiguousarray(v)) for s, v in raw.items()}
         in_dim = inputs["train"].shape[-1]
@@ -180,7 +180,7 @@ def train_heads(
             ckpt_dir = None
             if checkpoint_root is not None:
                 ckpt_dir = checkpoint_root / head_cfg.name / f"seed{seed}"
-                _save_checkpoints(ckpt_dir, fit.best_state, fit.last_state)
+                save_checkpoints(ckpt_dir, fit.best_state, fit.last_state)
             results.runs.append(
                 HeadRun(
                     head=head_cfg.name,
@@ -199,7 +199,7 @@ def train_heads(
     return results
 
 
-def _save_checkpoints(folder: Path, best: dict, last: dict) -> None:
+def save_checkpoints(folder: Path, best: dict, last: dict) -> None:
     from fmprobe.atomic import atomic_path
 
     for name, state in (("best", best), ("last", last)):

@@ -84,7 +84,8 @@ def load_split_masks(exp: Experiment, df: pd.DataFrame, split_ids: dict[str, lis
     by_id = df.drop_duplicates("sample_id").set_index("sample_id")
     ids, masks, rows = {}, {}, {}
     for split in SPLITS:
-        part = by_id.loc[split_ids[split]].reset_index()[["sample_id", "path", "mask"]]
+        columns = ["sample_id", "path", "mask"] + (["clip_start"] if exp.data.clip_start_column else [])
+        part = by_id.loc[split_ids[split]].reset_index()[columns]
         part = part[part["mask"].notna()].reset_index(drop=True)
         if part.empty:
             why = {"train": "to train the decoder", "val": "to choose its epoch", "test": "to report its mIoU"}[split]

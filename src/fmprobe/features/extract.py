@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader
 from fmprobe import distributed
 from fmprobe.backbones.base import Encoder, InputSpec
 from fmprobe.config import DataConfig, Experiment, FeatureConfig, load_config
-from fmprobe.data.dataset import MediaDataset, collate_samples
+from fmprobe.data.dataset import MediaDataset, clip_starts, collate_samples
 from fmprobe.data.manifest import Manifest, load_manifest
 from fmprobe.data.transforms import Preprocess
+from fmprobe.devices import config_device
 from fmprobe.errors import ConfigError, EncoderError, ReaderError
-from fmprobe.features.fingerprint import FingerprintMemo, fingerprint_paths
+from fmprobe.features.fingerprint import FingerprintMemo, fingerprint_paths, with_clip_start
 from fmprobe.features.keys import cache_key, check_cacheable, describe, remember_identity, remembered_identity
 from fmprobe.features.remote import local_cache_dir, open_store
 from fmprobe.features.store import FeatureSet, FeatureStore
@@ -91,7 +92,9 @@ def run_extraction(
             if exp.data.on_error == "raise":
                 raise found
             unreadable[found.sample_id] = found.reason
-    keys = [(sid, fp if isinstance(fp, str) else "") for sid, fp in zip(ids, prints)]
+    starts = clip_starts(df, exp.data)  # a window of a long video: part of the sample's identity
+    keys = [(sid, with_clip_start(fp, start) if isinstance(fp, str) else "")
+            for sid, fp, start in zip(ids, prints, starts)]
 
     # One process decides the key and what is missing, so that all processes agree on it.
     plan = _plan(exp, cache_dir, encoder, keys, unreadable, paths) if distributed.is_main() else None
@@ -110,7 +113,7 @@ def run_extraction(
                 raise EncoderError(f"process {distributed.rank()} loaded another model than process 0 did "
                                    f"({encoder.name}); every process must see the same model files")
         extracted = _extract(exp, encoder, store, mine, [paths[i] for i in mine], [keys[i] for i in mine],
-                             progress and distributed.is_main())
+                             progress and distributed.is_main(), [starts[i] for i in mine])
     extracted = sum(distributed.all_gather_object(extracted))  # also waits until every shard is committed
     features = store.feature_set(keys, unreadable)
     cached = len(keys) - len(unreadable) - len(todo)
@@ -205,9 +208,10 @@ def _extract(
     paths: list[str],
     keys: list[tuple[str, str]],
     progress: bool,
+    starts: list[int | None],
 ) -> int:
     """Extract the ``todo`` samples into ``store``; returns how many rows were written."""
-    rows = pd.DataFrame({"sample_id": [k[0] for k in keys], "path": paths})
+    rows = pd.DataFrame({"sample_id": [k[0] for k in keys], "path": paths, "clip_start": starts})
     dataset = MediaDataset(rows, exp.data, Preprocess(encoder.input_spec, exp.data, train=False))
     loader = DataLoader(
         dataset,
@@ -218,7 +222,7 @@ def _extract(
     )
     writer = store.writer(exp.features.shard_size)
     was_training = encoder.training
-    encoder.eval()
+    encoder.eval().to(config_device(exp.features.device, "features.device"))
     bar = Progress(
         TextColumn("extracting {task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
         TimeRemainingColumn(), disable=not progress,
@@ -257,6 +261,7 @@ def encode_batch(
     its CLS tokens averaged over frames. The K clips of a sample are averaged.
     """
     b, k, t = pixels.shape[:3]
+    pixels = pixels.to(next(encoder.parameters()).device)
     video = encoder.input_spec.kind == "video"
     x = pixels.reshape(b * k, *pixels.shape[2:]) if video else pixels.reshape(b * k * t, *pixels.shape[3:])
     out = encoder.encode(x, list(layers))

@@ -1,9 +1,10 @@
 """Per-sample content fingerprints: the sample half of every feature-cache key.
 
 A file's fingerprint is a blake2b hash of its bytes; a folder's (frame folder, DICOM series) hashes its
-sorted member names with their hashes. Reading every byte on every run would be slow for large datasets,
-so hashes are memoised by (url, stat stamp) in an SQLite table next to the feature stores; a stamp
-that may still change within the same clock tick ("racily clean", as git calls it) is not memoised.
+sorted member names with their hashes; a row's clip start (a window in a long video) is appended to it.
+Reading every byte on every run would be slow for large datasets, so hashes are memoised by (url, stat
+stamp) in an SQLite table next to the feature stores; a stamp that may still change within the same clock
+tick ("racily clean", as git calls it) is not memoised.
 """
 
 from __future__ import annotations
@@ -125,6 +126,12 @@ def fingerprint_paths(
                 digest.update(f"{info['name'][len(base) + 1:]}\0{member_digest}\n".encode())
             results.append("d" + digest.hexdigest())
     return results
+
+
+def with_clip_start(fingerprint: str, clip_start: int | None) -> str:
+    """A sample's fingerprint with its clip window (``data.clip_start_column``): two rows of one long video are
+    two samples, and moving a row's start makes its cached features stale."""
+    return fingerprint if clip_start is None else f"{fingerprint}@{clip_start}"
 
 
 def _try_hash(fs: Any, info: dict[str, Any]) -> str | OSError:

@@ -93,7 +93,7 @@ def _source_signature(model: ModelConfig) -> list[Any]:
     return signature
 
 
-def _identity_path(model: ModelConfig, cache_dir: Path) -> Path:
+def identity_path(model: ModelConfig, cache_dir: Path) -> Path:
     import torch
     import transformers
 
@@ -109,7 +109,7 @@ def _identity_path(model: ModelConfig, cache_dir: Path) -> Path:
 
 def remembered_identity(model: ModelConfig, cache_dir: Path) -> tuple[str, str, InputSpec] | None:
     """(name, fingerprint, input spec) recorded for this exact model config and weight files, if any."""
-    path = _identity_path(model, cache_dir)
+    path = identity_path(model, cache_dir)
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
@@ -118,7 +118,7 @@ def remembered_identity(model: ModelConfig, cache_dir: Path) -> tuple[str, str, 
 
 
 def remember_identity(model: ModelConfig, cache_dir: Path, name: str, fingerprint: str, spec: InputSpec) -> None:
-    path = _identity_path(model, cache_dir)
+    path = identity_path(model, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"name": name, "fingerprint": fingerprint, "input_spec": asdict(spec)}))

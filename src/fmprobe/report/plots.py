@@ -119,7 +119,8 @@ def forest_plot(labels: list[str], points: list[float], lows: list[float], highs
     p = np.asarray(points, dtype=float)
     lo = np.where(np.isnan(lows), p, lows)
     hi = np.where(np.isnan(highs), p, highs)
-    ax.errorbar(p, y, xerr=[p - lo, hi - p], fmt="o", color="#4c78a8", capsize=3, ms=4)
+    # a point on (or, by rounding, a hair beyond) a percentile CI end: a zero-length arm, not matplotlib's error
+    ax.errorbar(p, y, xerr=np.maximum([p - lo, hi - p], 0), fmt="o", color="#4c78a8", capsize=3, ms=4)
     for yi, b in zip(y, baselines):
         if b is not None and b == b:
             ax.plot([b, b], [yi - 0.3, yi + 0.3], color="#e45756", lw=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from fmprobe.config import DataConfig
+from fmprobe.data.readers.clips import ClipWindowError
 from fmprobe.data.readers.dicom import read_dicom_image, read_dicom_series
 from fmprobe.data.readers.image import IMAGE_EXTENSIONS, read_image
 from fmprobe.data.readers.source import Source, extension
@@ -32,13 +33,28 @@ _KIND_OF_EXTENSION = {
 
 
 def read_media(
-    url: str, data: DataConfig, *, sample_id: str, rng: np.random.Generator | None = None
+    url: str,
+    data: DataConfig,
+    *,
+    sample_id: str,
+    rng: np.random.Generator | None = None,
+    clip_start: int | None = None,
 ) -> np.ndarray:
     """The sample at ``url`` (local path or fsspec URL) as ``[K, T, C, H, W]``.
 
-    ``rng`` drives ``clip_position: random`` and is needed only then.
+    ``rng`` drives ``clip_position: random`` and is needed only then. ``clip_start`` is the row's value of
+    ``data.clip_start_column``: the first frame (slice for volumes) of its one clip.
     """
     src = Source.from_url(url, sample_id)
+    if clip_start is not None and data.kind == "image":
+        raise src.error("a clip start applies to videos and volumes, but data.kind is image")
+    try:
+        return _read(src, data, rng, clip_start)
+    except ClipWindowError as err:
+        raise src.error(_window_reason(err, data)) from None
+
+
+def _read(src: Source, data: DataConfig, rng: np.random.Generator | None, start: int | None) -> np.ndarray:
     ext = extension(src.path)
     if data.kind == "image":
         if ext in IMAGE_EXTENSIONS:
@@ -47,19 +63,27 @@ def read_media(
             return read_dicom_image(src)
     elif data.kind == "video":
         if ext in VIDEO_EXTENSIONS:
-            return read_video(src, data, rng)
+            return read_video(src, data, rng, start)
         if ext == ".dcm":
-            return read_dicom_video(src, data, rng)
+            return read_dicom_video(src, data, rng, start)
         if src.is_dir():
-            return read_frame_folder(src, data, rng)
+            return read_frame_folder(src, data, rng, start)
     else:
         if ext in NIFTI_EXTENSIONS:
-            return volume_clips(load_nifti(src), data, rng, src)
+            return volume_clips(load_nifti(src), data, rng, src, start)
         if ext in NUMPY_EXTENSIONS:
-            return volume_clips(load_numpy(src), data, rng, src)
+            return volume_clips(load_numpy(src), data, rng, src, start)
         if src.is_dir():
-            return volume_clips(read_dicom_series(src), data, rng, src)
+            return volume_clips(read_dicom_series(src), data, rng, src, start)
     raise _unsupported(src, ext, data.kind)
+
+
+def _window_reason(err: ClipWindowError, data: DataConfig) -> str:
+    unit, what = ("frames", "video") if data.kind == "video" else ("slices", f"volume (slice_axis {data.slice_axis})")
+    where = "is beyond the end" if err.start >= err.n_frames else "runs past the end"
+    return (f"clip start {err.start}: the window of {unit} {err.start}..{err.last} (frames_per_clip "
+            f"{data.frames_per_clip}, frame_step {data.frame_step}) {where}; the {what} has {err.n_frames} {unit} "
+            f"(0..{err.n_frames - 1}). Fix the row's clip start: a window is never shifted or padded")
 
 
 def _unsupported(src: Source, ext: str, kind: str) -> Exception:

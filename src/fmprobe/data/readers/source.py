@@ -1,13 +1,17 @@
 """Byte access through fsspec, so every reader works the same on local disk, memory://, s3:// or gs://.
 
-Readers take the whole file as bytes (decoders get a ``BytesIO``): no temp files, no library that
+Readers take the whole file as bytes (decoders get a ``BytesIO``), except videos, which PyAV reads through
+an open file object so a clip of a long video reads only the parts it needs: no temp files, no library that
 silently needs a real path, and one place that turns "missing" and "empty" into a clear ReaderError.
 """
 
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import IO
 
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
@@ -53,6 +57,29 @@ class Source:
         if not data:
             raise self.error("file is empty (0 bytes)")
         return data
+
+    @contextmanager
+    def open(self) -> Iterator[IO[bytes]]:
+        """The file opened for reading (seekable), with the errors of :meth:`read_bytes`."""
+        try:
+            info = self.fs.info(self.path)
+            if info["type"] == "directory":
+                raise self.error("is a folder, expected a file")
+            if not info.get("size"):
+                raise self.error("file is empty (0 bytes)")
+            f = self.fs.open(self.path, "rb")
+        except FileNotFoundError:
+            raise self.error("file not found") from None
+        except OSError as err:
+            raise self.error(f"cannot read file: {err}") from None
+        with f:
+            yield f
+
+    def stamp(self) -> tuple[object, ...]:
+        """What changes when the file is rewritten (size, modification time, ETag...), for in-memory memos."""
+        info = self.fs.info(self.path)
+        return tuple(info.get(k) for k in ("size", "mtime", "ino", "ETag", "etag", "LastModified", "updated",
+                                           "generation"))
 
     def is_dir(self) -> bool:
         return self.fs.isdir(self.path)

@@ -71,8 +71,10 @@ def load_numpy(src: Source) -> np.ndarray:
     return _as_3d(loaded, src).astype(np.float32)
 
 
-def volume_clips(vol: np.ndarray, data: DataConfig, rng: np.random.Generator | None, src: Source) -> np.ndarray:
-    """``[K, T, 1, H, W]``: clips of slices along ``data.slice_axis``."""
+def volume_clips(
+    vol: np.ndarray, data: DataConfig, rng: np.random.Generator | None, src: Source, start: int | None = None
+) -> np.ndarray:
+    """``[K, T, 1, H, W]``: clips of slices along ``data.slice_axis``; ``start``: the row's first slice."""
     slices = np.moveaxis(_as_3d(vol, src), data.slice_axis, 0)
-    idx = clip_indices(slices.shape[0], data, rng)
+    idx = clip_indices(slices.shape[0], data, rng, start)
     return np.ascontiguousarray(slices[idx][:, :, None])
