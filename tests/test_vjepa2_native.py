@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from transformers import VJEPA2Config, VJEPA2Model
 
 from fmprobe.backbones.vjepa2_native import load_native_vjepa2
 from fmprobe.errors import EncoderError
+from fmprobe.standin.models import native_vjepa2_state
 
 
 def _tiny_hf(hidden: int = 64, heads: int = 2, crop: int = 32, patch: int = 8, tubelet: int = 2, frames: int = 4,
@@ -30,32 +30,9 @@ def _tiny_hf(hidden: int = 64, heads: int = 2, crop: int = 32, patch: int = 8, t
     return model
 
 
-def _to_native(model: VJEPA2Model, prefix: str = "module.backbone.") -> dict[str, torch.Tensor]:
-    """The reverse of the loader's mapping, written independently: HF names -> vjepa2 names, fused qkv."""
-    native: dict[str, torch.Tensor] = {}
-    sd = model.state_dict()
-    for key, val in sd.items():
-        if not key.startswith("encoder."):
-            continue
-        key = key.removeprefix("encoder.")
-        key = key.replace("embeddings.patch_embeddings.", "patch_embed.").replace("layernorm.", "norm.")
-        key = re.sub(r"^layer\.(\d+)\.", r"blocks.\1.", key)
-        key = key.replace("attention.proj.", "attn.proj.")
-        m = re.match(r"^(blocks\.\d+)\.attention\.(query|key|value)\.(weight|bias)$", key)
-        if m:
-            if m.group(2) == "query":
-                block, kind = m.group(1), m.group(3)
-                layer = block.split(".")[1]
-                parts = [sd[f"encoder.layer.{layer}.attention.{n}.{kind}"] for n in ("query", "key", "value")]
-                native[f"{prefix}{block}.attn.qkv.{kind}"] = torch.cat(parts, dim=0).clone()
-            continue
-        native[prefix + key] = val.clone()
-    return native
-
-
 def _write(path, model: VJEPA2Model, **extra) -> None:
-    target = _to_native(model)
-    encoder = {k: v + 1.0 for k, v in _to_native(model, prefix="module.").items()}  # online encoder differs
+    target = native_vjepa2_state(model)
+    encoder = {k: v + 1.0 for k, v in native_vjepa2_state(model, prefix="module.").items()}  # online encoder differs
     checkpoint = {"encoder": encoder, "target_encoder": target, "predictor": {"module.x": torch.zeros(2)},
                   "opt": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-3}]},
                   "scaler": None, "epoch": 7, "loss": 0.5, "batch_size": 4, "world_size": 1, "lr": 1e-3}  # fmt: skip
@@ -85,7 +62,7 @@ def test_native_checkpoint_matches_hf_model(tmp_path):
 def test_target_encoder_preferred_and_encoder_fallback(tmp_path):
     hf = _tiny_hf()
     path = tmp_path / "ckpt.pt"
-    torch.save({"encoder": _to_native(hf, prefix="module.")}, path)  # only the online encoder saved
+    torch.save({"encoder": native_vjepa2_state(hf, prefix="module.")}, path)  # only the online encoder saved
     loaded = load_native_vjepa2(str(path), crop_size=32, frames_per_clip=4, num_heads=2)
     video = torch.randn(1, 4, 3, 32, 32)
     torch.testing.assert_close(_encode(loaded, video), _encode(hf, video), atol=1e-5, rtol=0)
@@ -106,7 +83,7 @@ def test_custom_architecture_and_params_file(tmp_path):
     torch.testing.assert_close(_encode(loaded, video), _encode(hf, video), atol=1e-5, rtol=0)
 
     # an image encoder (num_frames=1) stores a 2D patch conv [D, C, p, p]: loaded as a tubelet of 1
-    image_state = _to_native(hf)
+    image_state = native_vjepa2_state(hf)
     key = "module.backbone.patch_embed.proj.weight"
     image_state[key] = image_state[key][:, :, 0]
     torch.save({"target_encoder": image_state}, path)
@@ -134,20 +111,20 @@ def test_missing_sizes_are_an_error(tmp_path):
 
 def test_missing_and_unknown_keys_are_listed(tmp_path):
     hf = _tiny_hf()
-    state = _to_native(hf)
+    state = native_vjepa2_state(hf)
     del state["module.backbone.blocks.1.norm2.weight"]
     path = tmp_path / "missing.pt"
     torch.save({"target_encoder": state}, path)
     with pytest.raises(EncoderError, match=r"missing: encoder\.layer\.1\.norm2\.weight"):
         load_native_vjepa2(str(path), crop_size=32, frames_per_clip=4, num_heads=2)
 
-    state = _to_native(hf)
+    state = native_vjepa2_state(hf)
     state["module.backbone.blocks.0.mlp.fc3.weight"] = torch.zeros(64, 64)  # SwiGLU MLP
     torch.save({"target_encoder": state}, path)
     with pytest.raises(EncoderError, match="SwiGLU"):
         load_native_vjepa2(str(path), crop_size=32, frames_per_clip=4, num_heads=2)
 
-    state = _to_native(hf)
+    state = native_vjepa2_state(hf)
     state["module.backbone.blocks.0.ls1.gamma"] = torch.zeros(64)
     torch.save({"target_encoder": state}, path)
     with pytest.raises(EncoderError, match=r"no V-JEPA 2 counterpart: blocks\.0\.ls1\.gamma"):

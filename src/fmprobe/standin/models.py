@@ -52,7 +52,10 @@ def vjepa2(folder: str | Path, **sizes: int) -> Path:
 
 
 def native_vjepa2_state(model: transformers.VJEPA2Model, prefix: str = "module.backbone.") -> dict[str, torch.Tensor]:
-    """The encoder of an HF VJEPA2Model under the native vjepa2 repository's names (fused ``attn.qkv``)."""
+    """The encoder of an HF VJEPA2Model under the native vjepa2 repository's names (fused ``attn.qkv``).
+
+    Written independently of the loader (backbones/vjepa2_native.py maps the other way), so the loader's tests can
+    check one against the other."""
     native: dict[str, torch.Tensor] = {}
     state = model.state_dict()
     for key, value in state.items():
