@@ -11,13 +11,7 @@ from fmprobe.errors import EncoderError, FmprobeError
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The probes' matmuls are tiny: one thread is faster than two fighting other processes for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------- shapes data
