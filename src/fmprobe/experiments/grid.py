@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fmprobe.config import Experiment, HeadConfig
 from fmprobe.errors import ConfigError
 from fmprobe.evaluate.bootstrap import TaskMetric, scalar_metrics
 from fmprobe.evaluate.metrics import higher_is_better
-from fmprobe.evaluate.thresholds import tune_thresholds
 from fmprobe.experiments.probing import (
-    SPLITS, FitTargets, HeadRun, ProbeResults, SplitData, save_checkpoints, standardise_features, head_inputs, output_dim,
+    SPLITS, FitTargets, HeadRun, ProbeResults, SplitData, head_run, head_tensors, output_dim,
 )  # fmt: skip
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads.bank import BankMember, bank_logits, head_grid, stacked_scores, train_bank
@@ -65,11 +63,7 @@ def train_grid(
     for head_cfg in exp.heads:
         by_input.setdefault((str(head_cfg.layer), head_cfg.pooling), []).append(head_cfg)
     for heads in by_input.values():
-        raw = {s: head_inputs(features.subset(ids), heads[0]) for s, ids in split_ids.items()}
-        if heads[0].pooling != "attentive":
-            raw = standardise_features(raw)
-            results.standardisation.update({h.name: "z-score with training-split mean/std" for h in heads})
-        inputs = {s: torch.from_numpy(np.ascontiguousarray(v)) for s, v in raw.items()}
+        inputs = head_tensors(features, split_ids, heads[0], [h.name for h in heads], results)
         members = [m for h in heads for m in grid_members(exp, h)]
         for seed in exp.train.seeds:
             loss, loss_info = build_loss(exp.loss, task, targets["train"],
@@ -82,24 +76,10 @@ def train_grid(
             scores = {s: fitting.to_units(stacked_scores(bank_logits(fit.bank, inputs[s], "cpu"), task.type).numpy())
                       for s in SPLITS}  # fmt: skip
             for h, member in enumerate(members):
-                result = fit.results[member.name]
                 trainable = sum(p.numel() for p in fit.bank.heads[h].parameters() if p.requires_grad)
-                own = {s: scores[s][h] for s in SPLITS}
-                thresholds = None
-                if task.type in ("binary", "multilabel"):
-                    thresholds = tune_thresholds(task.type, targets["val"], own["val"], mode=exp.eval.thresholds,
-                                                 class_names=task.targets)  # fmt: skip
-                ckpt_dir = None
-                if checkpoint_root is not None:
-                    ckpt_dir = checkpoint_root / member.name / f"seed{seed}"
-                    save_checkpoints(ckpt_dir, result.best_state, result.last_state)
-                results.runs.append(HeadRun(
-                    head=member.name, seed=seed, best_epoch=result.best_epoch, best_val_score=result.best_val_score,
-                    stopped_early=result.stopped_early, curves=result.curves, scores=own,
-                    thresholds=None if thresholds is None else [float(t) for t in np.atleast_1d(thresholds)],
-                    loss_info=loss_info, trainable_params=trainable,
-                    checkpoint_dir=ckpt_dir,
-                ))  # fmt: skip
+                results.runs.append(head_run(exp, member.name, seed, fit.results[member.name],
+                                             {s: scores[s][h] for s in SPLITS}, targets["val"], loss_info=loss_info,
+                                             trainable=trainable, checkpoint_root=checkpoint_root))  # fmt: skip
     return results
 
 

@@ -22,7 +22,7 @@ from fmprobe.evaluate.thresholds import tune_thresholds
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads import build_head
 from fmprobe.train.losses import build_loss
-from fmprobe.train.trainer import HeadData, predict, train_head
+from fmprobe.train.trainer import HeadData, TrainResult, predict, train_head
 
 SPLITS = ("train", "val", "test")
 
@@ -86,7 +86,7 @@ def head_inputs(features: FeatureSet, head: HeadConfig) -> np.ndarray:
     return features.pooled(layer, head.pooling)
 
 
-def standardise_features(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _standardise(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Z-score pooled features with statistics of the training split only (no test information leaks in)."""
     mean = x["train"].mean(axis=0, keepdims=True)
     std = x["train"].std(axis=0, keepdims=True) + 1e-6
@@ -147,11 +147,7 @@ def train_heads(
     fit_targets, score_fn = fitting.targets, fitting.score
     out_dim = output_dim(exp, class_names)
     for head_cfg in exp.heads:
-        raw = {s: head_inputs(features.subset(ids), head_cfg) for s, ids in split_ids.items()}
-        if head_cfg.pooling != "attentive":
-            raw = standardise_features(raw)
-            results.standardisation[head_cfg.name] = "z-score with training-split mean/std"
-        inputs = {s: torch.from_numpy(np.ascontiguousarray(v)) for s, v in raw.items()}
+        inputs = head_tensors(features, split_ids, head_cfg, [head_cfg.name], results)
         in_dim = inputs["train"].shape[-1]
         for seed in exp.train.seeds:
             torch.manual_seed(seed)
@@ -172,34 +168,43 @@ def train_heads(
             )
             head.load_state_dict(fit.best_state)
             scores = {s: fitting.to_units(predict(head, inputs[s], task.type, exp.train.batch_size)) for s in SPLITS}
-            thresholds = None
-            if task.type in ("binary", "multilabel"):
-                thresholds = tune_thresholds(
-                    task.type, targets["val"], scores["val"], mode=exp.eval.thresholds, class_names=task.targets
-                )
-            ckpt_dir = None
-            if checkpoint_root is not None:
-                ckpt_dir = checkpoint_root / head_cfg.name / f"seed{seed}"
-                save_checkpoints(ckpt_dir, fit.best_state, fit.last_state)
-            results.runs.append(
-                HeadRun(
-                    head=head_cfg.name,
-                    seed=seed,
-                    best_epoch=fit.best_epoch,
-                    best_val_score=fit.best_val_score,
-                    stopped_early=fit.stopped_early,
-                    curves=fit.curves,
-                    scores=scores,
-                    thresholds=None if thresholds is None else [float(t) for t in np.atleast_1d(thresholds)],
-                    loss_info=loss_info,
-                    trainable_params=sum(p.numel() for p in head.parameters() if p.requires_grad),
-                    checkpoint_dir=ckpt_dir,
-                )
-            )
+            results.runs.append(head_run(exp, head_cfg.name, seed, fit, scores, targets["val"], loss_info=loss_info,
+                                         trainable=sum(p.numel() for p in head.parameters() if p.requires_grad),
+                                         checkpoint_root=checkpoint_root))  # fmt: skip
     return results
 
 
-def save_checkpoints(folder: Path, best: dict, last: dict) -> None:
+def head_tensors(features: FeatureSet, split_ids: dict[str, list[str]], head_cfg: HeadConfig, names: list[str],
+                 results: ProbeResults) -> dict[str, torch.Tensor]:  # fmt: skip
+    """A head's inputs per split: pooled vectors z-scored on train (recorded for ``names``), tokens as stored."""
+    raw = {s: head_inputs(features.subset(ids), head_cfg) for s, ids in split_ids.items()}
+    if head_cfg.pooling != "attentive":
+        raw = _standardise(raw)
+        results.standardisation.update({name: "z-score with training-split mean/std" for name in names})
+    return {s: torch.from_numpy(np.ascontiguousarray(v)) for s, v in raw.items()}
+
+
+def head_run(exp: Experiment, name: str, seed: int, fit: TrainResult, scores: dict[str, np.ndarray], y_val: np.ndarray,
+             *, loss_info: dict, trainable: int, checkpoint_root: Path | None) -> HeadRun:  # fmt: skip
+    """A trained head's record: thresholds tuned on validation, best/last checkpoints saved under ``name``."""
+    task = exp.task
+    thresholds = None
+    if task.type in ("binary", "multilabel"):
+        thresholds = tune_thresholds(task.type, y_val, scores["val"], mode=exp.eval.thresholds,
+                                     class_names=task.targets)  # fmt: skip
+    ckpt_dir = None
+    if checkpoint_root is not None:
+        ckpt_dir = checkpoint_root / name / f"seed{seed}"
+        _save_checkpoints(ckpt_dir, fit.best_state, fit.last_state)
+    return HeadRun(
+        head=name, seed=seed, best_epoch=fit.best_epoch, best_val_score=fit.best_val_score,
+        stopped_early=fit.stopped_early, curves=fit.curves, scores=scores,
+        thresholds=None if thresholds is None else [float(t) for t in np.atleast_1d(thresholds)],
+        loss_info=loss_info, trainable_params=trainable, checkpoint_dir=ckpt_dir,
+    )  # fmt: skip
+
+
+def _save_checkpoints(folder: Path, best: dict, last: dict) -> None:
     from fmprobe.atomic import atomic_path
 
     for name, state in (("best", best), ("last", last)):
