@@ -237,9 +237,15 @@ def _w_multiclass(y: np.ndarray, p: np.ndarray, w: np.ndarray, names: list[str])
     pred = p.argmax(axis=1)
     code = y * k + pred
     cm = np.stack([w[:, code == c].sum(axis=1) for c in range(k * k)], axis=1).reshape(len(w), k, k)
-    support, predicted, diag = cm.sum(axis=2), cm.sum(axis=1), np.einsum("bkk->bk", cm)
-    f1 = _div(2 * diag, support + predicted)
     aucs = np.stack([w_auroc((y == c).astype(np.int64), p[:, c], w) for c in range(k)], axis=1)
+    return multiclass_metrics(cm, aucs, names)
+
+
+def multiclass_metrics(cm: np.ndarray, aucs: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """Multiclass metrics of R confusion matrices ``[R, k, k]`` (true x predicted) and one-vs-rest AUROCs ``[R, k]``
+    (R resamples or R heads)."""
+    support, predicted, diag = cm.sum(axis=2), cm.sum(axis=1), np.einsum("rkk->rk", cm)
+    f1 = _div(2 * diag, support + predicted)
     out = {
         "balanced_accuracy": _nanmean(_div(diag, support), axis=1),
         "accuracy": _div(diag.sum(axis=1), support.sum(axis=1)),

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fmprobe.evaluate.bootstrap import TaskMetric, _div, _nanmean, _w_f1
+from fmprobe.evaluate.bootstrap import TaskMetric, _div, _nanmean, _w_f1, multiclass_metrics
 from fmprobe.evaluate.metrics import check_inputs, label_thresholds, output_names
 from fmprobe.errors import FmprobeError
 
@@ -95,18 +95,9 @@ def _multiclass(y: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str, np.
     n_heads, n, k = p.shape
     code = (y[None] * k + p.argmax(axis=2)) + (k * k) * np.arange(n_heads)[:, None]
     cm = np.bincount(code.ravel(), minlength=n_heads * k * k).reshape(n_heads, k, k).astype(np.float64)
-    support, predicted, diag = cm.sum(axis=2), cm.sum(axis=1), np.einsum("hkk->hk", cm)
-    f1 = _div(2 * diag, support + predicted)
     one_vs_rest = np.repeat((y[None] == np.arange(k)[:, None]).astype(np.int64), n_heads, axis=0)
     aucs = ranking_rows(one_vs_rest, p.transpose(2, 0, 1).reshape(k * n_heads, n))[0].reshape(k, n_heads).T
-    out = {
-        "balanced_accuracy": _nanmean(_div(diag, support), axis=1),
-        "accuracy": _div(diag.sum(axis=1), support.sum(axis=1)),
-        "macro_f1": _nanmean(f1, axis=1),
-        "auroc_ovr": aucs.mean(axis=1),  # NaN when a class is absent, as compute_metrics
-    }
-    out.update({f"f1/{name}": f1[:, c] for c, name in enumerate(names)})
-    return out
+    return multiclass_metrics(cm, aucs, names)
 
 
 def _multilabel(y: np.ndarray, s: np.ndarray, names: list[str], thr: np.ndarray) -> dict[str, np.ndarray]:
