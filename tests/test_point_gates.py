@@ -203,3 +203,20 @@ def test_gate_points_command_writes_verdicts_table_and_report(tmp_path):
     assert (tmp_path / "out" / "points.csv").read_text().startswith("point,metric,mean,ci_lo,ci_hi")
     missing = CliRunner().invoke(app, ["gate-points", str(gates), "--spatial", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "cannot read" in missing.output
+
+
+def test_points_report_lists_every_point_in_the_shared_gates_tables(tmp_path):
+    from fmprobe.report.points import write_points_report
+
+    still = {"7": 0.80, "merger": 0.66}
+    spatial = [_spatial(None, still), _spatial(4, still)]
+    table = point_metrics(spatial, _alignment({"7": 0.25, "merger": 0.6}))
+    report = gate_points(SPEC, table, "org/vlm")
+    html = write_points_report(tmp_path / "report.html", report, table, spatial, None).read_text()
+    verdicts = html[html.index('<table id="verdicts">'):]
+    verdicts = verdicts[: verdicts.index("</table>")]
+    assert "<th class=\"l\">extraction point</th>" in verdicts
+    assert all(f'<td class="l">{p}</td>' in verdicts for p in still)
+    criteria = html[html.index('<table id="criteria">'):]
+    assert '<th class="l">split</th>' not in criteria[: criteria.index("</table>")]
+    assert ".lv-fail{" in html  # the shared gates style is included

@@ -53,6 +53,7 @@ def test_board_report_shows_leaderboard_gates_and_recommendation(board_report):
     assert "Recommendation:" in html and "adopt exp/r1/lin" in html
     assert html.index(">exp/r1<") < html.index(">exp/r2<")  # ranked on validation
     assert 'class="l v-reject">reject' in html and "below_baseline" in html
+    assert '<th class="l">split</th>' in html and '<td class="l">exp/r1/lin</td>' in html  # criteria, verdicts
     assert "http://" not in html and "https://" not in html  # self-contained
 
 

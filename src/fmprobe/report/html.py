@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import pandas as pd
 
 from fmprobe import __version__
@@ -14,6 +12,7 @@ from fmprobe.atomic import write_text
 from fmprobe.config import Experiment, dump_config
 from fmprobe.report.plots import confusion_matrix_plot, metric_bars, reliability_diagram, training_curves
 from fmprobe.report.terminal import fmt, headline_rows, params_text
+from fmprobe.report.templating import render
 
 
 def _per_class_bars(metrics: dict[str, Any]) -> list[tuple[str, str]]:
@@ -62,11 +61,10 @@ def _confusion(metrics: dict[str, Any], predictions: pd.DataFrame | None) -> str
 
 def render_run_report(exp: Experiment, metrics: dict[str, Any], curves: pd.DataFrame, run_id: str,
                       predictions: pd.DataFrame | None = None) -> str:
-    template = jinja2.Template(resources.files("fmprobe.report").joinpath("templates/run.html").read_text(),
-                               autoescape=True)
     primary = metrics["task"]["primary_metric"]
     curve_imgs = {h: training_curves(curves, h, primary) for h in metrics["heads"] if len(curves)}
-    return template.render(
+    return render(
+        "run.html",
         m=metrics, rows=headline_rows(metrics), bars=_per_class_bars(metrics), curves=curve_imgs,
         reliability=_reliability(metrics), confusion=_confusion(metrics, predictions),
         fmt=fmt, params=params_text, config_yaml=dump_config(exp), run_id=run_id, version=__version__,

@@ -5,11 +5,9 @@ flat lines), and the alignment with the reference (CKA curve with CI band, a hea
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jinja2
 import numpy as np
 import pandas as pd
 
@@ -17,6 +15,7 @@ from fmprobe import __version__
 from fmprobe.atomic import write_text
 from fmprobe.diagnostics import plots
 from fmprobe.report.terminal import fmt
+from fmprobe.report.templating import render
 
 if TYPE_CHECKING:
     from fmprobe.experiments.gates import GateReport
@@ -70,13 +69,12 @@ def write_points_report(dest: Path, gates: GateReport, table: pd.DataFrame, spat
     from fmprobe.experiments.point_gates import data_kind
 
     dest = Path(dest)
-    template = jinja2.Template(resources.files("fmprobe.report").joinpath("templates/points.html").read_text(),
-                               autoescape=True)  # fmt: skip
     metrics = list(dict.fromkeys(table["metric"]))
     cells = {(r.point, r.metric): r for r in table.itertuples(index=False)}
     control_rows = [{"encoder": c["encoder"], "kind": data_kind(c), **{m: c["results"][0][m] for m in NAMES},
                      "ci": c["results"][0].get("ci") or {}} for c in controls]  # fmt: skip
-    html = template.render(
+    html = render(
+        "points.html",
         title=f"extraction points of {spatial[0]['encoder']}", gates=gates, metrics=metrics, cells=cells,
         points=list(dict.fromkeys(table["point"])), spatial=spatial, alignment=alignment, controls=control_rows,
         names=NAMES, figures=_figures(dest.parent, table, spatial, alignment, controls), fmt=fmt,

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jinja2
 
 from fmprobe import __version__
 from fmprobe.atomic import write_json, write_text
 from fmprobe.report.plots import forest_plot
 from fmprobe.report.terminal import fmt
+from fmprobe.report.templating import render
 
 if TYPE_CHECKING:
     from fmprobe.experiments.gates import GateReport
@@ -26,10 +25,9 @@ def render_board_report(boards: Sequence[Leaderboard], gates: GateReport | None,
                         dest_dir: Path | None = None, failed: Sequence[dict[str, Any]] = ()) -> str:
     """One leaderboard per primary metric (a sweep over tasks mixes them); ``dest_dir``: where the file will live,
     so links to each run's report.html are relative."""
-    template = jinja2.Template(resources.files("fmprobe.report").joinpath("templates/sweep.html").read_text(),
-                               autoescape=True)
     sections = [_board_section(board, gates, dest_dir) for board in boards]
-    return template.render(title=title, sections=sections, gates=gates, failed=failed, fmt=fmt, version=__version__)
+    return render("sweep.html", title=title, sections=sections, gates=gates, failed=failed, fmt=fmt,
+                  version=__version__)
 
 
 def _board_section(board: Leaderboard, gates: GateReport | None, dest_dir: Path | None) -> dict[str, Any]:
