@@ -9,9 +9,9 @@ extraction, which would otherwise load it itself. Adapted runs take both counts 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from fmprobe.atomic import write_json
 from fmprobe.backbones.base import Encoder
 from fmprobe.config import Experiment
 from fmprobe.experiments.probing import ProbeResults
@@ -31,10 +31,7 @@ def backbone_parameters(exp: Experiment) -> tuple[int | None, Encoder | None]:
 
     encoder = load_encoder(exp.model)
     count = sum(p.numel() for p in encoder.parameters())
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"backbone_params": count}))
-    os.replace(tmp, memo)
+    write_json(memo, {"backbone_params": count})
     return count, encoder
 
 
