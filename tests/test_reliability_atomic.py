@@ -106,7 +106,7 @@ def test_a_checkpoint_that_fails_mid_write_is_never_visible(tmp_path, monkeypatc
     monkeypatch.setattr(torch, "save", torn_save)
     state = {"w": torch.ones(3)}
     with pytest.raises(OSError):
-        probing._save_checkpoints(tmp_path / "linear" / "seed0", state, state)
+        probing.save_checkpoints(tmp_path / "linear" / "seed0", state, state)
     assert not list((tmp_path / "linear" / "seed0").iterdir())
 
 

@@ -195,7 +195,7 @@ def head_run(exp: Experiment, name: str, seed: int, fit: TrainResult, scores: di
     ckpt_dir = None
     if checkpoint_root is not None:
         ckpt_dir = checkpoint_root / name / f"seed{seed}"
-        _save_checkpoints(ckpt_dir, fit.best_state, fit.last_state)
+        save_checkpoints(ckpt_dir, fit.best_state, fit.last_state)
     return HeadRun(
         head=name, seed=seed, best_epoch=fit.best_epoch, best_val_score=fit.best_val_score,
         stopped_early=fit.stopped_early, curves=fit.curves, scores=scores,
@@ -204,7 +204,7 @@ def head_run(exp: Experiment, name: str, seed: int, fit: TrainResult, scores: di
     )  # fmt: skip
 
 
-def _save_checkpoints(folder: Path, best: dict, last: dict) -> None:
+def save_checkpoints(folder: Path, best: dict, last: dict) -> None:
     from fmprobe.atomic import atomic_path
 
     for name, state in (("best", best), ("last", last)):

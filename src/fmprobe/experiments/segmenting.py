@@ -25,7 +25,7 @@ from fmprobe.data.masks import load_masks
 from fmprobe.errors import ConfigError
 from fmprobe.evaluate.segmentation import (SegCounts, SegResults, SegRun, iou_counts, location_prior, seg_metrics,
                                            summarise_segmentation)  # fmt: skip
-from fmprobe.experiments.probing import SPLITS, SplitData
+from fmprobe.experiments.probing import SPLITS, SplitData, save_checkpoints
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads.segmentation import SegDecoder, frame_tokens, segmentation_loss
 from fmprobe.train.seeding import data_generator, seeded
@@ -139,7 +139,7 @@ def fit_decoder(
     k = len(seg.class_names)
     y_train = torch.from_numpy(masks.masks["train"].astype(np.int64))
     n = len(y_train)
-    steps = math.ceil(n / train.batch_size)
+    steps = math.ceil(math.ceil(n / train.batch_size) / train.grad_accum)  # optimizer steps per epoch
     es = train.early_stopping
     stopper = EarlyStopper("miou", False, es.patience, es.min_delta) if es is not None else None
     curves: list[dict[str, float]] = []
@@ -158,13 +158,17 @@ def fit_decoder(
         for epoch in range(1, train.epochs + 1):
             decoder.train()
             total = 0.0
-            for idx in torch.randperm(n, generator=order).split(train.batch_size):
-                loss = segmentation_loss(decoder(torch.from_numpy(x["train"][idx.numpy()])), y_train[idx])
+            batches = torch.randperm(n, generator=order).split(train.batch_size)
+            for start in range(0, len(batches), train.grad_accum):  # accumulation as train_head does it
+                group = batches[start : start + train.grad_accum]
+                group_size = sum(len(b) for b in group)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                for idx in group:
+                    loss = segmentation_loss(decoder(torch.from_numpy(x["train"][idx.numpy()])), y_train[idx])
+                    (loss * (len(idx) / group_size)).backward()
+                    total += loss.item() * len(idx)
                 optimizer.step()
                 schedule.step()
-                total += loss.item() * len(idx)
             val = _counts(decoder, x["val"], masks.masks["val"], masks.ids["val"], k)
             score = seg_metrics(val.inter, val.union, seg.class_names)["miou"]
             curves.append({"epoch": epoch, "train_loss": total / n, "val_miou": score,
@@ -178,9 +182,7 @@ def fit_decoder(
     last = {name: v.detach().clone() for name, v in decoder.state_dict().items()}
     decoder.load_state_dict(best)
     if checkpoint_dir is not None:
-        for name, state in (("best", best), ("last", last)):
-            with atomic_path(checkpoint_dir / f"{name}.pt") as tmp:
-                torch.save(state, tmp)
+        save_checkpoints(checkpoint_dir, best, last)
     counts = {s: _counts(decoder, x[s], masks.masks[s], masks.ids[s], k) for s in SPLITS}
     run = SegRun("segmentation", seed, best_epoch, best_score, stopped, curves, counts,
                  sum(p.numel() for p in params), checkpoint_dir)  # fmt: skip
