@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fmprobe.atomic import atomic_path, write_json
-from fmprobe.experiments import probing
+from fmprobe.probes import frozen
 from fmprobe.features import store as store_module
 from fmprobe.features.store import FeatureStore
 
@@ -43,7 +43,7 @@ SAFE = {
     ("report/plots.py", "savefig(buf"): "into memory",
     ("cli.py", "board.to_csv(csv)"): "Leaderboard.to_csv writes atomically",
     ("experiments/leaderboard.py", "def to_csv"): "a definition",
-    ("experiments/segmenting.py", "np.savez_compressed(f"): "into an atomic_path temp file",
+    ("experiments/run.py", "np.savez_compressed(f"): "into an atomic_path temp file",
     ("features/remote.py", 'open(staged, "wb")'): "a .tmp staging file, os.replace'd once hashed",
     ("features/remote.py", "np.save(hashing, array)"): "into the same staging file",
     ("features/remote.py", "np.save writes into it"): "a docstring",
@@ -106,7 +106,7 @@ def test_a_checkpoint_that_fails_mid_write_is_never_visible(tmp_path, monkeypatc
     monkeypatch.setattr(torch, "save", torn_save)
     state = {"w": torch.ones(3)}
     with pytest.raises(OSError):
-        probing.save_checkpoints(tmp_path / "linear" / "seed0", state, state)
+        frozen.save_checkpoints(tmp_path / "linear" / "seed0", state, state)
     assert not list((tmp_path / "linear" / "seed0").iterdir())
 
 

@@ -167,7 +167,7 @@ def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None) -> d
     import pandas as pd
 
     from fmprobe.data.manifest import load_manifest
-    from fmprobe.experiments.probing import output_dim
+    from fmprobe.evaluate.task import ResolvedTask
     from fmprobe.features.extract import extract_features
     from fmprobe.heads import build_head
 
@@ -189,7 +189,7 @@ def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None) -> d
     labels, grouping_base = _labels(exp, manifest.targets(rows), class_names)
     features = extract_features(exp, manifest, progress=False).subset(test_ids)
     out = Path(out) if out is not None else run_dir / "attention"
-    out_dim = output_dim(exp, class_names)
+    out_dim = ResolvedTask.from_config(exp.task, class_names).out_dim
 
     result: dict[str, Any] = {"source": "attentive probe", "run": str(run_dir), "split": "test",
                               "samples": len(test_ids), "heads": {}, "figures": []}
