@@ -122,7 +122,7 @@ def layers_cmd(config: Path = typer.Argument(..., help="experiment YAML"),
                quiet: bool = typer.Option(False, help="no progress bars")) -> None:
     """Layer-wise probing: one run with a head per (layer, head type); primary metric with CI against depth."""
     from fmprobe.config import load_config
-    from fmprobe.diagnostics.layers import layers_command, parse_layers
+    from fmprobe.experiments.layers import layers_command, parse_layers
 
     summary = layers_command(load_config(config), parse_layers(layers) if layers else None,
                              [h.strip() for h in heads.split(",")] if heads else None, progress=not quiet)
@@ -157,7 +157,7 @@ def spatial_cmd(encoder: str = typer.Option("pixel", help="pixel | random | CONF
                 frames: int = typer.Option(None, help="moving shapes: clips of this many frames"),
                 bootstrap: int = typer.Option(1000, help="resamples of the test samples for CIs; 0: none")) -> None:
     """Spatial probes (box, mask, detection) on the built-in shapes data, per extraction point."""
-    from fmprobe.diagnostics.layers import parse_layers
+    from fmprobe.experiments.layers import parse_layers
     from fmprobe.diagnostics.spatial_run import format_table, spatial_command
 
     result = spatial_command(encoder, layers=parse_layers(layers) if layers else None, n_train=n_train,
@@ -203,7 +203,7 @@ def leaderboard(runs: Path = typer.Option(Path("runs"), help="runs folder"),
         console.print(f"written: {csv}")
     if html:
         verdicts = gate_command(gates, runs, run_dirs=board.table["run_dir"]) if gates else None
-        write_board_report(html, board, verdicts, title=f"leaderboard {experiment or runs}")
+        write_board_report(html, [board], verdicts, title=f"leaderboard {experiment or runs}")
         console.print(f"written: {html}")
 
 

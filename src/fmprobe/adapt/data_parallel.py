@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fmprobe import distributed
 from fmprobe.errors import FmprobeError
+from fmprobe.train.seeding import restart_stream
 
 
 class Part(NamedTuple):
@@ -63,7 +64,7 @@ class DataParallel:
     def reseed(self, seed: int) -> None:
         """Independent dropout / drop-path streams per process (the weights start equal: DDP broadcasts rank 0's)."""
         if self.active:
-            torch.manual_seed(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
+            restart_stream(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
 
     def training_model(self) -> nn.Module:
         """The model to run training forwards through: DDP-wrapped, re-wrapped when the set of trainable

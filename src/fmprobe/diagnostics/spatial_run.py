@@ -135,3 +135,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{r['layer']:<34} {grid:>9} {r['dim']:>5} {r['box_iou']:>7.3f} ({r['box_iou_prior']:.3f}) "
                      f"{r['mask_iou']:>8.3f} ({r['mask_iou_prior']:.3f}) {r['map50']:>7.3f}")
     return "\n".join(lines)
+
+
+def data_kind(spatial: dict[str, Any]) -> str:
+    """``still`` or ``moving`` (clips)."""
+    return "still" if spatial.get("frames") is None else "moving"

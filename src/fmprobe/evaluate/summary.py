@@ -17,7 +17,8 @@ import numpy as np
 
 from fmprobe.config import METRICS_BY_TASK, Experiment
 from fmprobe.evaluate.baselines import baseline_metrics
-from fmprobe.evaluate.bootstrap import TaskMetric, resample_weights, scalar_metrics
+from fmprobe.evaluate.bootstrap import resample_weights, scalar_metrics
+from fmprobe.evaluate.task import TaskMetric
 from fmprobe.evaluate.flags import Flag, compute_flags, prediction_hash
 from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults, SplitData
 from fmprobe.evaluate.segmentation import summarise_segmentation

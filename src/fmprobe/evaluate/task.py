@@ -1,4 +1,4 @@
-"""The task as the data resolved it: label names, output width, class count and metric definitions, defined once.
+"""The task as the data resolved it (label names, output width, class count) and its metric function, defined once.
 
 A ``TaskConfig`` names target columns; for multiclass the classes come from the manifest (or the config). Every
 place that needs the number of outputs, the names metrics are reported under or the primary metric's direction
@@ -9,12 +9,57 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from fmprobe.config import TaskConfig
-from fmprobe.evaluate.bootstrap import TaskMetric
-from fmprobe.evaluate.metrics import lower_is_better
+from fmprobe.errors import FmprobeError
+from fmprobe.evaluate import kernels
+from fmprobe.evaluate.metrics import check_inputs, compute_metrics, label_thresholds, lower_is_better, output_names
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """``compute_metrics`` for one task, plus a vectorised weighted form for resampling."""
+
+    task_type: str
+    class_names: Sequence[str] | None = None
+    target_names: Sequence[str] | None = None
+    thresholds: float | Sequence[float] | np.ndarray | None = None
+
+    def __call__(self, y_true: Any, y_score: Any) -> dict[str, Any]:
+        return compute_metrics(self.task_type, y_true, y_score, class_names=self.class_names,
+                               target_names=self.target_names, thresholds=self.thresholds)
+
+    def weighted(self, y_true: Any, y_score: Any, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """``{metric: [R]}`` for R rows of sample weights ``[R, N]`` (bootstrap draw counts)."""
+        y, s = check_inputs(self.task_type, y_true, y_score)
+        return self._kernel(y, s, np.atleast_2d(np.asarray(weights, dtype=np.float64)))
+
+    def stacked(self, y_true: Any, scores: Any) -> dict[str, np.ndarray]:
+        """``{metric: [H]}`` for H members' scores ``[H, N, ...]`` on the same samples, in one vectorised call."""
+        s = np.asarray(scores, dtype=np.float64)
+        if len(s) == 0:
+            raise FmprobeError("stacked metrics need at least one member's scores")
+        # the per-member input checks, all members at once: the targets repeated once per member
+        y_all, s_all = check_inputs(self.task_type, np.concatenate([np.asarray(y_true)] * len(s)),
+                                    s.reshape(len(s) * s.shape[1], *s.shape[2:]))  # fmt: skip
+        return self._kernel(y_all[: len(y_all) // len(s)], s_all.reshape(len(s), -1, *s_all.shape[1:]), None)
+
+    def _kernel(self, y: np.ndarray, s: np.ndarray, w: np.ndarray | None) -> dict[str, np.ndarray]:
+        width = s.shape[-1]
+        if self.task_type == "binary":
+            return kernels.binary(y, s, w, float(label_thresholds(self.thresholds, 1)[0]))
+        if self.task_type == "multiclass":
+            return kernels.multiclass(y, s, w, output_names(self.class_names, width, "class_names"))
+        if self.task_type == "multilabel":
+            names = self.class_names if self.class_names is not None else self.target_names
+            names = output_names(names, width, "class_names")
+            return kernels.multilabel(y, s, w, names, label_thresholds(self.thresholds, len(names)))
+        return kernels.regression(y, s, w, output_names(self.target_names, width, "target_names"))
+
+
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from fmprobe.atomic import atomic_path, write_json
+from fmprobe.diagnostics.spatial_run import data_kind
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.experiments.gates import GateReport, GatesSpec, judge, load_gates
 from fmprobe.experiments.leaderboard import RUN_QUANTITIES
@@ -44,11 +45,6 @@ def read_output(path: str | Path, name: str) -> dict[str, Any]:
                           ) from None
     except json.JSONDecodeError as err:
         raise FmprobeError(f"'{file}' is not valid JSON: {err}") from None
-
-
-def data_kind(spatial: dict[str, Any]) -> str:
-    """``still`` or ``moving`` (clips)."""
-    return "still" if spatial.get("frames") is None else "moving"
 
 
 def _ci(row: dict[str, Any], metric: str) -> tuple[float, float]:

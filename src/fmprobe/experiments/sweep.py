@@ -366,8 +366,6 @@ def run_sweep(
     result = SweepResult(spec.name, points, runs_dir, sweep_dir, extractions=len(firsts) - len(broken),
                          failed=[p for p in points if p.status == "failed"])
     write_json(sweep_dir / "sweep.json", sweep_record(spec, points))
-    from fmprobe.report.sweep import write_sweep_report
-
     gates_path = Path(gates) if gates else spec.gates
     result.report = write_sweep_report(sweep_dir / "report.html", runs_dir, spec.name, points, gates_path)
     if result.failed:
@@ -375,6 +373,23 @@ def run_sweep(
         raise FmprobeError(f"{len(result.failed)} of {len(points)} sweep runs failed (report: {result.report}):\n"
                            f"{listing}\nrerun the sweep to retry them; finished runs are skipped")
     return result
+
+
+def write_sweep_report(dest: Path, runs_dir: Path, name: str, points: list[SweepPoint], gates_path: Path | None
+                       ) -> Path:  # fmt: skip
+    """The sweep's leaderboards (one per primary metric), its gate verdicts (also as gates.json) and failed arms."""
+    from fmprobe.experiments.gates import evaluate_gates, load_gates
+    from fmprobe.experiments.leaderboard import boards_by_primary_metric
+    from fmprobe.report.sweep import write_board_report
+
+    run_dirs = [p.run_dir for p in points if p.run_dir is not None]
+    boards = boards_by_primary_metric(runs_dir, run_dirs) if run_dirs else []
+    verdicts = None
+    if gates_path is not None and run_dirs:
+        verdicts = evaluate_gates(load_gates(gates_path), runs_dir, run_dirs=run_dirs)
+        write_json(dest.parent / "gates.json", verdicts.to_dict())
+    failed = [{"values": _label(p), "error": p.error} for p in points if p.status == "failed"]
+    return write_board_report(dest, boards, verdicts, title=f"sweep {name}", failed=failed)
 
 
 def sweep_record(spec: SweepSpec, points: Iterable[SweepPoint]) -> dict[str, Any]:

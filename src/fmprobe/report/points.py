@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,11 +14,9 @@ import pandas as pd
 from fmprobe import __version__
 from fmprobe.atomic import write_text
 from fmprobe.diagnostics import plots
+from fmprobe.diagnostics.spatial_run import data_kind
 from fmprobe.report.terminal import fmt
 from fmprobe.report.templating import render
-
-if TYPE_CHECKING:
-    from fmprobe.experiments.gates import GateReport
 
 NAMES = {"box_iou": "box IoU", "mask_iou": "mask IoU", "map50": "AP@0.5"}
 
@@ -32,8 +30,6 @@ def _series(table: pd.DataFrame, points: list[str], metric: str) -> tuple[list[f
 
 def _figures(dest_dir: Path, table: pd.DataFrame, spatial: Sequence[dict[str, Any]], alignment: dict[str, Any] | None,
              controls: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:  # fmt: skip
-    from fmprobe.experiments.point_gates import data_kind
-
     points = list(dict.fromkeys(table["point"]))
     figures = []
     for s in spatial:
@@ -63,11 +59,9 @@ def _figures(dest_dir: Path, table: pd.DataFrame, spatial: Sequence[dict[str, An
     return figures
 
 
-def write_points_report(dest: Path, gates: GateReport, table: pd.DataFrame, spatial: Sequence[dict[str, Any]],
+def write_points_report(dest: Path, gates: Any, table: pd.DataFrame, spatial: Sequence[dict[str, Any]],
                         alignment: dict[str, Any] | None, controls: Sequence[dict[str, Any]] = ()) -> Path:  # fmt: skip
     """Write the report (figures next to it as PNG too) and return its path."""
-    from fmprobe.experiments.point_gates import data_kind
-
     dest = Path(dest)
     metrics = list(dict.fromkeys(table["metric"]))
     cells = {(r.point, r.metric): r for r in table.itertuples(index=False)}

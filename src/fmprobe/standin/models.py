@@ -15,8 +15,16 @@ import torch
 import transformers
 
 from fmprobe.atomic import atomic_path
+from fmprobe.train.seeding import seeded
 
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+
+
+def _built(cls: type[transformers.PreTrainedModel], config: transformers.PretrainedConfig, seed: int
+           ) -> transformers.PreTrainedModel:  # fmt: skip
+    """The model with its random initialisation drawn from ``seed`` (the caller's random state untouched)."""
+    with seeded(seed):
+        return cls(config)
 
 
 def _save(model: transformers.PreTrainedModel, folder: str | Path) -> Path:
@@ -28,22 +36,20 @@ def _save(model: transformers.PreTrainedModel, folder: str | Path) -> Path:
 def dinov2(folder: str | Path, *, hidden: int = 32, layers: int = 2, image_size: int = 32, patch: int = 8,
            seed: int = 0) -> Path:  # fmt: skip
     """A Dinov2Model (CLS token, ``q_proj``/``k_proj``/``v_proj`` attention)."""
-    torch.manual_seed(seed)
     config = transformers.Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                                        mlp_ratio=2, image_size=image_size, patch_size=patch)  # fmt: skip
-    return _save(transformers.Dinov2Model(config), folder)
+    return _save(_built(transformers.Dinov2Model, config, seed), folder)
 
 
 def vjepa2_model(*, hidden: int = 32, layers: int = 2, crop: int = 32, patch: int = 16, frames: int = 4,
                  tubelet: int = 2, seed: int = 0) -> transformers.VJEPA2Model:  # fmt: skip
     """A VJEPA2Model whose RoPE grid is ``crop``/``patch`` x ``frames``/``tubelet`` (inputs must match it)."""
-    torch.manual_seed(seed)
     config = transformers.VJEPA2Config(
         hidden_size=hidden, num_attention_heads=2, num_hidden_layers=layers, mlp_ratio=2, crop_size=crop,
         patch_size=patch, frames_per_clip=frames, tubelet_size=tubelet, pred_hidden_size=32,
         pred_num_attention_heads=2, pred_num_hidden_layers=1, num_pooler_layers=1,
     )  # fmt: skip
-    return transformers.VJEPA2Model(config)
+    return _built(transformers.VJEPA2Model, config, seed)
 
 
 def vjepa2(folder: str | Path, **sizes: int) -> Path:
@@ -84,11 +90,10 @@ def native_vjepa2(path: str | Path, **sizes: int) -> Path:
 
 
 def videomae(folder: str | Path, *, image_size: int = 32, frames: int = 4, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
     config = transformers.VideoMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                          intermediate_size=64, image_size=image_size, patch_size=16,
                                          num_frames=frames, tubelet_size=2, use_mean_pooling=False)  # fmt: skip
-    return _save(transformers.VideoMAEModel(config), folder)
+    return _save(_built(transformers.VideoMAEModel, config, seed), folder)
 
 
 def _vision(image_size: int, patch: int, layers: int) -> dict:
@@ -98,16 +103,14 @@ def _vision(image_size: int, patch: int, layers: int) -> dict:
 
 def clip(folder: str | Path, *, image_size: int = 32, patch: int = 8, layers: int = 2, seed: int = 0) -> Path:
     """A full two-tower CLIPModel checkpoint (as ``openai/clip-vit-large-patch14-336``, LLaVA's tower, is saved)."""
-    torch.manual_seed(seed)
     config = transformers.CLIPConfig(vision_config=_vision(image_size, patch, layers), text_config=TEXT,
                                      projection_dim=16)  # fmt: skip
-    return _save(transformers.CLIPModel(config), folder)
+    return _save(_built(transformers.CLIPModel, config, seed), folder)
 
 
 def blip2(folder: str | Path, *, image_size: int = 32, patch: int = 8, layers: int = 2, seed: int = 0) -> Path:
     """A full BLIP-2 checkpoint: EVA ViT vision tower (``post_layernorm`` is LAVIS' ``ln_vision``), Q-Former,
     language projection and a tiny OPT."""
-    torch.manual_seed(seed)
     config = transformers.Blip2Config(
         # Blip2VisionConfig's default initializer_range (1e-10) leaves every vision weight ~0: the tower would
         # output the same tokens for every image, and no probe could learn anything from it
@@ -117,13 +120,12 @@ def blip2(folder: str | Path, *, image_size: int = 32, patch: int = 8, layers: i
                          vocab_size=100, word_embed_proj_dim=32),  # fmt: skip
         num_query_tokens=4,
     )
-    return _save(transformers.Blip2Model(config), folder)
+    return _save(_built(transformers.Blip2Model, config, seed), folder)
 
 
 def qwen2_5_vl(folder: str | Path, *, seed: int = 0) -> Path:
     """A Qwen2.5-VL with a 3-block vision tower (windowed attention in blocks 0-1, full in block 2), a merger and
     a 2-layer language model, so vision blocks, merger and LM layers are all extraction points."""
-    torch.manual_seed(seed)
     config = transformers.Qwen2_5_VLConfig(
         vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
                            window_size=56, fullatt_block_indexes=[2], patch_size=14, spatial_merge_size=2,
@@ -134,4 +136,4 @@ def qwen2_5_vl(folder: str | Path, *, seed: int = 0) -> Path:
                                           "rope_theta": 10000.0}),  # fmt: skip
         image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903,
     )  # fmt: skip
-    return _save(transformers.Qwen2_5_VLForConditionalGeneration(config), folder)
+    return _save(_built(transformers.Qwen2_5_VLForConditionalGeneration, config, seed), folder)
