@@ -182,3 +182,17 @@ def test_kfold_rotates_validation_and_scores_every_fold_on_one_test_set(toy_stud
     assert (run_dir / "checkpoints" / "fold2" / "linear" / "seed0" / "best.pt").exists()
     lo, hi = head["test_ci"]["auroc"]
     assert lo <= head["splits"]["test"]["mean"]["auroc"] <= hi
+
+
+def test_a_target_with_one_class_is_refused_before_any_feature_is_extracted(toy_study, tmp_path, monkeypatch):
+    from fmprobe.backbones import registry
+
+    config = toy_study("binary", n=30, weights=[0.0, 1.0])
+
+    def no_encoder(model):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(registry, "load_encoder", no_encoder)
+    with pytest.raises(ManifestError, match=r"target 'y' has a single class: all 30 rows hold 1"):
+        run_experiment(parse_config(config), progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()

@@ -11,6 +11,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from fmprobe.diagnostics.alignment_conventions import DEFAULT as ALIGN
+from fmprobe.diagnostics.alignment_conventions import AlignmentConventions
 from fmprobe.errors import FmprobeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -105,13 +107,31 @@ def align(a: str = typer.Argument(..., help="FILE.npy, CONFIG.yaml[:LAYER[:POOLI
                                            "or linear_cka (layer x layer)"),
           out: Path = typer.Option(Path("fmprobe-align"), help="folder for alignment.json and the figure(s)"),
           seed: int = typer.Option(0, help="seed of linear_r2's held-out split"),
-          bootstrap: int = typer.Option(0, help="resamples for CKA CIs (linear_cka, rbf_cka); 0: none")) -> None:
-    """Representation alignment of A and B (CKA, mutual kNN, RSA, ...) as JSON, with a bar chart or heatmap."""
+          bootstrap: int = typer.Option(0, help="resamples for CKA CIs (linear_cka, rbf_cka); 0: none"),
+          knn_k: int = typer.Option(ALIGN.knn_k, help="k of mutual_knn and knn_recall (recall@k)"),
+          knn_metric: str = typer.Option(ALIGN.knn_metric, help="neighbours by: cosine | euclidean"),
+          rbf_sigma_factor: float = typer.Option(ALIGN.rbf_sigma_factor,
+                                                 help="RBF bandwidth sigma = this x the median distance"),
+          rbf_median: str = typer.Option(ALIGN.rbf_median, help="which median: distinct-pairs (i < j) | full-matrix "
+                                         "(sqrt of the median squared distance, diagonal included: Kornblith's code)"),
+          rsa_dissimilarity: str = typer.Option(ALIGN.rsa_dissimilarity,
+                                                help="RSA dissimilarity: correlation (1 - Pearson r) | euclidean"),
+          rsa_rank_correlation: str = typer.Option(ALIGN.rsa_rank_correlation,
+                                                   help="RSA compares dissimilarities by: spearman | kendall (tau-b)"),
+          r2_test_fraction: float = typer.Option(ALIGN.r2_test_fraction, help="share of samples linear_r2 holds "
+                                                 "out")) -> None:
+    """Representation alignment of A and B (CKA, mutual kNN, RSA, ...) as JSON, with a bar chart or heatmap.
+
+    alignment.json records every convention used (the options above) next to the values."""
     import json
 
     from fmprobe.diagnostics.align_cli import align_command
 
-    typer.echo(json.dumps(align_command(a, b, metric or None, out=out, seed=seed, bootstrap=bootstrap), indent=2))
+    conventions = AlignmentConventions(knn_k=knn_k, knn_metric=knn_metric, rbf_sigma_factor=rbf_sigma_factor,
+                                       rbf_median=rbf_median, rsa_dissimilarity=rsa_dissimilarity,
+                                       rsa_rank_correlation=rsa_rank_correlation, r2_test_fraction=r2_test_fraction)
+    typer.echo(json.dumps(align_command(a, b, metric or None, out=out, seed=seed, bootstrap=bootstrap,
+                                        conventions=conventions), indent=2))
 
 
 @app.command("layers")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.utils import cached_file
 
 from fmprobe.backbones.base import Encoder
@@ -16,6 +17,7 @@ from fmprobe.config import ModelConfig
 from fmprobe.errors import EncoderError
 
 OFFLINE_DINOV2 = "dinov2-small-offline"
+KNOWN_NAMES = (OFFLINE_DINOV2,)  # model.name values fmprobe resolves itself (neither a folder nor a hub id)
 
 # config.json model_type -> model.kind (full two-tower / VLM checkpoints load their vision tower only)
 MODEL_TYPES: dict[str, str] = {
@@ -111,21 +113,47 @@ def _expand(name: str) -> str:
 
 def _model_type(source: str) -> str:
     """``model_type`` from the source's config.json (local directory or hub id)."""
-    if Path(source).exists() and not Path(source).is_dir():
+    path = Path(source)
+    if path.exists() and not path.is_dir():
         raise EncoderError(
             f"model.name '{source}' is a file; give the model's directory (with config.json), a hub id, or "
             f"kind: vjepa2-native with model.checkpoint for a native V-JEPA 2 .pt"
         )
-    try:
-        path = cached_file(source, "config.json")
-    except (OSError, ValueError) as err:
+    if path.is_dir() and not (path / "config.json").is_file():
         raise EncoderError(
-            f"cannot find model '{source}': not a local directory with config.json, nor a reachable hub id ({err})"
-        ) from None
-    with open(path) as f:
+            f"model.name '{source}' is a folder without config.json; give the folder a model was saved to with "
+            "save_pretrained (it holds config.json and the weights)"
+        )
+    if not path.exists() and not _could_be_hub_id(source):
+        raise EncoderError(_unknown_model(source, "the name cannot be a hub id (those read 'name' or 'namespace/name')"))
+    try:
+        config_path = cached_file(source, "config.json")
+    except (OSError, ValueError) as err:
+        hub_says = (str(err).strip().splitlines() or [type(err).__name__])[0]  # its first sentence says why
+        raise EncoderError(_unknown_model(source, f"the Hugging Face hub did not provide it ({hub_says})")) from None
+    with open(config_path) as f:
         config = json.load(f)
     if "model_type" not in config:
         raise EncoderError(
-            f"{path} has no 'model_type', so its family is unknown; re-save the model with save_pretrained"
+            f"{config_path} has no 'model_type', so its family is unknown; re-save the model with save_pretrained"
         )
     return str(config["model_type"])
+
+
+def _could_be_hub_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _unknown_model(name: str, not_on_hub: str) -> str:
+    """What to fix when ``model.name`` names nothing: the three kinds of name it may hold."""
+    where = "" if Path(name).expanduser().is_absolute() else f" (relative to the working folder {Path.cwd()})"
+    return (
+        f"model.name '{name}' is neither an existing local folder nor a known model name: no such folder "
+        f"exists{where}, and {not_on_hub}. Give the "
+        "folder of a model saved with save_pretrained (holding config.json), a hub id such as "
+        f"'facebook/dinov2-base', or one of fmprobe's names: {', '.join(KNOWN_NAMES)}"
+    )

@@ -18,7 +18,7 @@ import pandas as pd
 from fmprobe import distributed
 from fmprobe.atomic import atomic_path, write_json, write_text
 from fmprobe.config import Experiment, dump_config
-from fmprobe.data.manifest import Manifest, load_manifest
+from fmprobe.data.manifest import Manifest, check_targets_vary, load_manifest
 from fmprobe.errors import ConfigError
 from fmprobe.evaluate.results import SPLITS, ProbeResults, SegResults, SplitData, predictions_table
 from fmprobe.evaluate.summary import summarise_run
@@ -73,6 +73,7 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     distributed.init(cuda=exp.adapt.strategy != "frozen" and exp.adapt.device.startswith("cuda"))
     progress = progress and distributed.is_main()
     manifest = load_manifest(exp.data, exp.task)
+    check_targets_vary(manifest)  # before any extraction
     folds = resolve_folds(manifest, exp.task, exp.split)
     if len(folds) > 1 and exp.adapt.strategy != "frozen":
         raise ConfigError("split.mode kfold runs frozen probes only; use split.mode generate with adapt strategies")
