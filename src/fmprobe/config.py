@@ -409,30 +409,36 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> Experiment:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
-    """Read a YAML config; relative paths resolve against the config file's folder."""
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """The YAML document at ``path`` (configs, sweeps, gates: one reader, one set of errors)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
-        raise ConfigError(f"cannot read config '{path}': {err.strerror}") from None
+        raise ConfigError(f"cannot read {what} '{path}': {err.strerror}") from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"config '{path}' is not UTF-8 text: {err}") from None
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text: {err}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config '{path}' is not valid YAML: {err}") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {err}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
+    """Read a YAML config; relative paths resolve against the config file's folder."""
+    path = Path(path)
+    data = read_yaml(path) or {}
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     if isinstance(data, dict):
-        _resolve_paths(data, path.parent.resolve())
+        resolve_paths(data, path.parent.resolve())
     return parse_config(data, source=f"'{path}'")
 
 
 _PATH_KEYS = ("data.manifest", "data.root", "features.cache_dir", "runs_dir", "model.checkpoint")
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+def resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Relative paths in a config file resolve against the file's folder, not the working directory."""
     for dotted in _PATH_KEYS:
         node: Any = data
@@ -446,17 +452,38 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             node[leaf] = str(base / value)
 
 
-def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested dict (used by overrides and sweeps)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"cannot set '{dotted}': the config is not a mapping (got {type(data).__name__})")
-    node = data
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = value
+def set_dotted(data: Any, dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in a nested config (overrides, sweeps): an integer part indexes an existing list."""
+    set_path(data, dotted.split("."), value)
+
+
+def set_path(data: Any, parts: list[str | int] | tuple[str | int, ...], value: Any) -> None:
+    """Set the value at ``parts`` (keys, and indices of existing lists); missing sections are created."""
+    dotted = ".".join(str(p) for p in parts)
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(str(p) for p in parts[: i + 1])
+        if isinstance(node, list):
+            if not str(part).lstrip("-").isdigit():
+                raise ConfigError(f"cannot set '{dotted}': '{where.rsplit('.', 1)[0]}' is a list, so '{part}' must "
+                                  "be an index")  # fmt: skip
+            index = int(part)
+            if not -len(node) <= index < len(node):
+                raise ConfigError(f"cannot set '{dotted}': '{where}' is out of range (the list has {len(node)} items)")
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part not in node and str(parts[i + 1]).lstrip("-").isdigit():
+                    raise ConfigError(f"cannot set '{dotted}': the config has no list '{where}' to index")
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"cannot set '{dotted}': '{where.rsplit('.', 1)[0]}' is a value, not a section")
 
 
 def dump_config(exp: Experiment) -> str:
