@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -228,4 +229,10 @@ def test_points_report_lists_every_point_in_the_shared_gates_tables(tmp_path):
     assert all(f'<td class="l">{p}</td>' in verdicts for p in still)
     criteria = html[html.index('<table id="criteria">'):]
     assert '<th class="l">split</th>' not in criteria[: criteria.index("</table>")]
-    assert ".lv-fail{" in html  # the shared gates style is included
+    # every point's level per criterion is shown and marked as its level, as the gate decided it
+    for point in still:
+        row = verdicts[verdicts.index(f'<td class="l">{point}</td>'):]
+        row = row[: row.index("</tr>")]
+        levels = [v.levels[c.name].level for v in report.verdicts if v.label.endswith(f"/{point}")
+                  for c in SPEC.criteria]  # fmt: skip
+        assert re.findall(r'<span class="lv-(\w+)">\1</span>', row) == levels

@@ -101,9 +101,15 @@ def test_two_configs_with_the_same_predictions_are_flagged(toy_study, tiny_dinov
 
 def test_balanced_class_weights_are_computed_and_recorded(toy_study):
     config = toy_study("binary", weights=[0.8, 0.2], loss={"class_weights": "balanced"})
-    metrics = run_experiment(parse_config(config), progress=False).metrics
-    weights = metrics["heads"]["linear"]["loss"]["class_weights"]
-    assert weights is not None and weights != "balanced"
+    result = run_experiment(parse_config(config), progress=False)
+    weights = result.metrics["heads"]["linear"]["loss"]["class_weights"]
+    preds = pd.read_parquet(result.run_dir / "predictions.parquet")
+    y = preds[(preds["split"] == "train") & (preds["seed"] == preds["seed"].min())]["y/y"].to_numpy()
+    n, n_pos = len(y), int(y.sum())
+    assert 0 < n_pos < n / 2  # imbalanced: the weights must differ
+    # sklearn's balanced: n / (k * n_c) with k = 2 classes, for each side of the label
+    assert weights["positive"] == pytest.approx([n / (2 * n_pos)])
+    assert weights["negative"] == pytest.approx([n / (2 * (n - n_pos))])
 
 
 @pytest.mark.parametrize(
