@@ -9,7 +9,7 @@ import torch
 from fmprobe.config import EarlyStoppingConfig, HeadConfig, LossConfig, TaskConfig, TrainConfig
 from fmprobe.errors import ConfigError
 from fmprobe.evaluate.task import TaskMetric
-from fmprobe.heads.bank import BankMember, HeadBank, head_grid
+from fmprobe.heads.bank import HeadBank, head_grid
 from fmprobe.train.heads import fit_heads
 from fmprobe.train.losses import as_target_tensor, build_loss, member_losses
 from fmprobe.train.optim import BankAdamW

@@ -51,7 +51,7 @@ class EndToEndMembers:
         """The task loss (reported) plus, with segmentation, the weighted decoder loss (minimised)."""
         value = self.loss(outputs[0].float(), batch.targets)
         joint = value if self.seg is None else value + self.seg.batch_loss(self.model, batch.extra["mask"])
-        return joint[None], value[None]
+        return joint, value[None]
 
     def sync(self, last: bool) -> contextlib.AbstractContextManager:
         return self.parallel.sync(last=last)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fmprobe.evaluate.bootstrap import resample_weights
-from fmprobe.evaluate.results import SegResults
+from fmprobe.evaluate.results import SegCounts, SegResults
 
 MIOU_DEFINITION = (
     "IoU per class = summed intersections / summed unions over the samples with a mask (pixels at the "

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from fmprobe.atomic import write_json
 from fmprobe.config import Experiment, parse_config, read_yaml, resolve_paths, set_dotted

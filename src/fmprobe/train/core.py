@@ -20,7 +20,6 @@ sources draw their order from their own generator. After ``fit`` every member ho
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -65,8 +64,8 @@ class Members(Protocol):
         """Eval outputs ``[H, b, ...]`` (what the scorer reads; e.g. labels instead of per-pixel logits)."""
 
     def losses(self, outputs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per member: the loss to minimise and the loss to report (``[H]`` each; they differ with auxiliary
-        terms)."""
+        """The scalar to minimise (the sum of the members' losses, auxiliary terms included) and each member's
+        loss to report ``[H]``."""
 
     def sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Context of one micro-batch's forward and backward (data parallel: reduce on the group's last)."""
@@ -223,7 +222,9 @@ def _train_epoch(members: Members, source: BatchSource, plan: FitPlan, epoch: in
     n = len(members.names)
     members.start_epoch(epoch)
     members.train(True)
-    loss_sum, seen, lrs = np.zeros(n), 0, np.full(n, np.nan)
+    reports: list[torch.Tensor] = []
+    counts: list[float] = []
+    seen, lrs = 0, np.full(n, np.nan)
     outputs: list[torch.Tensor] = []
     index: list[torch.Tensor] = []
     for group in source.groups(epoch):
@@ -233,17 +234,24 @@ def _train_epoch(members: Members, source: BatchSource, plan: FitPlan, epoch: in
             with members.sync(last=i == len(group) - 1):
                 with plan.autocast():
                     out = members.forward(batch)
-                    minimise, report = members.losses(out, batch)
-                scaled = minimise.sum() * batch.weight  # the group's gradient = the full batch mean's
-                (scaled if plan.scaler is None else plan.scaler.scale(scaled)).backward()
-            loss_sum += report.detach().double().cpu().numpy() * batch.count
+                    objective, report = members.losses(out, batch)
+                if batch.weight != 1.0:  # the group's gradient = the full batch mean's
+                    objective = objective * batch.weight
+                (objective if plan.scaler is None else plan.scaler.scale(objective)).backward()
+            reports.append(report.detach())
+            counts.append(batch.count)
             seen += batch.real
             if keep:
-                outputs.append(out.detach()[:, : batch.real].float().cpu())
+                kept = out.detach() if batch.real == out.shape[1] else out.detach()[:, : batch.real]
+                outputs.append(kept.float().cpu())
                 index.append(batch.index[: batch.real])
         if group:
             members.optimizer.step(plan.scaler)
         step += 1
+    loss_sum = np.zeros(n)
+    if reports:
+        loss_sum = (torch.stack(reports).double().cpu() * torch.tensor(counts, dtype=torch.float64)[:, None]).sum(0)
+        loss_sum = loss_sum.numpy()
     return loss_sum, seen, lrs, outputs, index, step
 
 

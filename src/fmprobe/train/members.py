@@ -61,8 +61,11 @@ class HeadMembers(_Cached):
         return self.bank(inputs)
 
     def losses(self, outputs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(outputs) == 1:
+            value = self.loss(outputs[0], batch.targets)
+            return value, value[None]
         values = member_losses(self.loss, outputs, batch.targets)
-        return values, values
+        return values.sum(), values
 
     def state(self) -> list[tuple[torch.Tensor, int | list[int]]]:
         return self.bank.state()
@@ -91,8 +94,8 @@ class ModuleMember(_Cached):
         return self.predict_fn(self.module(inputs))[None]
 
     def losses(self, outputs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        value = self.loss_fn(outputs[0], batch.targets)[None]
-        return value, value
+        value = self.loss_fn(outputs[0], batch.targets)
+        return value, value[None]
 
     def state(self) -> list[tuple[torch.Tensor, int]]:
         return [(v, 0) for v in self.module.state_dict().values()]

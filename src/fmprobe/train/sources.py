@@ -26,7 +26,11 @@ class HeadData(NamedTuple):
 
 
 def feature_batch(x: torch.Tensor | np.ndarray, idx: torch.Tensor, device: str | torch.device) -> torch.Tensor:
-    rows = x[idx] if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x[idx.numpy()]))
+    """Rows ``idx`` of ``x`` as float32 on ``device`` (memory-mapped arrays are read row by row here)."""
+    if isinstance(x, torch.Tensor):
+        rows = x.index_select(0, idx.to(x.device))
+    else:
+        rows = torch.from_numpy(np.ascontiguousarray(x[idx.numpy()]))
     return rows.to(device=device, dtype=torch.float32)
 
 
