@@ -20,6 +20,7 @@ sources draw their order from their own generator. After ``fit`` every member ho
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -114,12 +115,26 @@ class StopRule:
 
 
 @dataclass(frozen=True)
+class EpochReport:
+    """What ``FitPlan.on_epoch`` hears after every epoch (progress displays, time estimates)."""
+
+    epoch: int  # 1-based, as numbered in the curves
+    epochs: int  # the most this fit will train
+    names: list[str]
+    trained: np.ndarray  # bool [H]: the members that trained this epoch
+    columns: dict[str, np.ndarray]  # this epoch's curve columns, for the members that trained
+    best_score: np.ndarray  # [H] best validation primary so far (NaN without a scorer)
+    seconds: float  # wall time of the epoch, validation included
+
+
+@dataclass(frozen=True)
 class FitPlan:
     epochs: int
     stopping: StopRule | None = None
     epoch_offset: int = 0  # numbering of the curves' epochs (a second stage continues the first)
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     scaler: Any = None  # torch.amp.GradScaler for fp16
+    on_epoch: Callable[[EpochReport], None] | None = None
 
 
 @dataclass
@@ -162,6 +177,7 @@ def fit(members: Members, source: BatchSource, scorer: Scorer | None, plan: FitP
     step = 0
     y_train = source.targets("train") if scorer is not None and scorer.train_metric else None
     for epoch in range(1, plan.epochs + 1):
+        started = time.perf_counter()
         trained = active.copy()
         loss_sum, seen, lrs, outputs, index, step = _train_epoch(members, source, plan, epoch, y_train is not None,
                                                                  active, step, total)  # fmt: skip
@@ -202,6 +218,9 @@ def fit(members: Members, source: BatchSource, scorer: Scorer | None, plan: FitP
         best_epoch[better] = plan.epoch_offset + epoch
         columns.update({k: np.full(len(rows), v) for k, v in members.epoch_columns().items()})
         epochs.append((trained, columns))
+        if plan.on_epoch is not None:
+            plan.on_epoch(EpochReport(plan.epoch_offset + epoch, plan.epoch_offset + plan.epochs, list(members.names),
+                                      trained, columns, best_score.copy(), time.perf_counter() - started))
         if not active.any():
             break
     last = members.member_states([t for t, _ in members.state()])
