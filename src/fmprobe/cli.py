@@ -14,9 +14,10 @@ from rich.console import Console
 from fmprobe.diagnostics.alignment_conventions import DEFAULT as ALIGN
 from fmprobe.diagnostics.alignment_conventions import AlignmentConventions
 from fmprobe.errors import FmprobeError
+from fmprobe.report.progress import stdout_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+console = stdout_console()  # redirected to a file: plain, unwrapped lines
 err_console = Console(stderr=True)
 
 
@@ -59,9 +60,10 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
 def extract(config: Path = typer.Argument(..., help="experiment YAML")) -> None:
     """Fill the feature cache for an experiment (extracts only what is not cached yet)."""
     from fmprobe import distributed
+    from fmprobe.experiments.clock import extraction_progress
     from fmprobe.features.extract import extract_command
 
-    summary = extract_command(config)
+    summary = extract_command(config, progress=extraction_progress(config.stem))
     for key, value in summary.items() if distributed.is_main() else ():
         console.print(f"{key}: {value}", highlight=False)
 
@@ -77,9 +79,9 @@ def demo(out: Path = typer.Option(Path("fmprobe-demo"), help="folder for the dem
     results = run_demo(out, progress=not quiet)
     for result in results:
         print_summary(console, result.metrics, result.run_dir)
-    console.print("\n[bold]Reports:[/]")
+    console.print("\n[bold]Reports to open:[/]")
     for result in results:
-        console.print(f"  {result.run_dir / 'report.html'}")
+        console.print(f"  {(result.run_dir / 'report.html').resolve()}", markup=False)
 
 
 @app.command()
@@ -196,9 +198,10 @@ def sweep(spec: Path = typer.Argument(..., help="sweep YAML: base config + grid 
           gates: Path = typer.Option(None, help="gates YAML: verdicts in the sweep report")) -> None:
     """Run a grid of experiments (resumable: finished runs are skipped); features extracted once per backbone."""
     from fmprobe.experiments.sweep import run_sweep
+    from fmprobe.report.progress import Progress
 
     result = run_sweep(spec, workers=workers, use_ray=ray, ray_address=address, gates=gates,
-                       on_event=lambda m: console.print(m, highlight=False))
+                       progress=Progress(console))
     console.print(f"report: {result.report}")
 
 

@@ -7,10 +7,13 @@ first time). ``kind: auto`` reads ``model_type`` from its config.json; another k
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.utils import cached_file
+from transformers.utils import logging as hf_logging
 
 from fmprobe.backbones.base import Encoder
 from fmprobe.config import ModelConfig
@@ -37,6 +40,23 @@ MODEL_TYPES: dict[str, str] = {
 
 def load_encoder(model: ModelConfig) -> Encoder:
     """Load the backbone ``model`` names, frozen (eval mode, no gradients) in ``model.dtype``."""
+    with _quiet_transformers_bars():
+        return _load(model)
+
+
+@contextmanager
+def _quiet_transformers_bars() -> Iterator[None]:
+    """transformers draws a bar per load ("Loading weights", "Writing model shards"), which breaks fmprobe's own
+    progress lines and fills logs. Silenced for this load only: the caller's tqdm hook is put back afterwards, and
+    huggingface_hub's download bars are left alone."""
+    previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
+
+def _load(model: ModelConfig) -> Encoder:
     if model.kind == "vjepa2-native":
         return _load_native_vjepa2(model)
     source = str(_offline_dir()) if model.name == OFFLINE_DINOV2 else _expand(model.name)

@@ -187,7 +187,7 @@ def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None) -> d
     manifest = load_manifest(exp.data, exp.task)
     rows = manifest.df.set_index("sample_id").loc[test_ids].reset_index()
     labels, grouping_base = _labels(exp, manifest.targets(rows), class_names)
-    features = extract_features(exp, manifest, progress=False).subset(test_ids)
+    features = extract_features(exp, manifest).subset(test_ids)
     out = Path(out) if out is not None else run_dir / "attention"
     out_dim = ResolvedTask.from_config(exp.task, class_names).out_dim
 

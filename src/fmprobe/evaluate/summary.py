@@ -10,7 +10,7 @@ the caller, which knows the runs folder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,9 +93,11 @@ def summarise_run(
     other_runs: dict[str, tuple[str, str]],
     grid: dict[str, Any] | None = None,
     wall_seconds: float | None = None,
+    on_head: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The whole metrics.json. ``head_identities``: each head's configuration identity; ``other_runs``:
-    ``{run/head: (configuration identity, test output hash)}`` of earlier runs."""
+    ``{run/head: (configuration identity, test output hash)}`` of earlier runs; ``on_head(done, total)`` after
+    each head's bootstrap and flags (progress)."""
     targets, groups, test_ids = split.targets, split.groups, split.ids["test"]
     primary = task.primary
     label_names = task.label_names
@@ -104,8 +106,9 @@ def summarise_run(
     def metric_for(run: HeadRun) -> TaskMetric:
         return task.metric(run.thresholds)
 
-    baseline = scalar_metrics(baseline_metrics(task.type, targets["train"], targets["test"],
-                                               class_names=label_names, target_names=list(task.targets)))
+    trivial = baseline_metrics(task.type, targets["train"], targets["test"], class_names=label_names,
+                               target_names=list(task.targets))
+    baseline = scalar_metrics(trivial)
     head_names = [h.name for h in exp.heads]
     hashes = prediction_hashes(task, results, test_ids)
     earlier = other_runs
@@ -168,6 +171,8 @@ def summarise_run(
             }
         heads[cfg.name] = entry
         all_flags += [{"head": cfg.name, **f.to_dict()} for f in flags]
+        if on_head is not None:
+            on_head(len(heads), len(exp.heads))
 
     best = max(head_names, key=lambda h: _orderable(heads[h]["splits"]["val"]["mean"][primary], task))
     metrics = {
@@ -183,7 +188,7 @@ def summarise_run(
         "ci_level": exp.eval.ci,
         "bootstrap": {"resamples": exp.eval.bootstrap, "unit": "group" if test_groups is not None else "sample",
                       "statistic": "mean over seeds (and folds), each resample shared by all of them", "method": "percentile"},
-        "baseline": {"test": baseline,
+        "baseline": {"test": baseline, "undefined": trivial["undefined"],  # {metric: why it has no value}
                      "description": _baseline_description(task.type)},
         "selection": {
             "best_head": best,

@@ -17,22 +17,29 @@ import pandas as pd
 
 from fmprobe import distributed
 from fmprobe.atomic import atomic_path, write_json, write_text
+from fmprobe.backbones.base import Encoder, InputSpec
 from fmprobe.config import Experiment, dump_config
 from fmprobe.data.manifest import Manifest, check_targets_vary, load_manifest
 from fmprobe.errors import ConfigError
 from fmprobe.evaluate.results import SPLITS, ProbeResults, SegResults, SplitData, predictions_table
 from fmprobe.evaluate.summary import summarise_run
 from fmprobe.evaluate.task import ResolvedTask
+from fmprobe.experiments.advice import upsampling_warning
+from fmprobe.experiments.clock import GroupPlan, RunClock, finish_estimate
 from fmprobe.experiments.environment import environment_info
 from fmprobe.experiments.identity import config_hash, head_identities, previous_prediction_hashes
 from fmprobe.experiments.parallel import fold_share, gather_members
 from fmprobe.experiments.params import backbone_parameters, record_parameters
+from fmprobe.experiments.runner_up import compare_runner_up
 from fmprobe.experiments.splitting import resolve_folds
 from fmprobe.features.extract import extract_features
-from fmprobe.probes.frozen import train_heads
+from fmprobe.features.keys import remembered_identity
+from fmprobe.features.remote import local_cache_dir
+from fmprobe.probes.frozen import member_groups, train_heads
 from fmprobe.probes.grid import check_grid, select_members
 from fmprobe.probes.segmentation import check_segmentation, segment_frozen
 from fmprobe.report.html import write_run_report
+from fmprobe.report.progress import Progress
 from fmprobe.tracking import log_run
 
 
@@ -67,11 +74,15 @@ def _split_data(df: pd.DataFrame, manifest: Manifest) -> SplitData:
                      targets={s: manifest.targets(rows[s]) for s in SPLITS})
 
 
-def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
+def run_experiment(exp: Experiment, *, progress: bool | Progress = True) -> RunResult:
+    """``progress``: draw progress and estimates on stdout (True), nothing (False), or on a given display."""
     started = time.perf_counter()
     # launched by torchrun / accelerate: join the other processes (fmprobe.distributed); else nothing changes
     distributed.init(cuda=exp.adapt.strategy != "frozen" and exp.adapt.device.startswith("cuda"))
-    progress = progress and distributed.is_main()
+    display = progress if isinstance(progress, Progress) else Progress(enabled=progress)
+    clock = RunClock(display if distributed.is_main() else Progress.off(), exp.name,
+                     finish_seconds=finish_estimate(Path(exp.runs_dir).expanduser(), len(exp.heads)))
+    clock.phase("prepare")
     manifest = load_manifest(exp.data, exp.task)
     check_targets_vary(manifest)  # before any extraction
     folds = resolve_folds(manifest, exp.task, exp.split)
@@ -80,7 +91,11 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     check_segmentation(exp)
     check_grid(exp)
     backbone_params, encoder = backbone_parameters(exp)  # frozen: memoised; the encoder if it had to be loaded
-    features = extract_features(exp, manifest, encoder, progress=progress)
+    warning = upsampling_warning(exp, manifest, input_spec(exp, encoder)) if distributed.is_main() else None
+    if warning:
+        clock.display.line(f"warning: {warning}")
+    clock.phase("extract")
+    features = extract_features(exp, manifest, encoder, progress=clock.extraction(exp.name))
     extracted = set(features.sample_ids)
     data = [_split_data(df[df["sample_id"].isin(extracted)], manifest) for df, _ in folds]
     split, split_info = data[0], folds[0][1]
@@ -89,24 +104,29 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     if distributed.is_main():
         write_text(run_dir / "config.resolved.yaml", dump_config(exp))
     task = ResolvedTask.from_config(exp.task, manifest.class_names)
+    clock.phase("train")
+    clock.plan_training(training_plan(exp, task, len(data)))
     results = ProbeResults()
     for k, fold in enumerate(data):
         if exp.adapt.strategy == "frozen":
             ckpt = run_dir / "checkpoints" / (f"fold{k}" if len(data) > 1 else "")
-            part = train_heads(fold_share(exp, k), task, features, fold.ids, fold.targets, ckpt)
+            part = train_heads(fold_share(exp, k), task, features, fold.ids, fold.targets, ckpt,
+                               on_epoch=clock.on_epoch)  # fmt: skip
             if exp.segmentation is not None and distributed.is_main():  # its own probe on the same cached tokens
-                part.segmentation = segment_frozen(exp, features, folds[0][0], fold.ids, ckpt)
+                part.segmentation = segment_frozen(exp, features, folds[0][0], fold.ids, ckpt,
+                                                   on_epoch=clock.on_epoch)  # fmt: skip
         else:  # end to end on pixels (staged: stage 1 on these cached features); writes adaptation.json
             from fmprobe.adapt.finetune import adapt_heads  # peft and friends: imported only when needed
 
             part = adapt_heads(exp, task, features, folds[0][0][folds[0][0]["sample_id"].isin(extracted)], fold.ids,
-                               fold.targets, run_dir)
+                               fold.targets, run_dir, on_epoch=clock.on_epoch)  # fmt: skip
         if len(data) > 1:
             for r in part.runs:
                 r.fold, r.data = k, fold
         results.runs += part.runs
         results.standardisation.update(part.standardisation)
         results.segmentation = part.segmentation
+    clock.end_training()
     if exp.adapt.strategy == "frozen":  # several processes: each trained its share of the members
         results = gather_members(exp, results)
     if not distributed.is_main():  # process 0 alone writes the run
@@ -129,19 +149,54 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     if results.segmentation is not None:
         write_segmentation_outputs(run_dir, results.segmentation)
 
+    clock.phase("evaluate")
+    evaluation = clock.display.step(f"evaluate {exp.name}", "heads", len(exp.heads))
     metrics = summarise_run(
         exp, task, results, split, split_info=split_info, skipped=features.skipped, config_hash=config_hash(exp),
         head_identities=head_identities(exp),
         other_runs=previous_prediction_hashes(Path(exp.runs_dir).expanduser(), run_dir),
         grid=grid_record, wall_seconds=time.perf_counter() - started,
+        on_head=lambda done, total: evaluation.update(done, total, detail=f"{exp.eval.bootstrap} bootstrap resamples"),
     )  # fmt: skip
+    runner_up = compare_runner_up(exp, task, results, split, metrics)
+    if runner_up is not None:
+        metrics["selection"]["runner_up"] = runner_up
+    evaluation.finish("bootstrap CIs, baselines, flags")
     write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp),
                                                       **distributed.describe()))
+    clock.phase("report")
     write_run_report(run_dir, exp, metrics, curves)
+    metrics["timing"] = clock.finish()
     # metrics.json last: its presence is what marks a run finished (sweeps skip it, the index lists it).
     write_json(run_dir / "metrics.json", metrics)
     log_run(exp, run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
     return distributed.broadcast_object(RunResult(run_dir=run_dir, metrics=metrics))
+
+
+def input_spec(exp: Experiment, encoder: Encoder | None) -> InputSpec | None:
+    """The encoder's input without loading it: from the loaded encoder, or as remembered with the feature cache."""
+    if encoder is not None:
+        return encoder.input_spec
+    remembered = remembered_identity(exp.model, local_cache_dir(exp.features.cache_dir))
+    return None if remembered is None else remembered[2]
+
+
+def training_plan(exp: Experiment, task: ResolvedTask, n_folds: int) -> list[GroupPlan]:
+    """The fits this process will train, per member group, for the run's progress and estimate."""
+    fits = sum(len(fold_share(exp, k).train.seeds) for k in range(n_folds))
+    frozen = [GroupPlan(tuple(m.name for m in members), fits, exp.train.epochs, task.primary, task.lower_is_better)
+              for members in member_groups(exp)]  # fmt: skip
+    strategy = exp.adapt.strategy
+    if strategy == "frozen":
+        plan = frozen
+    else:
+        epochs = exp.adapt.stage2.epochs if strategy == "staged" else exp.train.epochs
+        plan = (frozen if strategy == "staged" else []) + [
+            GroupPlan((h.name,), len(exp.train.seeds), epochs, task.primary, task.lower_is_better, strategy == "staged")
+            for h in exp.heads]  # fmt: skip
+    if exp.segmentation is not None and strategy == "frozen" and distributed.is_main():
+        plan.append(GroupPlan(("segmentation",), n_folds * len(exp.train.seeds), exp.train.epochs, "miou", False))
+    return plan
 
 
 def write_segmentation_outputs(run_dir: Path, seg: SegResults) -> None:

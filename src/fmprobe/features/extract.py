@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 from torch.utils.data import DataLoader
 
 from fmprobe import distributed
@@ -35,6 +34,7 @@ from fmprobe.features.remote import local_cache_dir, open_store
 from fmprobe.features.store import FeatureSet, FeatureStore
 
 Identity = tuple[str, str, InputSpec]  # encoder name, fingerprint, input spec
+Tick = Callable[[int, int], None]  # progress: (samples done, samples to do), after every batch
 
 
 @dataclass
@@ -47,18 +47,20 @@ class Extraction:
 
 
 def extract_features(
-    exp: Experiment, manifest: Manifest, encoder: Encoder | None = None, *, progress: bool = True
+    exp: Experiment, manifest: Manifest, encoder: Encoder | None = None, *, progress: Tick | None = None
 ) -> FeatureSet:
     """Features of every manifest sample (in manifest order, skipped samples in ``.skipped``), from the
-    cache where present. ``encoder`` defaults to ``load_encoder(exp.model)``, loaded only if needed."""
+    cache where present. ``encoder`` defaults to ``load_encoder(exp.model)``, loaded only if needed.
+    ``progress(done, total)`` hears the samples this process extracted after every batch (not called when
+    everything is cached)."""
     return run_extraction(exp, manifest, encoder, progress=progress).features
 
 
-def extract_command(config_path: str | Path) -> dict[str, Any]:
+def extract_command(config_path: str | Path, progress: Tick | None = None) -> dict[str, Any]:
     """``fmprobe extract CONFIG``: fill the feature cache for an experiment; returns a summary."""
     exp = load_config(config_path)
     manifest = load_manifest(exp.data, exp.task)
-    result = run_extraction(exp, manifest, progress=True)
+    result = run_extraction(exp, manifest, progress=progress)
     return {
         "experiment": exp.name,
         "store": str(result.features.store_dir),
@@ -73,7 +75,7 @@ def extract_command(config_path: str | Path) -> dict[str, Any]:
 
 
 def run_extraction(
-    exp: Experiment, manifest: Manifest, encoder: Encoder | None = None, *, progress: bool = True
+    exp: Experiment, manifest: Manifest, encoder: Encoder | None = None, *, progress: Tick | None = None
 ) -> Extraction:
     """Like :func:`extract_features`, plus the key and how many samples were extracted vs served from the cache."""
     start = time.perf_counter()
@@ -113,7 +115,7 @@ def run_extraction(
                 raise EncoderError(f"process {distributed.rank()} loaded another model than process 0 did "
                                    f"({encoder.name}); every process must see the same model files")
         extracted = _extract(exp, encoder, store, mine, [paths[i] for i in mine], [keys[i] for i in mine],
-                             progress and distributed.is_main(), [starts[i] for i in mine])
+                             progress if distributed.is_main() else None, [starts[i] for i in mine])
     extracted = sum(distributed.all_gather_object(extracted))  # also waits until every shard is committed
     features = store.feature_set(keys, unreadable)
     cached = len(keys) - len(unreadable) - len(todo)
@@ -207,7 +209,7 @@ def _extract(
     todo: list[int],
     paths: list[str],
     keys: list[tuple[str, str]],
-    progress: bool,
+    progress: Tick | None,
     starts: list[int | None],
 ) -> int:
     """Extract the ``todo`` samples into ``store``; returns how many rows were written."""
@@ -223,13 +225,9 @@ def _extract(
     writer = store.writer(exp.features.shard_size)
     was_training = encoder.training
     encoder.eval().to(config_device(exp.features.device, "features.device"))
-    bar = Progress(
-        TextColumn("extracting {task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-        TimeRemainingColumn(), disable=not progress,
-    )
+    done = 0
     try:
-        with bar, torch.inference_mode():
-            task = bar.add_task(encoder.name, total=len(todo))
+        with torch.inference_mode():
             for batch in loader:
                 for index, sample_id, message in batch["errors"]:
                     reason = _reason(message, sample_id, paths[index])
@@ -239,7 +237,9 @@ def _extract(
                 if batch["pixels"] is not None:
                     arrays, grids = encode_batch(encoder, batch["pixels"], exp.model.layers, exp.features)
                     writer.add(batch["sample_id"], [keys[i][1] for i in batch["index"].tolist()], arrays, grids)
-                bar.advance(task, len(batch["sample_id"]) + len(batch["errors"]))
+                done += len(batch["sample_id"]) + len(batch["errors"])  # every sample of the batch, read or not
+                if progress:
+                    progress(done, len(todo))
     finally:
         writer.flush()  # also on errors: what was computed is kept
         encoder.train(was_training)
@@ -305,9 +305,3 @@ def pool_tokens(
         x = F.adaptive_avg_pool2d(x.permute(0, 1, 4, 2, 3).reshape(b * t, d, h, w), (gh, gw))
         x, h, w = x.reshape(b, t, d, gh, gw).permute(0, 1, 3, 4, 2), gh, gw
     return x.reshape(b, t * h * w, d), (t, h, w)
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Any) -> Text:
-        return Text(f"{task.speed:.1f} samples/s" if task.speed else "- samples/s")
-

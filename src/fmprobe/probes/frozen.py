@@ -8,6 +8,8 @@ members (learning rate x weight decay), and the heads reading the same input sha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from fmprobe.heads.bank import BankMember
 from fmprobe.probes.grid import grid_members
 from fmprobe.probes.inputs import head_tensors
 from fmprobe.probes.targets import FitTargets
-from fmprobe.train.core import Fit
+from fmprobe.train.core import EpochReport, Fit
 from fmprobe.train.heads import fit_heads, predict_scores
 from fmprobe.train.losses import build_loss
 from fmprobe.train.sources import HeadData
@@ -41,25 +43,44 @@ def member_groups(exp: Experiment) -> list[list[BankMember]]:
 
 
 def train_heads(exp: Experiment, task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
-                targets: dict[str, np.ndarray], checkpoint_root: Path | None = None) -> ProbeResults:  # fmt: skip
-    """One HeadRun per member and seed (a grid member is named ``<head>/lr<lr>/wd<wd>``)."""
+                targets: dict[str, np.ndarray], checkpoint_root: Path | None = None, *,
+                on_epoch: Callable[[int, EpochReport], None] | None = None) -> ProbeResults:  # fmt: skip
+    """One HeadRun per member and seed (a grid member is named ``<head>/lr<lr>/wd<wd>``), in (group, seed) order;
+    ``on_epoch(seed, report)`` hears every epoch.
+
+    With several member groups, the first seed of every group trains before the other seeds: a time estimate then
+    knows every group's seconds per epoch and early stopping after one fit each. Every fit is seeded on its own,
+    so the order changes no number; a group's inputs are read once per round.
+    """
     results = ProbeResults()
     fitting = FitTargets.for_task(task, targets, results)
-    for members in member_groups(exp):
-        inputs = head_tensors(features, split_ids, members[0].head, list(dict.fromkeys(m.head.name for m in members)),
-                              results)  # fmt: skip
-        loss, loss_info = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
-        for seed in exp.train.seeds:
-            fitted, bank = fit_heads(members, HeadData(inputs["train"], fitting.targets["train"]),
-                                     HeadData(inputs["val"], fitting.targets["val"]), in_dim=inputs["train"].shape[-1],
-                                     out_dim=task.out_dim, task_type=task.type, loss=loss, cfg=exp.train, seed=seed,
-                                     scorer=fitting.scorer(task, loss))  # fmt: skip
-            scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
-            for h, member in enumerate(members):
-                trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)
-                results.runs.append(head_run(exp, task, member.name, seed, fitted.fits[h],
-                                             {s: scores[s][h] for s in SPLITS}, targets["val"], loss_info=loss_info,
-                                             trainable=trainable, checkpoint_root=checkpoint_root))  # fmt: skip
+    groups = member_groups(exp)
+    seeds = exp.train.seeds
+    rounds = [range(len(seeds))] if len(groups) == 1 else [range(1), range(1, len(seeds))]
+    runs: dict[tuple[int, int], list[HeadRun]] = {}
+    for round_ in rounds:
+        for g, members in enumerate(groups):
+            if not round_:
+                continue
+            inputs = head_tensors(features, split_ids, members[0].head,
+                                  list(dict.fromkeys(m.head.name for m in members)), results)  # fmt: skip
+            loss, loss_info = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
+            for j in round_:
+                seed = seeds[j]
+                fitted, bank = fit_heads(members, HeadData(inputs["train"], fitting.targets["train"]),
+                                         HeadData(inputs["val"], fitting.targets["val"]),
+                                         in_dim=inputs["train"].shape[-1], out_dim=task.out_dim, task_type=task.type,
+                                         loss=loss, cfg=exp.train, seed=seed, scorer=fitting.scorer(task, loss),
+                                         on_epoch=None if on_epoch is None else partial(on_epoch, seed))  # fmt: skip
+                scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
+                runs[g, j] = [
+                    head_run(exp, task, member.name, seed, fitted.fits[h], {s: scores[s][h] for s in SPLITS},
+                             targets["val"], loss_info=loss_info,
+                             trainable=sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad),
+                             checkpoint_root=checkpoint_root)
+                    for h, member in enumerate(members)
+                ]  # fmt: skip
+    results.runs = [run for g in range(len(groups)) for j in range(len(seeds)) for run in runs[g, j]]
     return results
 
 

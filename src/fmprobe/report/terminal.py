@@ -9,6 +9,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from fmprobe.evaluate.metrics import lower_is_better
+
 
 def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
@@ -81,6 +83,7 @@ def grid_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> None:
+    """The headline table, the flags, and last the verdict line and the report's absolute path."""
     task = metrics["task"]
     split = metrics["split"]
     title = (
@@ -97,7 +100,7 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
         flags = ", ".join(r["flags"]) or "ok"
         style = "red" if r["flags"] else None
         table.add_row(name, r["metric"], fmt(r["val"]), f"{fmt(r['mean'])} ± {fmt(r['sd'])}", ci,
-                      fmt(r["baseline"]), flags, style=style)
+                      baseline_text(metrics, r["metric"], r["baseline"]), flags, style=style)
     console.print(table)
     console.print(f"* selected on validation ({metrics['selection']['rule']}); test evaluated once per seed.")
     for line in parameter_lines(metrics) + grid_lines(metrics):
@@ -109,7 +112,53 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
         console.print(f"[bold red]groups overlap across splits (allowed by config): {len(split['group_overlap'])}[/]")
     if metrics.get("skipped"):
         console.print(f"[yellow]{len(metrics['skipped'])} samples skipped (on_error: skip); see metrics.json[/]")
-    console.print(f"run directory: {run_dir}")
+    console.print(verdict_line(metrics), markup=False)
+    console.print(f"report: {(Path(run_dir) / 'report.html').resolve()}", markup=False)
+
+
+def baseline_text(metrics: dict[str, Any], metric: str, value: Any) -> str:
+    """The baseline's value, or why it has none (a constant prediction has no correlation, ...)."""
+    reason = metrics["baseline"].get("undefined", {}).get(metric)
+    if value is not None and value == value or reason is None:
+        return fmt(value)
+    return f"— ({reason})"
+
+
+def verdict_line(metrics: dict[str, Any]) -> str:
+    """One line a researcher can repeat: the selected head, its test score with CI against the baseline, its
+    flags, and whether it is distinguishable from the runner-up on the same test samples."""
+    primary = metrics["task"]["primary_metric"]
+    best = metrics["selection"]["best_head"]
+    h = metrics["heads"][best]
+    level = f"{int(metrics['ci_level'] * 100)}% CI"
+    lo, hi = h["test_ci"].get(primary) or (None, None)
+    flags = sorted({f["name"] for f in h["flags"]})
+    parts = [
+        f"verdict {metrics['experiment']}: {best} (selected on validation)",
+        f"test {primary} {fmt(h['splits']['test']['mean'][primary])} [{fmt(lo)}, {fmt(hi)}] ({level})",
+        f"baseline {baseline_text(metrics, primary, metrics['baseline']['test'].get(primary))}",
+        "flags: " + (", ".join(flags) if flags else "none"),
+    ]
+    runner = metrics["selection"].get("runner_up")
+    if runner is not None:
+        parts.append(runner_up_text(metrics, runner))
+    return " · ".join(parts)
+
+
+def runner_up_text(metrics: dict[str, Any], runner: dict[str, Any]) -> str:
+    """``attentive ≈ linear (difference -0.0001, 95% CI [-0.004, 0.004])``: tied unless the paired CI excludes 0."""
+    best, other = metrics["selection"]["best_head"], runner["head"]
+    if "skipped" in runner:
+        return f"{best} vs {other}: not compared ({runner['skipped']})"
+    lo, hi = runner["ci"]
+    lower = lower_is_better(runner["metric"])
+    if not runner["distinguishable"]:
+        relation = "≈"
+    else:
+        relation = "better than" if (hi < 0) == lower else "worse than"
+    level = f"{int(metrics['ci_level'] * 100)}% CI"
+    return (f"{best} {relation} {other} (difference {runner['difference']:+.4f}, {level} "
+            f"[{lo:+.4f}, {hi:+.4f}], paired over test {runner['resampled']})")
 
 
 def params_cell(trainable: Any, total: Any) -> str:
