@@ -14,7 +14,7 @@ from rich.console import Console
 from fmprobe.diagnostics.alignment_conventions import DEFAULT as ALIGN
 from fmprobe.diagnostics.alignment_conventions import AlignmentConventions
 from fmprobe.errors import FmprobeError
-from fmprobe.report.progress import stdout_console
+from fmprobe.report.progress import Progress, stdout_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = stdout_console()  # redirected to a file: plain, unwrapped lines
@@ -33,6 +33,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def side_progress() -> Progress:
+    """Progress of a command whose stdout is its result (JSON, a table): drawn on stderr."""
+    return Progress(stdout_console(sys.stderr))
 
 
 @app.callback()
@@ -128,12 +133,14 @@ def align(a: str = typer.Argument(..., help="FILE.npy, CONFIG.yaml[:LAYER[:POOLI
     import json
 
     from fmprobe.diagnostics.align_cli import align_command
+    from fmprobe.experiments.clock import extraction_progress
 
     conventions = AlignmentConventions(knn_k=knn_k, knn_metric=knn_metric, rbf_sigma_factor=rbf_sigma_factor,
                                        rbf_median=rbf_median, rsa_dissimilarity=rsa_dissimilarity,
                                        rsa_rank_correlation=rsa_rank_correlation, r2_test_fraction=r2_test_fraction)
+    tick = extraction_progress("alignment", side_progress())
     typer.echo(json.dumps(align_command(a, b, metric or None, out=out, seed=seed, bootstrap=bootstrap,
-                                        conventions=conventions), indent=2))
+                                        conventions=conventions, progress=tick), indent=2))
 
 
 @app.command("layers")
@@ -165,7 +172,8 @@ def attention_cmd(config: Path = typer.Argument(None, help="experiment YAML (bac
 
     from fmprobe.diagnostics.attention_report import attention_command
 
-    typer.echo(json.dumps(attention_command(config, run=run, samples=samples, out=out), indent=2))
+    tick = side_progress().counter("attention", "attentive heads" if run else "samples")
+    typer.echo(json.dumps(attention_command(config, run=run, samples=samples, out=out, progress=tick), indent=2))
 
 
 @app.command("spatial")
@@ -184,7 +192,7 @@ def spatial_cmd(encoder: str = typer.Option("pixel", help="pixel | random | CONF
 
     result = spatial_command(encoder, layers=parse_layers(layers) if layers else None, n_train=n_train,
                              n_test=n_test, image_size=image_size, steps=steps, seed=seed, out=out, frames=frames,
-                             bootstrap=bootstrap)
+                             bootstrap=bootstrap, progress=side_progress().counter("spatial probes", "points"))
     typer.echo(format_table(result))
     typer.echo(f"written: {out / 'spatial.json'}")
 
@@ -198,7 +206,6 @@ def sweep(spec: Path = typer.Argument(..., help="sweep YAML: base config + grid 
           gates: Path = typer.Option(None, help="gates YAML: verdicts in the sweep report")) -> None:
     """Run a grid of experiments (resumable: finished runs are skipped); features extracted once per backbone."""
     from fmprobe.experiments.sweep import run_sweep
-    from fmprobe.report.progress import Progress
 
     result = run_sweep(spec, workers=workers, use_ray=ray, ray_address=address, gates=gates,
                        progress=Progress(console))

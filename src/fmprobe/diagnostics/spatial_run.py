@@ -15,6 +15,7 @@ experiment YAML (its ``model`` section), or a model directory / hub id. Extracti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,13 @@ def spatial_command(
     encoder: str = "pixel", *, layers: list[int | str] | None = None, n_train: int = 96, n_test: int = 32,
     image_size: int | None = None, steps: int = STEPS, seed: int = 0, out: str | Path = "fmprobe-spatial",
     frames: int | None = None, bootstrap: int = 1000, ci: float = 0.95,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Probe every extraction point; write ``spatial.json`` to ``out``; return it.
 
     ``frames``: moving shapes, clips of this many frames (a video encoder's own clip length by default).
-    ``bootstrap``: resamples of the test samples for each score's CI (0: no CI)."""
+    ``bootstrap``: resamples of the test samples for each score's CI (0: no CI). ``progress(done, total)``
+    after each extraction point's probes."""
     if n_train < 2 or n_test < 1:
         raise ConfigError(f"need at least 2 training and 1 test images, got --n-train {n_train} --n-test {n_test}")
     if bootstrap < 0 or (frames is not None and frames < 1):
@@ -118,6 +121,8 @@ def spatial_command(
         if bootstrap:
             r["ci"] = spatial_intervals(per_image, grids[key][0], n_resamples=bootstrap, ci=ci, seed=seed)
         rows.append({"layer": key, "grid": list(grids[key]), "dim": int(tokens[key].shape[-1]), **r})
+        if progress is not None:
+            progress(len(rows), len(tokens))
     result = {"encoder": model.name, "image_size": size, "frames": frames, "n_train": n_train, "n_test": n_test,
               "steps": steps, "seed": seed, "bootstrap": bootstrap, "ci_level": ci if bootstrap else None,
               "results": rows}

@@ -150,9 +150,10 @@ class RunClock:
             rate = (done - first[1]) / (now - first[0]) if now > first[0] and done > first[1] else None
             self.extract_left = (total - done) / rate if rate else 0.0
             step.update(done, total, detail=f"{rate:.1f} samples/s" if rate else "", eta=self.extract_left or None)
-            if done >= total:
+            if done >= total:  # the step ends; another extraction (align's second side) starts a new one
                 seconds = now - step.started
                 step.finish(f"{done / seconds:.1f} samples/s" if seconds > 0 else "")
+                step = first = None
 
         return tick
 

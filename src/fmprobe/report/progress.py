@@ -111,3 +111,19 @@ class Progress:
 
     def step(self, label: str, unit: str, total: float | None = None) -> Step:
         return Step(self, label, unit, total)
+
+    def counter(self, label: str, unit: str) -> Callable[[int, int], None]:
+        """``tick(done, total)`` for a step that only counts (diagnostics: samples, heads, extraction points);
+        the step ends when ``done`` reaches ``total``."""
+        step: Step | None = None
+
+        def tick(done: int, total: int) -> None:
+            nonlocal step
+            if step is None:
+                step = self.step(label, unit, total)
+            step.update(done, total)
+            if done >= total:
+                step.finish()
+                step = None
+
+        return tick

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -82,6 +83,11 @@ def grid_lines(metrics: dict[str, Any]) -> list[str]:
         for head, g in grid["heads"].items())]
 
 
+def new_table(console: Console, title: str) -> Table:
+    """A rich table: ruled on a terminal; in a log only a header rule, columns aligned with spaces."""
+    return Table(title=title, title_justify="left", box=box.HEAVY_HEAD if console.is_terminal else box.SIMPLE_HEAD)
+
+
 def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> None:
     """The headline table, the flags, and last the verdict line and the report's absolute path."""
     task = metrics["task"]
@@ -90,7 +96,7 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
         f"{metrics['experiment']} · {task['type']} · test n={split['sizes']['test']} "
         f"({split['groups']['test']} groups) · seeds {metrics['seeds']}"
     )
-    table = Table(title=title, title_justify="left")
+    table = new_table(console, title)
     for col in ("head", "metric", "val mean", "test mean ± sd", f"{int(metrics['ci_level'] * 100)}% CI",
                 "baseline", "flags"):
         table.add_column(col)
