@@ -10,8 +10,9 @@ from sklearn import metrics as skm
 from fmprobe.config import METRICS_BY_TASK, PRIMARY_METRIC
 from fmprobe.errors import FmprobeError
 from fmprobe.evaluate.baselines import baseline_metrics
+from fmprobe.evaluate.calibration import calibration, reliability
 from fmprobe.evaluate.metrics import compute_metrics
-from fmprobe.evaluate.thresholds import apply_thresholds, calibration, reliability, tune_thresholds
+from fmprobe.evaluate.thresholds import apply_thresholds, tune_thresholds
 
 rng = np.random.default_rng(7)
 N = 300

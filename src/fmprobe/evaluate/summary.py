@@ -17,6 +17,7 @@ import numpy as np
 
 from fmprobe.config import METRICS_BY_TASK, Experiment
 from fmprobe.evaluate.baselines import baseline_metrics
+from fmprobe.evaluate.calibration import calibration, ece_interval
 from fmprobe.evaluate.bootstrap import resample_weights, scalar_metrics
 from fmprobe.evaluate.task import TaskMetric
 from fmprobe.evaluate.flags import Flag, compute_flags, prediction_hash
@@ -24,7 +25,6 @@ from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults, SplitData
 from fmprobe.evaluate.segmentation import summarise_segmentation
 from fmprobe.evaluate.subgroups import subgroup_report
 from fmprobe.evaluate.task import ResolvedTask
-from fmprobe.evaluate.thresholds import calibration
 
 
 def seed_mean_bootstrap(
@@ -169,6 +169,9 @@ def summarise_run(
                 r.member: calibration(task.type, targets["test"], r.scores["test"], class_names=label_names)
                 for r in runs
             }
+            entry["calibration_seed_mean"] = ece_interval(  # the seed-mean outputs, as every headline number
+                task.type, targets["test"], mean_test, class_names=label_names, groups=test_groups,
+                n_resamples=exp.eval.bootstrap, ci=exp.eval.ci)
         heads[cfg.name] = entry
         all_flags += [{"head": cfg.name, **f.to_dict()} for f in flags]
         if on_head is not None:

@@ -130,9 +130,9 @@ def baseline_text(metrics: dict[str, Any], metric: str, value: Any) -> str:
     return f"— ({reason})"
 
 
-def verdict_line(metrics: dict[str, Any]) -> str:
-    """One line a researcher can repeat: the selected head, its test score with CI against the baseline, its
-    flags, and whether it is distinguishable from the runner-up on the same test samples."""
+def verdict_parts(metrics: dict[str, Any]) -> list[str]:
+    """What a researcher can repeat: the selected head, its test score with CI, the baseline, its flags, and
+    whether it is distinguishable from the runner-up on the same test samples."""
     primary = metrics["task"]["primary_metric"]
     best = metrics["selection"]["best_head"]
     h = metrics["heads"][best]
@@ -140,7 +140,7 @@ def verdict_line(metrics: dict[str, Any]) -> str:
     lo, hi = h["test_ci"].get(primary) or (None, None)
     flags = sorted({f["name"] for f in h["flags"]})
     parts = [
-        f"verdict {metrics['experiment']}: {best} (selected on validation)",
+        f"{best} (selected on validation)",
         f"test {primary} {fmt(h['splits']['test']['mean'][primary])} [{fmt(lo)}, {fmt(hi)}] ({level})",
         f"baseline {baseline_text(metrics, primary, metrics['baseline']['test'].get(primary))}",
         "flags: " + (", ".join(flags) if flags else "none"),
@@ -148,7 +148,11 @@ def verdict_line(metrics: dict[str, Any]) -> str:
     runner = metrics["selection"].get("runner_up")
     if runner is not None:
         parts.append(runner_up_text(metrics, runner))
-    return " · ".join(parts)
+    return parts
+
+
+def verdict_line(metrics: dict[str, Any]) -> str:
+    return f"verdict {metrics['experiment']}: " + " · ".join(verdict_parts(metrics))
 
 
 def runner_up_text(metrics: dict[str, Any], runner: dict[str, Any]) -> str:
