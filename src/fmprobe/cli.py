@@ -214,6 +214,18 @@ def sweep(spec: Path = typer.Argument(..., help="sweep YAML: base config + grid 
 
 @app.command()
 @user_errors
+def report(runs: Path = typer.Argument(Path("runs"), help="runs folder"),
+           out: Path = typer.Option(None, help="default: RUNS/index.html")) -> None:
+    """One page listing every run (finished, failed, unfinished) with its headline metric, CI, flags and report."""
+    from fmprobe.experiments.overview import runs_index_command
+
+    page, counts = runs_index_command(runs, out)
+    console.print(f"{sum(counts.values())} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), markup=False)
+    console.print(f"written: {page.resolve()}", markup=False)
+
+
+@app.command()
+@user_errors
 def leaderboard(runs: Path = typer.Option(Path("runs"), help="runs folder"),
                 experiment: str = typer.Option(None, help="only this experiment"),
                 metric: str = typer.Option(None, help="default: the runs' primary metric; seg/miou: the segmentation "
@@ -233,7 +245,7 @@ def leaderboard(runs: Path = typer.Option(Path("runs"), help="runs folder"),
         console.print(f"written: {csv}")
     if html:
         verdicts = gate_command(gates, runs, run_dirs=board.table["run_dir"]) if gates else None
-        write_board_report(html, [board], verdicts, title=f"leaderboard {experiment or runs}")
+        write_board_report(html, [board], verdicts, title=f"Leaderboard of {experiment}" if experiment else f"Leaderboard of the runs in {runs.resolve()}")
         console.print(f"written: {html}")
 
 

@@ -71,17 +71,22 @@ def bars(names: Sequence[str], values: Sequence[float], *, title: str, dest: str
 def depth_curves(
     layers: Sequence[str], series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]], *,
     metric: str, title: str, dest: str | Path, baseline: float | None = None,
+    positions: Sequence[float] | None = None, xlabel: str = "extraction layer",
 ) -> Path:
-    """``series``: name -> (values, CI lows, CI highs) per layer, drawn as lines with shaded CI bands."""
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(layers) + 2), 3.6))
-    x = np.arange(len(layers))
+    """``series``: name -> (values, CI lows, CI highs) per layer, drawn as lines with shaded CI bands. ``positions``:
+    where each layer sits on the x-axis (its depth); evenly spaced, in the given order, without them."""
+    x = np.arange(len(layers), dtype=float) if positions is None else np.asarray(positions, dtype=float)
+    order = np.argsort(x, kind="stable")
+    span = float(x.max() - x.min()) if len(x) else 0.0
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * min(len(layers), span + 1) + 2), 3.6))
     for name, (values, lows, highs) in series.items():
-        line = ax.plot(x, values, marker="o", label=name)[0]
-        ax.fill_between(x, lows, highs, color=line.get_color(), alpha=0.2)
+        v, lo, hi = (np.asarray(a, dtype=float)[order] for a in (values, lows, highs))
+        line = ax.plot(x[order], v, marker="o", label=name)[0]
+        ax.fill_between(x[order], lo, hi, color=line.get_color(), alpha=0.2)
     if baseline is not None:
         ax.axhline(baseline, color="#e45756", ls="--", lw=1, label="baseline")
     ax.set_xticks(x, [str(layer) for layer in layers], fontsize=8)
-    ax.set_xlabel("extraction layer")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test {metric}")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)

@@ -387,7 +387,7 @@ def write_sweep_report(dest: Path, runs_dir: Path, name: str, points: list[Sweep
         verdicts = evaluate_gates(load_gates(gates_path), runs_dir, run_dirs=run_dirs)
         write_json(dest.parent / "gates.json", verdicts.to_dict())
     failed = [{"values": _label(p), "error": p.error} for p in points if p.status == "failed"]
-    return write_board_report(dest, boards, verdicts, title=f"sweep {name}", failed=failed)
+    return write_board_report(dest, boards, verdicts, title=f"Sweep {name}: leaderboard", failed=failed)
 
 
 def sweep_record(spec: SweepSpec, points: Iterable[SweepPoint]) -> dict[str, Any]:
