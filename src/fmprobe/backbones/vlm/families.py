@@ -52,6 +52,7 @@ class Family:
     std: tuple[float, float, float]
     image_token_id: int | None = None
     experts: tuple[str, ...] = ()  # vision-expert sub-modules of an LM layer (run on the image rows only)
+    tower_qkv: str | None = None  # a fused q/k/v projection in the tower's blocks (declared for remote code)
     unneeded_without_lm: tuple[str, ...] = ()  # modules dropped after loading when no LM point is read
     lm_prefix: int = 0  # LM image tokens before the grid (CLS kept by strategy "full", CogVLM's boi)
     lm_suffix: int = 0  # ... and after it (CogVLM's eoi)
@@ -315,7 +316,7 @@ def remote_family(model: nn.Module, layout: VLMLayoutConfig, tokenizer: Any, cfg
     patch = _square(vision["patch_size"], "vision_config.patch_size")
     paths = dict(tower=layout.tower, tower_blocks=layout.tower_blocks or _tower_blocks(model, layout.tower),
                  projector=layout.projector, language_model=layout.language_model, lm_layers=layout.lm_layers,
-                 experts=tuple(layout.experts), merge=layout.merge)  # fmt: skip
+                 experts=tuple(layout.experts), merge=layout.merge, tower_qkv=layout.tower_qkv)  # fmt: skip
     if layout.protocol == "cogvlm":
         tile = _square(vision["image_size"], "vision_config.image_size")
         return CogVLMFamily("cogvlm", **paths, tiling=single(cfg.image_size or tile, tile), patch=patch, mean=CLIP_MEAN,
