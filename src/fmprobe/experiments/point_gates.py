@@ -13,8 +13,8 @@ each encoder. Their numbers come from the diagnostics' output files, not from ru
   ...), named ``<metric>@<layer>`` when B has several layers; CIs where ``--bootstrap`` gave them;
 - metric tables (CSV with the columns ``model, point, metric, mean, ci_lo, ci_hi``): any other per-point
   measurement (a reconstruction score, a direction accuracy, ...). A criterion reads a metric by its name, so a new
-  measurement is a new table and a new criterion — a new column of the decision matrix — and a new model is new
-  files — new rows.
+  measurement is a new table and a new criterion — a new row of the decision matrix — and a new model is new
+  files — a new column.
 
 All of them are held-out / whole-sample numbers, so criteria use ``split: test``. Levels, verdicts, score and
 recommendation are exactly those of ``fmprobe gate`` (:func:`fmprobe.experiments.gates.judge`); with several models
