@@ -125,8 +125,8 @@ class ModelConfig(Strict):
     """Which backbone, and where to read tokens from."""
 
     name: str = "dinov2-small-offline"  # registry name, local directory or hub id
-    kind: Literal["auto", "dinov2", "vjepa2", "vjepa2-native", "videomae", "clip", "siglip", "blip2", "qwen2_5_vl",
-                  "vlm"] = "auto"  # fmt: skip
+    kind: Literal["auto", "dinov2", "vjepa2", "vjepa2-native", "videomae", "clip", "siglip", "blip2", "qwen2_vl",
+                  "qwen2_5_vl", "qwen3_vl", "vlm"] = "auto"  # fmt: skip
     checkpoint: str | None = None  # native V-JEPA 2 .pt file (kind: vjepa2-native)
     # Native V-JEPA 2 checkpoints store no config: when no params-pretrain.yaml lies beside the .pt,
     # give the clip length and head count here (crop size: image_size).

@@ -43,6 +43,8 @@ _ANATOMY: dict[str, Anatomy] = {
     "blip_2_vision_model": Anatomy("encoder.layers", None, None, None, "self_attn.qkv", "post_layernorm"),
     # the merger's ln_q feeds only the merger's tokens (read as the module path "merger"), so no final norm
     "qwen2_5_vl_vision": Anatomy("blocks", None, None, None, "attn.qkv", None),
+    "qwen2_vl_vision": Anatomy("blocks", None, None, None, "attn.qkv", None),
+    "qwen3_vl_vision": Anatomy("blocks", None, None, None, "attn.qkv", None),
     # InternVL's native tower (InternViT converted): separate projections; its final layernorm is an Identity
     "internvl_vision": Anatomy("encoder.layer", "attention.q_proj", "attention.k_proj", "attention.v_proj", None, None),
 }

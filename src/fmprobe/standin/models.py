@@ -138,6 +138,38 @@ def qwen2_5_vl(folder: str | Path, *, seed: int = 0) -> Path:
     return _save(transformers.Qwen2_5_VLForConditionalGeneration(config), folder)
 
 
+
+_QWEN_TEXT = dict(vocab_size=1000, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+                  rope_parameters={"rope_type": "default", "mrope_section": [4, 4, 4], "rope_theta": 10000.0})  # fmt: skip
+_QWEN_TOKENS = dict(image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)
+
+
+def qwen2_vl(folder: str | Path, *, seed: int = 0) -> Path:
+    """A Qwen2-VL: a 3-block vision tower without windows (patch 14, 2x2 merger) and a 2-layer language model."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen2VLConfig(
+        vision_config=dict(depth=3, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),  # fmt: skip
+        text_config=_QWEN_TEXT, **_QWEN_TOKENS,
+    )
+    return _save(transformers.Qwen2VLForConditionalGeneration(config), folder)
+
+
+def qwen3_vl(folder: str | Path, *, seed: int = 0) -> Path:
+    """A Qwen3-VL: a 3-block vision tower (patch 16, learned positions on an 8 x 8 table, a deepstack merger after
+    block 1, the 2x2 merger) and a 2-layer language model that adds the deepstack features to its first layer."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen3VLConfig(
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[1]),  # fmt: skip
+        text_config=dict(_QWEN_TEXT, head_dim=24, rope_parameters={"rope_type": "default", "mrope_section": [4, 4, 4],
+                                                                   "mrope_interleaved": True, "rope_theta": 10000.0}),
+        **_QWEN_TOKENS,
+    )  # fmt: skip
+    return _save(transformers.Qwen3VLForConditionalGeneration(config), folder)
+
 # ------------------------------------------------------------------------------------------------ VLMs
 # Every VLM stand-in has a 2-layer language model of width 48 and a word-level tokenizer whose vocabulary holds the
 # family's image tokens, so prompts and image placeholders tokenize as the real processors expect.
