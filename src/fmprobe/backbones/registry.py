@@ -61,8 +61,10 @@ def load_encoder(model: ModelConfig) -> Encoder:
         )
     vlm_keys = [k for k in ("prompt", "trust_remote_code", "layout") if getattr(model, k) not in (None, False)]
     if vlm_keys and kind != "vlm":
-        raise EncoderError(f"model.{', model.'.join(vlm_keys)} only apply to VLMs read through their language model "
-                           f"(kind vlm); '{model.name}' is a '{model_type}' model: remove them")  # fmt: skip
+        why = "its encoder feeds the image tokens alone" if kind.startswith("qwen") else "it is not a VLM"
+        raise EncoderError(f"model.{', model.'.join(vlm_keys)} only apply to VLMs of kind vlm (LLaVA, LLaVA-NeXT, "
+                           f"LLaVA-OneVision, InternVL, remote code); '{model.name}' is a '{model_type}' model and {why}: "
+                           "remove them")  # fmt: skip
     if kind == "vlm":
         from fmprobe.backbones.vlm.encoder import load_vlm
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from fmprobe.atomic import write_json
-from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.diagnostics.outputs import read_output
+from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.evaluate.compare import paired_bootstrap
 
 PAIRED_METRICS = ("box_iou", "mask_iou")
@@ -38,13 +38,15 @@ def compare_points(spatial: dict[str, Any], a: str, b: str, *, n_resamples: int 
     rows = {r["layer"]: r for r in spatial["results"]}
     for point in (a, b):
         if point not in rows:
-            raise ConfigError(f"'{point}' is not a point of {spatial['encoder']}'s spatial.json; it has: {', '.join(rows)}")
+            raise ConfigError(f"'{point}' is not a point of {spatial['encoder']}'s spatial.json; it has: "
+                              f"{', '.join(rows)}")  # fmt: skip
         if "per_image" not in rows[point]:
             raise FmprobeError(f"'{point}' has no per-image scores (spatial.json from an older fmprobe); rerun spatial")
     frames = spatial.get("frames") or 1
     groups = np.arange(len(rows[a]["per_image"]["box_iou"])) // frames
-    result: dict[str, Any] = {"encoder": spatial["encoder"], "model": spatial.get("model") or spatial["encoder"], "a": a, "b": b, "frames": spatial.get("frames"),
-                              "n_test": spatial["n_test"], "n_resamples": n_resamples, "ci_level": ci, "metrics": {}}
+    result: dict[str, Any] = {"encoder": spatial["encoder"], "model": spatial.get("model") or spatial["encoder"],
+                              "a": a, "b": b, "frames": spatial.get("frames"), "n_test": spatial["n_test"],
+                              "n_resamples": n_resamples, "ci_level": ci, "metrics": {}}  # fmt: skip
     for metric in PAIRED_METRICS:
         score_a, score_b = (np.asarray(rows[p]["per_image"][metric], dtype=np.float64) for p in (a, b))
         if score_a.shape != score_b.shape:

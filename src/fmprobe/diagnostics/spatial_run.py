@@ -10,9 +10,9 @@ on the same test shapes, and each row keeps its per-image box and mask IoU (``pe
 compared pairwise (diagnostics.spatial_pairs).
 
 ``--encoder``: ``pixel`` (flattened pixel patches: the floor to beat), ``random`` (noise tokens: chance), an
-experiment YAML (its ``model`` section; the model runs on its ``features.device``), or a model directory / hub id. Extraction points are
-``model.layers`` entries: block indices, module paths (``visual.merger``), language-model layers of a VLM
-(``model.language_model.layers.0``).
+experiment YAML (its ``model`` section; the model runs on its ``features.device``), or a model directory / hub id.
+Extraction points are ``model.layers`` entries: block indices, module paths (``visual.merger``), language-model
+layers of a VLM (``model.language_model.layers.0``), with a view for tiled VLMs (``-2@tiles``).
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def spatial_command(
             r["ci"] = spatial_intervals(per_image, grids[key][0], n_resamples=bootstrap, ci=ci, seed=seed)
         r["per_image"] = {m: per_image[m] for m in PAIRED_METRICS}  # for paired comparisons of points
         rows.append({"layer": key, "grid": list(grids[key]), "dim": int(tokens[key].shape[-1]), **r})
-    result = {"encoder": model.name, "model": label, "image_size": size, "frames": frames, "n_train": n_train, "n_test": n_test,
-              "steps": steps, "seed": seed, "bootstrap": bootstrap, "ci_level": ci if bootstrap else None,
+    result = {"encoder": model.name, "model": label, "image_size": size, "frames": frames, "n_train": n_train,
+              "n_test": n_test, "steps": steps, "seed": seed, "bootstrap": bootstrap, "ci_level": ci if bootstrap else None,
               "results": rows}
     write_json(Path(out) / "spatial.json", result)
     return result

@@ -16,8 +16,8 @@ import pandas as pd
 from fmprobe import __version__
 from fmprobe.atomic import write_text
 from fmprobe.diagnostics import plots
-from fmprobe.report.terminal import fmt
 from fmprobe.report.templating import render
+from fmprobe.report.terminal import fmt
 
 if TYPE_CHECKING:
     from fmprobe.experiments.gates import GateReport

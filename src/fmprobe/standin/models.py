@@ -15,7 +15,7 @@ import tokenizers
 import torch
 import transformers
 
-from fmprobe.atomic import atomic_path
+from fmprobe.atomic import atomic_path, write_json
 
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
 
@@ -208,7 +208,7 @@ def _clip_tower(image_size: int, patch: int, layers: int) -> dict:
 def _vlm(model: transformers.PreTrainedModel, folder: str | Path, processor_config: dict) -> Path:
     folder = _save(model, folder)
     tokenizer(folder)
-    (folder / "preprocessor_config.json").write_text(__import__("json").dumps(processor_config, indent=1))
+    write_json(folder / "preprocessor_config.json", processor_config)
     return folder
 
 

@@ -6,7 +6,6 @@ them, safetensors weights and a tokenizer. Loading one runs its code, so fmprobe
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 import transformers
 from safetensors.torch import save_model
 
+from fmprobe.atomic import write_json
 from fmprobe.standin.models import VOCAB, tokenizer
 
 CODE = Path(__file__).resolve().parent / "remote_code"
@@ -25,7 +25,7 @@ def _package(folder: str | Path, code: str, config: dict[str, Any], auto: str, s
     folder.mkdir(parents=True, exist_ok=True)
     for source in sorted((CODE / code).glob("*.py")):
         shutil.copyfile(source, folder / source.name)
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    write_json(folder / "config.json", config)
     loaded = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
     torch.manual_seed(seed)
     model = getattr(transformers, auto).from_config(loaded, trust_remote_code=True)

@@ -65,18 +65,16 @@ class Point:
 class VLMEncoder(Encoder):
     """A VLM's image path as an fmprobe Encoder (see the module docstring for the extraction points)."""
 
-    def __init__(self, model: nn.Module, family: Family, cfg: ModelConfig, *, tokenizer: Any, source: str):
+    def __init__(self, model: nn.Module, family: Family, cfg: ModelConfig, *, tokenizer: Any):
         super().__init__()
         self.model = model.requires_grad_(False)
         self.family = family
         self.name = cfg.name
         self.prompt = cfg.prompt
-        self.tokenizer = tokenizer
-        self.source = source
+        self.tokenizer = tokenizer  # None when the language model was not kept
         size = family.tiling.size
         self.input_spec = InputSpec(kind="image", image_size=(size, size), mean=family.mean, std=family.std,
                                     patch_size=family.patch)  # fmt: skip
-        self.num_blocks = len(model.get_submodule(family.tower_blocks))
         self._digest = WeightsDigest()
         self.eval()
 
@@ -164,8 +162,9 @@ class VLMEncoder(Encoder):
 
     def _lm_tokens(self, p: Point, x: torch.Tensor, batch: int, positions: torch.Tensor) -> tuple[torch.Tensor, Grid]:
         if x.dim() != 3 or x.shape[0] != batch or x.shape[1] <= int(positions.max()):
+            valid = catalogue(self.model, self.family, self.tokenizer is not None)
             raise EncoderError(f"{self.name}: '{p.path}' outputs {tuple(x.shape)}, not hidden states [B, L, D] over "
-                               f"the {batch} sequences; {catalogue(self.model, self.family, self.tokenizer is not None)}")  # fmt: skip
+                               f"the {batch} sequences; {valid}")  # fmt: skip
         return self.family.lm_views(x[:, positions.to(x.device)], p.view)
 
 
@@ -264,7 +263,7 @@ def load_vlm(source: str, cfg: ModelConfig, config: dict[str, Any]) -> VLMEncode
         for path in family.unneeded_without_lm:
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, None)
-    encoder = VLMEncoder(model.eval(), family, cfg, tokenizer=tokenizer, source=source)
+    encoder = VLMEncoder(model.eval(), family, cfg, tokenizer=tokenizer)
     for ref in cfg.layers:  # refuse a bad extraction point now, not after a long extraction
         encoder.resolve(ref)
     return encoder

@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmprobe.backbones.vlm.tiling import BASE, TILES, Grid, Tiling, anyres, dynamic, single
+from fmprobe.backbones.vlm.tiling import (
+    BASE,
+    Grid,
+    Tiling,
+    anyres,
+    dynamic,
+    single,
+)
 from fmprobe.config import ModelConfig, VLMLayoutConfig
 from fmprobe.errors import EncoderError
 
@@ -322,7 +329,8 @@ def remote_family(model: nn.Module, layout: VLMLayoutConfig, tokenizer: Any, cfg
         return CogVLMFamily("cogvlm", **paths, tiling=single(cfg.image_size or tile, tile), patch=patch, mean=CLIP_MEAN,
                             std=CLIP_STD, lm_prefix=1, lm_suffix=1)  # fmt: skip
     tile = int(getattr(config, "force_image_size", None) or _square(vision["image_size"], "vision_config.image_size"))
-    max_tiles = int(getattr(config, "max_dynamic_patch", 12)) if getattr(config, "dynamic_image_size", True) else 1
+    dynamic_size = getattr(config, "dynamic_image_size", True)
+    max_tiles = int(getattr(config, "max_dynamic_patch", 12)) if dynamic_size else 1
     size = cfg.image_size or (2 * tile if max_tiles >= 4 else tile)
     tiling = dynamic(size, tile, int(getattr(config, "min_dynamic_patch", 1)), max_tiles,
                      thumbnail=bool(getattr(config, "use_thumbnail", True)))  # fmt: skip

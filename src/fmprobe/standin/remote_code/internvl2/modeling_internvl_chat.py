@@ -2,7 +2,6 @@
 ``extract_feature`` (InternViT, CLS dropped, pixel shuffle v2, ``mlp1``), and ``forward`` scattering the features of
 the tiles flagged by ``image_flags`` into the positions of ``img_context_token_id`` before the language model."""
 
-import torch
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
