@@ -281,9 +281,20 @@ def test_vlm_options_are_refused_where_they_cannot_apply(tiny_dinov2_dir, llava_
         load_encoder(ModelConfig(name=str(tiny_dinov2_dir), prompt="<image> where"))
     with pytest.raises(EncoderError, match="native transformers 'llava_next' model: it runs no remote code"):
         _encoder(llava_next_dir, ["-2@base"], trust_remote_code=True)
-    enc = _encoder(llava_next_dir, ["model.language_model.layers.0@base"], prompt="where is the circle ?")
-    with pytest.raises(EncoderError, match="turned the image placeholders into 0 image tokens"):
-        enc.encode(torch.zeros(1, 3, 128, 128), ["model.language_model.layers.0@base"])  # no <image> in the prompt
+    for prompt, count in (("where is the circle ?", 0), ("<image> where <image>", 2)):
+        enc = _encoder(llava_next_dir, ["model.language_model.layers.0@base"], prompt=prompt)
+        with pytest.raises(EncoderError, match=f"with '<image>' exactly once, got {count}"):
+            enc.encode(torch.zeros(1, 3, 128, 128), ["model.language_model.layers.0@base"])
+
+
+def test_a_tokenizer_that_splits_the_image_token_is_refused(tmp_path):
+    path = models.llava_next(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    word = models.WORDS.index("circle") + 10  # an ordinary word as image token: "circlecircle..." is one <unk>
+    (path / "config.json").write_text(json.dumps({**config, "image_token_index": word}))
+    enc = _encoder(path, ["model.language_model.layers.0@base"])
+    with pytest.raises(EncoderError, match="turned the image placeholders into 0 image tokens instead of 336"):
+        enc.encode(torch.zeros(1, 3, 128, 128), ["model.language_model.layers.0@base"])
 
 
 def test_fingerprint_follows_weights_prompt_and_input_size(llava_next_dir):

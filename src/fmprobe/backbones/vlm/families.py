@@ -99,6 +99,9 @@ class Family:
 
     def text_inputs(self, tokenizer: Any, prompt: str | None, batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(input_ids and attention_mask ``[batch, L]``, the positions of the image span ``[image_tokens]``)."""
+        if prompt is not None and prompt.count(PLACEHOLDER) != 1:
+            raise EncoderError(f"model.prompt must mark where the image goes with '{PLACEHOLDER}' exactly once, got "
+                               f"{prompt.count(PLACEHOLDER)} in {prompt!r}")  # fmt: skip
         span = self.image_text(tokenizer)
         text = span if prompt is None else prompt.replace(PLACEHOLDER, span)
         ids = tokenizer(text, add_special_tokens=prompt is not None)["input_ids"]
