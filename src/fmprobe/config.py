@@ -104,11 +104,29 @@ class TaskConfig(Strict):
         return self
 
 
+class VLMLayoutConfig(Strict):
+    """Where the parts of a remote-code VLM sit (module paths in the loaded model) and how its tokens lie.
+
+    Built in for InternVL2 (``InternVLChatModel``) and CogVLM2 (``CogVLMForCausalLM``) checkpoints; declare one for
+    another remote-code model that feeds images one of these two ways."""
+
+    protocol: Literal["internvl_chat", "cogvlm"]  # how images and text go in: InternVL2's or CogVLM2's code
+    tower: str  # the vision tower
+    tower_blocks: str | None = None  # its nn.ModuleList of blocks (default: the longest one inside the tower)
+    tower_qkv: str | None = None  # the fused q/k/v projection inside a block (LoRA presets); None: q_proj/k_proj/v_proj
+    projector: str  # the module whose output the language model receives
+    merge: int = Field(default=1, ge=1)  # projector tokens per side = tower tokens per side / merge
+    language_model: str  # the language model (its output is a point)
+    lm_layers: str  # its nn.ModuleList of layers
+    experts: list[str] = Field(default_factory=list)  # vision-expert sub-modules in an LM layer (image rows only)
+
+
 class ModelConfig(Strict):
     """Which backbone, and where to read tokens from."""
 
     name: str = "dinov2-small-offline"  # registry name, local directory or hub id
-    kind: Literal["auto", "dinov2", "vjepa2", "vjepa2-native", "videomae", "clip", "siglip", "blip2", "qwen2_5_vl"] = "auto"
+    kind: Literal["auto", "dinov2", "vjepa2", "vjepa2-native", "videomae", "clip", "siglip", "blip2", "qwen2_vl",
+                  "qwen2_5_vl", "qwen3_vl", "vlm"] = "auto"  # fmt: skip
     checkpoint: str | None = None  # native V-JEPA 2 .pt file (kind: vjepa2-native)
     # Native V-JEPA 2 checkpoints store no config: when no params-pretrain.yaml lies beside the .pt,
     # give the clip length and head count here (crop size: image_size).
@@ -117,9 +135,16 @@ class ModelConfig(Strict):
     layers: list[int | str] = Field(default_factory=lambda: [-1])  # index (negative ok) or module path
     image_size: int | None = None  # override the processor's size
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # VLMs (kind vlm): text around the image for language-model points, '<image>' marking where the image goes
+    # (CogVLM2: the text after the image); unset: the image tokens alone
+    prompt: str | None = None
+    trust_remote_code: bool = False  # run the checkpoint's own modeling code (InternVL2, CogVLM2): only if you trust it
+    layout: VLMLayoutConfig | None = None  # a remote-code VLM fmprobe has no built-in layout for
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        if self.layout is not None and not self.trust_remote_code:
+            raise ValueError("model.layout describes a remote-code model, which needs model.trust_remote_code: true")
         native = {"checkpoint": self.checkpoint, "native_frames": self.native_frames,
                   "native_num_heads": self.native_num_heads}
         if self.kind != "vjepa2-native":

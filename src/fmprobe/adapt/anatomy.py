@@ -14,6 +14,7 @@ from torch import nn
 from fmprobe.backbones.base import Encoder, LayerRef
 from fmprobe.backbones.hf_vision import HFVisionEncoder
 from fmprobe.backbones.qwen2_5_vl import QwenVisionEncoder
+from fmprobe.backbones.vlm.encoder import VLMEncoder
 from fmprobe.errors import ConfigError
 
 
@@ -42,12 +43,23 @@ _ANATOMY: dict[str, Anatomy] = {
     "blip_2_vision_model": Anatomy("encoder.layers", None, None, None, "self_attn.qkv", "post_layernorm"),
     # the merger's ln_q feeds only the merger's tokens (read as the module path "merger"), so no final norm
     "qwen2_5_vl_vision": Anatomy("blocks", None, None, None, "attn.qkv", None),
+    "qwen2_vl_vision": Anatomy("blocks", None, None, None, "attn.qkv", None),
+    "qwen3_vl_vision": Anatomy("blocks", None, None, None, "attn.qkv", None),
+    # InternVL's native tower (InternViT converted): separate projections; its final layernorm is an Identity
+    "internvl_vision": Anatomy("encoder.layer", "attention.q_proj", "attention.k_proj", "attention.v_proj", None, None),
 }
 _ANATOMY["dinov2_with_registers"] = _ANATOMY["dinov2"]
 
 
 def hf_model(encoder: Encoder) -> nn.Module:
     """The transformers model an adaptation strategy changes; refuses encoders it cannot train through."""
+    if isinstance(encoder, VLMEncoder):
+        if encoder.tokenizer is not None:
+            raise ConfigError(
+                f"{encoder.name}: end-to-end adaptation trains the vision tower, but model.layers reads language-model "
+                "points; read vision-tower blocks or the projector, or use adapt.strategy: frozen"
+            )
+        return encoder.tower
     if isinstance(encoder, QwenVisionEncoder):
         if encoder.vlm is not None:
             raise ConfigError(
@@ -64,6 +76,8 @@ def hf_model(encoder: Encoder) -> nn.Module:
 
 
 def anatomy(encoder: Encoder) -> Anatomy:
+    if isinstance(encoder, VLMEncoder):
+        return _vlm_tower(encoder)
     model = hf_model(encoder)
     model_type = model.config.model_type
     if model_type not in _ANATOMY:
@@ -72,6 +86,20 @@ def anatomy(encoder: Encoder) -> Anatomy:
     if found.final_norm is not None and getattr(model, found.final_norm.split(".")[-1], 1) is None:
         return Anatomy(found.blocks, found.q, found.k, found.v, found.qkv, None)  # VideoMAE with mean pooling
     return found
+
+
+def _vlm_tower(encoder: VLMEncoder) -> Anatomy:
+    """A VLM's vision tower: blocks from the family, attention projections from the table (native towers) or the
+    declared layout (remote code). No final norm: VLM block points are raw block outputs."""
+    family = encoder.family
+    blocks = family.tower_blocks.removeprefix(family.tower + ".")
+    if family.tower_qkv is not None:
+        return Anatomy(blocks, None, None, None, family.tower_qkv, None)
+    known = _ANATOMY.get(getattr(getattr(encoder.tower, "config", None), "model_type", None))
+    if known is None:
+        raise ConfigError(f"{encoder.name}: adaptation does not know the attention layout of its vision tower; "
+                          "declare model.layout.tower_qkv, or use adapt.strategy: frozen")  # fmt: skip
+    return Anatomy(blocks, known.q, known.k, known.v, known.qkv, None)
 
 
 def num_blocks(encoder: Encoder) -> int:
@@ -86,6 +114,12 @@ def block_index(name: str, blocks_path: str) -> int | None:
 
 def head_block(encoder: Encoder, layer: LayerRef) -> tuple[int, bool]:
     """(last block whose output the head reads, whether the final norm is on the path) for a head's layer."""
+    if isinstance(encoder, VLMEncoder):
+        block = encoder.block_index(layer)
+        if block is None:
+            raise ConfigError(f"partial unfreezing counts blocks back from the head's layer, which must be a vision-tower "
+                              f"block of {encoder.name} (e.g. -2@tiles), not '{layer}'")  # fmt: skip
+        return block, False
     n = num_blocks(encoder)
     ref = int(layer) if isinstance(layer, str) and re.fullmatch(r"-?\d+", layer.strip()) else layer
     if isinstance(ref, str):

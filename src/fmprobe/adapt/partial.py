@@ -54,9 +54,7 @@ def set_drop_path(encoder: Encoder, rate: float) -> None:
     blocks = model.get_submodule(anatomy(encoder).blocks)
     n = num_blocks(encoder)
     if not all(hasattr(b, "drop_path") for b in blocks):
-        raise ConfigError(
-            f"{encoder.name} ({model.config.model_type}) has no drop-path in its blocks; remove adapt.drop_path"
-        )
+        raise ConfigError(f"{encoder.name} ({type(model).__name__}) has no drop-path in its blocks; remove adapt.drop_path")
     module = sys.modules[type(blocks[0]).__module__]
     drop_cls = next((getattr(module, k) for k in dir(module) if k.endswith("DropPath")), None)
     if drop_cls is None:

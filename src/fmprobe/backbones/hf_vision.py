@@ -114,6 +114,28 @@ def load_pretrained(cls: type[PreTrainedModel], source: str, model: ModelConfig,
     return hf_model
 
 
+class WeightsDigest:
+    """sha256 of a header and every tensor of a state dict (the encoder's fingerprint); recomputed only when a tensor
+    changed (torch version counters and storage), so LoRA or partial training invalidates it and nothing else does."""
+
+    def __init__(self) -> None:
+        self._cached: tuple[tuple[int, ...], str] | None = None
+
+    def __call__(self, state: dict[str, torch.Tensor], header: list[str]) -> str:
+        versions = tuple(x for t in state.values() for x in (t._version, t.data_ptr()))
+        if self._cached is not None and self._cached[0] == versions:
+            return self._cached[1]
+        digest = hashlib.sha256()
+        for line in header:
+            digest.update(line.encode())
+        for key, tensor in state.items():
+            tensor = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._cached = (versions, digest.hexdigest())
+        return self._cached[1]
+
+
 class HFVisionEncoder(Encoder):
     """One transformers vision model behind :class:`Encoder`; subclasses set the class attributes below."""
 
@@ -128,7 +150,7 @@ class HFVisionEncoder(Encoder):
         self.input_spec = input_spec
         self.num_prefix = num_prefix
         self.num_blocks = len(self.model.get_submodule(self.blocks_path))
-        self._fingerprint: tuple[tuple[int, ...], str] | None = None
+        self._weights_digest = WeightsDigest()
         self.eval()  # frozen until an adaptation strategy turns gradients on
 
     # -- family hooks -------------------------------------------------------------------------------------------
@@ -172,22 +194,10 @@ class HFVisionEncoder(Encoder):
         return t, pixels.shape[-2] // spec.patch_size, pixels.shape[-1] // spec.patch_size
 
     def fingerprint(self) -> str:
-        """sha256 of the config and every weight; recomputed only when a tensor changed (torch version counters)."""
         prefix = self.fingerprint_prefix
         state = {k: v for k, v in self.model.state_dict(keep_vars=True).items() if k.startswith(prefix)}
-        versions = tuple(x for t in state.values() for x in (t._version, t.data_ptr()))
-        if self._fingerprint is not None and self._fingerprint[0] == versions:
-            return self._fingerprint[1]
-        digest = hashlib.sha256()
-        digest.update(type(self).__name__.encode())
-        digest.update(repr(self.input_spec).encode())
-        digest.update(_config_json(self.model.config).encode())
-        for key, tensor in state.items():
-            tensor = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-        self._fingerprint = (versions, digest.hexdigest())
-        return self._fingerprint[1]
+        header = [type(self).__name__, repr(self.input_spec), config_json(self.model.config)]
+        return self._weights_digest(state, header)
 
     # -- internals ----------------------------------------------------------------------------------------------
     def _path_of(self, ref: LayerRef) -> str | None:
@@ -245,7 +255,8 @@ class HFVisionEncoder(Encoder):
             self.model.set_attn_implementation(current)
 
 
-def _config_json(config: PretrainedConfig) -> str:
+def config_json(config: PretrainedConfig) -> str:
+    """A model config as canonical JSON without the keys that change with how it was saved or run."""
     data = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
     return json.dumps(data, sort_keys=True, default=str)
 
