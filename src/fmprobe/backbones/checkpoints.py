@@ -30,14 +30,14 @@ class LoadReport:
     """What loading a weights file did: keys renamed, dropped on request, missing and unexpected."""
 
     source: str
-    loaded: int = 0
+    loaded: int = 0  # checkpoint tensors the model has (loaded unless an error stopped it)
     renamed: int = 0
     dropped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint: left at initialisation
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model: ignored
 
     def summary(self) -> str:
-        parts = [f"{self.loaded} tensors loaded from {self.source}"]
+        parts = [f"{self.loaded} tensors matched from {self.source}"]
         if self.renamed:
             parts.append(f"{self.renamed} keys renamed")
         if self.dropped:
@@ -114,6 +114,7 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], model: ModelCo
     expected = module.state_dict()
     report.missing = sorted(set(expected) - set(kept))
     report.unexpected = sorted(set(kept) - set(expected))
+    report.loaded = len(kept) - len(report.unexpected)
     wrong = [f"{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})" for k, v in kept.items()
              if k in expected and v.shape != expected[k].shape]  # fmt: skip
     if wrong:
@@ -126,7 +127,6 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], model: ModelCo
             "(regexes of checkpoint keys to discard), or accept the mismatch with model.strict: false"
         )
     module.load_state_dict({k: v for k, v in kept.items() if k in expected}, strict=False)
-    report.loaded = len(kept) - len(report.unexpected)
     if report.missing or report.unexpected:
         log.warning("%s: model.strict is false: %s", owner, report.summary())
     return report

@@ -128,7 +128,7 @@ def _load(net: torch.nn.Module, model: ModelConfig, hub: bool) -> LoadReport:
 
 def _hub_state_dict(source: str) -> dict[str, torch.Tensor]:
     """The weights next to a hub / local-dir config.json, read by timm's own helpers."""
-    from timm.models import load_state_dict_from_hf, load_state_dict_from_path
+    from timm.models._hub import load_state_dict_from_hf, load_state_dict_from_path
 
     try:
         if source.startswith("local-dir:"):
