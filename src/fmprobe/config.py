@@ -247,8 +247,8 @@ class ModelConfig(Strict):
     code (``kind``: timm, open_clip, python, monai): ``name`` is the architecture (timm / open_clip name, MONAI
     network class, or a label for python), ``args`` its keyword arguments, ``weights`` a state-dict file loaded with
     a report of missing and unexpected keys (``strict``: both are errors), after ``weights_key`` (the dict entry
-    holding the state dict, e.g. ``model``), ``rename`` (key prefixes replaced, e.g. ``{"module.": ""}``) and
-    ``drop_keys`` (regexes of checkpoint keys to discard, e.g. an MAE decoder). timm also takes ``weights:
+    holding the state dict, e.g. ``model``), ``drop_keys`` (regexes of the keys as stored to discard, e.g. an MAE
+    decoder) and ``rename`` (key prefixes replaced, e.g. ``{"module.": ""}``). timm also takes ``weights:
     hf-hub:org/repo`` or ``local-dir:/path`` (config and weights read by timm); open_clip takes ``name:
     hf-hub:org/repo``.
     """

@@ -2,7 +2,8 @@
 
 Published checkpoints rarely match the module that loads them key for key: RETFound wraps its weights in
 ``{"model": ...}``, DDP checkpoints prefix ``module.``, MAE checkpoints carry a decoder the encoder does not have.
-Each adjustment is a config line (``model.weights_key``, ``rename``, ``drop_keys``); what is still missing or
+Each adjustment is a config line (``model.weights_key``; ``drop_keys``, regexes of the keys as stored; then
+``rename``, key prefixes replaced); what is still missing or
 unexpected afterwards is an error under ``strict`` (the default) and a logged warning without it. Either way the
 :class:`LoadReport` lists it, so a network half at its random initialisation is never probed by accident.
 """
@@ -99,18 +100,20 @@ def load_weights(module: nn.Module, model: ModelConfig, *, owner: str) -> LoadRe
 
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], model: ModelConfig, *, owner: str) -> LoadReport:
-    """Load ``state`` into ``module`` after ``model.rename`` / ``drop_keys``, under ``model.strict``; see module doc."""
+    """Load ``state`` into ``module`` after ``model.drop_keys`` (matched against the keys as stored) and
+    ``model.rename``, under ``model.strict``; see the module doc."""
     report = LoadReport(source=str(model.weights))
-    renamed: dict[str, torch.Tensor] = {}
+    patterns = [_regex(p) for p in model.drop_keys]
+    report.dropped = sorted(k for k in state if any(p.search(k) for p in patterns))
+    kept: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
+        if key in report.dropped:
+            continue
         new = _rename(key, model.rename)
         report.renamed += new != key
-        if new in renamed:
+        if new in kept:
             raise EncoderError(f"model.rename maps two checkpoint keys onto '{new}'; make the prefixes distinct")
-        renamed[new] = tensor
-    patterns = [_regex(p) for p in model.drop_keys]
-    report.dropped = sorted(k for k in renamed if any(p.search(k) for p in patterns))
-    kept = {k: v for k, v in renamed.items() if k not in set(report.dropped)}
+        kept[new] = tensor
     expected = module.state_dict()
     report.missing = sorted(set(expected) - set(kept))
     report.unexpected = sorted(set(kept) - set(expected))
