@@ -143,3 +143,21 @@ def test_resampled_scans_of_one_object_give_nearly_the_same_features(tmp_path):
     assert close < 0.03 and distance(same[0], same[2]) > 5 * close  # the object moved by 6 mm (~0.14)
     raw = features(None, "c2")  # 40 vs 20 voxels across 32 mm: different anatomy per token
     assert distance(raw[0], raw[1]) > 5 * close  # (~0.34)
+
+
+def test_a_unetr_checkpoint_gives_its_encoder_through_drop_keys_and_rename(tmp_path):
+    """The README's MONAI line: keep the ``vit.*`` keys of a UNETR checkpoint, strip the prefix."""
+    from monai.networks.nets import UNETR
+
+    torch.manual_seed(0)
+    unetr = UNETR(in_channels=1, out_channels=2, img_size=(32, 32, 16), feature_size=8, hidden_size=32, mlp_dim=64,
+                  num_heads=2).eval()  # fmt: skip
+    torch.save(unetr.state_dict(), tmp_path / "unetr.pt")
+    enc = load_encoder(ModelConfig(kind="monai", name="ViT", weights=str(tmp_path / "unetr.pt"),
+                                   drop_keys=[r"^(?!vit\.)"], rename={"vit.": ""},
+                                   args={"in_channels": 1, "img_size": [32, 32, 16], "patch_size": 16,
+                                         "hidden_size": 32, "mlp_dim": 64, "num_heads": 2}))  # fmt: skip
+    assert enc.load_report.dropped and all(not k.startswith("vit.") for k in enc.load_report.dropped)
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode(x, [-1]).tokens["-1"], unetr.vit(x)[0])
