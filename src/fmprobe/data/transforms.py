@@ -51,18 +51,8 @@ class Preprocess:
                 f"{spec.kind} encoder takes [0, 1] images normalised with its own mean/std; set data.intensity.scale: "
                 "unit"
             )
-        if spec.kind == "volume" and (data_cfg.kind, data_cfg.volume_mode, data_cfg.mask_column) != ("volume", "stack",
-                                                                                                    None):
-            raise ConfigError(
-                "a 3D encoder takes whole volumes or slabs: data.kind: volume with volume_mode: stack, and no "
-                f"mask_column (2D label masks); got data.kind: {data_cfg.kind}, volume_mode: {data_cfg.volume_mode}, "
-                f"mask_column: {data_cfg.mask_column}"
-            )
-        if spec.kind == "volume" and self.crop_scale != 1.0:
-            raise ConfigError(
-                f"data.augment.crop_scale {self.crop_scale} rescales the input, but a 3D encoder keeps the voxel size "
-                "(data.spacing); set data.augment.crop_scale: 1"
-            )
+        if spec.kind == "volume":
+            _check_volume_data(data_cfg)
 
     def __call__(
         self, array: np.ndarray, generator: torch.Generator | None = None, geometry: Geometry | None = None
@@ -132,16 +122,29 @@ class Preprocess:
         ``generator`` when training, centred otherwise."""
         th, tw = size_out or self.spec.image_size
         h, w = int(size[0]), int(size[1])
-        scale = max(th / h, tw / w) * (self.crop_scale if self.train else 1.0) if resize else 1.0
-        nh, nw = max(th, math.ceil(h * scale - 1e-6)), max(tw, math.ceil(w * scale - 1e-6))
-        if not resize:
-            nh, nw = h, w
+        nh, nw = h, w
+        if resize:
+            scale = max(th / h, tw / w) * (self.crop_scale if self.train else 1.0)
+            nh, nw = max(th, math.ceil(h * scale - 1e-6)), max(tw, math.ceil(w * scale - 1e-6))
         if not self.train:
             return Geometry((h, w), (nh, nw), ((nh - th) // 2, (nw - tw) // 2), (th, tw), False)
         top = int(torch.randint(0, nh - th + 1, (1,), generator=generator))
         left = int(torch.randint(0, nw - tw + 1, (1,), generator=generator))
         flip = self.hflip and bool(torch.rand(1, generator=generator) < 0.5)
         return Geometry((h, w), (nh, nw), (top, left), (th, tw), flip)
+
+
+def _check_volume_data(data: DataConfig) -> None:
+    """A 3D encoder takes whole volumes or slabs at their voxel size."""
+    if (data.kind, data.volume_mode, data.mask_column) != ("volume", "stack", None):
+        raise ConfigError(
+            "a 3D encoder takes whole volumes or slabs: data.kind: volume with volume_mode: stack, and no mask_column "
+            f"(2D label masks); got data.kind: {data.kind}, volume_mode: {data.volume_mode}, mask_column: "
+            f"{data.mask_column}"
+        )
+    if data.augment.crop_scale != 1.0:
+        raise ConfigError(f"data.augment.crop_scale {data.augment.crop_scale} rescales the input, but a 3D encoder "
+                          "keeps the voxel size (data.spacing); set data.augment.crop_scale: 1")
 
 
 def _centred_padding(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int, int, int]:
