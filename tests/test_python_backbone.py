@@ -45,7 +45,8 @@ def test_pooled_and_feature_map_contracts():
     assert out.tokens["-1"].shape == (3, 1, 16) and out.grid["-1"] == (1, 1, 1)
     with pytest.raises(EncoderError, match="no numbered extraction points .*declare model.contract.blocks"):
         pooled.encode(torch.randn(1, 3, 32, 32), [0])
-    swin = load_encoder(python_model("swin_encoder", {"input": "volume", "size": [32, 32, 32], "output": "feature_map"}))
+    volume = {"input": "volume", "size": [32, 32, 32], "output": "feature_map"}
+    swin = load_encoder(python_model("swin_encoder", volume))
     assert swin.input_spec.kind == "volume" and swin.input_spec.volume_size == (32, 32, 32)
     out = swin.encode(torch.randn(1, 1, 32, 32, 32), [-1])
     assert out.tokens["-1"].shape == (1, 8, 96) and out.grid["-1"] == (2, 2, 2)
