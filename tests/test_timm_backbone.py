@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 import torch
 from backbone_factories import TINY_VIT, save_timm, timm_model
+from test_adapt_lora import experiment
 
+from fmprobe.adapt.lora import load_adapter, lora_targets, save_adapter
+from fmprobe.adapt.model import AdaptModel
+from fmprobe.adapt.partial import partial_modules, set_drop_path
+from fmprobe.adapt.setup import prepare
 from fmprobe.backbones.registry import load_encoder
-from fmprobe.config import ModelConfig, parse_config
+from fmprobe.config import HeadConfig, ModelConfig, parse_config
 from fmprobe.errors import ConfigError, EncoderError
 from fmprobe.experiments.run import run_experiment
+from fmprobe.heads import build_head
 
 
 def load(section: dict, **more) -> torch.nn.Module:
@@ -175,14 +181,6 @@ def test_retfound_architecture_vit_large_loads_and_matches_timm(tmp_path):
 
 
 def test_lora_presets_partial_blocks_and_drop_path_on_a_timm_vit(tmp_path):
-    from fmprobe.adapt.lora import apply_lora, load_adapter, lora_targets, save_adapter
-    from fmprobe.adapt.model import AdaptModel
-    from fmprobe.adapt.partial import partial_modules, set_drop_path
-    from fmprobe.adapt.setup import prepare
-    from fmprobe.config import HeadConfig, LoraAdaptConfig
-    from fmprobe.heads import build_head
-    from test_adapt_lora import experiment
-
     section = save_timm(tmp_path / "m.pth")
     enc = load(section)
     assert lora_targets(enc, "qkv") == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
