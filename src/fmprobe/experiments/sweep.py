@@ -324,8 +324,10 @@ def run_sweep(
 
     # 2. the runs, on cached features
     todo = [p for p in pending if p.status == "pending"]
-    arms = ArmsProgress(display.step(f"sweep {spec.name}", "arms", len(todo)), len(todo), executor.workers,
+    arms = ArmsProgress(display.step(f"sweep {spec.name}", "arms", len(pending)), len(pending), executor.workers,
                         display.clock)  # fmt: skip
+    for _ in range(len(pending) - len(todo)):  # their extraction failed
+        arms.record(failed=True)
     for i, out in executor.map(_run_task, [p.exp for p in todo]):
         point = todo[i]
         if out["error"]:
@@ -335,7 +337,7 @@ def run_sweep(
             point.status, point.run_dir = "ran", Path(out["run_dir"])
             display.line(f"arm done: {_label(point)} -> {point.run_dir}")
         arms.record(failed=bool(out["error"]))
-    if todo:
+    if pending:
         arms.step.finish(f"{arms.failed} failed")
 
     sweep_dir = runs_dir / "_sweeps" / spec.name
