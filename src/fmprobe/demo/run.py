@@ -48,7 +48,7 @@ def introduction(configs: list[Path], experiments: list[Experiment], samples: in
     """What the demo is about to do: its data, model and probes, and each task's question (the first comment line
     of its config, which the user can edit and rerun)."""
     first = experiments[0]
-    heads = " and ".join(f"a {h.type}" for h in first.heads)
+    heads = " and ".join(f"{'an' if h.type[0] in 'aeiou' else 'a'} {h.type}" for h in first.heads)
     lines = [f"fmprobe demo: {samples} patches of axial slices of the MNI152 T1 brain template (nilearn, offline), "
              f"{first.model.name} frozen, {heads} probe, seeds {first.train.seeds}; two tasks:"]  # fmt: skip
     for i, (path, exp) in enumerate(zip(configs, experiments), start=1):
