@@ -178,6 +178,7 @@ class RunClock:
             fit.group.epoch_seconds.append(now - fit.last_time)
             fit.last_epoch, fit.last_time = report.epoch, now
         self._last_end = now
+        self._announce()
         self._show(seed, report)
         self._check_hours()
 
@@ -185,7 +186,6 @@ class RunClock:
         fit, self._fit = self._fit, None
         if fit is not None:
             fit.group.finished.append((fit.epochs, fit.last_time - fit.started))
-            self._announce()
 
     def _find(self, names: tuple[str, ...], continued: bool) -> GroupPlan:
         for g in self.groups:
