@@ -44,7 +44,7 @@ def board_report(tmp_path_factory):
 def test_multiclass_run_report_has_confusion_and_reliability(multiclass_run):
     html = (multiclass_run / "report.html").read_text()
     for figure in ("confusion", "reliability"):
-        assert re.search(rf'<img id="{figure}"[^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{{500,}}"', html)
+        assert re.search(rf'<img class="{figure}"[^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{{500,}}"', html)
     assert "top-label confidence" in html
 
 
@@ -69,7 +69,7 @@ def _render(report: Path, tmp_path: Path) -> tuple[str, str]:
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium) — cannot render")
 def test_reports_render_in_headless_chromium(multiclass_run, board_report, tmp_path):
     for report, expected, images in (
-        (multiclass_run / "report.html", ["Confusion matrix", "Calibration", "Results on test"], 3),
+        (multiclass_run / "report.html", ["Each head on test", "equal-count bins", "Results on test"], 3),
         (board_report, ["Leaderboard", "Gates", "Recommendation"], 1),
     ):
         dom, log = _render(report, tmp_path)
