@@ -245,7 +245,8 @@ def leaderboard(runs: Path = typer.Option(Path("runs"), help="runs folder"),
         console.print(f"written: {csv}")
     if html:
         verdicts = gate_command(gates, runs, run_dirs=board.table["run_dir"]) if gates else None
-        write_board_report(html, [board], verdicts, title=f"Leaderboard of {experiment}" if experiment else f"Leaderboard of the runs in {runs.resolve()}")
+        title = f"Leaderboard of {experiment}" if experiment else f"Leaderboard of the runs in {runs.resolve()}"
+        write_board_report(html, [board], verdicts, title=title)
         console.print(f"written: {html}")
 
 

@@ -66,12 +66,15 @@ def _curves_input(task_type: str, y_true: Any, y_score: Any, class_names: Sequen
 def calibration(task_type: str, y_true: Any, y_score: Any, *, class_names: Sequence[str] | None = None,
                 n_bins: int | None = None) -> dict[str, Any]:  # fmt: skip
     """``{"ece": float, "curves": {name: reliability(...)}}`` (multilabel: ``ece`` is the mean over labels)."""
-    curves = {n: reliability(y, p, n_bins) for n, (y, p) in _curves_input(task_type, y_true, y_score, class_names).items()}
+    inputs = _curves_input(task_type, y_true, y_score, class_names)
+    curves = {n: reliability(y, p, n_bins) for n, (y, p) in inputs.items()}
     return {"ece": float(np.mean([c["ece"] for c in curves.values()])), "curves": curves}
 
 
-def ece_interval(task_type: str, y_true: Any, y_score: Any, *, class_names: Sequence[str] | None = None,
-                 groups: Sequence[Any] | None = None, n_resamples: int, ci: float, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def ece_interval(
+    task_type: str, y_true: Any, y_score: Any, *, class_names: Sequence[str] | None = None,
+    groups: Sequence[Any] | None = None, n_resamples: int, ci: float, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
     """``calibration(...)`` of ``y_score`` plus the ECE's percentile bootstrap CI (resampling groups when given).
     Each resample keeps the bins of the full test set and weights the samples by how often they were drawn."""
     inputs = _curves_input(task_type, y_true, y_score, class_names)

@@ -23,7 +23,8 @@ def run_entries(runs_dir: str | Path) -> list[dict[str, Any]]:
     root = Path(runs_dir).expanduser().resolve()
     if not root.is_dir():
         raise FmprobeError(f"runs folder '{root}' does not exist; give the runs_dir of your configs")
-    dirs = {p.parent for name in RUN_FILES for p in root.glob(f"*/*/{name}") if not p.parent.parent.name.startswith("_")}
+    dirs = {p.parent for name in RUN_FILES for p in root.glob(f"*/*/{name}")
+            if not p.parent.parent.name.startswith("_")}  # fmt: skip
     entries = [_entry(d) for d in dirs]
     return sorted(entries, key=lambda e: (e["run_id"], e["experiment"]), reverse=True)
 

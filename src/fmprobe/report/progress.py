@@ -97,8 +97,9 @@ class Progress:
         self.enabled, self.interval, self.clock = enabled, interval, clock
         self.bars: Bars | None = None
         if enabled and self.console.is_terminal:
-            self.bars = Bars(TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[counts]}"),
-                             TextColumn("{task.fields[detail]}"), console=self.console, transient=True)  # fmt: skip
+            self.bars = Bars(TextColumn("{task.description}"), BarColumn(bar_width=24),
+                             TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[detail]}"),
+                             console=self.console, transient=True)  # fmt: skip
 
     @classmethod
     def off(cls) -> Progress:
