@@ -103,6 +103,16 @@ def test_run_estimate_equals_what_is_left_when_fits_repeat_and_is_announced_afte
     assert out.getvalue().splitlines()[-1] == "train toy: 30/30 epochs in 48 s · 6 fits"
 
 
+def test_training_ends_at_the_epochs_trained_when_early_stopping_made_fits_uneven():
+    clock = FakeClock()
+    display, out = log_display(clock)
+    run = RunClock(display, "toy")
+    run.plan_training([GroupPlan(("linear",), 3, 10, "auroc", False)])
+    _simulate(clock, run, [("linear", 0, 4, 1.0), ("linear", 1, 9, 1.0), ("linear", 2, 2, 1.0)])
+    # the total was 10 x 3 planned, then 4 x 3 expected after the first fit: the last line says what was trained
+    assert out.getvalue().splitlines()[-1] == "train toy: 15/15 epochs in 15 s · 3 fits"
+
+
 def test_a_run_of_hours_is_warned_about_once_with_the_settings_that_help():
     clock = FakeClock()
     display, out = log_display(clock)

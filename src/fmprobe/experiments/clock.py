@@ -225,7 +225,8 @@ class RunClock:
     def end_training(self) -> None:
         self._finish_fit()
         if self._train is not None:
-            self._train.finish(f"{sum(len(g.finished) for g in self.groups)} fits")
+            epochs = sum(e for g in self.groups for e, _ in g.finished)
+            self._train.finish(f"{sum(len(g.finished) for g in self.groups)} fits", done=epochs)
             self._train = None
 
     # ---- the run's estimate -------------------------------------------------------------------------------

@@ -66,8 +66,11 @@ class Step:
                 self._printed = now
                 self.display.line(f"{self.label}: {self._counts()}{self._tail()}")
 
-    def finish(self, detail: str = "") -> None:
-        """The step's last state, always shown: its count, its own summary and how long it took."""
+    def finish(self, detail: str = "", *, done: float | None = None) -> None:
+        """The step's last state, always shown: its count, its own summary and how long it took. ``done``: the
+        final count, which becomes the total (a total that was an estimate, such as epochs under early stopping)."""
+        if done is not None:
+            self.done = self.total = done
         took = duration(self.display.clock() - self.started)
         summary = f"{self.label}: {self._counts()} in {took}" + (f" · {detail}" if detail else "")
         if self.display.bars is not None and self._task is not None:
