@@ -146,7 +146,8 @@ def test_finish_estimate_reads_the_latest_finished_run(tmp_path):
     import json
     import os
 
-    assert finish_estimate(tmp_path, 2) == 4.0  # no run yet: the default per head
+    ticks = iter([10.0, 10.5])  # the reference figure takes 0.5 s on this (fake) clock
+    assert finish_estimate(tmp_path, 2, lambda: next(ticks)) == 4.0  # no run yet: 4 figures per head
     for name, phases, mtime in (("a", {"evaluate": 1.0, "report": 3.0}, 100), ("b", {"evaluate": 2.0, "report": 2.0},
                                                                                200)):  # fmt: skip
         run = tmp_path / "exp" / name
@@ -154,7 +155,7 @@ def test_finish_estimate_reads_the_latest_finished_run(tmp_path):
         (run / "metrics.json").write_text(json.dumps({"heads": {"h1": {}, "h2": {}, "h3": {}, "h4": {}},
                                                       "timing": {"phases": phases}}))  # fmt: skip
         os.utime(run / "metrics.json", (mtime, mtime))
-    assert finish_estimate(tmp_path, 2) == 2.0  # run b: 4 s for 4 heads
+    assert finish_estimate(tmp_path, 2, FakeClock()) == 2.0  # run b: 4 s for 4 heads
 
 
 @pytest.mark.slow  # two small real runs (about a minute on 2 busy cores)

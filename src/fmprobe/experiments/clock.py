@@ -7,7 +7,7 @@ rate, best validation score, time left) and into the run's estimate:
     left = samples to extract / measured samples per second
          + for each member group: fits to go x the mean duration of its finished fits
          + evaluation and report: as long as they took in the latest finished run under the same runs folder
-           (per head), else DEFAULT_FINISH seconds per head
+           (per head), else FIGURES_PER_HEAD x heads x the time this machine takes to draw one report figure
 
 A fit's duration runs from the end of the previous fit to its own last epoch, so it includes what happens
 between fits (building the heads, predicting every split, saving checkpoints). While a group has no finished
@@ -34,7 +34,10 @@ from fmprobe.report.progress import Progress, Step, duration
 from fmprobe.train.core import EpochReport
 
 HOUR = 3600.0
-DEFAULT_FINISH = 2.0  # seconds of evaluation and report per head, when no earlier run has measured them
+# Evaluation and report of one head, in units of one drawn report figure (reference_figure_seconds): about three
+# figures per head (per-class or regression, calibration, curves) and its bootstrap: 3.6 measured on the demo's
+# multilabel task (evaluation 8.2 s + report 24.5 s for 2 heads, one figure 4.6 s, at a load average of 15).
+FIGURES_PER_HEAD = 4.0
 
 
 @dataclass
@@ -274,9 +277,10 @@ class RunClock:
         return out
 
 
-def finish_estimate(runs_dir: Path, heads: int) -> float:
+def finish_estimate(runs_dir: Path, heads: int, clock: Callable[[], float]) -> float:
     """Seconds the evaluation and the report will take: as in the latest finished run under ``runs_dir`` that
-    recorded them, per head; else ``DEFAULT_FINISH`` per head."""
+    recorded them, per head; else ``FIGURES_PER_HEAD`` figures per head at the time this machine takes to draw one
+    now (timed by ``clock``, the run's clock; a load that makes the run slow makes the figure slow too)."""
     runs = sorted(runs_dir.glob("*/*/metrics.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in runs:
         try:
@@ -285,7 +289,9 @@ def finish_estimate(runs_dir: Path, heads: int) -> float:
             return (phases["evaluate"] + phases["report"]) / len(m["heads"]) * heads
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
             continue  # an older run (no timing) or one being written
-    return DEFAULT_FINISH * heads
+    from fmprobe.report.plots import reference_figure_seconds  # matplotlib: not for `fmprobe extract`
+
+    return FIGURES_PER_HEAD * heads * reference_figure_seconds(clock)
 
 
 def extraction_progress(label: str, display: Progress | None = None) -> Callable[[int, int], None]:
