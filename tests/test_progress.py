@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from fmprobe.experiments.clock import GroupPlan, RunClock, finish_estimate
+from fmprobe.experiments.clock import Finish, GroupPlan, RunClock, finish_estimate
 from fmprobe.report.progress import Progress, duration, stdout_console
 from fmprobe.train.core import EpochReport
 
@@ -87,7 +87,7 @@ def _simulate(clock: FakeClock, run: RunClock, fits: list[tuple[str, int, int, f
 def test_run_estimate_equals_what_is_left_when_fits_repeat_and_is_announced_after_one_fit_per_group():
     clock = FakeClock()
     display, out = log_display(clock)
-    run = RunClock(display, "toy", finish_seconds=5.0)
+    run = RunClock(display, "toy", finish=Finish(5.0, "five seconds"))
     run.plan_training([GroupPlan(("linear",), 3, 10, "auroc", False), GroupPlan(("attentive",), 3, 10, "auroc", False)])
     # first seed of every group first (probes/frozen.py), then the other seeds; linear stops early at 4 epochs
     fits = [("linear", 0, 4, 1.0), ("attentive", 0, 6, 2.0), ("linear", 1, 4, 1.0), ("linear", 2, 4, 1.0),
@@ -147,7 +147,8 @@ def test_finish_estimate_reads_the_latest_finished_run(tmp_path):
     import os
 
     ticks = iter([10.0, 10.5])  # the reference figure takes 0.5 s on this (fake) clock
-    assert finish_estimate(tmp_path, 2, lambda: next(ticks)) == 4.0  # no run yet: 4 figures per head
+    first = finish_estimate(tmp_path, 2, lambda: next(ticks))
+    assert first == Finish(4.0, "4 report figures per head, one drawn in 0.50 s before the run")  # no run yet
     for name, phases, mtime in (("a", {"evaluate": 1.0, "report": 3.0}, 100), ("b", {"evaluate": 2.0, "report": 2.0},
                                                                                200)):  # fmt: skip
         run = tmp_path / "exp" / name
@@ -155,7 +156,8 @@ def test_finish_estimate_reads_the_latest_finished_run(tmp_path):
         (run / "metrics.json").write_text(json.dumps({"heads": {"h1": {}, "h2": {}, "h3": {}, "h4": {}},
                                                       "timing": {"phases": phases}}))  # fmt: skip
         os.utime(run / "metrics.json", (mtime, mtime))
-    assert finish_estimate(tmp_path, 2, FakeClock()) == 2.0  # run b: 4 s for 4 heads
+    assert finish_estimate(tmp_path, 2, FakeClock()) == Finish(2.0, f"as in {tmp_path / 'exp' / 'b'} (4 heads), per "
+                                                                    "head")  # run b: 4 s for 4 heads
 
 
 @pytest.mark.slow  # two small real runs (about a minute on 2 busy cores)

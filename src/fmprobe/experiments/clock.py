@@ -77,17 +77,26 @@ class GroupPlan:
 
 
 @dataclass
+class Finish:
+    """The expected seconds of a run's evaluation and report, and what that expectation rests on."""
+
+    seconds: float
+    basis: str
+
+
+@dataclass
 class Estimate:
     """The run's estimate when it was announced, and (at the end) how long the rest took."""
 
     seconds_left: float
     made_at: float  # seconds since the run started
+    finish_basis: str
     actual_left: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"seconds_left": round(self.seconds_left, 2), "made_at_seconds": round(self.made_at, 2),
-               "basis": "the duration of every member group's first fit, the extraction rate, and the evaluation "
-                        "and report time of the latest run in the runs folder"}  # fmt: skip
+               "basis": "the duration of every member group's first fit, the extraction rate; evaluation and "
+                        f"report: {self.finish_basis}"}  # fmt: skip
         if self.actual_left is not None:
             out["actual_seconds_left"] = round(self.actual_left, 2)
             out["ratio"] = round(self.seconds_left / max(self.actual_left, 1e-9), 3)
@@ -111,9 +120,10 @@ class _Fit:
 class RunClock:
     """The progress and time estimate of one run (``display`` draws; nothing here draws by itself)."""
 
-    def __init__(self, display: Progress, name: str, *, finish_seconds: float = 0.0):
-        """``finish_seconds``: the expected evaluation and report time (see ``finish_estimate``)."""
-        self.display, self.name, self.finish_seconds = display, name, finish_seconds
+    def __init__(self, display: Progress, name: str, *, finish: Finish | None = None):
+        """``finish``: the expected evaluation and report time (see ``finish_estimate``)."""
+        self.display, self.name = display, name
+        self.finish_time = finish if finish is not None else Finish(0.0, "not counted")
         self.clock = display.clock
         self.started = self.clock()
         self.phases: dict[str, float] = {}  # seconds spent in each phase of the run, in order
@@ -236,7 +246,7 @@ class RunClock:
 
     def seconds_left(self) -> float | None:
         training = self.training_left()
-        return None if training is None else self.extract_left + training + self.finish_seconds
+        return None if training is None else self.extract_left + training + self.finish_time.seconds
 
     def _announce(self) -> None:
         """Once every planned group has finished one fit: the run's estimate, said once and recorded."""
@@ -247,7 +257,7 @@ class RunClock:
         left = self.seconds_left()
         if left is None:
             return
-        self.estimate = Estimate(left, self.elapsed())
+        self.estimate = Estimate(left, self.elapsed(), self.finish_time.basis)
         finish = (datetime.now() + timedelta(seconds=left)).strftime("%H:%M")
         self.display.line(f"estimate {self.name}: about {duration(left)} left, finishing around {finish} "
                           f"({duration(self.elapsed())} so far)")  # fmt: skip
@@ -277,7 +287,7 @@ class RunClock:
         return out
 
 
-def finish_estimate(runs_dir: Path, heads: int, clock: Callable[[], float]) -> float:
+def finish_estimate(runs_dir: Path, heads: int, clock: Callable[[], float]) -> Finish:
     """Seconds the evaluation and the report will take: as in the latest finished run under ``runs_dir`` that
     recorded them, per head; else ``FIGURES_PER_HEAD`` figures per head at the time this machine takes to draw one
     now (timed by ``clock``, the run's clock; a load that makes the run slow makes the figure slow too)."""
@@ -286,12 +296,15 @@ def finish_estimate(runs_dir: Path, heads: int, clock: Callable[[], float]) -> f
         try:
             m = json.loads(path.read_text())
             phases = m["timing"]["phases"]
-            return (phases["evaluate"] + phases["report"]) / len(m["heads"]) * heads
+            seconds = (phases["evaluate"] + phases["report"]) / len(m["heads"]) * heads
+            return Finish(seconds, f"as in {path.parent} ({len(m['heads'])} heads), per head")
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
             continue  # an older run (no timing) or one being written
     from fmprobe.report.plots import reference_figure_seconds  # matplotlib: not for `fmprobe extract`
 
-    return FIGURES_PER_HEAD * heads * reference_figure_seconds(clock)
+    figure = reference_figure_seconds(clock)
+    return Finish(FIGURES_PER_HEAD * heads * figure, f"{FIGURES_PER_HEAD:g} report figures per head, one drawn in "
+                                                     f"{figure:.2f} s before the run")  # fmt: skip
 
 
 def extraction_progress(label: str, display: Progress | None = None) -> Callable[[int, int], None]:

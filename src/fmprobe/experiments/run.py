@@ -81,7 +81,7 @@ def run_experiment(exp: Experiment, *, progress: bool | Progress = True) -> RunR
     distributed.init(cuda=exp.adapt.strategy != "frozen" and exp.adapt.device.startswith("cuda"))
     display = progress if isinstance(progress, Progress) else Progress(enabled=progress)
     finish = finish_estimate(Path(exp.runs_dir).expanduser(), len(exp.heads), display.clock)
-    clock = RunClock(display if distributed.is_main() else Progress.off(), exp.name, finish_seconds=finish)
+    clock = RunClock(display if distributed.is_main() else Progress.off(), exp.name, finish=finish)
     clock.phase("prepare")
     manifest = load_manifest(exp.data, exp.task)
     check_targets_vary(manifest)  # before any extraction
