@@ -216,3 +216,17 @@ def test_probe_attention_maps_share_one_scale_with_a_colourbar_over_the_input(mo
     assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
     assert [ax.images[0].get_array().shape for ax in fig.axes[:3]] == [(32, 32, 3)] * 3  # the input above
     assert [ax.get_title() for ax in fig.axes[:3]][0] == "s1\ngrey_matter\nH = 1.000"
+
+
+def test_readme_shows_the_demo_reports_that_the_screenshot_script_writes():
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_screenshots", root / "docs" / "make_screenshots.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shown = re.findall(r"!\[[^\]]*\]\((docs/report-[^)]+\.png)\)", (root / "README.md").read_text())
+    assert sorted(shown) == sorted(f"docs/{name}" for name in script.SHOTS.values())  # multilabel and regression
+    for name in shown:
+        with Image.open(root / name) as image:
+            assert image.width == script.WIDTH and image.height > 600  # a page, not a broken capture
