@@ -113,6 +113,25 @@ def test_run_report_lays_out_at_1400px_and_shows_metrics_json(runs, task, tmp_pa
         assert baseline.startswith("— (") and "nan" not in baseline  # why there is no baseline value
 
 
+def test_an_ece_interval_above_its_estimate_is_explained(runs):
+    from fmprobe.config import load_config
+    from fmprobe.report.html import render_run_report
+
+    result = runs["multilabel"]
+    exp = load_config(result.run_dir / "config.resolved.yaml")
+    curves = pd.read_parquet(result.run_dir / "curves.parquet")
+    predictions = pd.read_parquet(result.run_dir / "predictions.parquet")
+    m = json.loads(json.dumps(result.metrics))
+    notes = []
+    for shift in (-0.01, 0.01):  # the estimate inside its interval, then below it
+        for h in m["heads"].values():
+            cal = h["calibration_seed_mean"]
+            cal["ci"] = [cal["ece"] + shift, cal["ece"] + 0.05]
+        page = render_run_report(exp, m, curves, result.run_dir.name, predictions)
+        notes.append(len(re.findall(r'<span class="ece-bias"> — the interval lies above the estimate', page)))
+    assert notes == [0, len(m["heads"])]
+
+
 def test_runner_up_comparison_is_fmprobes_paired_comparison(runs):
     for result in runs.values():
         m = result.metrics
