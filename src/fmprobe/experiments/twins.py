@@ -67,14 +67,20 @@ def sync_twin_flags(outputs: Iterable[HeadOutput], flagged_runs: Iterable[str]) 
     """Bring every run's twin flags in line with ``outputs``; returns the runs whose files were rewritten.
 
     ``flagged_runs``: runs whose metrics.json carries a twin flag now (checked too, so a stale flag is dropped).
+    Only heads in ``outputs`` are judged: a head without a recorded output hash (a run from an older fmprobe)
+    keeps the flags it has.
     """
+    outputs = list(outputs)
     wanted = twin_flags(outputs)
+    judged = {(o.run_dir, o.head) for o in outputs}
     changed = []
     for run_dir in sorted({r for r, _ in wanted} | set(flagged_runs)):
         path = Path(run_dir) / "metrics.json"
         metrics = json.loads(path.read_text())
-        flags = {h: [f.to_dict() for f in wanted.get((run_dir, h), [])] for h in metrics["heads"]}
-        if flags == _current(metrics):
+        current = _current(metrics)
+        flags = {h: [f.to_dict() for f in wanted.get((run_dir, h), [])] if (run_dir, h) in judged else current[h]
+                 for h in metrics["heads"]}  # fmt: skip
+        if flags == current:
             continue
         for head, entry in metrics["heads"].items():
             entry["flags"] = [f for f in entry["flags"] if f["name"] not in TWIN_FLAGS] + flags[head]
