@@ -271,3 +271,12 @@ def test_a_failed_run_records_its_stage_and_error_and_a_rerun_starts_a_clean_dir
     assert board.table["run_id"].tolist() == [rerun.name]
     assert board.failed == [{"run": f"toy/{failed_dir.name}", "stage": "train",
                              "error": "RuntimeError: the GPU fell off the bus"}]
+
+
+def test_heads_stopped_at_their_last_allowed_epoch_are_flagged_not_converged(toy_study):
+    """The training loop's last allowed epoch reaches metrics.json: with one epoch, every seed's best is its last."""
+    metrics = run_experiment(parse_config(toy_study("binary", n=45, train={"epochs": 1})), progress=False).metrics
+    head = metrics["heads"]["linear"]
+    flag = next(f for f in head["flags"] if f["name"] == "not_converged")
+    assert flag["details"]["members"] == {"0": {"best_epoch": 1, "epochs": 1}, "1": {"best_epoch": 1, "epochs": 1}}
+    assert head["epochs_allowed"] == {"0": 1, "1": 1} and "epoch 1 of 1" in flag["message"]

@@ -50,37 +50,47 @@ def _probs(y: np.ndarray, signal: float, rng: np.random.Generator) -> np.ndarray
     return e / e.sum(1, keepdims=True)
 
 
-def test_a_class_absent_from_test_gives_one_chance_level_and_a_flag_naming_it_without_warnings(capfd):
+def _absent_class_run() -> dict:
+    """metrics.json of an uninformative head on a test split without class 'd' (declared, present elsewhere)."""
     rng = np.random.default_rng(0)
     y = {"train": _labels(80, 4, rng), "val": _labels(40, 4, rng), "test": _labels(60, 3, rng)}  # no 'd' in test
     scores = {seed: {s: _probs(v, 0.0, rng) for s, v in y.items()} for seed in (0, 1)}  # uninformative
+    return _summarise(y, scores, {0: 5, 1: 7})
+
+
+def test_an_undefined_metric_is_flagged_naming_its_class_without_warnings(capfd):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a numpy "Mean of empty slice" would fail here
-        m = _summarise(y, scores, {0: 5, 1: 7})
+        m = _absent_class_run()
     assert capfd.readouterr().err == ""
     head = m["heads"]["linear"]
-    flags = {f["name"]: f for f in head["flags"]}
+    undefined = next(f for f in head["flags"] if f["name"] == "undefined_metric")
+    assert np.isnan(head["splits"]["test"]["mean"]["auroc_ovr"])
+    assert "auroc_ovr" in undefined["details"]["undefined"] and "'d'" in undefined["details"]["undefined"]["auroc_ovr"]
+    assert "auroc_ovr" in undefined["message"] and "'d'" in undefined["message"]
+    # every CI says the share of resamples it rests on
+    assert set(head["test_ci_used"]) == set(head["test_ci"])
+    assert head["test_ci_used"]["accuracy"] == 1.0 and head["test_ci_used"]["auroc_ovr"] == 0.0
 
-    # one chance level, said explicitly: 1 / the 3 classes present in test (not 1/4 declared), 'd' named
+
+def test_one_chance_level_from_the_classes_present_in_test_said_explicitly():
+    m = _absent_class_run()
+    # 1 / the 3 classes present in test (not 1/4 declared) for the baseline, its report and the flag; 'd' named
     chance = m["baseline"]["chance"]
     assert chance["balanced_accuracy"] == pytest.approx(1 / 3) == m["baseline"]["test"]["chance_balanced_accuracy"]
     assert chance["classes_present"] == 3 and chance["classes_declared"] == 4 and chance["absent_from_test"] == ["d"]
     assert m["baseline"]["test"]["balanced_accuracy"] == pytest.approx(1 / 3)  # the trivial predictor scores chance
-
-    # the undefined metric is named with its class; every CI says the share of resamples it rests on
-    undefined = flags["undefined_metric"]
-    assert np.isnan(head["splits"]["test"]["mean"]["auroc_ovr"])
-    assert "auroc_ovr" in undefined["details"]["undefined"] and "'d'" in undefined["details"]["undefined"]["auroc_ovr"]
-    assert "auroc_ovr" in undefined["message"] and "'d'" in undefined["message"]
-    assert set(head["test_ci_used"]) == set(head["test_ci"])
-    assert head["test_ci_used"]["accuracy"] == 1.0 and head["test_ci_used"]["auroc_ovr"] == 0.0
-
-    # one CI per number: the collapse flag quotes the balanced-accuracy CI the table reports, against that chance
-    collapse = flags["majority_collapse"]
-    assert collapse["details"]["balanced_accuracy_interval"][1:] == head["test_ci"]["balanced_accuracy"]
+    collapse = next(f for f in m["heads"]["linear"]["flags"] if f["name"] == "majority_collapse")
     assert collapse["details"]["chance_balanced_accuracy"] == pytest.approx(1 / 3)
+    assert "1/3 classes present in test" in collapse["message"]
+
+
+def test_the_collapse_flag_quotes_the_ci_the_table_reports():
+    head = _absent_class_run()["heads"]["linear"]
+    collapse = next(f for f in head["flags"] if f["name"] == "majority_collapse")
+    assert collapse["details"]["balanced_accuracy_interval"][1:] == head["test_ci"]["balanced_accuracy"]
     lo, hi = head["test_ci"]["balanced_accuracy"]
-    assert f"[{lo:.3f}, {hi:.3f}]" in collapse["message"] and "1/3 classes present in test" in collapse["message"]
+    assert f"[{lo:.3f}, {hi:.3f}]" in collapse["message"]
 
 
 def test_a_rare_class_gives_cis_conditioned_on_it_and_says_how_often():
