@@ -222,3 +222,14 @@ def test_runs_that_never_saw_each_other_are_flagged_on_both_sides_by_the_index(t
     update_index(tmp_path / "runs")
     assert "identical_predictions" not in (first / "metrics.json").read_text()
     assert "identical_predictions" not in (first / "report.html").read_text()
+
+
+def test_a_run_whose_outputs_cannot_be_compared_keeps_the_twin_flag_it_has(tmp_path):
+    """A run from an older fmprobe (no recorded output hash, a config this version cannot read) is not judged: the
+    index leaves its identical-outputs flag as recorded rather than dropping it unseen."""
+    heads = {"lin": {"val": 0.9, "test": 0.8, "ci": (0.7, 0.9), "flags": [("identical_predictions", "error")]}}
+    run = fake_run(tmp_path / "runs", "old", heads)
+    before = (run / "metrics.json").read_text()
+    update_index(tmp_path / "runs")
+    assert (run / "metrics.json").read_text() == before
+    assert build_leaderboard(tmp_path / "runs").table["flags"].tolist() == [["identical_predictions"]]
