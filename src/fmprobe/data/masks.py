@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from fmprobe.backbones.base import InputSpec
 from fmprobe.config import DataConfig
 from fmprobe.data.dataset import MediaDataset, collate_samples
 from fmprobe.data.readers import read_media
+from fmprobe.data.readers.image import open_image
 from fmprobe.data.readers.source import Source, extension
 from fmprobe.data.transforms import Geometry, Preprocess
 from fmprobe.errors import ReaderError
@@ -41,7 +41,7 @@ def read_mask(url: str, sample_id: str) -> np.ndarray:
         if ext == ".npy":
             array = np.load(io.BytesIO(raw), allow_pickle=False)
         else:
-            image = Image.open(io.BytesIO(raw))
+            image = open_image(src, raw)
             if image.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N"):
                 raise src.error(f"mask is a {image.mode} image; save the class indices as a single-channel "
                                 "(L or P) PNG or a .npy")  # fmt: skip
