@@ -1,0 +1,129 @@
+"""Two extractions on one cache split the work: wall time of two processes started together ÷ one process alone.
+
+Each child process imports fmprobe, loads the model and waits at a barrier; the parent releases the barrier and
+takes the time until the last child has finished extracting. Children run one torch thread each, so one process
+uses one core and two processes fill the machine's 2 cores. Each repeat extracts the same images into a fresh cache
+with one process, then into another fresh cache with two, back to back (the machine is shared); the benchmark prints
+min / median / max of the ratio over the repeats, each process's share and the rows stored per sample (1.00: each
+sample stored once).
+Last line: ``two_process_wall_ratio=<median of T(two processes) ÷ T(one)>`` (goal <= 0.55: half, or better).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+N_IMAGES, SIZE, BATCH, SHARD, REPEATS = 96, 224, 8, 16, 3
+
+
+def child(manifest: str, model_dir: str, cache: str, folder: str) -> None:
+    """Load everything, say ready, wait for the go, extract, report when it ended."""
+    import torch
+
+    from fmprobe.backbones.registry import load_encoder
+    from fmprobe.config import ModelConfig, parse_config
+    from fmprobe.data.manifest import load_manifest
+    from fmprobe.features.extract import run_extraction
+
+    torch.set_num_threads(1)
+    exp = parse_config({
+        "name": "two",
+        "data": {"manifest": manifest, "group_column": None, "split_column": None},
+        "task": {"type": "binary", "targets": ["y"]},
+        "model": {"name": model_dir},
+        "features": {"cache_dir": cache, "batch_size": BATCH, "shard_size": SHARD},
+    })
+    manifest_rows = load_manifest(exp.data, exp.task)
+    encoder = load_encoder(exp.model)
+    (Path(folder) / f"ready-{os.getpid()}").touch()
+    while not (Path(folder) / "go").exists():
+        time.sleep(0.002)
+    result = run_extraction(exp, manifest_rows, encoder, progress=False)
+    print(json.dumps({"end": time.time(), "extracted": result.extracted, "samples": len(result.features)}))
+
+
+def timed(n_processes: int, manifest: Path, model_dir: Path, cache: Path, folder: Path) -> tuple[float, list[int]]:
+    """Wall seconds from the go to the last process's end, and how many samples each process extracted."""
+    folder.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", str(manifest), str(model_dir), str(cache),
+                               str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(n_processes)]
+    while len(list(folder.glob("ready-*"))) < n_processes:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("\n".join(p.communicate()[1][-3000:] for p in procs))
+        time.sleep(0.01)
+    start = time.time()
+    (folder / "go").touch()
+    reports = []
+    for p in procs:
+        out, err = p.communicate(timeout=1800)
+        if p.returncode:
+            raise RuntimeError(err[-3000:])
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["samples"] == N_IMAGES for r in reports), reports
+    return max(r["end"] for r in reports) - start, [r["extracted"] for r in reports]
+
+
+def stored_rows(cache: Path) -> int:
+    return sum(len(json.loads(m.read_text())["sample_ids"]) for m in cache.glob("*/shard-*/meta.json"))
+
+
+def main() -> None:
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    print(f"{N_IMAGES} PNG {SIZE}x{SIZE}, random-init ViT-Ti/14, batch {BATCH}, shard {SHARD}, one torch thread per "
+          f"process, {REPEATS} repeats", flush=True)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        torch.manual_seed(0)
+        Dinov2Model(Dinov2Config(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                                 patch_size=14, image_size=224)).save_pretrained(tmp / "model")
+        rng = np.random.default_rng(0)
+        (tmp / "img").mkdir()
+        rows = []
+        for i in range(N_IMAGES):
+            path = tmp / "img" / f"{i:04d}.png"
+            small = rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((SIZE, SIZE), Image.BILINEAR).save(path)
+            rows.append({"sample_id": f"s{i:04d}", "path": str(path), "y": i % 2})
+        manifest = tmp / "manifest.csv"
+        pd.DataFrame(rows).to_csv(manifest, index=False)
+        ratios, ones, twos, shares, stored = [], [], [], [], []
+        for rep in range(REPEATS):
+            one, _ = timed(1, manifest, tmp / "model", tmp / f"one-{rep}", tmp / f"barrier-one-{rep}")
+            two, split = timed(2, manifest, tmp / "model", tmp / f"two-{rep}", tmp / f"barrier-two-{rep}")
+            ratios.append(two / one)
+            ones.append(one)
+            twos.append(two)
+            shares.append(split)
+            stored.append(stored_rows(tmp / f"two-{rep}") / N_IMAGES)
+            print(f"repeat {rep}: one process {one:.2f} s, two processes {two:.2f} s (extracted {split[0]} + "
+                  f"{split[1]}), ratio {two / one:.3f}, rows stored per sample {stored[-1]:.2f}", flush=True)
+
+        def spread(values: list[float]) -> str:
+            return f"min {min(values):.3f} / median {statistics.median(values):.3f} / max {max(values):.3f}"
+
+        print(f"one process: {spread(ones)} s; two processes: {spread(twos)} s")
+        print(f"rows stored per sample with two processes: {spread(stored)}")
+        print(f"ratio two ÷ one: {spread(ratios)}")
+        print(f"two_process_wall_ratio={statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(*sys.argv[2:6])
+    else:
+        main()

@@ -1,0 +1,167 @@
+"""Claims on pending work, so that processes extracting into one feature store split it instead of each doing all of it.
+
+Two ``fmprobe extract`` (or a sweep and a run) on one cache need the same samples. Each process takes its work one
+*unit* at a time (whole batches, at most one shard): under the store's lock it passes over the samples already
+committed and those claimed by a live process, and claims the next ones. A claim is ``claims/<name>.json`` (its
+sample keys, pid and host) plus ``claims/<name>.lock``, which its process holds until the unit's shard is
+committed. The operating system releases that lock when the process dies, so a killed claimant's unit is taken
+over by the next process that asks, at once: no timeout to wait out, and no live claim is ever taken from a slow
+process. A process that finds nothing left to claim while others still hold samples it needs waits for them
+(:meth:`WorkClaims.take` says whom it waits for).
+
+Units are whole batches of the caller's order, so every batch holds the samples it would hold in one process and
+the features are the same bits however the work is split.
+
+Where claims reach: every process whose ``claims_dir`` is the same folder with working ``flock`` locks. For a local
+store that is every process using the cache (the folder is inside the store). A remote store (features/remote.py)
+keeps its claims in this machine's mirror: processes on one machine split the work, processes on different
+machines do not coordinate and may extract a sample twice (both commits are correct; readers serve the earliest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from fmprobe.features.store import FeatureStore, SampleKey
+
+
+@dataclass
+class Claim:
+    """One claimed unit: positions in the caller's key list, and the lock that keeps the claim alive."""
+
+    name: str
+    positions: list[int]
+    lock: FileLock
+
+
+class WorkClaims:
+    """Hands out units of ``keys`` (the samples a process needs, in its order) that nobody has stored or claimed."""
+
+    def __init__(self, store: FeatureStore, keys: Sequence[SampleKey], unit: int):
+        self.store = store
+        self.keys = list(keys)
+        self.unit = unit
+        self.folder = store.claims_dir
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.waiting_on: list[str] = []  # who holds the samples still pending when take() found nothing to claim
+        self.done_elsewhere = 0  # samples found stored by another process
+        self._open = list(range(len(self.keys)))  # positions neither stored nor claimed by this object
+        self._mine: dict[str, Claim] = {}
+        self._done: set[SampleKey] = set()
+        self._seen_shards: set[str] = set()
+
+    def take(self) -> Claim | None:
+        """Claim the next unit, or None when every needed sample is stored or claimed by a live process (then
+        ``waiting_on`` names the processes holding the rest; empty when everything is stored)."""
+        with self.store.claims_lock:
+            for name, meta in self.store.committed(skip=self._seen_shards):
+                self._seen_shards.add(name)
+                self._done.update(zip(meta["sample_ids"], meta["fingerprints"]))
+                self._done.update((sample_id, fp) for sample_id, fp, _ in meta["skipped"])
+            held, holders = self._live_claims()
+            positions, kept = [], []
+            for j, p in enumerate(self._open):
+                if len(positions) == self.unit:
+                    kept.extend(self._open[j:])
+                    break
+                if self.keys[p] in self._done:
+                    self.done_elsewhere += 1
+                elif self.keys[p] in held:
+                    kept.append(p)
+                else:
+                    positions.append(p)
+            self._open = kept
+            self.waiting_on = sorted({holders[self.keys[p]] for p in kept if self.keys[p] in held})
+            return self._claim(positions) if positions else None
+
+    def release(self, claim: Claim) -> None:
+        """Drop a claim (its unit is committed, or this process gives it up); idempotent."""
+        with self.store.claims_lock:
+            if self._mine.pop(claim.name, None) is None:
+                return
+            (self.folder / f"{claim.name}.json").unlink(missing_ok=True)
+            claim.lock.release()
+            (self.folder / f"{claim.name}.lock").unlink(missing_ok=True)
+
+    def release_all(self) -> None:
+        for claim in list(self._mine.values()):
+            self.release(claim)
+
+    def _claim(self, positions: list[int]) -> Claim:
+        name = uuid.uuid4().hex
+        lock = FileLock(self.folder / f"{name}.lock", thread_local=False)  # released by the shard-writer thread
+        lock.acquire(timeout=0)  # a fresh name: nobody else holds it
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "keys": [list(self.keys[p]) for p in positions]}
+        tmp = self.folder / f".{name}.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.folder / f"{name}.json")
+        claim = self._mine[name] = Claim(name, positions, lock)
+        return claim
+
+    def _live_claims(self) -> tuple[set[SampleKey], dict[SampleKey, str]]:
+        """Keys claimed by live holders other than this object, and who holds each; stale claims are removed."""
+        held: set[SampleKey] = set()
+        holders: dict[SampleKey, str] = {}
+        for lock_path in self.folder.glob("*.lock"):
+            name = lock_path.stem
+            if name in self._mine:
+                continue
+            lock = FileLock(lock_path, thread_local=False)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:  # its process holds it: alive (and its record is complete: both are made under the lock)
+                record = json.loads((self.folder / f"{name}.json").read_text())
+                who = f"pid {record['pid']} on {record['host']}"
+                for sample_id, fingerprint in record["keys"]:
+                    held.add((sample_id, fingerprint))
+                    holders[sample_id, fingerprint] = who
+                continue
+            try:  # nobody holds it: its process died before committing the unit
+                (self.folder / f"{name}.json").unlink(missing_ok=True)
+                (self.folder / f".{name}.tmp").unlink(missing_ok=True)
+            finally:
+                lock.release()
+                lock_path.unlink(missing_ok=True)
+        return held, holders
+
+
+class ClaimedBatches:
+    """A DataLoader batch sampler over claimed units: the batches of ``first``, then, as the loader asks for more,
+    the batches of each next unit it claims, until nothing is left to claim.
+
+    The loader may run ahead of the consumer (prefetching, worker processes); :meth:`batch_done`, called once per
+    batch the consumer finished, returns the claim whose last batch that was, so the consumer releases each claim
+    once the unit's rows are committed.
+    """
+
+    def __init__(self, claims: WorkClaims, first: Claim, batch_size: int):
+        self.claims = claims
+        self.first = first
+        self.batch_size = batch_size
+        self._units: queue.SimpleQueue[tuple[Claim, int]] = queue.SimpleQueue()  # loader thread -> consumer
+        self._current: Claim | None = None
+        self._left = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        claim: Claim | None = self.first
+        while claim is not None:
+            size, positions = self.batch_size, claim.positions
+            batches = [positions[i : i + size] for i in range(0, len(positions), size)]
+            self._units.put((claim, len(batches)))
+            yield from batches
+            claim = self.claims.take()
+
+    def batch_done(self) -> Claim | None:
+        if self._left == 0:
+            self._current, self._left = self._units.get_nowait()
+        self._left -= 1
+        return self._current if self._left == 0 else None
