@@ -165,11 +165,19 @@ def test_concurrent_writers_get_distinct_shards(tmp_path):
 def test_writer_commits_in_the_background_then_calls_back_and_raises_write_errors(tmp_path, monkeypatch):
     store = FeatureStore(tmp_path / "k", _description())
     seen = []
+
+    def shards_when_called(label):
+        return lambda: seen.append((label, sorted(p.name for p in (tmp_path / "k").glob("shard-*"))))
+
     with store.writer(4) as writer:
         ids = [f"s{i}" for i in range(6)]
-        writer.add(ids, [f"fp{s}" for s in ids], _batch(ids), GRIDS)
-        writer.submit(then=lambda: seen.append(sorted(p.name for p in (tmp_path / "k").glob("shard-*"))))
-    assert seen == [["shard-000001", "shard-000002"]] and writer.committed == 6  # `then` ran after both commits
+        writer.add(ids[:4], [f"fp{s}" for s in ids[:4]], _batch(ids[:4]), GRIDS)  # fills shard 1: handed over
+        writer.after_commit(shards_when_called("first 4"))
+        writer.add(ids[4:], [f"fp{s}" for s in ids[4:]], _batch(ids[4:]), GRIDS)  # buffered
+        writer.after_commit(shards_when_called("all 6"))
+        assert seen in ([], [("first 4", ["shard-000001"])])  # shard 2 is not written before the writer is left
+    assert seen == [("first 4", ["shard-000001"]), ("all 6", ["shard-000001", "shard-000002"])]
+    assert writer.committed == 6
 
     def broken(arrays, meta):
         raise OSError("disk full")
@@ -190,8 +198,8 @@ def _keys(n: int) -> list[tuple[str, str]]:
 def test_claims_split_the_pending_samples_and_pass_over_stored_ones(tmp_path):
     root = tmp_path / "k"
     _fill(FeatureStore(root, _description()), ["s0", "s1"], shard_size=8)  # stored before
-    a = WorkClaims(FeatureStore(root, _description()), _keys(10), unit=4)
-    b = WorkClaims(FeatureStore(root, _description()), _keys(10), unit=4)  # another process (its own locks)
+    a = WorkClaims(FeatureStore(root, _description()), _keys(10), batch_size=4)
+    b = WorkClaims(FeatureStore(root, _description()), _keys(10), batch_size=4)  # another process (its own locks)
     first, second = a.take(), b.take()
     assert first.positions == [2, 3, 4, 5] and second.positions == [6, 7, 8, 9] and a.done_elsewhere == 2
     assert a.take() is None and a.waiting_on == [f"pid {os.getpid()} on {socket.gethostname()}"]  # b holds the rest
@@ -202,14 +210,14 @@ def test_claims_split_the_pending_samples_and_pass_over_stored_ones(tmp_path):
     assert not list((root / "claims").iterdir())
 
 
-def test_a_dead_claimants_unit_is_taken_over_at_once(tmp_path):
+def test_a_dead_claimants_batch_is_taken_over_at_once(tmp_path):
     root = tmp_path / "k"
-    dead = WorkClaims(FeatureStore(root, _description()), _keys(6), unit=4)
-    unit = dead.take()
-    unit.lock.release()  # what the operating system does when the claimant dies; its claim file stays
-    alive = WorkClaims(FeatureStore(root, _description()), _keys(6), unit=4)
+    dead = WorkClaims(FeatureStore(root, _description()), _keys(6), batch_size=4)
+    batch = dead.take()
+    batch.lock.release()  # what the operating system does when the claimant dies; its claim file stays
+    alive = WorkClaims(FeatureStore(root, _description()), _keys(6), batch_size=4)
     taken = alive.take()
-    assert taken.positions == [0, 1, 2, 3] and not (root / "claims" / f"{unit.name}.json").exists()
+    assert taken.positions == [0, 1, 2, 3] and not (root / "claims" / f"{batch.name}.json").exists()
     assert alive.take().positions == [4, 5]
 
 

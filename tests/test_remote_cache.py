@@ -170,14 +170,14 @@ def test_concurrent_writers_keep_every_shard_and_agree_on_duplicates(url):
 
 def test_claims_on_a_remote_store_reach_the_processes_of_one_machine_only(url, mirror_home, monkeypatch):
     keys = _keys([f"s{i}" for i in range(8)])
-    here = WorkClaims(open_store(url, "k", DESCRIPTION), keys, unit=4)
-    same_machine = WorkClaims(open_store(url, "k", DESCRIPTION), keys, unit=4)
+    here = WorkClaims(open_store(url, "k", DESCRIPTION), keys, batch_size=4)
+    same_machine = WorkClaims(open_store(url, "k", DESCRIPTION), keys, batch_size=4)
     first = here.take()
     assert (first.positions, same_machine.take().positions) == ([0, 1, 2, 3], [4, 5, 6, 7])
-    _fill(open_store(url, "k", DESCRIPTION), [k[0] for k in keys[:4]], shard_size=4)  # `here` commits its unit
+    _fill(open_store(url, "k", DESCRIPTION), [k[0] for k in keys[:4]], shard_size=4)  # `here` commits its batch
     here.release(first)
     monkeypatch.setenv("FMPROBE_CACHE", str(mirror_home / "machine-b"))  # its claims live in another mirror
-    other_machine = WorkClaims(open_store(url, "k", DESCRIPTION), keys, unit=4)
+    other_machine = WorkClaims(open_store(url, "k", DESCRIPTION), keys, batch_size=4)
     assert other_machine.take().positions == [4, 5, 6, 7]  # committed work is seen, claims are not: duplicate work
 
 

@@ -1,16 +1,16 @@
 """Claims on pending work, so that processes extracting into one feature store split it instead of each doing all of it.
 
 Two ``fmprobe extract`` (or a sweep and a run) on one cache need the same samples. Each process takes its work one
-*unit* at a time (whole batches, at most one shard): under the store's lock it passes over the samples already
-committed and those claimed by a live process, and claims the next ones. A claim is ``claims/<name>.json`` (its
-sample keys, pid and host) plus ``claims/<name>.lock``, which its process holds until the unit's shard is
-committed. The operating system releases that lock when the process dies, so a killed claimant's unit is taken
-over by the next process that asks, at once: no timeout to wait out, and no live claim is ever taken from a slow
-process. A process that finds nothing left to claim while others still hold samples it needs waits for them
-(:meth:`WorkClaims.take` says whom it waits for).
+batch at a time: under the store's lock it passes over the samples already committed and those claimed by a live
+process, and claims the next ones. A claim is ``claims/<name>.json`` (its sample keys, pid and host) plus
+``claims/<name>.lock``, which its process holds until the shard holding those rows is committed. The operating
+system releases that lock when the process dies, so a killed claimant's batches are taken over by the next process
+that asks, at once: no timeout to wait out, and no live claim is ever taken from a slow process. A process that
+finds nothing left to claim while others still hold samples it needs waits for them (:meth:`WorkClaims.take` says
+whom it waits for).
 
-Units are whole batches of the caller's order, so every batch holds the samples it would hold in one process and
-the features are the same bits however the work is split.
+A claim is one batch of the caller's order, so every batch holds the samples it would hold in one process and the
+features are the same bits however the work is split; and batches are small, so processes finish close together.
 
 Where claims reach: every process whose ``claims_dir`` is the same folder with working ``flock`` locks. For a local
 store that is every process using the cache (the folder is inside the store). A remote store (features/remote.py)
@@ -36,7 +36,7 @@ from fmprobe.features.store import FeatureStore, SampleKey
 
 @dataclass
 class Claim:
-    """One claimed unit: positions in the caller's key list, and the lock that keeps the claim alive."""
+    """One claimed batch: positions in the caller's key list, and the lock that keeps the claim alive."""
 
     name: str
     positions: list[int]
@@ -44,12 +44,12 @@ class Claim:
 
 
 class WorkClaims:
-    """Hands out units of ``keys`` (the samples a process needs, in its order) that nobody has stored or claimed."""
+    """Hands out batches of ``keys`` (the samples a process needs, in its order) that nobody has stored or claimed."""
 
-    def __init__(self, store: FeatureStore, keys: Sequence[SampleKey], unit: int):
+    def __init__(self, store: FeatureStore, keys: Sequence[SampleKey], batch_size: int):
         self.store = store
         self.keys = list(keys)
-        self.unit = unit
+        self.batch_size = batch_size
         self.folder = store.claims_dir
         self.folder.mkdir(parents=True, exist_ok=True)
         self.waiting_on: list[str] = []  # who holds the samples still pending when take() found nothing to claim
@@ -60,7 +60,7 @@ class WorkClaims:
         self._seen_shards: set[str] = set()
 
     def take(self) -> Claim | None:
-        """Claim the next unit, or None when every needed sample is stored or claimed by a live process (then
+        """Claim the next batch, or None when every needed sample is stored or claimed by a live process (then
         ``waiting_on`` names the processes holding the rest; empty when everything is stored)."""
         with self.store.claims_lock:
             for name, meta in self.store.committed(skip=self._seen_shards):
@@ -70,7 +70,7 @@ class WorkClaims:
             held, holders = self._live_claims()
             positions, kept = [], []
             for j, p in enumerate(self._open):
-                if len(positions) == self.unit:
+                if len(positions) == self.batch_size:
                     kept.extend(self._open[j:])
                     break
                 if self.keys[p] in self._done:
@@ -84,7 +84,7 @@ class WorkClaims:
             return self._claim(positions) if positions else None
 
     def release(self, claim: Claim) -> None:
-        """Drop a claim (its unit is committed, or this process gives it up); idempotent."""
+        """Drop a claim (its rows are committed, or this process gives it up); idempotent."""
         with self.store.claims_lock:
             if self._mine.pop(claim.name, None) is None:
                 return
@@ -125,7 +125,7 @@ class WorkClaims:
                     held.add((sample_id, fingerprint))
                     holders[sample_id, fingerprint] = who
                 continue
-            try:  # nobody holds it: its process died before committing the unit
+            try:  # nobody holds it: its process died before committing those rows
                 (self.folder / f"{name}.json").unlink(missing_ok=True)
                 (self.folder / f".{name}.tmp").unlink(missing_ok=True)
             finally:
@@ -135,33 +135,24 @@ class WorkClaims:
 
 
 class ClaimedBatches:
-    """A DataLoader batch sampler over claimed units: the batches of ``first``, then, as the loader asks for more,
-    the batches of each next unit it claims, until nothing is left to claim.
+    """A DataLoader batch sampler over claims: the batch of ``first``, then, as the loader asks for more, the batch of
+    each next claim, until nothing is left to claim.
 
-    The loader may run ahead of the consumer (prefetching, worker processes); :meth:`batch_done`, called once per
-    batch the consumer finished, returns the claim whose last batch that was, so the consumer releases each claim
-    once the unit's rows are committed.
+    The loader may run ahead of the consumer (prefetching, worker processes); :meth:`claim_of_next` gives the
+    consumer, in order, the claim of each batch it receives, so it releases each claim once its rows are committed.
     """
 
-    def __init__(self, claims: WorkClaims, first: Claim, batch_size: int):
+    def __init__(self, claims: WorkClaims, first: Claim):
         self.claims = claims
         self.first = first
-        self.batch_size = batch_size
-        self._units: queue.SimpleQueue[tuple[Claim, int]] = queue.SimpleQueue()  # loader thread -> consumer
-        self._current: Claim | None = None
-        self._left = 0
+        self._claims: queue.SimpleQueue[Claim] = queue.SimpleQueue()  # loader thread -> consumer
 
     def __iter__(self) -> Iterator[list[int]]:
         claim: Claim | None = self.first
         while claim is not None:
-            size, positions = self.batch_size, claim.positions
-            batches = [positions[i : i + size] for i in range(0, len(positions), size)]
-            self._units.put((claim, len(batches)))
-            yield from batches
+            self._claims.put(claim)
+            yield claim.positions
             claim = self.claims.take()
 
-    def batch_done(self) -> Claim | None:
-        if self._left == 0:
-            self._current, self._left = self._units.get_nowait()
-        self._left -= 1
-        return self._current if self._left == 0 else None
+    def claim_of_next(self) -> Claim:
+        return self._claims.get_nowait()

@@ -241,15 +241,14 @@ def _extract(
 ) -> _Work:
     """Extract the samples of ``keys`` into ``store``, sharing them with any other process extracting into it.
 
-    Work is claimed one unit (whole batches, at most a shard) at a time; each pass streams claimed units through
-    the loader until nothing is left to claim, then the process waits for the units others still hold (taking
-    over those of a process that died) and makes another pass if any came free.
+    Work is claimed one batch at a time (claims.py); each pass streams claimed batches through the loader until
+    nothing is left to claim and hands its last rows to the writer, then the process waits for the batches others
+    still hold (taking over those of a process that died) and makes another pass if any came free.
     """
     rows = pd.DataFrame({"sample_id": [k[0] for k in keys], "path": paths, "clip_start": starts})
     dataset = MediaDataset(rows, exp.data, Preprocess(encoder.input_spec, exp.data, train=False))
     device = config_device(exp.features.device, "features.device")
-    size = exp.features.batch_size
-    claims = WorkClaims(store, keys, unit=size * max(1, exp.features.shard_size // size))
+    claims = WorkClaims(store, keys, exp.features.batch_size)
     work = _Work()
     rate = Throughput(len(keys), on_batch)
     was_training = encoder.training
@@ -261,8 +260,8 @@ def _extract(
     try:
         with bar, torch.inference_mode(), store.writer(exp.features.shard_size) as writer:
             task = bar.add_task(encoder.name, total=len(keys))
-            while (first := _next_unit(claims, bar, task, encoder.name)) is not None:
-                sampler = ClaimedBatches(claims, first, size)
+            while (first := _next_batch(claims, bar, task, encoder.name)) is not None:
+                sampler = ClaimedBatches(claims, first)
                 loader = DataLoader(dataset, batch_sampler=sampler, num_workers=exp.data.num_workers,
                                     collate_fn=collate_samples, pin_memory=device.type == "cuda")
                 rate.start_pass()
@@ -285,9 +284,9 @@ def _extract(
                         work.stages.preprocess += batch["seconds"][1]
                         rate.batch(n)
                         bar.update(task, completed=rate.done + claims.done_elsewhere)
-                        if (unit := sampler.batch_done()) is not None:  # its rows are all in: release once committed
-                            writer.submit(then=partial(claims.release, unit))
+                        writer.after_commit(partial(claims.release, sampler.claim_of_next()))
                 work.stages.input_wait += batches.wait_seconds
+                writer.submit()  # others may wait for these rows' claims while this process waits for theirs
     finally:
         claims.release_all()  # after the writer committed what was computed (also on errors)
         encoder.train(was_training)
@@ -297,8 +296,8 @@ def _extract(
     return work
 
 
-def _next_unit(claims: WorkClaims, bar: Progress, task: Any, name: str) -> Claim | None:
-    """Claim the next unit, waiting while other processes hold the samples still missing; None when all are stored."""
+def _next_batch(claims: WorkClaims, bar: Progress, task: Any, name: str) -> Claim | None:
+    """Claim the next batch, waiting while other processes hold the samples still missing; None when all are stored."""
     while (claim := claims.take()) is None and claims.waiting_on:
         bar.update(task, description=f"{name} (waiting for {', '.join(claims.waiting_on)})")
         time.sleep(WAIT_SECONDS)

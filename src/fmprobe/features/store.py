@@ -7,7 +7,7 @@ Layout of ``<cache_dir>/<key>/``::
                            L<i>.mean.npy [n, D] f32, L<i>.cls.npy [n, D] f32 (if the encoder has a CLS),
                            L<i>.tokens.npy [n, Ntok, D] f16 (if features.store_tokens); i indexes config layers
     tmp-<uuid>/ + .lock    a shard being written; renamed to shard-<n> when complete
-    claims/                units of work claimed by running extractions (features/claims.py)
+    claims/                batches claimed by running extractions (features/claims.py)
 
 A shard is written in a temp dir and renamed under the store lock, so readers never see half a shard and
 two processes never take the same number. A temp dir whose lock nobody holds was left by a killed
@@ -171,8 +171,9 @@ class StoreIndex:
 class ShardWriter:
     """Buffers at most ``shard_size`` samples, then writes them as one shard in a background thread while the
     caller goes on encoding. One shard is written while the next one fills, so memory stays bounded (two shards)
-    and shards are committed in the order they were filled. Use it as a context manager: leaving it writes what is
-    buffered and waits for every write, also on errors (what was computed is kept)."""
+    and shards are committed in the order they were filled; :meth:`after_commit` tells when rows are stored. Use
+    it as a context manager: leaving it writes what is buffered and waits for every write, also on errors (what
+    was computed is kept)."""
 
     def __init__(self, store: FeatureStore, shard_size: int):
         self.store = store
@@ -182,6 +183,7 @@ class ShardWriter:
         self._fingerprints: list[str] = []
         self._skipped: list[tuple[str, str, str]] = []
         self._grids: dict[str, tuple[int, int, int]] = {}
+        self._callbacks: list[Callable[[], None]] = []  # to run once the buffered rows are committed
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="fmprobe-shard-writer")
         self._writes: list[Future[None]] = []
         self.committed = 0  # rows committed (counted by the writer thread; read them after close)
@@ -228,26 +230,31 @@ class ShardWriter:
     def skip(self, sample_id: str, fingerprint: str, reason: str) -> None:
         self._skipped.append((sample_id, fingerprint, reason))
 
-    def submit(self, then: Callable[[], None] | None = None) -> None:
-        """Hand what is buffered (if anything) to the background writer. ``then`` runs in the writer thread once
-        these rows and every earlier shard are committed, or failed to be (the error is raised by the next
-        :meth:`submit`, :meth:`flush` or :meth:`close`)."""
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in the writer thread once every row added and every skip recorded so far is committed,
+        or failed to be (the error is raised by the next :meth:`submit`, :meth:`flush` or :meth:`close`)."""
+        if self._ids or self._skipped:
+            self._callbacks.append(callback)
+        else:  # all of it was handed to the writer already: run after those writes
+            self._writes.append(self._thread.submit(callback))
+
+    def submit(self) -> None:
+        """Hand what is buffered (if anything) to the background writer, without waiting for it."""
         n = len(self._ids)
-        if n or self._skipped:
-            meta = {
-                "sample_ids": self._ids,
-                "fingerprints": self._fingerprints,
-                "grids": {layer: list(grid) for layer, grid in self._grids.items()} if n else {},
-                "cls": any(file.endswith(".cls") for file in self._buffers),
-                "skipped": [list(s) for s in self._skipped],
-            }
-            arrays = {file: buffer[:n] for file, buffer in self._buffers.items()} if n else {}
-            self._wait()  # the previous shard is written before this one: two buffers at most
-            self._buffers = {}  # the write owns these now
-            self._writes.append(self._thread.submit(self._write, arrays, meta))
-            self._ids, self._fingerprints, self._skipped, self._grids = [], [], [], {}
-        if then is not None:
-            self._writes.append(self._thread.submit(then))
+        if n == 0 and not self._skipped:
+            return
+        meta = {
+            "sample_ids": self._ids,
+            "fingerprints": self._fingerprints,
+            "grids": {layer: list(grid) for layer, grid in self._grids.items()} if n else {},
+            "cls": any(file.endswith(".cls") for file in self._buffers),
+            "skipped": [list(s) for s in self._skipped],
+        }
+        arrays = {file: buffer[:n] for file, buffer in self._buffers.items()} if n else {}
+        self._wait()  # the previous shard is written before this one: two buffers at most
+        self._writes.append(self._thread.submit(self._write, arrays, meta, self._callbacks))
+        self._buffers = {}  # the write owns these now
+        self._ids, self._fingerprints, self._skipped, self._grids, self._callbacks = [], [], [], {}, []
 
     def flush(self) -> None:
         """Write what is buffered and wait until every shard is committed."""
@@ -260,11 +267,15 @@ class ShardWriter:
         finally:
             self._thread.shutdown(wait=True)
 
-    def _write(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    def _write(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], callbacks: list[Callable[[], None]]) -> None:
         start = time.perf_counter()
-        self.store.write_shard(arrays, meta)
-        self.committed += len(meta["sample_ids"])
-        self.write_seconds += time.perf_counter() - start
+        try:
+            self.store.write_shard(arrays, meta)
+            self.committed += len(meta["sample_ids"])
+        finally:
+            self.write_seconds += time.perf_counter() - start
+            for callback in callbacks:
+                callback()
 
     def _wait(self) -> None:
         """Wait for every submitted task; raise the first error."""
