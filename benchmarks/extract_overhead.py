@@ -10,6 +10,7 @@ Last line: ``extract_efficiency=<median of bare ÷ fmprobe time at the default n
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -141,7 +142,8 @@ def main() -> None:
             ratios = [r for r, _, _ in pairs]
             print(f"num_workers={workers}{' (default)' if workers == DEFAULT_WORKERS else ''}, {repeats} repeats: "
                   f"ratio {spread(ratios)}; bare {spread([N_IMAGES / b for _, b, _ in pairs], '{:.1f}')} img/s; "
-                  f"fmprobe {spread([N_IMAGES / r.seconds for _, _, r in pairs], '{:.1f}')} img/s", flush=True)
+                  f"fmprobe {spread([N_IMAGES / r.seconds for _, _, r in pairs], '{:.1f}')} img/s; load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
             if workers == DEFAULT_WORKERS:
                 headline = statistics.median(ratios)
                 _, bare, result = sorted(pairs, key=lambda p: p[0])[len(pairs) // 2]
