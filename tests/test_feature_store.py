@@ -214,11 +214,12 @@ def test_a_dead_claimants_batch_is_taken_over_at_once(tmp_path):
     root = tmp_path / "k"
     dead = WorkClaims(FeatureStore(root, _description()), _keys(6), batch_size=4)
     batch = dead.take()
-    batch.lock.release()  # what the operating system does when the claimant dies; its claim file stays
     alive = WorkClaims(FeatureStore(root, _description()), _keys(6), batch_size=4)
-    taken = alive.take()
-    assert taken.positions == [0, 1, 2, 3] and not (root / "claims" / f"{batch.name}.json").exists()
-    assert alive.take().positions == [4, 5]
+    assert alive.take().positions == [4, 5]  # passes over the live claim
+    assert alive.take() is None and alive.waiting_on == [f"pid {os.getpid()} on {socket.gethostname()}"]
+    batch.lock.release()  # what the operating system does when the claimant dies; its claim file stays
+    assert alive.take().positions == [0, 1, 2, 3]  # the whole batch, as the dead process had it
+    assert not (root / "claims" / f"{batch.name}.json").exists()
 
 
 # --- fingerprints --------------------------------------------------------------------------------------

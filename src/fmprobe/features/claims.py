@@ -54,7 +54,8 @@ class WorkClaims:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.waiting_on: list[str] = []  # who holds the samples still pending when take() found nothing to claim
         self.done_elsewhere = 0  # samples found stored by another process
-        self._open = list(range(len(self.keys)))  # positions neither stored nor claimed by this object
+        self._next = 0  # positions from here on were never looked at
+        self._held_back: list[int] = []  # earlier positions that another process held when last looked at
         self._mine: dict[str, Claim] = {}
         self._done: set[SampleKey] = set()
         self._seen_shards: set[str] = set()
@@ -68,19 +69,26 @@ class WorkClaims:
                 self._done.update(zip(meta["sample_ids"], meta["fingerprints"]))
                 self._done.update((sample_id, fp) for sample_id, fp, _ in meta["skipped"])
             held, holders = self._live_claims()
-            positions, kept = [], []
-            for j, p in enumerate(self._open):
-                if len(positions) == self.batch_size:
-                    kept.extend(self._open[j:])
-                    break
+            positions: list[int] = []
+            earlier, self._held_back = self._held_back, []
+
+            def look_at(p: int) -> None:
                 if self.keys[p] in self._done:
                     self.done_elsewhere += 1
                 elif self.keys[p] in held:
-                    kept.append(p)
+                    self._held_back.append(p)
                 else:
                     positions.append(p)
-            self._open = kept
-            self.waiting_on = sorted({holders[self.keys[p]] for p in kept if self.keys[p] in held})
+
+            for i, p in enumerate(earlier):  # in order: a batch taken over from a dead process comes back whole
+                if len(positions) == self.batch_size:
+                    self._held_back.extend(earlier[i:])
+                    break
+                look_at(p)
+            while len(positions) < self.batch_size and self._next < len(self.keys):
+                self._next += 1
+                look_at(self._next - 1)
+            self.waiting_on = sorted({holders[self.keys[p]] for p in self._held_back}) if not positions else []
             return self._claim(positions) if positions else None
 
     def release(self, claim: Claim) -> None:
