@@ -2,7 +2,7 @@
 
 Tiny images and a tiny random-init DINOv2 keep it fast; tokens are stored (the largest arrays), shards of
 the default 256 rows. Each child reports its own peak RSS (ru_maxrss); the sizes alternate over ``REPEATS`` rounds
-and each size's peak is printed as min / median / max over them.
+and each size's peak is printed as min / median / max over them (benchmarks/timing.py).
 Last line: ``rss_growth=<median peak 4k ÷ median peak 1k>`` (goal <= 1.10).
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from timing import load_average, median, ratios, spread
 
 SIZES = (1000, 4000)
 REPEATS = 3
@@ -75,12 +75,10 @@ def main() -> None:
                 print(f"repeat {rep}, {n} samples: peak RSS {peaks[n][-1]:.0f} MiB, extraction {report['seconds']:.1f} "
                       f"s, stored on disk {report['stored_bytes'] / 2**20:.1f} MiB", flush=True)
         for n, values in peaks.items():
-            print(f"{n} samples: peak RSS min {min(values):.0f} / median {statistics.median(values):.0f} / max "
-                  f"{max(values):.0f} MiB")
-        growth = [big / small for small, big in zip(peaks[SIZES[0]], peaks[SIZES[1]])]
-        print(f"growth per repeat: min {min(growth):.3f} / median {statistics.median(growth):.3f} / "
-              f"max {max(growth):.3f}")
-        print(f"rss_growth={statistics.median(peaks[SIZES[1]]) / statistics.median(peaks[SIZES[0]]):.3f}")
+            print(f"{n} samples: peak RSS {spread(values, 'MiB', 0)}")
+        print(f"growth per repeat: {spread(ratios(peaks[SIZES[1]], peaks[SIZES[0]]), unit='')}; {load_average()}")
+        print(f"rss_growth={median(peaks[SIZES[1]]) / median(peaks[SIZES[0]]):.3f}")
+
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":

@@ -2,27 +2,31 @@
 
 Same model, same batches: the bare loop runs on preprocessed tensors already in memory; fmprobe reads PNG files
 from disk, fingerprints them, preprocesses, encodes and writes fp16 tokens + pooled features into a fresh cache.
-The machine is shared, so each repeat times a bare pass and an fmprobe pass back to back (in alternating order)
-and the ratio is taken per pair; per ``data.num_workers`` setting the benchmark prints min / median / max over the
-repeats, then where fmprobe's time went at the default setting (what the gap to the bare loop is made of).
+The machine is shared, so each repeat times a bare pass and an fmprobe pass back to back (in alternating order,
+benchmarks/timing.py) and the ratio is taken per repeat; per ``data.num_workers`` setting the benchmark prints
+min / median / max over the repeats, then where fmprobe's time went at the default setting (what the gap to the bare
+loop is made of).
 Last line: ``extract_efficiency=<median of bare ÷ fmprobe time at the default num_workers>`` (goal >= 0.95).
+``--timm``: the same at the default setting for a random-init timm ViT-S/16 (``model.kind: timm``) against timm's
+``forward_features``.
 """
 
 from __future__ import annotations
 
-import os
-import statistics
+import itertools
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from timing import interleaved, load_average, median, ratios, spread
 from transformers import Dinov2Config, Dinov2Model
 
 from fmprobe.backbones.registry import load_encoder
+from fmprobe.backbones.timm_encoder import TimmEncoder
 from fmprobe.config import DataConfig, ModelConfig, parse_config
 from fmprobe.data.manifest import load_manifest
 from fmprobe.data.readers import read_media
@@ -48,15 +52,26 @@ def write_images(folder: Path, n: int = N_IMAGES) -> Path:
     return manifest
 
 
-def save_vits14(folder: Path) -> Path:
+def vits14(tmp: Path) -> tuple[dict, object]:
     """A random-init ViT-S/14 (DINOv2-small's shape: the speed does not depend on the weights)."""
     torch.manual_seed(0)
     Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                             patch_size=14, image_size=224)).save_pretrained(folder)
-    return folder
+                             patch_size=14, image_size=224)).save_pretrained(tmp / "vits14")
+    section = {"name": str(tmp / "vits14")}
+    return section, load_encoder(ModelConfig(**section))
 
 
-def experiment(manifest: Path, model_name: str, cache: Path, workers: int | None):
+def timm_vits16(tmp: Path) -> tuple[dict, object]:
+    """A random-init timm ViT-S/16 at 224 px saved as a state dict, loaded through ``model.kind: timm``."""
+    import timm
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), tmp / "vits16.pth")
+    section = {"kind": "timm", "name": "vit_small_patch16_224", "weights": str(tmp / "vits16.pth")}
+    return section, load_encoder(ModelConfig(**section))
+
+
+def experiment(manifest: Path, model: dict, cache: Path, workers: int | None):
     data = {"manifest": str(manifest), "group_column": None, "split_column": None}
     if workers is not None:
         data["num_workers"] = workers
@@ -64,14 +79,14 @@ def experiment(manifest: Path, model_name: str, cache: Path, workers: int | None
         "name": "bench",
         "data": data,
         "task": {"type": "binary", "targets": ["y"]},
-        "model": {"name": model_name},
+        "model": model,
         "features": {"cache_dir": str(cache), "batch_size": BATCH},
     })
 
 
-def bare_batches(encoder, manifest_path: Path) -> list[torch.Tensor]:
+def bare_batches(encoder, manifest_path: Path, model: dict) -> list[torch.Tensor]:
     """The preprocessed images in memory, batched: the bare loop's input."""
-    exp = experiment(manifest_path, "unused", Path("unused"), None)
+    exp = experiment(manifest_path, model, Path("unused"), None)
     manifest = load_manifest(exp.data, exp.task)
     preprocess = Preprocess(encoder.input_spec, exp.data, train=False)
     pixels = torch.stack([preprocess(read_media(p, exp.data, sample_id=s)) for s, p in
@@ -79,13 +94,12 @@ def bare_batches(encoder, manifest_path: Path) -> list[torch.Tensor]:
     return list(pixels.split(BATCH))
 
 
-def bare_seconds(encoder, batches: list[torch.Tensor]) -> float:
+def bare_loop(encoder, batches: list[torch.Tensor]) -> None:
     model = encoder.model
-    start = time.perf_counter()
+    forward = model.forward_features if isinstance(encoder, TimmEncoder) else lambda x: model(pixel_values=x)
     with torch.inference_mode():
         for x in batches:
-            model(pixel_values=x)
-    return time.perf_counter() - start
+            forward(x)
 
 
 def extract(exp, encoder) -> Extraction:
@@ -94,61 +108,63 @@ def extract(exp, encoder) -> Extraction:
     return result
 
 
-def spread(values: list[float], fmt: str = "{:.3f}") -> str:
-    return "min {} / median {} / max {}".format(*(fmt.format(v) for v in
-                                                 (min(values), statistics.median(values), max(values))))
-
-
-def explain(bare: float, result: Extraction) -> None:
-    """Where fmprobe's wall time went, against the bare loop's time on the same batches."""
+def explain(bare: float, seconds: float, result: Extraction) -> None:
+    """Where fmprobe's wall time (``seconds``, the call) went, against the bare loop's time on the same batches."""
     s = result.stages
     loop = s.forward + s.pooling + s.buffer + s.input_wait + s.write_wait
-    setup = result.seconds - loop  # fingerprints, cache scan, loader start, final index
-    print(f"  where the time went (the repeat with the median ratio: {result.seconds:.2f} s, bare loop {bare:.2f} s):")
+    setup = seconds - loop  # manifest, fingerprints, cache scan, loader start, final index
+    print(f"  where the time went (the repeat with the median ratio: {seconds:.2f} s, bare loop {bare:.2f} s):")
     print("    on the encoder's thread: forward {:.2f} s (bare loop {:.2f} s: {:+.2f} s taken by the other stages' CPU "
           "use and the encoder's own outputs), pooling {:.2f} s, copy into shard buffers {:.2f} s, waiting for input "
           "{:.2f} s, waiting for a shard write {:.2f} s".format(s.forward, bare, s.forward - bare, s.pooling, s.buffer,
                                                                 s.input_wait, s.write_wait))
-    print(f"    outside the loop: {setup:.2f} s (fingerprints, cache scan, loader start-up, index of the result)")
+    print(f"    outside the loop: {setup:.2f} s (manifest, fingerprints, cache scan, loader start-up, index of the "
+          "result)")
     print(f"    beside the encoder (overlapped, they cost only through the waits and their CPU): read+decode "
           f"{s.read:.2f} s, preprocess {s.preprocess:.2f} s, shard writes {s.write:.2f} s")
-    print(f"    the forward pass took {s.forward / result.seconds:.1%} of fmprobe's wall time (the rest is the gap "
-          "to a bare loop that is not noise)")
-    print(f"    gap {result.seconds - bare:+.2f} s = forward {s.forward - bare:+.2f} + pooling {s.pooling:.2f} + "
+    print(f"    the forward pass took {s.forward / seconds:.1%} of fmprobe's wall time")
+    print(f"    gap {seconds - bare:+.2f} s = forward {s.forward - bare:+.2f} + pooling {s.pooling:.2f} + "
           f"buffer {s.buffer:.2f} + waits {s.input_wait + s.write_wait:.2f} + outside the loop {setup:.2f}")
 
 
+def measure(model: dict, encoder, manifest: Path, tmp: Path, settings: dict[int, int]) -> float:
+    """Per ``num_workers`` setting, interleaved repeats of a bare pass and an fmprobe pass into a fresh cache; prints
+    their spread and, at the default setting, where the time went. Returns the median ratio at the default."""
+    batches = bare_batches(encoder, manifest, model)
+    bare_loop(encoder, batches[:2])  # warm-up
+    headline, caches = float("nan"), itertools.count()
+    for workers, repeats in settings.items():
+        runs: list[Extraction] = []
+
+        def fmprobe(runs: list[Extraction] = runs, workers: int = workers) -> None:
+            runs.append(extract(experiment(manifest, model, tmp / f"cache-{next(caches)}", workers), encoder))
+
+        times, _ = interleaved({"bare": lambda: bare_loop(encoder, batches), "fmprobe": fmprobe}, repeats)
+        per_repeat = ratios(times["bare"], times["fmprobe"])
+        default = " (default)" if workers == DEFAULT_WORKERS else ""
+        print(f"num_workers={workers}{default}: ratio {spread(per_repeat, unit='')}; "
+              f"bare {spread([N_IMAGES / t for t in times['bare']], 'img/s', 1)}; "
+              f"fmprobe {spread([N_IMAGES / t for t in times['fmprobe']], 'img/s', 1)}; {load_average()}", flush=True)
+        if workers == DEFAULT_WORKERS:
+            headline = median(per_repeat)
+            mid = sorted(range(repeats), key=per_repeat.__getitem__)[repeats // 2]
+            explain(times["bare"][mid], times["fmprobe"][mid], runs[mid])
+    return headline
+
+
 def main() -> None:
-    print(f"torch threads {torch.get_num_threads()}, {N_IMAGES} PNG {SIZE}x{SIZE}, batch {BATCH}, random-init "
-          f"ViT-S/14; default data.num_workers = {DEFAULT_WORKERS}", flush=True)
+    use_timm = "--timm" in sys.argv
+    name = "random-init timm ViT-S/16" if use_timm else "random-init ViT-S/14"
+    print(f"torch threads {torch.get_num_threads()}, {N_IMAGES} PNG {SIZE}x{SIZE}, batch {BATCH}, {name}; default "
+          f"data.num_workers = {DEFAULT_WORKERS}; {load_average()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "img").mkdir()
         manifest = write_images(tmp / "img")
-        model_dir = save_vits14(tmp / "vits14")
-        encoder = load_encoder(ModelConfig(name=str(model_dir)))
-        batches = bare_batches(encoder, manifest)
-        bare_seconds(encoder, batches[:2])  # warm-up
-        headline = None
-        for workers, repeats in SETTINGS.items():
-            pairs = []
-            for rep in range(repeats):
-                exp = experiment(manifest, str(model_dir), tmp / f"cache-{workers}-{rep}", workers)
-                if rep % 2:
-                    result, bare = extract(exp, encoder), bare_seconds(encoder, batches)
-                else:
-                    bare, result = bare_seconds(encoder, batches), extract(exp, encoder)
-                pairs.append((bare / result.seconds, bare, result))
-            ratios = [r for r, _, _ in pairs]
-            print(f"num_workers={workers}{' (default)' if workers == DEFAULT_WORKERS else ''}, {repeats} repeats: "
-                  f"ratio {spread(ratios)}; bare {spread([N_IMAGES / b for _, b, _ in pairs], '{:.1f}')} img/s; "
-                  f"fmprobe {spread([N_IMAGES / r.seconds for _, _, r in pairs], '{:.1f}')} img/s; load average "
-                  f"{os.getloadavg()[0]:.1f}", flush=True)
-            if workers == DEFAULT_WORKERS:
-                headline = statistics.median(ratios)
-                _, bare, result = sorted(pairs, key=lambda p: p[0])[len(pairs) // 2]
-                explain(bare, result)
-        print(f"extract_efficiency={headline:.3f}")
+        model, encoder = (timm_vits16 if use_timm else vits14)(tmp)
+        settings = {DEFAULT_WORKERS: SETTINGS[DEFAULT_WORKERS]} if use_timm else SETTINGS
+        headline = measure(model, encoder, manifest, tmp, settings)
+    print(f"extract_efficiency={headline:.3f}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each child process imports fmprobe, loads the model and waits at a barrier; the parent releases the barrier and
 takes the time until the last child has finished extracting. Children run one torch thread each, so one process
 uses one core and two processes fill the machine's 2 cores. Each repeat extracts the same images into a fresh cache
-with one process, then into another fresh cache with two, back to back (the machine is shared); the benchmark prints
+with one process and into another fresh cache with two, back to back, the order alternating from one repeat to the
+next (the machine is shared; timing helpers in benchmarks/timing.py); the benchmark prints
 min / median / max of the ratio over the repeats, each process's share and the rows stored per sample (1.00: each
 sample stored once), and the same ratio in CPU time of the busiest process (what the wall ratio is when each
 process has a free core: on a machine shared with other work, the wall ratio also measures their load).
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from timing import load_average, median, ratios, spread
 
 N_IMAGES, SIZE, BATCH, SHARD, REPEATS = 96, 224, 8, 16, 3
 
@@ -33,7 +34,7 @@ def child(manifest: str, model_dir: str, cache: str, folder: str) -> None:
     import torch
 
     from fmprobe.backbones.registry import load_encoder
-    from fmprobe.config import ModelConfig, parse_config
+    from fmprobe.config import parse_config
     from fmprobe.data.manifest import load_manifest
     from fmprobe.features.extract import run_extraction
 
@@ -107,28 +108,27 @@ def main() -> None:
             rows.append({"sample_id": f"s{i:04d}", "path": str(path), "y": i % 2})
         manifest = tmp / "manifest.csv"
         pd.DataFrame(rows).to_csv(manifest, index=False)
-        ratios, cpu_ratios, ones, twos, stored = [], [], [], [], []
+        ones, twos, one_cpus, two_cpus, stored = [], [], [], [], []
         for rep in range(REPEATS):
-            one, one_cpu, _ = timed(1, manifest, tmp / "model", tmp / f"one-{rep}", tmp / f"barrier-one-{rep}")
-            two, two_cpu, split = timed(2, manifest, tmp / "model", tmp / f"two-{rep}", tmp / f"barrier-two-{rep}")
-            ratios.append(two / one)
-            cpu_ratios.append(two_cpu / one_cpu)
-            ones.append(one)
-            twos.append(two)
-            stored.append(stored_rows(tmp / f"two-{rep}") / N_IMAGES)
-            print(f"repeat {rep}: one process {one:.2f} s, two processes {two:.2f} s (extracted {split[0]} + "
-                  f"{split[1]}), ratio {two / one:.3f}; busiest process's CPU time two ÷ one {cpu_ratios[-1]:.3f}; "
-                  f"rows stored per sample {stored[-1]:.2f}; load average {os.getloadavg()[0]:.1f}", flush=True)
+            for n in (1, 2) if rep % 2 == 0 else (2, 1):
+                wall, cpu, extracted = timed(n, manifest, tmp / "model", tmp / f"cache-{n}-{rep}", tmp / f"go-{n}-{rep}")
+                (ones if n == 1 else twos).append(wall)
+                (one_cpus if n == 1 else two_cpus).append(cpu)
+                if n == 2:
+                    split = extracted
+            stored.append(stored_rows(tmp / f"cache-2-{rep}") / N_IMAGES)
+            print(f"repeat {rep}: one process {ones[-1]:.2f} s, two processes {twos[-1]:.2f} s (extracted {split[0]} + "
+                  f"{split[1]}), ratio {twos[-1] / ones[-1]:.3f}; busiest process's CPU time two ÷ one "
+                  f"{two_cpus[-1] / one_cpus[-1]:.3f}; rows stored per sample {stored[-1]:.2f}; {load_average()}",
+                  flush=True)
+        wall_ratios = ratios(twos, ones)
+        print(f"one process: {spread(ones)}; two processes: {spread(twos)}")
+        print(f"rows stored per sample with two processes: {spread(stored, unit='')}")
+        print(f"CPU time of the busiest of two processes ÷ one process's: {spread(ratios(two_cpus, one_cpus), unit='')}"
+              " (the wall ratio on a machine with a free core per process)")
+        print(f"wall ratio two ÷ one: {spread(wall_ratios, unit='')}; {load_average()}")
+        print(f"two_process_wall_ratio={median(wall_ratios):.3f}")
 
-        def spread(values: list[float]) -> str:
-            return f"min {min(values):.3f} / median {statistics.median(values):.3f} / max {max(values):.3f}"
-
-        print(f"one process: {spread(ones)} s; two processes: {spread(twos)} s")
-        print(f"rows stored per sample with two processes: {spread(stored)}")
-        print(f"CPU time of the busiest of two processes ÷ one process's: {spread(cpu_ratios)} (the wall ratio on a "
-              "machine with a free core per process)")
-        print(f"wall ratio two ÷ one: {spread(ratios)}")
-        print(f"two_process_wall_ratio={statistics.median(ratios):.3f}")
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":

@@ -1,30 +1,32 @@
-"""HeadBank: 8 heads trained together in one pass vs the same 8 heads trained one by one with ``train_head``.
+"""HeadBank: 8 heads trained together in one pass vs the same 8 heads trained one by one.
 
-Same data (synthetic DINOv2-S-sized cls+mean features, a 3-label multilabel task), same epochs, batches,
-schedule and seed; the grid is linear heads x 4 learning rates x 2 weight decays. Both sides run in this one
-process, interleaved, best of ``REPEATS`` (the machine is shared). The separate runs score each head per epoch
-with ``TaskMetric.weighted``, the bank all heads at once with ``TaskMetric.stacked`` (same values, tested). The
-bank reproduces each separate run's weights (checked here, max |difference| printed). ``--threads`` sets torch's intra-op threads for both sides
-(default 1: on a loaded shared machine torch's thread-pool wake-ups dominate such small kernels and make both
-timings noise). Last line: ``headbank_speedup=<separate seconds / bank seconds>`` (goal >= 4).
+Both sides go through the training core (``train.heads.fit_heads``): one call with the 8 members (fused stacked
+tensors, one optimizer step and one metric call for all of them) against 8 calls of one member each. Same data
+(synthetic DINOv2-S-sized cls+mean features, a 3-label multilabel task), same epochs, batches, schedule and seed;
+the grid is linear heads x 4 learning rates x 2 weight decays. Both sides run in this one process, interleaved
+repeat by repeat (the machine is shared); figures are medians. The bank reproduces each separate run's weights
+(checked here, max |difference| printed). ``--threads`` sets torch's intra-op threads for both sides (default 1:
+on a loaded shared machine torch's thread-pool wake-ups dominate such small kernels and make both timings noise).
+Last line: ``headbank_speedup=<separate seconds / bank seconds>`` (goal >= 4).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from timing import interleaved, median, spread
 
 from fmprobe.config import HeadConfig, LossConfig, TaskConfig, TrainConfig
-from fmprobe.evaluate.bootstrap import TaskMetric
-from fmprobe.heads import build_head
-from fmprobe.heads.bank import head_grid, train_bank
+from fmprobe.evaluate.task import TaskMetric
+from fmprobe.heads.bank import head_grid
+from fmprobe.train.heads import fit_heads
 from fmprobe.train.losses import build_loss
-from fmprobe.train.trainer import HeadData, train_head
+from fmprobe.train.scoring import TaskScorer
+from fmprobe.train.sources import HeadData
 
-N_TRAIN, N_VAL, DIM, LABELS, EPOCHS, REPEATS = 2000, 500, 768, 3, 10, 3
+N_TRAIN, N_VAL, DIM, LABELS, EPOCHS = 2000, 500, 768, 3, 10
 LRS, WDS = [1e-4, 3e-4, 1e-3, 3e-3], [0.0, 1e-2]
 
 
@@ -37,53 +39,35 @@ def data(rng: np.random.Generator, w: np.ndarray, n: int) -> HeadData:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    torch.set_num_threads(parser.parse_args().threads)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     w = rng.normal(size=(DIM, LABELS))
     train, val = data(rng, w, N_TRAIN), data(rng, w, N_VAL)
     task = TaskConfig(type="multilabel", targets=["a", "b", "c"])
     metric = TaskMetric("multilabel", target_names=task.targets)
-
-    def score_fn(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
-        return {k: float(v[0]) for k, v in metric.weighted(y, s, np.ones((1, len(y)))).items()}
-
     cfg = TrainConfig(epochs=EPOCHS, batch_size=64, warmup_epochs=1)
     members = head_grid([HeadConfig(type="linear")], LRS, WDS)
     loss, _ = build_loss(LossConfig(), task, train.y)
-    common = dict(task_type="multilabel", loss=loss, seed=0, score_fn=score_fn, primary="map")
+    scorer = TaskScorer("multilabel", loss, metric.stacked, primary="map", lower_is_better=False)
 
-    def separate() -> dict:
-        out = {}
-        for m in members:
-            head = build_head(m.head, DIM, LABELS)
-            out[m.name] = train_head(head, train, val, cfg=cfg.model_copy(update={"lr": m.lr,
-                                     "weight_decay": m.weight_decay}), **common)  # fmt: skip
-        return out
+    def run(group: list) -> object:
+        return fit_heads(group, train, val, in_dim=DIM, out_dim=LABELS, task_type="multilabel", loss=loss, cfg=cfg,
+                         seed=0, scorer=scorer)[0]  # fmt: skip
 
-    def bank():
-        return train_bank(members, train, val, in_dim=DIM, out_dim=LABELS, cfg=cfg, **{**common, "score_fn": metric.stacked})
-
-    times = {"separate": [], "bank": []}
-    for _ in range(REPEATS):
-        for name, fn in (("separate", separate), ("bank", bank)):
-            start = time.perf_counter()
-            result = fn()
-            times[name].append(time.perf_counter() - start)
-            if name == "separate":
-                reference = result
-            else:
-                bank_result = result
-    diff = max(
-        float((reference[m.name].last_state[k] - bank_result.results[m.name].last_state[k]).abs().max())
-        for m in members for k in reference[m.name].last_state
-    )  # fmt: skip
-    t_sep, t_bank = min(times["separate"]), min(times["bank"])
+    times, results = interleaved({"separate": lambda: {m.name: run([m]).fits[0] for m in members},
+                                  "bank": lambda: run(members)}, args.repeats)  # fmt: skip
+    reference, bank = results["separate"], results["bank"]
+    diff = max(float((reference[m.name].last_state[k] - bank[m.name].last_state[k]).abs().max())
+               for m in members for k in reference[m.name].last_state)  # fmt: skip
     print(f"heads: {len(members)} ({', '.join(m.name for m in members)})")
     print(f"data: train {N_TRAIN} x {DIM}, val {N_VAL}, {LABELS} labels; epochs {EPOCHS}, batch 64; "
           f"threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"separate runs: {t_sep:.2f} s   bank: {t_bank:.2f} s   (best of {REPEATS})")
-    print(f"max |weight difference| bank vs separate: {diff:.2e}; best head on validation: {bank_result.best}")
-    print(f"headbank_speedup={t_sep / t_bank:.2f}")
+    for name, values in times.items():
+        print(f"{name:9s} {spread(values)}")
+    print(f"max |weight difference| bank vs separate: {diff:.2e}; best head on validation: {bank.names[bank.best]}")
+    print(f"headbank_speedup={median(times['separate']) / median(times['bank']):.2f}")
 
 
 if __name__ == "__main__":

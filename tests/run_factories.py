@@ -108,7 +108,8 @@ def add_fake_segmentation(run_dir: Path, decoders: dict[str, float], *, prior: f
     ``decoders``: {"segmentation": v} for a frozen run, else {head: v} (adapted: copied beside each head)."""
     import json
 
-    from fmprobe.evaluate.segmentation import SegCounts, SegResults, SegRun, summarise_segmentation
+    from fmprobe.evaluate.results import SegCounts, SegResults, SegRun
+    from fmprobe.evaluate.segmentation import summarise_segmentation
 
     def counts(iou: float, n: int = 8) -> SegCounts:
         union = np.full((n, 2), 100, np.int64)

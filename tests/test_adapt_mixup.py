@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fmprobe.adapt.mixup import Mix, apply_mix, draw_mix, soft_targets
-from fmprobe.adapt.sampling import balanced_weights, epoch_order
+from fmprobe.train.sampling import balanced_weights, epoch_order
 from fmprobe.adapt.tta import tta_scores
 from fmprobe.config import MixConfig, TTAConfig
 from fmprobe.errors import ConfigError

@@ -3,6 +3,7 @@ gradient checkpointing, and the runtime refusals."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from adapt_factories import clip, dinov2
@@ -10,7 +11,7 @@ from test_adapt_lora import experiment
 
 from fmprobe.adapt.finetune import runtime
 from fmprobe.adapt.model import AdaptModel
-from fmprobe.adapt.param_groups import set_lrs
+from fmprobe.train.optim import GroupAdamW
 from fmprobe.adapt.setup import prepare
 from fmprobe.config import HeadConfig
 from fmprobe.errors import ConfigError
@@ -72,13 +73,14 @@ def test_unfreeze_at_epoch_keeps_the_backbone_still_until_then():
                      train={"epochs": 3})  # fmt: skip
     enc = dinov2(blocks=2)
     _, prepared = trained(exp, enc)
-    optimizer = torch.optim.AdamW(prepared.groups, lr=0.0)
-    set_lrs(optimizer, step=1, total_steps=6)  # epoch 1 (2 steps per epoch)
-    assert all((g["lr"] == 0) == (g["kind"] == "backbone") for g in optimizer.param_groups)
+    optimizer = GroupAdamW(prepared.groups)
+    everyone = np.ones(1, dtype=bool)
+    optimizer.set_lrs(1, 6, everyone)  # epoch 1 (2 steps per epoch)
+    assert all((g["lr"] == 0) == (g["kind"] == "backbone") for g in optimizer.torch.param_groups)
     prepared.gate(1)
     assert not any(p.requires_grad for n, p in enc.model.named_parameters())
-    set_lrs(optimizer, step=2, total_steps=6)  # first step of epoch 2: backbone warmup starts at 1/2
-    backbone = [g for g in optimizer.param_groups if g["kind"] == "backbone"]
+    optimizer.set_lrs(2, 6, everyone)  # first step of epoch 2: backbone warmup starts at 1/2
+    backbone = [g for g in optimizer.torch.param_groups if g["kind"] == "backbone"]
     assert all(g["lr"] == pytest.approx(g["base_lr"] / 2) for g in backbone)
     prepared.gate(2)
     assert all(p.requires_grad for n, p in enc.model.named_parameters() if n.startswith("encoder.layer.1."))
@@ -101,15 +103,18 @@ def test_gradient_checkpointing_turns_on_and_keeps_gradients():
 
 
 @pytest.mark.parametrize("adapt, match", [
-    ({"strategy": "lora", "precision": "bf16"}, "precision bf16.*fp32 on CPU"),
-    ({"strategy": "lora", "device": "cuda"}, "no CUDA GPU"),
+    ({"strategy": "lora", "precision": "bf16", "device": "cpu"}, "precision bf16.*fp32 on CPU"),
     ({"strategy": "lora", "device": "nonsense"}, "not a torch device"),
 ])  # fmt: skip
-def test_runtime_refuses_what_the_machine_cannot_honour(adapt, match):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
+def test_runtime_refuses_what_no_machine_can_honour(adapt, match):
     with pytest.raises(ConfigError, match=match):
         runtime(experiment(**adapt))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: adapt.device cuda can be honoured")
+def test_runtime_refuses_cuda_without_a_gpu():
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        runtime(experiment(strategy="lora", device="cuda"))
 
 
 def test_frozen_refuses_adapt_keys_and_strategies_refuse_foreign_ones():

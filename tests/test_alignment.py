@@ -5,7 +5,8 @@ from itertools import permutations
 import numpy as np
 import pytest
 from scipy.spatial.distance import correlation as correlation_distance
-from scipy.stats import spearmanr
+from scipy.spatial.distance import pdist
+from scipy.stats import kendalltau, spearmanr
 
 from fmprobe.diagnostics.alignment import (
     METRICS,
@@ -21,7 +22,8 @@ from fmprobe.diagnostics.alignment import (
     rbf_cka,
     rsa,
 )
-from fmprobe.errors import FmprobeError
+from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
+from fmprobe.errors import ConfigError, FmprobeError
 
 
 def _rng(seed=0):
@@ -126,6 +128,28 @@ def test_rbf_cka_matches_loop_formula_and_depends_on_bandwidth():
     assert rbf_cka(x, x @ _rotation(3)) == pytest.approx(1.0)
 
 
+def _kornblith_gram_rbf(x, threshold):
+    """``gram_rbf`` of Kornblith et al.'s reference code (CKA demo notebook): the median of the squared distances
+    over the full n x n matrix, zero diagonal included."""
+    dot = x @ x.T
+    sq_norms = np.diag(dot)
+    sq_distances = -2 * dot + sq_norms[:, None] + sq_norms[None, :]
+    return np.exp(-sq_distances / (2 * threshold**2 * np.median(sq_distances)))
+
+
+@pytest.mark.parametrize("n", [7, 8])  # odd and even number of entries in the full matrix's median
+def test_rbf_full_matrix_median_reproduces_kornblith_reference_code(n):
+    x, y = _rng(40).normal(size=(n, 3)), _rng(41).normal(size=(n, 4))
+    y[:, 0] += np.cos(x[:, 1])
+    for threshold in (0.2, 0.4, 0.8):  # the fractions of the median distance Kornblith et al. compare
+        k, l = _kornblith_gram_rbf(x, threshold), _kornblith_gram_rbf(y, threshold)
+        ref = _hsic_biased_loops(k, l) / np.sqrt(_hsic_biased_loops(k, k) * _hsic_biased_loops(l, l))
+        assert rbf_cka(x, y, sigma_factor=threshold, median="full-matrix") == pytest.approx(ref, rel=1e-10)
+    # the two medians differ (the zero diagonal pulls the full matrix's median down), so the choice is recorded
+    assert rbf_cka(x, y, 0.4, "full-matrix") != pytest.approx(rbf_cka(x, y, 0.4, "distinct-pairs"))
+    assert debiased_cka(x, x, "rbf", 0.4, "full-matrix") == pytest.approx(1.0)
+
+
 def test_hsic_unbiased_matches_u_statistic_brute_force():
     x, y = _rng(6).normal(size=(6, 3)), _rng(7).normal(size=(6, 4))
     y[:, :2] += x[:, :2]
@@ -202,6 +226,17 @@ def test_rsa_matches_scipy_reference_and_identical_is_one():
     assert rsa(x, x) == pytest.approx(1.0)
     assert rsa(x, 2 * x + 1) == pytest.approx(1.0)
     assert rsa(x, x @ _rotation(5), distance="euclidean") == pytest.approx(1.0)
+
+
+def test_rsa_kendall_rank_correlation_matches_scipy_reference():
+    x, y = _rng(42).normal(size=(12, 5)), _rng(43).normal(size=(12, 4))
+    y[:, 0] += x[:, 0]
+    for distance, scipy_name in (("correlation", "correlation"), ("euclidean", "euclidean")):
+        ref = kendalltau(pdist(x, scipy_name), pdist(y, scipy_name)).statistic
+        assert rsa(x, y, distance, rank="kendall") == pytest.approx(ref, rel=1e-10)
+    assert rsa(x, y, rank="kendall") != pytest.approx(rsa(x, y, rank="spearman"))
+    with pytest.raises(FmprobeError, match="unknown rank correlation 'pearson'"):
+        rsa(x, y, rank="pearson")
 
 
 def test_rsa_correlation_refuses_constant_rows():
@@ -285,3 +320,51 @@ def test_load_representation(tmp_path):
         load_representation(tmp_path / "z.npz")
     with pytest.raises(FmprobeError, match="could not read"):
         load_representation(tmp_path / "missing.npy")
+
+
+# ------------------------------------------------------------------------------------ conventions
+
+
+def test_conventions_drive_every_metric_that_depends_on_them():
+    a = _rng(44).normal(size=(40, 6))
+    b = np.tanh(a @ _rng(45).normal(size=(6, 5))) + 0.5 * _rng(46).normal(size=(40, 5))
+    c = AlignmentConventions(knn_k=4, knn_metric="euclidean", rbf_sigma_factor=0.5, rbf_median="full-matrix",
+                             rsa_dissimilarity="euclidean", rsa_rank_correlation="kendall", r2_test_fraction=0.3)
+    got = align(a, b, seed=2, conventions=c)
+    assert got == {
+        "linear_cka": linear_cka(a, b),
+        "rbf_cka": rbf_cka(a, b, 0.5, "full-matrix"),
+        "debiased_cka": debiased_cka(a, b),
+        "debiased_rbf_cka": debiased_cka(a, b, "rbf", 0.5, "full-matrix"),
+        "mutual_knn": mutual_knn(a, b, k=4, metric="euclidean"),
+        "rsa": rsa(a, b, "euclidean", "kendall"),
+        "knn_recall": knn_recall(a, b, k=4, metric="euclidean"),
+        "linear_r2": linear_r2(a, b, seed=2, test_size=0.3),
+    }
+    default = align(a, b, seed=2)
+    changed = {m for m in got if got[m] != default[m]}
+    assert changed == set(METRICS) - {"linear_cka", "debiased_cka"}  # the linear kernels have no convention
+    m, _, _ = layer_alignment_matrix({"a": a}, {"b": b}, "mutual_knn", conventions=c)
+    assert m[0, 0] == got["mutual_knn"]
+
+
+def test_conventions_defaults_are_the_metric_functions_defaults_and_bad_values_are_refused():
+    a = _rng(47).normal(size=(30, 4))
+    b = a + _rng(48).normal(size=(30, 4))
+    assert DEFAULT == AlignmentConventions()
+    assert align(a, b) == align(a, b, conventions=AlignmentConventions(
+        knn_k=10, knn_metric="cosine", rbf_sigma_factor=1.0, rbf_median="distinct-pairs",
+        rsa_dissimilarity="correlation", rsa_rank_correlation="spearman", r2_test_fraction=0.2))
+    record = DEFAULT.record()
+    assert record["knn_k"] == 10 and record["rbf_median"] == "distinct-pairs"
+    assert "k = 10 nearest other samples by cosine similarity" in record["explained"]["mutual_knn, knn_recall"]
+    assert "sigma = 1 x the median Euclidean distance between distinct samples" in (
+        record["explained"]["rbf_cka, debiased_rbf_cka"])
+    assert "1 - Pearson correlation" in record["explained"]["rsa"] and "Spearman" in record["explained"]["rsa"]
+    for bad, match in (({"knn_k": 0}, r"knn_k \(--knn-k\) must be a whole number >= 1"),
+                       ({"rbf_sigma_factor": 0.0}, r"--rbf-sigma-factor\) must be > 0"),
+                       ({"rbf_median": "mean"}, r"--rbf-median\) must be one of distinct-pairs, full-matrix"),
+                       ({"rsa_rank_correlation": "pearson"}, "must be one of spearman, kendall"),
+                       ({"r2_test_fraction": 1.0}, r"must be in \(0, 1\)")):
+        with pytest.raises(ConfigError, match=match):
+            AlignmentConventions(**bad)

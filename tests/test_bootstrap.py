@@ -9,13 +9,9 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.bootstrap import (
-    TaskMetric,
-    bootstrap_metrics,
-    resample_weights,
-    scalar_metrics,
-    w_auroc,
-)
+from fmprobe.evaluate.bootstrap import bootstrap_metrics, resample_weights, scalar_metrics
+from fmprobe.evaluate.kernels import ranking
+from fmprobe.evaluate.task import TaskMetric
 from fmprobe.evaluate.compare import align_predictions, paired_bootstrap
 
 
@@ -23,10 +19,10 @@ class Auroc:
     """AUROC in its weighted Mann-Whitney form only (equality with sklearn is tested above), for speed."""
 
     def __call__(self, y, s):
-        return float(w_auroc(np.asarray(y), np.asarray(s), np.ones((1, len(y))))[0])
+        return float(ranking(np.asarray(y), np.asarray(s))[0][0])
 
     def weighted(self, y, s, w):
-        return w_auroc(np.asarray(y), np.asarray(s), w)
+        return ranking(np.asarray(y), np.asarray(s), w)[0]
 
 
 def _data(task, rng, n=60):

@@ -10,11 +10,12 @@ import pytest
 import torch
 import yaml
 from scipy.spatial.distance import pdist, squareform
-from scipy.stats import spearmanr
+from scipy.stats import kendalltau, spearmanr
 from sklearn.neighbors import NearestNeighbors
 from typer.testing import CliRunner
 
 from fmprobe.cli import app
+from fmprobe.diagnostics.alignment import knn_recall, linear_r2, mutual_knn, rbf_cka, rsa
 
 runner = CliRunner()
 
@@ -88,6 +89,42 @@ def test_align_npy_matches_reference_formulas(tmp_path):
     assert got["rsa"] == pytest.approx(spearmanr(pdist(a, "correlation"), pdist(b, "correlation")).statistic, abs=1e-4)
     saved = json.loads((tmp_path / "out" / "alignment.json").read_text())
     assert saved["metrics"] == got and (tmp_path / "out" / "alignment.png").stat().st_size > 0
+
+
+def test_align_records_its_conventions_and_the_cli_sets_each(tmp_path):
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(50, 6))
+    b = np.tanh(a @ rng.normal(size=(6, 4))) + 0.4 * rng.normal(size=(50, 4))
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    code, output = _cli("align", tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "default")
+    assert code == 0, output
+    recorded = json.loads((tmp_path / "default" / "alignment.json").read_text())["conventions"]
+    assert {k: v for k, v in recorded.items() if k != "explained"} == {
+        "knn_k": 10, "knn_metric": "cosine", "rbf_sigma_factor": 1.0, "rbf_median": "distinct-pairs",
+        "rsa_dissimilarity": "correlation", "rsa_rank_correlation": "spearman", "r2_test_fraction": 0.2}
+    assert set(recorded["explained"]) == {"mutual_knn, knn_recall", "rbf_cka, debiased_rbf_cka", "rsa", "linear_r2"}
+
+    code, output = _cli("align", tmp_path / "a.npy", tmp_path / "b.npy", "--out", tmp_path / "set", "--knn-k", "3",
+                        "--knn-metric", "euclidean", "--rbf-sigma-factor", "0.4", "--rbf-median", "full-matrix",
+                        "--rsa-dissimilarity", "euclidean", "--rsa-rank-correlation", "kendall",
+                        "--r2-test-fraction", "0.3", "--seed", "1")
+    assert code == 0, output
+    result = json.loads(output)
+    got = result["metrics"]
+    assert got["mutual_knn"] == mutual_knn(a, b, k=3, metric="euclidean")
+    assert got["knn_recall"] == knn_recall(a, b, k=3, metric="euclidean")
+    assert got["rbf_cka"] == rbf_cka(a, b, 0.4, "full-matrix")
+    assert got["rsa"] == pytest.approx(kendalltau(pdist(a), pdist(b)).statistic, abs=1e-12)
+    assert got["rsa"] == rsa(a, b, "euclidean", "kendall")
+    assert got["linear_r2"] == linear_r2(a, b, seed=1, test_size=0.3)
+    assert result["conventions"]["knn_k"] == 3 and result["conventions"]["rbf_median"] == "full-matrix"
+    assert "sigma = 0.4 x the square root of the median squared Euclidean distance over the full N x N matrix" in (
+        result["conventions"]["explained"]["rbf_cka, debiased_rbf_cka"])
+    assert json.loads((tmp_path / "set" / "alignment.json").read_text())["conventions"] == result["conventions"]
+
+    code, output = _cli("align", tmp_path / "a.npy", tmp_path / "b.npy", "--rbf-median", "mean", "--out", tmp_path)
+    assert code == 2 and "rbf_median (--rbf-median) must be one of distinct-pairs, full-matrix" in output
 
 
 def test_align_refuses_mismatched_rows_and_unknown_metrics(tmp_path):

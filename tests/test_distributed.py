@@ -21,7 +21,7 @@ from fmprobe import distributed
 from fmprobe.adapt.data_parallel import DataParallel
 from fmprobe.config import parse_config
 from fmprobe.experiments import parallel
-from fmprobe.experiments.probing import HeadRun, ProbeResults
+from fmprobe.evaluate.results import HeadRun, ProbeResults
 from fmprobe.train.losses import SoftmaxFocalLoss
 
 # --- fast: splitting, ordering, loss weights ------------------------------------------------------------------

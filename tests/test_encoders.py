@@ -284,12 +284,26 @@ def test_registry_checks_kind_type_and_checkpoint(saved: dict[str, Path], tmp_pa
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "resnet"}))
     with pytest.raises(EncoderError, match=r"'resnet' model.*supported model types: .*dinov2.*vjepa2"):
         load_encoder(ModelConfig(name=str(tmp_path)))
-    with pytest.raises(EncoderError, match="cannot find model"):
+    with pytest.raises(EncoderError, match="neither an existing local folder"):
         load_encoder(ModelConfig(name=str(tmp_path / "missing" / "dir")))
     with pytest.raises(ValueError, match="needs checkpoint"):
         ModelConfig(kind="vjepa2-native")
     with pytest.raises(ValueError, match="only apply to kind: vjepa2-native"):
         ModelConfig(name=str(saved["dinov2"]), checkpoint="x.pt")
+
+
+def test_a_model_name_that_names_nothing_says_what_to_fix_in_plain_words(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in (str(tmp_path / "models" / "dinov2-base"), "./models/dinov2-base", "~/no/such/model"):
+        with pytest.raises(EncoderError) as excinfo:
+            load_encoder(ModelConfig(name=name))
+        message = str(excinfo.value)
+        assert message.startswith(f"model.name '{name}' is neither an existing local folder nor a known model name")
+        assert "dinov2-small-offline" in message and "'namespace/name'" in message
+        assert "Repo id" not in message and "repo_type" not in message  # the hub library's wording
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EncoderError, match=r"model.name '.*empty' is a folder without config.json"):
+        load_encoder(ModelConfig(name=str(tmp_path / "empty")))
 
 
 def test_dtype_is_applied(saved: dict[str, Path]) -> None:

@@ -9,7 +9,8 @@ import pytest
 from fmprobe.config import EvalConfig
 from fmprobe.data.splits import check_leakage
 from fmprobe.evaluate.baselines import baseline_metrics
-from fmprobe.evaluate.bootstrap import TaskMetric, bootstrap_metrics
+from fmprobe.evaluate.bootstrap import bootstrap_metrics
+from fmprobe.evaluate.task import TaskMetric
 from fmprobe.evaluate.flags import (
     below_baseline,
     compute_flags,

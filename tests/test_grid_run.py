@@ -10,8 +10,9 @@ import pytest
 
 from fmprobe.config import HeadConfig, parse_config
 from fmprobe.errors import ConfigError
-from fmprobe.experiments.grid import check_grid, select_members
-from fmprobe.experiments.probing import HeadRun, ProbeResults, SplitData
+from fmprobe.evaluate.results import HeadRun, ProbeResults, SplitData
+from fmprobe.evaluate.task import ResolvedTask
+from fmprobe.probes.grid import check_grid, select_members
 from fmprobe.experiments.run import run_experiment
 from fmprobe.heads import build_head
 from run_factories import base_config
@@ -95,7 +96,7 @@ def test_selection_uses_the_validation_mean_over_seeds_never_test(tiny):
     split = SplitData(ids={s: ["1", "2", "3", "4"] for s in ("train", "val", "test")},
                       groups={s: ["1", "2", "3", "4"] for s in ("train", "val", "test")},
                       targets={s: y for s in ("train", "val", "test")})  # fmt: skip
-    selected, record = select_members(exp, ProbeResults(runs=runs), split, None)
+    selected, record = select_members(exp, ResolvedTask.from_config(exp.task, None), ProbeResults(runs=runs), split)
     assert record["heads"]["linear"]["chosen"] == b
     assert [r.seed for r in selected.runs] == [0, 1, 2] and {r.head for r in selected.runs} == {"linear"}
     assert [r.best_val_score for r in selected.runs] == [0.5, 1.0, 1.0]

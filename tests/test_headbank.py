@@ -8,11 +8,13 @@ import torch
 
 from fmprobe.config import EarlyStoppingConfig, HeadConfig, LossConfig, TaskConfig, TrainConfig
 from fmprobe.errors import ConfigError
-from fmprobe.evaluate.bootstrap import TaskMetric
-from fmprobe.heads import build_head
-from fmprobe.heads.bank import BankAdamW, HeadBank, head_grid, summed_loss, train_bank
-from fmprobe.train.losses import as_target_tensor, build_loss
-from fmprobe.train.trainer import HeadData, train_head
+from fmprobe.evaluate.task import TaskMetric
+from fmprobe.heads.bank import HeadBank, head_grid
+from fmprobe.train.heads import fit_heads
+from fmprobe.train.losses import as_target_tensor, build_loss, member_losses
+from fmprobe.train.optim import BankAdamW
+from fmprobe.train.scoring import TaskScorer, each_member
+from fmprobe.train.sources import HeadData
 
 
 def multiclass(n, seed, dim=12):
@@ -30,13 +32,19 @@ def score_fn(y, s):
     return {k: float(v[0]) for k, v in METRIC.weighted(y, s, np.ones((1, len(y)))).items()}
 
 
+def run(members, train, val, *, loss, cfg, seed, metric, task_type="multiclass", primary="balanced_accuracy",
+        in_dim=12, out_dim=3):
+    scorer = TaskScorer(task_type, loss, metric, primary=primary, lower_is_better=False)
+    return fit_heads(members, train, val, in_dim=in_dim, out_dim=out_dim, task_type=task_type, loss=loss, cfg=cfg,
+                     seed=seed, scorer=scorer)
+
+
 def fit_both(members, cfg, loss_cfg=LossConfig()):
+    """The members as one bank (stacked metrics), and each member as a separate one-head run (its own metric)."""
     train, val = multiclass(240, 0), multiclass(120, 1)
     loss, _ = build_loss(loss_cfg, TASK, train.y)
-    common = dict(task_type="multiclass", loss=loss, seed=3, score_fn=score_fn, primary="balanced_accuracy")
-    bank = train_bank(members, train, val, in_dim=12, out_dim=3, cfg=cfg, **{**common, "score_fn": METRIC.stacked})
-    separate = {m.name: train_head(build_head(m.head, 12, 3), train, val, **common,
-                                   cfg=cfg.model_copy(update={"lr": m.lr, "weight_decay": m.weight_decay}))
+    bank = run(members, train, val, loss=loss, cfg=cfg, seed=3, metric=METRIC.stacked)
+    separate = {m.name: run([m], train, val, loss=loss, cfg=cfg, seed=3, metric=each_member(score_fn))[0].fits[0]
                 for m in members}  # fmt: skip
     return bank, separate
 
@@ -46,21 +54,21 @@ def test_bank_reproduces_separate_runs_head_by_head():
     members = head_grid(heads, [1e-2], [0.0, 0.05]) + head_grid(heads[:1], [1e-1], [0.0])
     cfg = TrainConfig(epochs=5, batch_size=48, warmup_epochs=2, grad_accum=2,
                       early_stopping=EarlyStoppingConfig(patience=2))  # fmt: skip
-    bank, separate = fit_both(members, cfg)
+    (result, bank), separate = fit_both(members, cfg)
     assert len({m.name for m in members}) == 5
     for m in members:
-        a, b = separate[m.name], bank.results[m.name]
+        a, b = separate[m.name], result[m.name]
         assert (a.best_epoch, a.stopped_early, len(a.curves)) == (b.best_epoch, b.stopped_early, len(b.curves)), m.name
         assert a.best_val_score == pytest.approx(b.best_val_score, abs=1e-6)
         for key in a.last_state:
             torch.testing.assert_close(a.last_state[key], b.last_state[key], atol=1e-5, rtol=1e-4)
         for row_a, row_b in zip(a.curves, b.curves):
             assert row_a["lr"] == pytest.approx(row_b["lr"]) and row_a["train_loss"] == pytest.approx(row_b["train_loss"], rel=1e-4)
-    assert bank.results[bank.best].best_val_score == pytest.approx(max(r.best_val_score for r in separate.values()))
+    assert result.fits[result.best].best_val_score == pytest.approx(max(r.best_val_score for r in separate.values()))
     # every head in the bank holds its best weights
     for i, m in enumerate(members):
-        for key, value in bank.bank.heads[i].state_dict().items():
-            torch.testing.assert_close(value, bank.results[m.name].best_state[key])
+        for key, value in bank.heads[i].state_dict().items():
+            torch.testing.assert_close(value, result[m.name].best_state[key])
 
 
 def test_fused_forward_equals_each_head():
@@ -79,7 +87,8 @@ def test_bank_optimizer_matches_torch_adamw_per_group():
     ps = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3)),
           torch.nn.Parameter(torch.randn(2, 2)), torch.nn.Parameter(torch.randn(2, 3, 2))]  # fmt: skip
     ref = [torch.nn.Parameter(t.detach().clone()) for t in ps[:3] + list(ps[3])]
-    ours = BankAdamW([(ps[0], 0, True), (ps[1], 0, False), (ps[2], 1, True), (ps[3], [0, 1], True)], [0.1, 0.3])
+    ours = BankAdamW([(ps[0], 0, True), (ps[1], 0, False), (ps[2], 1, True), (ps[3], [0, 1], True)], [0.01, 0.05],
+                     [0.1, 0.3])
     torch_opt = torch.optim.AdamW([{"params": [ref[0], ref[3]], "weight_decay": 0.1, "lr": 0.01},
                                    {"params": [ref[1]], "weight_decay": 0.0, "lr": 0.01},
                                    {"params": [ref[2], ref[4]], "weight_decay": 0.3, "lr": 0.05}])  # fmt: skip
@@ -89,13 +98,13 @@ def test_bank_optimizer_matches_torch_adamw_per_group():
             p.grad = g.clone()
         for r, g in zip(ref, grads[:3] + list(grads[3])):
             r.grad = g.clone()
-        ours.step([0.01, 0.05])
+        ours.update([0.01, 0.05])
         torch_opt.step()
     for p, r in zip(ps[:3] + list(ps[3]), ref):
         torch.testing.assert_close(p, r)
     frozen = ps[3][1].detach().clone()
     ps[3].grad = torch.randn_like(ps[3])
-    ours.step([0.01, 0.0])  # learning rate 0: that head does not move at all
+    ours.update([0.01, 0.0])  # learning rate 0: that head does not move at all
     assert torch.equal(ps[3][1], frozen)
 
 
@@ -114,7 +123,7 @@ def test_grid_refuses_mixed_inputs_and_empty_axes():
     ("regression", LossConfig(type="huber")),
     ("regression", LossConfig()),
 ])  # fmt: skip
-def test_summed_loss_is_the_sum_of_each_heads_loss(task_type, loss_cfg):
+def test_member_losses_equal_each_heads_loss(task_type, loss_cfg):
     rng = np.random.default_rng(0)
     n, heads = 30, 4
     if task_type == "multiclass":
@@ -128,8 +137,9 @@ def test_summed_loss_is_the_sum_of_each_heads_loss(task_type, loss_cfg):
     loss, _ = build_loss(loss_cfg, task, y)
     yt = as_target_tensor(y, task_type)
     logits = torch.randn(heads, n, out)
-    expected = sum(loss(logits[h], yt) for h in range(heads))
-    torch.testing.assert_close(summed_loss(loss, logits, yt), expected)
+    expected = torch.stack([loss(logits[h], yt) for h in range(heads)])
+    torch.testing.assert_close(member_losses(loss, logits, yt), expected)
+    assert torch.equal(member_losses(loss, logits[:1], yt), loss(logits[0], yt)[None])  # one member: the loss itself
 
 
 def test_token_bank_of_attentive_heads_reproduces_separate_runs():
@@ -143,13 +153,12 @@ def test_token_bank_of_attentive_heads_reproduces_separate_runs():
     head = HeadConfig(type="attentive", pooling="attentive", hidden=8, num_heads=2)
     members = head_grid([head], [1e-2, 3e-2], [0.0, 0.1])
     cfg = TrainConfig(epochs=3, batch_size=16)
-    common = dict(task_type="binary", loss=loss, seed=1, primary="auroc", cfg=cfg)
-    bank = train_bank(members, train, val, in_dim=8, out_dim=1, score_fn=metric.stacked, **common)
+    common = dict(task_type="binary", loss=loss, seed=1, primary="auroc", cfg=cfg, in_dim=8, out_dim=1)
+    result, _ = run(members, train, val, metric=metric.stacked, **common)
     for m in members:
-        ref = train_head(build_head(m.head, 8, 1), train, val, **{**common, "cfg": cfg.model_copy(
-            update={"lr": m.lr, "weight_decay": m.weight_decay})},
-            score_fn=lambda a, s: {k: float(v[0]) for k, v in metric.weighted(a, s, np.ones((1, len(a)))).items()})
-        got = bank.results[m.name]
+        ref = run([m], train, val, metric=each_member(lambda a, s: {k: float(v[0]) for k, v in metric.weighted(
+            a, s, np.ones((1, len(a)))).items()}), **common)[0].fits[0]  # fmt: skip
+        got = result[m.name]
         assert got.best_epoch == ref.best_epoch and got.best_val_score == pytest.approx(ref.best_val_score, abs=1e-6)
         for key in ref.last_state:
             torch.testing.assert_close(got.last_state[key], ref.last_state[key], atol=1e-5, rtol=1e-4)

@@ -9,13 +9,15 @@ D = 16
 
 
 @pytest.mark.parametrize("head_type", ["linear", "mlp"])
-@pytest.mark.parametrize("pooling,in_dim", [("mean", D), ("cls", D), ("cls+mean", 2 * D)])
-def test_pooled_heads_output_shape(head_type, pooling, in_dim):
+@pytest.mark.parametrize("in_dim", [D, 2 * D])  # 2D: pooling cls+mean concatenates CLS and the patch mean
+def test_pooled_heads_output_shape(head_type, in_dim):
     extra = {"hidden": 8} if head_type == "mlp" else {}
-    head = build_head(HeadConfig(type=head_type, pooling=pooling, **extra), in_dim, 3)
+    head = build_head(HeadConfig(type=head_type, **extra), in_dim, 3)
     assert head(torch.randn(5, in_dim)).shape == (5, 3)
     with pytest.raises(ValueError, match="pooled features"):
         head(torch.randn(5, 4, in_dim))
+    with pytest.raises(RuntimeError):  # the width the head was built for is the width it takes
+        head(torch.randn(5, in_dim + 1))
 
 
 @pytest.mark.parametrize("kwargs,out_dim", [({}, 4), ({"num_queries": 3}, 4), ({"query_per_class": True}, 4), ({}, 1)])

@@ -122,7 +122,7 @@ def test_index_and_leaderboard_carry_total_params_segmentation_and_grid_choice(t
     board.to_csv(tmp_path / "lb.csv")
     csv = pd.read_csv(tmp_path / "lb.csv").set_index(["run_id", "head"])
     assert csv.loc[("r1", "lin"), "total_params"] == 9100 and csv.loc[("r2", "lin"), "seg_miou"] == pytest.approx(0.49)
-    html = write_board_report(tmp_path / "lb.html", board, title="t").read_text()
+    html = write_board_report(tmp_path / "lb.html", [board], title="t").read_text()
     assert "params (trainable / total)" in html and "100 / 9,100" in html and "seg mIoU (test)" in html
 
     # ranked on the decoder's validation mIoU; the run without segmentation is listed, not silently blank
@@ -130,7 +130,7 @@ def test_index_and_leaderboard_carry_total_params_segmentation_and_grid_choice(t
     assert board.table["run_id"].tolist() == ["r1", "r1", "r2"] and board.missing == ["exp/r3/lin"]
     assert not board.shows_segmentation  # the ranked metric already is the mIoU
     assert "not ranked: 1 candidate(s) have no seg/miou on val and test: exp/r3/lin" in _printed(board)
-    html = write_board_report(tmp_path / "seg.html", board, title="t").read_text()
+    html = write_board_report(tmp_path / "seg.html", [board], title="t").read_text()
     assert 'id="not-ranked"' in html and "exp/r3/lin" in html
 
 
@@ -188,5 +188,5 @@ def test_an_index_of_the_old_schema_is_migrated_and_its_runs_read_again(tmp_path
 def test_board_report_draws_a_point_that_rounding_puts_a_hair_outside_its_ci(tmp_path):
     runs = tmp_path / "runs"  # a percentile CI end equal to the point, off by one ulp after averaging
     fake_run(runs, "r1", {"lin": {"val": 0.9, "test": 0.8, "ci": (0.8 + 1e-16 * 2, 0.9)}})
-    html = write_board_report(tmp_path / "lb.html", build_leaderboard(runs), title="t").read_text()
+    html = write_board_report(tmp_path / "lb.html", [build_leaderboard(runs)], title="t").read_text()
     assert 'id="forest"' in html

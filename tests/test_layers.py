@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fmprobe.cli import app
 from fmprobe.config import parse_config
-from fmprobe.diagnostics.layers import layer_experiment, parse_layers
+from fmprobe.experiments.layers import layer_experiment, parse_layers
 from fmprobe.errors import ConfigError
 
 

@@ -11,7 +11,7 @@ import pytest
 from data_factories import write_csv
 
 from fmprobe.config import DataConfig, TaskConfig
-from fmprobe.data.manifest import load_manifest
+from fmprobe.data.manifest import check_targets_vary, load_manifest
 from fmprobe.errors import ConfigError, ManifestError
 
 BINARY = TaskConfig(type="binary", targets=["label"])
@@ -238,3 +238,32 @@ def test_unreadable_manifest(tmp_path):
     (tmp_path / "m.xlsx").write_bytes(b"x")
     with pytest.raises(ManifestError, match="unknown format"):
         load_manifest(DataConfig(manifest=str(tmp_path / "m.xlsx")), BINARY)
+
+
+@pytest.mark.parametrize("task,column,rows,expected", [
+    (BINARY, "label", [1, 1, 1], "target 'label' has a single class: all 3 rows hold 1"),
+    (TaskConfig(type="multiclass", targets=["label"], class_names=["glioma", "normal"]), "label",
+     ["glioma"] * 3, "target 'label' has a single class: all 3 rows hold 'glioma' (task.class_names also declares "
+                     "['normal'], which no row holds)"),
+    (TaskConfig(type="multilabel", targets=["label", "other"]), "other", [0, 0, 0],
+     "multilabel target 'other' is constant: all 3 rows hold 0"),
+    (TaskConfig(type="regression", targets=["label", "other"]), "other", [41.5] * 3,
+     "regression target 'other' has zero variance: all 3 rows hold 41.5"),
+])
+def test_a_target_with_nothing_to_learn_is_refused_by_name_and_value(tmp_path, task, column, rows, expected):
+    varying = [0, 1, 1]
+    table = [[f"s{i}", f"img/s{i}.png", *((v, varying[i]) if column == "label" else (varying[i], v))]
+             for i, v in enumerate(rows)]
+    path = _csv(tmp_path, ["sample_id", "path", "label", "other"], table)
+    manifest = load_manifest(DataConfig(manifest=path), task)  # extraction alone needs no varying target
+    with pytest.raises(ManifestError, match="nothing to learn") as excinfo:
+        check_targets_vary(manifest)
+    assert expected in _errors(excinfo) and _errors(excinfo).count("  - ") == 1
+
+
+def test_targets_that_vary_pass(tmp_path):
+    rows = [["a", "img/a.png", 0, 2.0], ["b", "img/b.png", 1, 2.5]]
+    path = _csv(tmp_path, ["sample_id", "path", "label", "other"], rows)
+    for task in (BINARY, TaskConfig(type="multiclass", targets=["label"]),
+                 TaskConfig(type="multilabel", targets=["label"]), TaskConfig(type="regression", targets=["label", "other"])):
+        check_targets_vary(load_manifest(DataConfig(manifest=path), task))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from fmprobe.cli import app
 from fmprobe.diagnostics.align_cli import align_command
 from fmprobe.diagnostics.alignment import linear_cka, rbf_cka
 from fmprobe.diagnostics.alignment_ci import cka_interval, cka_resamples
+from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
 from fmprobe.diagnostics.spatial import coco_average_precision, match_detections
 from fmprobe.diagnostics.spatial_ci import spatial_intervals
 from fmprobe.diagnostics.spatial_run import spatial_command
@@ -64,12 +66,19 @@ def test_spatial_intervals_refuse_misaligned_inputs():
         spatial_intervals({"box_iou": [0.1] * 3, "mask_iou": [0.1] * 3, "ap_matches": [], "n_gt": []}, 1)
 
 
-@pytest.mark.parametrize("metric, fn", [("linear_cka", linear_cka), ("rbf_cka", rbf_cka)])
-def test_cka_resamples_equal_cka_of_the_repeated_rows(metric, fn):
+KORNBLITH_04 = AlignmentConventions(rbf_sigma_factor=0.4, rbf_median="full-matrix")
+
+
+@pytest.mark.parametrize("metric, fn, conventions", [
+    ("linear_cka", linear_cka, DEFAULT),
+    ("rbf_cka", rbf_cka, DEFAULT),
+    ("rbf_cka", lambda a, b: rbf_cka(a, b, 0.4, "full-matrix"), KORNBLITH_04),  # the CI follows the bandwidth rule
+])
+def test_cka_resamples_equal_cka_of_the_repeated_rows(metric, fn, conventions):
     rng = np.random.default_rng(1)
     a = rng.normal(size=(30, 8))
     b = a @ rng.normal(size=(8, 5)) + rng.normal(size=(30, 5))
-    point, values = cka_resamples(a, b, metric, n_resamples=20, seed=4)
+    point, values = cka_resamples(a, b, metric, n_resamples=20, seed=4, conventions=conventions)
     assert point == pytest.approx(fn(a, b), abs=1e-10)
     weights = next(resample_weights(30, n_resamples=20, seed=4))
     direct = [fn(a[idx], b[idx]) for idx in (np.repeat(np.arange(30), w.astype(np.int64)) for w in weights)]
@@ -134,7 +143,7 @@ def _spatial(frames, values, ci=0.05):
 def _alignment(values):
     rows = list(values)
     return {"a": {"source": "cfg.yaml", "layers": rows}, "b": {"source": "ref.yaml:-1", "layers": ["-1"]},
-            "samples": 20, "matrices": {
+            "samples": 20, "conventions": DEFAULT.record(), "matrices": {
                 "linear_cka": {"rows": rows, "cols": ["-1"], "values": [[v] for v in values.values()],
                                "ci": [[[v - 0.1, v + 0.1]] for v in values.values()]},
                 "rsa": {"rows": rows, "cols": ["-1"], "values": [[0.3] for _ in rows]}}}  # fmt: skip
@@ -200,6 +209,7 @@ def test_gate_points_command_writes_verdicts_table_and_report(tmp_path):
     html = (tmp_path / "out" / "report.html").read_text()
     assert 'id="verdicts"' in html and 'id="controls"' in html and "pixel-patch-16" in html
     assert html.count("data:image/png;base64,") == 4  # still, moving, linear_cka, rsa
+    assert "mutual_knn, knn_recall: the k = 10 nearest other samples by cosine similarity" in html  # conventions
     assert (tmp_path / "out" / "points.csv").read_text().startswith("point,metric,mean,ci_lo,ci_hi")
     missing = CliRunner().invoke(app, ["gate-points", str(gates), "--spatial", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "cannot read" in missing.output
@@ -219,4 +229,10 @@ def test_points_report_lists_every_point_in_the_shared_gates_tables(tmp_path):
     assert all(f'<td class="l">{p}</td>' in verdicts for p in still)
     criteria = html[html.index('<table id="criteria">'):]
     assert '<th class="l">split</th>' not in criteria[: criteria.index("</table>")]
-    assert ".lv-fail{" in html  # the shared gates style is included
+    # every point's level per criterion is shown and marked as its level, as the gate decided it
+    for point in still:
+        row = verdicts[verdicts.index(f'<td class="l">{point}</td>'):]
+        row = row[: row.index("</tr>")]
+        levels = [v.levels[c.name].level for v in report.verdicts if v.label.endswith(f"/{point}")
+                  for c in SPEC.criteria]  # fmt: skip
+        assert re.findall(r'<span class="lv-(\w+)">\1</span>', row) == levels

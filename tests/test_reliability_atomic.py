@@ -7,18 +7,24 @@ temporary path that is renamed afterwards, or is listed below with the reason it
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from fmprobe.atomic import atomic_path, write_json
-from fmprobe.experiments import probing
+from fmprobe.atomic import atomic_dir, atomic_path, write_json, write_text
+from fmprobe.config import parse_config
+from fmprobe.diagnostics import plots
+from fmprobe.probes import frozen
 from fmprobe.features import store as store_module
 from fmprobe.features.store import FeatureStore
+from fmprobe.experiments.run import run_experiment
 
 SRC = Path(__file__).parents[1] / "src" / "fmprobe"
 WRITES = re.compile(r"open\([^)]*['\"](w|wb|a|ab|w\+)['\"]|\.to_parquet\(|\.to_csv\(|np\.save|torch\.save\(|"
@@ -43,11 +49,12 @@ SAFE = {
     ("report/plots.py", "savefig(buf"): "into memory",
     ("cli.py", "board.to_csv(csv)"): "Leaderboard.to_csv writes atomically",
     ("experiments/leaderboard.py", "def to_csv"): "a definition",
-    ("experiments/segmenting.py", "np.savez_compressed(f"): "into an atomic_path temp file",
+    ("experiments/run.py", "np.savez_compressed(f"): "into an atomic_path temp file",
     ("features/remote.py", 'open(staged, "wb")'): "a .tmp staging file, os.replace'd once hashed",
     ("features/remote.py", "np.save(hashing, array)"): "into the same staging file",
     ("features/remote.py", "np.save writes into it"): "a docstring",
     ("standin/models.py", "model.save_pretrained(folder)"): "stand-in models, rebuilt by re-running the generator",
+    ("standin/models.py", "fast.save_pretrained(folder)"): "stand-in tokenizers, rebuilt by re-running the generator",
 }
 
 
@@ -106,7 +113,7 @@ def test_a_checkpoint_that_fails_mid_write_is_never_visible(tmp_path, monkeypatc
     monkeypatch.setattr(torch, "save", torn_save)
     state = {"w": torch.ones(3)}
     with pytest.raises(OSError):
-        probing.save_checkpoints(tmp_path / "linear" / "seed0", state, state)
+        frozen.save_checkpoints(tmp_path / "linear" / "seed0", state, state)
     assert not list((tmp_path / "linear" / "seed0").iterdir())
 
 
@@ -135,3 +142,66 @@ def test_a_shard_that_fails_mid_write_is_never_visible(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["config.json", "shard-000001"]
     index = FeatureStore(tmp_path, description).scan()
     assert sorted(index.rows) == [("a", "fp"), ("b", "fp")]
+
+
+# ------------------------------------------------------------------------------------------ file modes
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request: pytest.FixtureRequest):
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_atomic_files_and_folders_get_the_mode_the_umask_gives(tmp_path, umask):
+    """mkstemp / mkdtemp would make them 0600 / 0700 whatever the umask (the rename keeps the mode)."""
+    write_text(tmp_path / "config.resolved.yaml", "name: x\n")
+    write_json(tmp_path / "metrics.json", {"a": 1})
+    with atomic_path(tmp_path / "predictions.parquet") as tmp:
+        pd.DataFrame({"p": [0.5]}).to_parquet(tmp)
+    plots.bars(["linear_cka"], [0.5], title="t", dest=tmp_path / "attention" / "map.png")
+    with atomic_dir(tmp_path / "adapter") as folder:
+        (folder / "adapter_model.safetensors").write_bytes(b"w")
+    for name in ("config.resolved.yaml", "metrics.json", "predictions.parquet", "attention/map.png"):
+        assert _mode(tmp_path / name) == 0o666 & ~umask, name
+    assert _mode(tmp_path / "adapter") == 0o777 & ~umask
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_atomic_dir_replaces_an_older_folder_and_leaves_it_on_error(tmp_path):
+    dest = tmp_path / "adapter"
+    with atomic_dir(dest) as folder:
+        (folder / "old").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as folder:
+            (folder / "half").write_text("2")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"] and (dest / "old").exists()
+    with atomic_dir(dest) as folder:
+        (folder / "new").write_text("3")
+    assert sorted(p.name for p in dest.iterdir()) == ["new"]
+
+
+def test_every_file_of_a_run_follows_the_umask(toy_study, umask):
+    exp = parse_config(toy_study("binary", n=36, train={"epochs": 2, "seeds": [0]}, eval={"bootstrap": 20}))
+    run_dir = run_experiment(exp, progress=False).run_dir
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert {"metrics.json", "report.html", "predictions.parquet", "config.resolved.yaml", "env.json",
+            "best.pt"} <= {p.name for p in files}
+    wrong = {str(p.relative_to(run_dir)): oct(_mode(p)) for p in files if _mode(p) != 0o666 & ~umask}
+    wrong |= {str(p.relative_to(run_dir)): oct(_mode(p)) for p in [run_dir, *run_dir.rglob("*")]
+              if p.is_dir() and _mode(p) != 0o777 & ~umask}
+    assert not wrong
+
+
+def test_no_source_file_creates_temporaries_through_mkstemp_or_mkdtemp():
+    """They create owner-only files; fmprobe.atomic creates temporaries that follow the umask."""
+    found = [f"{p.relative_to(SRC)}:{n}" for p in sorted(SRC.rglob("*.py"))
+             for n, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"(mkstemp|mkdtemp|NamedTemporaryFile|TemporaryDirectory)\(", line)]
+    assert not found, found

@@ -38,7 +38,7 @@ def board_report(tmp_path_factory):
     fake_run(runs, "r1", {"lin": {"val": 0.9, "test": 0.92, "ci": (0.88, 0.95)}}, lr=0.1)
     fake_run(runs, "r2", {"lin": {"val": 0.8, "test": 0.7, "ci": (0.6, 0.8), "flags": [("below_baseline", "error")]}})
     gates = evaluate_gates(GatesSpec.model_validate({"criteria": [{"metric": "auroc", "acceptable": 0.85}]}), runs)
-    return write_board_report(runs / "board.html", build_leaderboard(runs), gates, title="board test")
+    return write_board_report(runs / "board.html", [build_leaderboard(runs)], gates, title="board test")
 
 
 def test_multiclass_run_report_has_confusion_and_reliability(multiclass_run):

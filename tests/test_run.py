@@ -101,9 +101,15 @@ def test_two_configs_with_the_same_predictions_are_flagged(toy_study, tiny_dinov
 
 def test_balanced_class_weights_are_computed_and_recorded(toy_study):
     config = toy_study("binary", weights=[0.8, 0.2], loss={"class_weights": "balanced"})
-    metrics = run_experiment(parse_config(config), progress=False).metrics
-    weights = metrics["heads"]["linear"]["loss"]["class_weights"]
-    assert weights is not None and weights != "balanced"
+    result = run_experiment(parse_config(config), progress=False)
+    weights = result.metrics["heads"]["linear"]["loss"]["class_weights"]
+    preds = pd.read_parquet(result.run_dir / "predictions.parquet")
+    y = preds[(preds["split"] == "train") & (preds["seed"] == preds["seed"].min())]["y/y"].to_numpy()
+    n, n_pos = len(y), int(y.sum())
+    assert 0 < n_pos < n / 2  # imbalanced: the weights must differ
+    # sklearn's balanced: n / (k * n_c) with k = 2 classes, for each side of the label
+    assert weights["positive"] == pytest.approx([n / (2 * n_pos)])
+    assert weights["negative"] == pytest.approx([n / (2 * (n - n_pos))])
 
 
 @pytest.mark.parametrize(
@@ -182,3 +188,17 @@ def test_kfold_rotates_validation_and_scores_every_fold_on_one_test_set(toy_stud
     assert (run_dir / "checkpoints" / "fold2" / "linear" / "seed0" / "best.pt").exists()
     lo, hi = head["test_ci"]["auroc"]
     assert lo <= head["splits"]["test"]["mean"]["auroc"] <= hi
+
+
+def test_a_target_with_one_class_is_refused_before_any_feature_is_extracted(toy_study, tmp_path, monkeypatch):
+    from fmprobe.backbones import registry
+
+    config = toy_study("binary", n=30, weights=[0.0, 1.0])
+
+    def no_encoder(model):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(registry, "load_encoder", no_encoder)
+    with pytest.raises(ManifestError, match=r"target 'y' has a single class: all 30 rows hold 1"):
+        run_experiment(parse_config(config), progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()

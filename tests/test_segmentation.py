@@ -16,7 +16,8 @@ from fmprobe.config import parse_config
 from fmprobe.data.masks import IGNORE, MaskedMediaDataset, collate_with_masks, load_masks
 from fmprobe.data.transforms import Preprocess
 from fmprobe.errors import ConfigError, ReaderError
-from fmprobe.evaluate.segmentation import SegCounts, class_iou, iou_counts, location_prior, seed_mean_ci, seg_metrics
+from fmprobe.evaluate.results import SegCounts
+from fmprobe.evaluate.segmentation import class_iou, iou_counts, location_prior, seed_mean_ci, seg_metrics
 from fmprobe.experiments.run import run_experiment
 from fmprobe.heads.segmentation import SegDecoder, center_slot, segmentation_loss
 
@@ -111,7 +112,7 @@ def test_segmentation_and_mask_column_go_together():
     ({"features": {"store_tokens": False}}, "store_tokens"),
 ])
 def test_what_segmentation_cannot_do_honestly_is_refused(change, message):
-    from fmprobe.experiments.segmenting import check_segmentation
+    from fmprobe.probes.segmentation import check_segmentation
 
     cfg = _minimal(data={"mask_column": "mask"}, segmentation={"class_names": CLASSES})
     for section, values in change.items():
@@ -348,7 +349,7 @@ def test_segmentation_loss_reaches_decoder_and_lora_but_not_frozen_weights(tmp_p
 def test_decoder_accumulation_equals_the_larger_batch(tmp_path):
     """train.grad_accum is honoured by the frozen decoder: batches of 8 accumulated in pairs follow the same
     trajectory as batches of 16 (the same permutation, every pixel labelled), and differ from unaccumulated 8s."""
-    from fmprobe.experiments.segmenting import MaskSet, fit_decoder
+    from fmprobe.probes.segmentation import MaskSet, fit_decoder
 
     rng = np.random.default_rng(0)
     n, d = {"train": 32, "val": 8, "test": 8}, 16

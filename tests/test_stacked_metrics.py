@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.bootstrap import TaskMetric, scalar_metrics
+from fmprobe.evaluate.bootstrap import scalar_metrics
+from fmprobe.evaluate.task import TaskMetric
 
 
 def _data(task, rng, heads=5, n=70):

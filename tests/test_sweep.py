@@ -11,22 +11,23 @@ import yaml
 from run_factories import base_config, write_base
 
 from fmprobe.errors import ConfigError, FmprobeError
-from fmprobe.experiments.sweep import expand, load_sweep, run_sweep, set_path
+from fmprobe.config import set_dotted
+from fmprobe.experiments.sweep import expand, load_sweep, run_sweep
 
 
-def test_set_path_handles_sections_and_list_indices():
+def test_set_dotted_handles_sections_and_list_indices():
     data = {"heads": [{"type": "linear"}, {"type": "mlp"}], "train": {"lr": 1}}
-    set_path(data, "heads.1.hidden", 8)
-    set_path(data, "train.lr", 0.1)
-    set_path(data, "loss.type", "focal")  # a missing section is created
+    set_dotted(data, "heads.1.hidden", 8)
+    set_dotted(data, "train.lr", 0.1)
+    set_dotted(data, "loss.type", "focal")  # a missing section is created
     assert data == {"heads": [{"type": "linear"}, {"type": "mlp", "hidden": 8}], "train": {"lr": 0.1},
                     "loss": {"type": "focal"}}
     with pytest.raises(ConfigError, match="'heads.2' is out of range"):
-        set_path(data, "heads.2.type", "mlp")
+        set_dotted(data, "heads.2.type", "mlp")
     with pytest.raises(ConfigError, match="'heads' is a list, so 'first' must be an index"):
-        set_path(data, "heads.first.type", "mlp")
+        set_dotted(data, "heads.first.type", "mlp")
     with pytest.raises(ConfigError, match="no list 'model' to index"):
-        set_path(data, "model.0.name", "x")
+        set_dotted(data, "model.0.name", "x")
 
 
 def _sweep(tmp_path, grid, **extra):

@@ -10,7 +10,7 @@ from run_factories import base_config, fake_run
 
 from fmprobe.config import parse_config
 from fmprobe.errors import ConfigError
-from fmprobe.tracking import epoch_series, summary_metrics
+from fmprobe.tracking.records import epoch_series, summary_metrics
 
 
 @pytest.mark.parametrize("package", ["mlflow", "wandb"])

@@ -8,8 +8,23 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, r2_score, r
 from fmprobe.config import EarlyStoppingConfig, HeadConfig, LossConfig, TaskConfig, TrainConfig
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.heads import build_head
+from fmprobe.heads.bank import BankMember
+from fmprobe.train.heads import fit_heads
 from fmprobe.train.losses import build_loss
-from fmprobe.train.trainer import HeadData, lr_at, predict, train_head
+from fmprobe.train.schedule import lr_factor
+from fmprobe.train.scoring import TaskScorer, each_member, to_scores
+from fmprobe.train.sources import HeadData
+
+
+def lr_at(step, *, base_lr, warmup_steps, total_steps):
+    return base_lr * lr_factor(step, warmup_steps=warmup_steps, total_steps=total_steps)
+
+
+@torch.no_grad()
+def predict(head, x, task_type):
+    head.eval()
+    return to_scores(head(torch.as_tensor(x).float()), task_type).numpy()
+
 
 BINARY = TaskConfig(type="binary", targets=["y"])
 
@@ -37,11 +52,12 @@ def fit(train, val, *, head_cfg=HeadConfig(), seed=0, loss_cfg=LossConfig(), tas
         primary="auroc", **train_kw):
     cfg = TrainConfig(**{"epochs": 5, "batch_size": 32, "lr": 1e-2, **train_kw})
     out_dim = int(train.y.max()) + 1 if task.type == "multiclass" else 1 if task.type == "binary" else train.y.shape[1]
-    head = build_head(head_cfg, train.x.shape[-1], out_dim)
     loss, _ = build_loss(loss_cfg, task, train.y)
-    result = train_head(head, train, val, task_type=task.type, loss=loss, cfg=cfg, seed=seed, score_fn=score_fn,
-                        primary=primary)
-    return head, result
+    scorer = TaskScorer(task.type, loss, each_member(score_fn), primary=primary, lower_is_better=False)
+    result, bank = fit_heads([BankMember("h", head_cfg, cfg.lr, cfg.weight_decay)], train, val,
+                             in_dim=train.x.shape[-1], out_dim=out_dim, task_type=task.type, loss=loss, cfg=cfg,
+                             seed=seed, scorer=scorer)  # fmt: skip
+    return bank.heads[0], result.fits[0]
 
 
 TRAIN, VAL = binary_data(200, 0), binary_data(100, 1)
@@ -62,13 +78,10 @@ def test_same_seed_is_bitwise_identical_and_seeds_differ():
 
 
 def test_caller_rng_state_is_not_disturbed():
-    head = build_head(HeadConfig(type="mlp", hidden=8, dropout=0.5), 8, 1)
-    loss, _ = build_loss(LossConfig(), BINARY, TRAIN.y)
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    train_head(head, TRAIN, VAL, task_type="binary", loss=loss, cfg=TrainConfig(epochs=1), seed=0,
-               score_fn=binary_scores, primary="auroc")
+    fit(TRAIN, VAL, head_cfg=HeadConfig(type="mlp", hidden=8, dropout=0.5), epochs=1)
     torch.testing.assert_close(torch.rand(3), expected)
 
 
@@ -84,15 +97,17 @@ def test_curves_hold_per_epoch_train_and_val_metrics():
 
 
 def test_best_state_reproduces_best_val_score_and_head_holds_it():
-    _, result = fit(TRAIN, VAL, epochs=6, lr=0.5)  # a high lr makes the val score wander
+    head, result = fit(TRAIN, VAL, epochs=6, lr=0.5)  # a high lr makes the val score wander
     vals = [row["val_auroc"] for row in result.curves]
     assert result.best_epoch == 1 + int(np.argmax(vals))
     assert result.best_val_score == max(vals)
+    assert result.best_epoch < len(result.curves)  # the case this test is about: the best epoch is not the last
+    assert not states_equal(result.best_state, result.last_state)
+    assert states_equal(head.state_dict(), result.best_state)  # the trained head holds the best weights
     fresh = build_head(HeadConfig(), 8, 1)
     fresh.load_state_dict(result.best_state)
-    assert binary_scores(VAL.y, predict(fresh, VAL.x, "binary", 64))["auroc"] == pytest.approx(result.best_val_score)
-    if result.best_epoch != len(result.curves):
-        assert not states_equal(result.best_state, result.last_state)
+    scores = predict(fresh, VAL.x, "binary")
+    assert binary_scores(VAL.y, scores)["auroc"] == pytest.approx(result.best_val_score)
 
 
 def test_early_stopping_stops_after_patience_and_keeps_val_best():
@@ -167,8 +182,8 @@ def test_balanced_class_weights_change_trained_predictions():
     common = dict(task=task, score_fn=multiclass_scores, primary="balanced_accuracy", epochs=8, lr=0.1)
     plain_head, plain = fit(train, val, **common)
     balanced_head, balanced = fit(train, val, loss_cfg=LossConfig(class_weights="balanced"), **common)
-    pred_plain = predict(plain_head, val.x, "multiclass", 64).argmax(1)
-    pred_balanced = predict(balanced_head, val.x, "multiclass", 64).argmax(1)
+    pred_plain = predict(plain_head, val.x, "multiclass").argmax(1)
+    pred_balanced = predict(balanced_head, val.x, "multiclass").argmax(1)
     assert (pred_balanced != 0).sum() > (pred_plain != 0).sum() + 40  # minority classes predicted far more often
     assert balanced.best_val_score > plain.best_val_score
 
@@ -194,7 +209,7 @@ def test_attentive_head_learns_from_tokens_and_predict_conventions():
     cfg = HeadConfig(type="attentive", pooling="attentive", num_heads=2, hidden=16)
     head, result = fit(data, val, head_cfg=cfg, epochs=8, lr=3e-2)
     assert result.best_val_score > 0.95
-    scores = predict(head, val.x, "binary", 80)
+    scores = predict(head, val.x, "binary")
     assert scores.shape == (80,) and scores.min() >= 0 and scores.max() <= 1
     attn = head.last_attention
     assert attn.shape == (80, 2, 1, ntok)

@@ -11,6 +11,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from fmprobe.diagnostics.alignment_conventions import DEFAULT as ALIGN
+from fmprobe.diagnostics.alignment_conventions import AlignmentConventions
 from fmprobe.errors import FmprobeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -105,13 +107,31 @@ def align(a: str = typer.Argument(..., help="FILE.npy, CONFIG.yaml[:LAYER[:POOLI
                                            "or linear_cka (layer x layer)"),
           out: Path = typer.Option(Path("fmprobe-align"), help="folder for alignment.json and the figure(s)"),
           seed: int = typer.Option(0, help="seed of linear_r2's held-out split"),
-          bootstrap: int = typer.Option(0, help="resamples for CKA CIs (linear_cka, rbf_cka); 0: none")) -> None:
-    """Representation alignment of A and B (CKA, mutual kNN, RSA, ...) as JSON, with a bar chart or heatmap."""
+          bootstrap: int = typer.Option(0, help="resamples for CKA CIs (linear_cka, rbf_cka); 0: none"),
+          knn_k: int = typer.Option(ALIGN.knn_k, help="k of mutual_knn and knn_recall (recall@k)"),
+          knn_metric: str = typer.Option(ALIGN.knn_metric, help="neighbours by: cosine | euclidean"),
+          rbf_sigma_factor: float = typer.Option(ALIGN.rbf_sigma_factor,
+                                                 help="RBF bandwidth sigma = this x the median distance"),
+          rbf_median: str = typer.Option(ALIGN.rbf_median, help="which median: distinct-pairs (i < j) | full-matrix "
+                                         "(sqrt of the median squared distance, diagonal included: Kornblith's code)"),
+          rsa_dissimilarity: str = typer.Option(ALIGN.rsa_dissimilarity,
+                                                help="RSA dissimilarity: correlation (1 - Pearson r) | euclidean"),
+          rsa_rank_correlation: str = typer.Option(ALIGN.rsa_rank_correlation,
+                                                   help="RSA compares dissimilarities by: spearman | kendall (tau-b)"),
+          r2_test_fraction: float = typer.Option(ALIGN.r2_test_fraction, help="share of samples linear_r2 holds "
+                                                 "out")) -> None:
+    """Representation alignment of A and B (CKA, mutual kNN, RSA, ...) as JSON, with a bar chart or heatmap.
+
+    alignment.json records every convention used (the options above) next to the values."""
     import json
 
     from fmprobe.diagnostics.align_cli import align_command
 
-    typer.echo(json.dumps(align_command(a, b, metric or None, out=out, seed=seed, bootstrap=bootstrap), indent=2))
+    conventions = AlignmentConventions(knn_k=knn_k, knn_metric=knn_metric, rbf_sigma_factor=rbf_sigma_factor,
+                                       rbf_median=rbf_median, rsa_dissimilarity=rsa_dissimilarity,
+                                       rsa_rank_correlation=rsa_rank_correlation, r2_test_fraction=r2_test_fraction)
+    typer.echo(json.dumps(align_command(a, b, metric or None, out=out, seed=seed, bootstrap=bootstrap,
+                                        conventions=conventions), indent=2))
 
 
 @app.command("layers")
@@ -122,7 +142,7 @@ def layers_cmd(config: Path = typer.Argument(..., help="experiment YAML"),
                quiet: bool = typer.Option(False, help="no progress bars")) -> None:
     """Layer-wise probing: one run with a head per (layer, head type); primary metric with CI against depth."""
     from fmprobe.config import load_config
-    from fmprobe.diagnostics.layers import layers_command, parse_layers
+    from fmprobe.experiments.layers import layers_command, parse_layers
 
     summary = layers_command(load_config(config), parse_layers(layers) if layers else None,
                              [h.strip() for h in heads.split(",")] if heads else None, progress=not quiet)
@@ -157,7 +177,7 @@ def spatial_cmd(encoder: str = typer.Option("pixel", help="pixel | random | CONF
                 frames: int = typer.Option(None, help="moving shapes: clips of this many frames"),
                 bootstrap: int = typer.Option(1000, help="resamples of the test samples for CIs; 0: none")) -> None:
     """Spatial probes (box, mask, detection) on the built-in shapes data, per extraction point."""
-    from fmprobe.diagnostics.layers import parse_layers
+    from fmprobe.experiments.layers import parse_layers
     from fmprobe.diagnostics.spatial_run import format_table, spatial_command
 
     result = spatial_command(encoder, layers=parse_layers(layers) if layers else None, n_train=n_train,
@@ -203,7 +223,7 @@ def leaderboard(runs: Path = typer.Option(Path("runs"), help="runs folder"),
         console.print(f"written: {csv}")
     if html:
         verdicts = gate_command(gates, runs, run_dirs=board.table["run_dir"]) if gates else None
-        write_board_report(html, board, verdicts, title=f"leaderboard {experiment or runs}")
+        write_board_report(html, [board], verdicts, title=f"leaderboard {experiment or runs}")
         console.print(f"written: {html}")
 
 
@@ -227,17 +247,50 @@ def gate(gates: Path = typer.Argument(..., help="gates YAML: criteria, levels, m
 @app.command("gate-points")
 @user_errors
 def gate_points_cmd(gates: Path = typer.Argument(..., help="gates YAML (split: test criteria)"),
-                    spatial: list[Path] = typer.Option(..., help="spatial.json or its folder (still and/or moving)"),
-                    align: Path = typer.Option(None, help="alignment.json (points as A, a reference as B)"),
+                    spatial: list[Path] = typer.Option(..., help="spatial.json or its folder (still and/or moving, "
+                                                                 "one or several models)"),
+                    align: list[Path] = typer.Option(None, help="alignment.json (a model's points as A, a reference "
+                                                                "as B); one per model"),
                     control: list[Path] = typer.Option(None, help="spatial.json of a pixel / random control"),
+                    pair: list[Path] = typer.Option(None, help="pair.json of fmprobe compare-points"),
+                    table: list[Path] = typer.Option(None, help="metric table CSV (model, point, metric, mean, "
+                                                                "ci_lo, ci_hi) of any other measurement"),
                     out: Path = typer.Option(Path("fmprobe-gate-points"), help="folder for gates.json, report")) -> None:
-    """A gate verdict per extraction point of one model (spatial and alignment outputs) and a recommendation."""
+    """A gate verdict per extraction point of one or several models, the decision matrix, and a recommendation."""
     from fmprobe.experiments.gates import print_gates
     from fmprobe.experiments.point_gates import points_command
 
-    report = points_command(gates, spatial, align, controls=control or (), out=out)
+    report = points_command(gates, spatial, align or (), controls=control or (), pairs=pair or (),
+                            tables=table or (), out=out)  # fmt: skip
     print_gates(console, report)
     console.print(f"report: {out / 'report.html'}")
     if report.chosen is None:
         raise typer.Exit(1)
 
+
+@app.command("spatial-sweep")
+@user_errors
+def spatial_sweep_cmd(spec: Path = typer.Argument(..., help="sweep YAML: models, gates, spatial / align options")) -> None:
+    """Spatial probes and alignment of several models at all their points (resumable), then the decision matrix."""
+    from fmprobe.experiments.gates import print_gates
+    from fmprobe.experiments.point_sweep import run_point_sweep
+
+    report = run_point_sweep(spec, on_event=lambda m: console.print(m, highlight=False))
+    print_gates(console, report)
+    if report.chosen is None:
+        raise typer.Exit(1)
+
+
+@app.command("compare-points")
+@user_errors
+def compare_points_cmd(spatial: Path = typer.Argument(..., help="spatial.json (or its folder) holding both points"),
+                       a: str = typer.Argument(..., help="point A, e.g. -2@tiles"),
+                       b: str = typer.Argument(..., help="point B, e.g. -2@base"),
+                       resamples: int = typer.Option(2000, help="bootstrap resamples"),
+                       out: Path = typer.Option(Path("fmprobe-compare-points"), help="folder for pair.json")) -> None:
+    """Paired bootstrap of box / mask IoU(A) - IoU(B) over the same test shapes: difference, CI, p-value (JSON)."""
+    import json
+
+    from fmprobe.diagnostics.spatial_pairs import pair_command
+
+    console.print_json(json.dumps(pair_command(spatial, a, b, out=out, n_resamples=resamples)))

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fmprobe import distributed
 from fmprobe.errors import FmprobeError
+from fmprobe.train.seeding import restart_stream
 
 
 class Part(NamedTuple):
@@ -45,7 +46,7 @@ class Part(NamedTuple):
 
 
 class DataParallel:
-    """This process's part of each step of the adapt trainer (``fmprobe.adapt.finetune._Trainer``)."""
+    """This process's part of each step of end-to-end training (``adapt.pixels``, ``adapt.members``)."""
 
     def __init__(self, model: nn.Module, loss: nn.Module, y_train: torch.Tensor, task_type: str, *, mix: bool,
                  device: torch.device):  # fmt: skip
@@ -63,7 +64,7 @@ class DataParallel:
     def reseed(self, seed: int) -> None:
         """Independent dropout / drop-path streams per process (the weights start equal: DDP broadcasts rank 0's)."""
         if self.active:
-            torch.manual_seed(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
+            restart_stream(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
 
     def training_model(self) -> nn.Module:
         """The model to run training forwards through: DDP-wrapped, re-wrapped when the set of trainable
@@ -119,15 +120,16 @@ class DataParallel:
             return float(len(idx))
         return float(self.class_weight[self.y_train[idx].long()].sum())
 
-    def gather_epoch(self, total: float, seen: int, scores: list[torch.Tensor], idx: list[torch.Tensor]
-                     ) -> tuple[float, int, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
-        """The epoch's summed loss, samples, and per-batch scores / indices of all processes, in batch order."""
+    def gather_epoch(self, loss_sum: np.ndarray, seen: int, outputs: list[torch.Tensor], idx: list[torch.Tensor]
+                     ) -> tuple[np.ndarray, int, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+        """The epoch's summed losses, samples, and per-batch outputs ``[H, b, ...]`` / indices of all processes, in
+        batch order."""
         if not self.active:
-            return total, seen, scores, idx
-        parts = distributed.all_gather_object((total, seen, scores, idx))
-        merged_scores = [torch.cat([p[2][j] for p in parts]) for j in range(len(scores))]
+            return loss_sum, seen, outputs, idx
+        parts = distributed.all_gather_object((loss_sum, seen, outputs, idx))
+        merged_outputs = [torch.cat([p[2][j] for p in parts], dim=1) for j in range(len(outputs))]
         merged_idx = [torch.cat([p[3][j] for p in parts]) for j in range(len(idx))]
-        return sum(p[0] for p in parts), sum(p[1] for p in parts), merged_scores, merged_idx
+        return sum(p[0] for p in parts), sum(p[1] for p in parts), merged_outputs, merged_idx
 
     def eval_batches(self, n: int, batch_size: int) -> list[list[int]]:
         """The evaluation batches this process scores (whole batches, round-robin)."""

@@ -8,8 +8,6 @@ predictor, whose modules share the encoder's names, is never adapted). peft inje
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -17,6 +15,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fmprobe.adapt.anatomy import anatomy, block_index, hf_model
+from fmprobe.atomic import atomic_dir
 from fmprobe.backbones.base import Encoder
 from fmprobe.config import LoraAdaptConfig
 from fmprobe.errors import ConfigError, EncoderError
@@ -82,16 +81,8 @@ def is_adapter_param(name: str) -> bool:
 
 def save_adapter(peft_model: PeftModel, folder: Path) -> Path:
     """peft's save_pretrained of the adapter alone, written to a temporary folder then renamed into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         peft_model.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -4,7 +4,7 @@ Loss = main loss + ``segmentation.loss_weight`` x pixel cross-entropy over the b
 (rows without one contribute nothing). Each head of the run gets its own decoder; one encoder pass feeds both
 (the head's layer and ``segmentation.layer``). The checkpoint is chosen on the main validation metric, as
 without segmentation, and the decoder's mIoU is reported at that checkpoint. ``staged`` starts each seed's
-decoder from the frozen-token decoder of stage 1 (fmprobe.experiments.segmenting), as its heads start from theirs.
+decoder from the frozen-token decoder of stage 1 (fmprobe.probes.segmentation), as its heads start from theirs.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from fmprobe.config import Experiment, FeatureConfig
 from fmprobe.data.dataset import MediaDataset, collate_samples
 from fmprobe.data.transforms import Preprocess
 from fmprobe.errors import ReaderError
-from fmprobe.evaluate.segmentation import SegCounts, SegResults, SegRun, iou_counts, seg_metrics
-from fmprobe.experiments.probing import SPLITS
-from fmprobe.experiments.segmenting import (decoder_tokens, fit_decoder, frames_per_sample, load_split_masks,
-                                            prior_counts, token_stats)  # fmt: skip
+from fmprobe.evaluate.results import SPLITS, SegCounts, SegResults, SegRun
+from fmprobe.evaluate.segmentation import iou_counts, seg_metrics
+from fmprobe.probes.segmentation import (decoder_tokens, fit_decoder, frames_per_sample, load_split_masks,
+                                         prior_counts, token_stats)  # fmt: skip
+from fmprobe.train.core import Fit
 from fmprobe.features.extract import pool_tokens
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads.segmentation import SegDecoder, frame_tokens, segmentation_loss
@@ -136,7 +137,7 @@ class JointSegmentation:
         return {"train_seg_loss": mean}
 
     @torch.no_grad()
-    def evaluate(self, model: MultiTaskModel, name: str, seed: int, fit: dict, *, device: torch.device,
+    def evaluate(self, model: MultiTaskModel, name: str, seed: int, fit: Fit, *, device: torch.device,
                  autocast: Callable) -> SegRun:  # fmt: skip
         """Every split's counts at the chosen checkpoint (TTA hflip honoured: probabilities averaged)."""
         model.eval()
@@ -161,8 +162,8 @@ class JointSegmentation:
             if split == "test":
                 self.test_masks.setdefault(name, pred)
         val = seg_metrics(counts["val"].inter, counts["val"].union, self.cfg.class_names)["miou"]
-        curves = [{"epoch": row["epoch"], "train_seg_loss": row["train_seg_loss"]} for row in fit["curves"]]
-        run = SegRun(name, seed, fit["best_epoch"], val, fit["stopped"], curves, counts,
+        curves = [{"epoch": row["epoch"], "train_seg_loss": row["train_seg_loss"]} for row in fit.curves]
+        run = SegRun(name, seed, fit.best_epoch, val, fit.stopped_early, curves, counts,
                      count(model.decoder.parameters()))  # fmt: skip
         self.runs.append(run)
         return run

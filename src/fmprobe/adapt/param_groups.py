@@ -1,5 +1,6 @@
 """Optimizer parameter groups for end-to-end training: head, adapters, backbone and named modules, each with its
-own learning rate, weight decay and warmup, layer-wise LR decay over blocks, and a start epoch (unfreezing)."""
+own learning rate, weight decay and warmup, layer-wise LR decay over blocks, and a start epoch (unfreezing).
+The training core's ``GroupAdamW`` schedules each group from these keys."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from fmprobe.train.trainer import lr_at
 
 
 @dataclass(frozen=True)
@@ -60,17 +59,6 @@ def build_groups(
                 }  # fmt: skip
             groups[key]["params"].append(p)
     return list(groups.values())
-
-
-def set_lrs(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> None:
-    """Each group: 0 before its start, then its own linear warmup and cosine decay to 0 at ``total_steps``."""
-    for group in optimizer.param_groups:
-        start = group["start_step"]
-        if step < start:
-            group["lr"] = 0.0
-            continue
-        group["lr"] = lr_at(step - start, base_lr=group["base_lr"], warmup_steps=group["warmup_steps"],
-                            total_steps=total_steps - start)
 
 
 def count(params: Iterable[nn.Parameter]) -> int:

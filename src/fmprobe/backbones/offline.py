@@ -13,8 +13,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from fmprobe.atomic import atomic_dir
 from fmprobe.errors import EncoderError
 
 NAME = "dinov2-small-offline"
@@ -65,15 +64,8 @@ def offline_dinov2_dir(cache_dir: str | Path | None = None) -> Path:
     with FileLock(str(target.parent / f"{NAME}.lock")):
         if _is_complete(target):
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:  # an incomplete or outdated conversion at target is replaced
             _convert(source_onnx_path(), tmp)
-            if target.exists():  # an incomplete or outdated conversion: replace it
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return target
 
 

@@ -128,6 +128,41 @@ def load_manifest(data: DataConfig, task: TaskConfig) -> Manifest:
     return Manifest(df=out, task=task, class_names=class_names, source=src)
 
 
+def check_targets_vary(manifest: Manifest) -> None:
+    """Refuse a target a probe cannot learn from: one class, a constant multilabel column, or a regression
+    target with zero variance.
+
+    ``load_manifest`` accepts such a file (extraction alone does not need the targets); a run calls this before
+    any feature is extracted, so the user fixes the manifest before the backbone spends its time, instead of
+    meeting a training error about a validation split that lacks a class.
+    """
+    task, df = manifest.task, manifest.df
+    problems = []
+    for col in task.targets:
+        values = df[col].unique()
+        if len(values) > 1:
+            continue
+        value = repr(values[0]) if isinstance(values[0], str) else f"{float(values[0]):g}"
+        every = f"all {len(df)} rows hold {value}"
+        if task.type == "binary":
+            problems.append(f"target '{col}' has a single class: {every}; a binary target needs rows of 0 and 1")
+        elif task.type == "multiclass":
+            declared = [c for c in manifest.class_names or [] if c != values[0]]
+            never = f" (task.class_names also declares {declared}, which no row holds)" if declared else ""
+            problems.append(f"target '{col}' has a single class: {every}{never}; a multiclass target needs rows "
+                            "of at least two classes")
+        elif task.type == "multilabel":
+            problems.append(f"multilabel target '{col}' is constant: {every}; each label needs rows of 0 and 1")
+        else:
+            problems.append(f"regression target '{col}' has zero variance: {every}")
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise ManifestError(
+            f"manifest '{manifest.source}' gives the probe nothing to learn:\n{listed}\nAdd rows with other values, "
+            "or remove the column from task.targets."
+        )
+
+
 class _Where:
     """Formats offending rows as ``row 3 (id 'a')``, at most MAX_LISTED, then a count of the rest."""
 

@@ -14,7 +14,9 @@ When both sides carry sample ids, rows are matched by id (the samples both hold,
 array is float64 before any metric sees it. With one layer per side the result is one value per metric
 (default: every metric) and a bar chart; with several layers on either side it is a layer x layer matrix
 per metric (default: linear CKA) and a heatmap each. ``bootstrap`` > 0 adds percentile CIs over the samples
-for the metrics that allow one (diagnostics.alignment_ci: linear and RBF CKA).
+for the metrics that allow one (diagnostics.alignment_ci: linear and RBF CKA). ``alignment.json`` records the
+conventions the values depend on (k, RBF bandwidth rule, RSA dissimilarity and rank correlation, ...; see
+diagnostics.alignment_conventions) next to them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fmprobe.atomic import write_json
 from fmprobe.diagnostics import plots
 from fmprobe.diagnostics.alignment import METRICS, align, layer_alignment_matrix, load_representation
 from fmprobe.diagnostics.alignment_ci import BOOTSTRAPPABLE, cka_interval
+from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.features.store import FeatureSet, FeatureStore
 
@@ -44,10 +47,11 @@ class Representation:
     source: str
     layers: dict[str, np.ndarray]
     sample_ids: list[str] | None
+    model: str | None = None  # the experiment's name when the side is a config: the model's label in gate-points
 
     def describe(self) -> dict[str, Any]:
         n = next(iter(self.layers.values())).shape[0]
-        return {"source": self.source, "layers": list(self.layers), "samples": n,
+        return {"source": self.source, "model": self.model, "layers": list(self.layers), "samples": n,
                 "dims": {k: int(v.shape[1]) for k, v in self.layers.items()}}
 
 
@@ -70,8 +74,9 @@ def load_side(spec: str, *, progress: bool = False) -> Representation:
         if fields:
             raise ConfigError(f"representation '{spec}': a .npy file has no layers or pooling to choose")
         return Representation(str(path), {path.stem: load_representation(path)}, None)
+    model = None
     if path.suffix in (".yaml", ".yml"):
-        features = _config_features(path, progress)
+        features, model = _config_features(path, progress)
     elif path.is_dir() and (path / "config.json").exists():
         features = store_features(path)
     else:
@@ -88,16 +93,16 @@ def load_side(spec: str, *, progress: bool = False) -> Representation:
         raise FmprobeError(f"representation '{spec}': no sample has features (all were skipped)")
     arrays = {name: np.asarray(features.pooled(name, pooling), dtype=np.float64) for name in names}
     return Representation(f"{path}" + (f":{layer}" if layer else "") + (f":{pooling}" if len(fields) > 1 else ""),
-                          arrays, list(features.sample_ids))
+                          arrays, list(features.sample_ids), model)
 
 
-def _config_features(path: Path, progress: bool) -> FeatureSet:
+def _config_features(path: Path, progress: bool) -> tuple[FeatureSet, str]:
     from fmprobe.config import load_config
     from fmprobe.data.manifest import load_manifest
     from fmprobe.features.extract import extract_features
 
     exp = load_config(path)
-    return extract_features(exp, load_manifest(exp.data, exp.task), progress=progress)
+    return extract_features(exp, load_manifest(exp.data, exp.task), progress=progress), exp.name
 
 
 def store_features(root: Path) -> FeatureSet:
@@ -133,17 +138,18 @@ def pair_rows(a: Representation, b: Representation) -> tuple[Representation, Rep
     in_a = {sid: i for i, sid in enumerate(a.sample_ids)}
     ia = np.array([in_a[s] for s in common])
     ib = np.array([in_b[s] for s in common])
-    a2 = Representation(a.source, {k: v[ia] for k, v in a.layers.items()}, common)
-    b2 = Representation(b.source, {k: v[ib] for k, v in b.layers.items()}, common)
+    a2 = Representation(a.source, {k: v[ia] for k, v in a.layers.items()}, common, a.model)
+    b2 = Representation(b.source, {k: v[ib] for k, v in b.layers.items()}, common, b.model)
     return a2, b2, {"a": len(a.sample_ids) - len(common), "b": len(b.sample_ids) - len(common)}
 
 
 def align_command(
     spec_a: str, spec_b: str, metrics: list[str] | None = None, *, out: str | Path = "fmprobe-align", seed: int = 0,
-    progress: bool = False, bootstrap: int = 0, ci: float = 0.95,
+    progress: bool = False, bootstrap: int = 0, ci: float = 0.95, conventions: AlignmentConventions = DEFAULT,
 ) -> dict[str, Any]:
     """Compare A and B; write ``alignment.json`` and the figure(s) to ``out``; return the JSON dict.
 
+    ``conventions`` holds every choice the metrics depend on; the JSON records them under ``conventions``.
     With ``bootstrap`` resamples, ``intervals`` (one pair) or each matrix's ``ci`` holds ``[lo, hi]`` for the
     metrics in ``BOOTSTRAPPABLE`` (None for the others)."""
     if bootstrap < 0:
@@ -155,16 +161,18 @@ def align_command(
     out = Path(out)
     result: dict[str, Any] = {"a": a.describe(), "b": b.describe(), "samples": a.describe()["samples"],
                               "unmatched_samples": dropped, "seed": seed, "bootstrap": bootstrap,
-                              "ci_level": ci if bootstrap else None, "figures": []}
+                              "ci_level": ci if bootstrap else None, "conventions": conventions.record(),
+                              "figures": []}
 
     def interval(x: np.ndarray, y: np.ndarray, metric: str) -> list[float] | None:
         if not bootstrap or metric not in BOOTSTRAPPABLE:
             return None
-        return cka_interval(x, y, metric, n_resamples=bootstrap, ci=ci, seed=seed)
+        return cka_interval(x, y, metric, n_resamples=bootstrap, ci=ci, seed=seed, conventions=conventions)
 
     if len(a.layers) == 1 and len(b.layers) == 1:
         chosen = list(metrics) if metrics else list(METRICS)
-        values = align(next(iter(a.layers.values())), next(iter(b.layers.values())), chosen, seed=seed)
+        values = align(next(iter(a.layers.values())), next(iter(b.layers.values())), chosen, seed=seed,
+                       conventions=conventions)
         result["metrics"] = values
         if bootstrap:
             xa, xb = next(iter(a.layers.values())), next(iter(b.layers.values()))
@@ -175,7 +183,7 @@ def align_command(
     else:
         result["matrices"] = {}
         for metric in metrics or MATRIX_DEFAULT:
-            matrix, rows, cols = layer_alignment_matrix(a.layers, b.layers, metric, seed=seed)
+            matrix, rows, cols = layer_alignment_matrix(a.layers, b.layers, metric, seed=seed, conventions=conventions)
             result["matrices"][metric] = {"rows": rows, "cols": cols, "values": matrix.tolist()}
             if bootstrap:
                 result["matrices"][metric]["ci"] = [[interval(a.layers[r], b.layers[c], metric) for c in cols]

@@ -2,7 +2,8 @@
 
 Every metric takes ``a`` ``[N, Da]`` and ``b`` ``[N, Db]`` whose rows are the same N samples in the same
 order, and returns one float. Each is written from its published formula (cited in its docstring) and costs
-at most O(N^2 D) time and O(N^2) memory, so N of a few thousand runs in seconds.
+at most O(N^2 D) time and O(N^2) memory, so N of a few thousand runs in seconds. The choices a metric depends
+on (k, bandwidth, dissimilarity, ...) default to :data:`~fmprobe.diagnostics.alignment_conventions.DEFAULT`.
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import kendalltau, spearmanr
 from sklearn.linear_model import RidgeCV
 from sklearn.metrics import r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from fmprobe.diagnostics.alignment_conventions import (
+    DEFAULT,
+    AlignmentConventions,
+    Neighbourhood,
+    RankCorrelation,
+    RbfMedian,
+    RsaDissimilarity,
+)
 from fmprobe.errors import FmprobeError
 
 Kernel = Literal["linear", "rbf"]
-Neighbourhood = Literal["cosine", "euclidean"]
 
 RIDGE_ALPHAS = np.logspace(-3, 5, 9)  # one per decade, searched by RidgeCV (efficient leave-one-out) on the train part
 
@@ -100,26 +108,35 @@ def _center_gram(k: np.ndarray) -> np.ndarray:
     return k - k.mean(axis=0, keepdims=True) - k.mean(axis=1, keepdims=True) + k.mean()
 
 
-def _gram(x: np.ndarray, kernel: Kernel, sigma_factor: float, name: str) -> np.ndarray:
+def _gram(x: np.ndarray, kernel: Kernel, sigma_factor: float, median: RbfMedian, name: str) -> np.ndarray:
     if kernel == "linear":
         xc = x - x.mean(axis=0)
         return xc @ xc.T
     if kernel == "rbf":
-        return _rbf_gram(x, sigma_factor, name)
+        return _rbf_gram(x, sigma_factor, median, name)
     raise FmprobeError(f"unknown kernel '{kernel}'; use 'linear' or 'rbf'")
 
 
-def _rbf_gram(x: np.ndarray, sigma_factor: float, name: str) -> np.ndarray:
-    """exp(-||xi - xj||^2 / (2 sigma^2)), sigma = sigma_factor * median pairwise Euclidean distance.
+def rbf_sigma(d2: np.ndarray, sigma_factor: float, median: RbfMedian) -> float:
+    """The RBF bandwidth from squared distances ``d2`` [n, n]: sigma = sigma_factor * the median distance.
 
-    The median is taken over distinct pairs (i < j), the usual median heuristic (Gretton et al. 2005).
-    Kornblith et al.'s reference code instead uses sigma = threshold * sqrt(median squared distance) with the
-    median over the full n x n matrix, zero diagonal included, which gives a slightly smaller sigma.
+    ``median='distinct-pairs'``: the median Euclidean distance over pairs i < j, the usual median heuristic
+    (Gretton et al. 2005). ``'full-matrix'``: sqrt of the median squared distance over the full n x n matrix,
+    zero diagonal included, as in Kornblith et al.'s reference code (a slightly smaller sigma).
     """
+    if median == "distinct-pairs":
+        return sigma_factor * float(np.median(np.sqrt(_upper(d2))))
+    if median == "full-matrix":
+        return sigma_factor * float(np.sqrt(np.median(d2)))
+    raise FmprobeError(f"unknown RBF median '{median}'; use 'distinct-pairs' or 'full-matrix'")
+
+
+def _rbf_gram(x: np.ndarray, sigma_factor: float, median: RbfMedian, name: str) -> np.ndarray:
+    """exp(-||xi - xj||^2 / (2 sigma^2)) with sigma from :func:`rbf_sigma`."""
     if not sigma_factor > 0:
         raise FmprobeError(f"sigma_factor must be > 0; got {sigma_factor}")
     d2 = _sq_distances(x)
-    sigma = sigma_factor * float(np.median(np.sqrt(_upper(d2))))
+    sigma = rbf_sigma(d2, sigma_factor, median)
     if sigma == 0.0:
         raise FmprobeError(
             f"representation {name}: the median pairwise distance is 0 (most rows identical); RBF bandwidth undefined"
@@ -156,16 +173,17 @@ def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
     return _ratio(float(np.sum(kx * ky)), float(np.sum(kx * kx)), float(np.sum(ky * ky)))
 
 
-def rbf_cka(a: np.ndarray, b: np.ndarray, sigma_factor: float = 1.0) -> float:
+def rbf_cka(a: np.ndarray, b: np.ndarray, sigma_factor: float = DEFAULT.rbf_sigma_factor,
+            median: RbfMedian = DEFAULT.rbf_median) -> float:  # fmt: skip
     """RBF-kernel CKA (Kornblith et al. 2019) with the biased HSIC estimator (Gretton et al. 2005).
 
     HSIC_b(K, L) = tr(K H L H) / (n-1)^2, CKA = HSIC_b(K, L) / sqrt(HSIC_b(K, K) HSIC_b(L, L)); the (n-1)^2
-    cancels. Bandwidth: sigma = sigma_factor * median pairwise Euclidean distance over distinct pairs (see
-    ``_rbf_gram`` for how this differs from Kornblith's threshold * sqrt(median squared distance)).
+    cancels. Bandwidth per representation: sigma = sigma_factor * its median distance (:func:`rbf_sigma` says
+    which median; ``median='full-matrix'`` with sigma_factor = threshold reproduces Kornblith's code).
     """
     x, y = _pair(a, b, min_n=3)
-    kc = _center_gram(_rbf_gram(x, sigma_factor, "A"))
-    lc = _center_gram(_rbf_gram(y, sigma_factor, "B"))
+    kc = _center_gram(_rbf_gram(x, sigma_factor, median, "A"))
+    lc = _center_gram(_rbf_gram(y, sigma_factor, median, "B"))
     return _ratio(float(np.sum(kc * lc)), float(np.sum(kc * kc)), float(np.sum(lc * lc)))
 
 
@@ -189,14 +207,17 @@ def hsic_unbiased(kx: np.ndarray, ky: np.ndarray) -> float:
     return float((trace + both_sums - cross) / (n * (n - 3)))
 
 
-def debiased_cka(a: np.ndarray, b: np.ndarray, kernel: Kernel = "linear", sigma_factor: float = 1.0) -> float:
+def debiased_cka(
+    a: np.ndarray, b: np.ndarray, kernel: Kernel = "linear", sigma_factor: float = DEFAULT.rbf_sigma_factor,
+    median: RbfMedian = DEFAULT.rbf_median,
+) -> float:
     """Debiased CKA (Kornblith et al. 2019 appendix; Nguyen et al. 2021): CKA with HSIC_1 of Song et al. 2012.
 
     CKA_u = HSIC_1(K, L) / sqrt(HSIC_1(K, K) HSIC_1(L, L)). Unlike the biased estimator it does not drift
     towards 1 when D is large relative to N. ``kernel='rbf'`` uses the same bandwidth rule as :func:`rbf_cka`.
     """
     x, y = _pair(a, b, min_n=4)
-    kx, ky = _gram(x, kernel, sigma_factor, "A"), _gram(y, kernel, sigma_factor, "B")
+    kx, ky = _gram(x, kernel, sigma_factor, median, "A"), _gram(y, kernel, sigma_factor, median, "B")
     return _ratio(hsic_unbiased(kx, ky), hsic_unbiased(kx, kx), hsic_unbiased(ky, ky))
 
 
@@ -231,7 +252,8 @@ def _check_k(k: int, n: int) -> None:
         raise FmprobeError(f"k must be between 1 and N-1 = {n - 1}; got k={k}")
 
 
-def mutual_knn(a: np.ndarray, b: np.ndarray, k: int = 10, metric: Neighbourhood = "cosine") -> float:
+def mutual_knn(a: np.ndarray, b: np.ndarray, k: int = DEFAULT.knn_k,
+               metric: Neighbourhood = DEFAULT.knn_metric) -> float:  # fmt: skip
     """Mutual k-nearest-neighbour alignment (Huh et al. 2024, "The Platonic Representation Hypothesis").
 
     mean_i |kNN_A(i) ∩ kNN_B(i)| / k, neighbours excluding i itself. Default cosine similarity, as in the
@@ -248,7 +270,8 @@ def mutual_knn(a: np.ndarray, b: np.ndarray, k: int = 10, metric: Neighbourhood 
     return float(in_a[rows, nb].sum() / (n * k))
 
 
-def knn_recall(a: np.ndarray, b: np.ndarray, k: int = 10, metric: Neighbourhood = "cosine") -> float:
+def knn_recall(a: np.ndarray, b: np.ndarray, k: int = DEFAULT.knn_k,
+               metric: Neighbourhood = DEFAULT.knn_metric) -> float:  # fmt: skip
     """Recall@k of B's nearest neighbour among A's k nearest neighbours (B is the reference space).
 
     For each sample i, the relevant item is i's single nearest other sample in B; it counts as retrieved when
@@ -266,7 +289,7 @@ def knn_recall(a: np.ndarray, b: np.ndarray, k: int = 10, metric: Neighbourhood 
 # ---------------------------------------------------------------------------------------------- RSA
 
 
-def _rdm(x: np.ndarray, distance: Literal["correlation", "euclidean"], name: str) -> np.ndarray:
+def _rdm(x: np.ndarray, distance: RsaDissimilarity, name: str) -> np.ndarray:
     if distance == "euclidean":
         return np.sqrt(_sq_distances(x))
     if distance == "correlation":
@@ -280,25 +303,30 @@ def _rdm(x: np.ndarray, distance: Literal["correlation", "euclidean"], name: str
     raise FmprobeError(f"unknown RSA distance '{distance}'; use 'correlation' or 'euclidean'")
 
 
-def rsa(a: np.ndarray, b: np.ndarray, distance: Literal["correlation", "euclidean"] = "correlation") -> float:
+def rsa(a: np.ndarray, b: np.ndarray, distance: RsaDissimilarity = DEFAULT.rsa_dissimilarity,
+        rank: RankCorrelation = DEFAULT.rsa_rank_correlation) -> float:  # fmt: skip
     """Representational similarity analysis (Kriegeskorte et al. 2008).
 
-    Spearman correlation between the upper triangles of the two representational dissimilarity matrices.
-    Default dissimilarity: 1 - Pearson correlation between samples' feature vectors, as in the paper;
-    ``distance='euclidean'`` uses Euclidean distance.
+    Rank correlation between the upper triangles of the two representational dissimilarity matrices: Spearman's
+    rho by default, or Kendall's tau-b (``rank='kendall'``, scipy's ``kendalltau``). Default dissimilarity:
+    1 - Pearson correlation between samples' feature vectors, as in the paper; ``distance='euclidean'`` uses
+    Euclidean distance.
     """
+    if rank not in ("spearman", "kendall"):
+        raise FmprobeError(f"unknown rank correlation '{rank}'; use 'spearman' or 'kendall'")
     x, y = _pair(a, b, min_n=3)
     ua, ub = _upper(_rdm(x, distance, "A")), _upper(_rdm(y, distance, "B"))
     for name, u in (("A", ua), ("B", ub)):
         if np.ptp(u) == 0:
             raise FmprobeError(f"representation {name}: all pairwise dissimilarities are equal; RSA undefined")
-    return float(spearmanr(ua, ub).statistic)
+    correlation = spearmanr if rank == "spearman" else kendalltau
+    return float(correlation(ua, ub).statistic)
 
 
 # ---------------------------------------------------------------------------------------------- linear map
 
 
-def linear_r2(a: np.ndarray, b: np.ndarray, seed: int = 0, test_size: float = 0.2) -> float:
+def linear_r2(a: np.ndarray, b: np.ndarray, seed: int = 0, test_size: float = DEFAULT.r2_test_fraction) -> float:
     """Held-out R^2 of a ridge map A -> B: how much of B is linearly readable from A.
 
     Split the samples (seeded, ``test_size`` held out), standardise A and fit ``RidgeCV`` on the training part
@@ -315,34 +343,38 @@ def linear_r2(a: np.ndarray, b: np.ndarray, seed: int = 0, test_size: float = 0.
 
 # ---------------------------------------------------------------------------------------------- entry points
 
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
-    "linear_cka": lambda a, b, seed: linear_cka(a, b),
-    "rbf_cka": lambda a, b, seed: rbf_cka(a, b),
-    "debiased_cka": lambda a, b, seed: debiased_cka(a, b, kernel="linear"),
-    "debiased_rbf_cka": lambda a, b, seed: debiased_cka(a, b, kernel="rbf"),
-    "mutual_knn": lambda a, b, seed: mutual_knn(a, b),
-    "rsa": lambda a, b, seed: rsa(a, b),
-    "knn_recall": lambda a, b, seed: knn_recall(a, b),
-    "linear_r2": lambda a, b, seed: linear_r2(a, b, seed=seed),
+Metric = Callable[[np.ndarray, np.ndarray, AlignmentConventions, int], float]
+
+METRICS: dict[str, Metric] = {
+    "linear_cka": lambda a, b, c, seed: linear_cka(a, b),
+    "rbf_cka": lambda a, b, c, seed: rbf_cka(a, b, c.rbf_sigma_factor, c.rbf_median),
+    "debiased_cka": lambda a, b, c, seed: debiased_cka(a, b, kernel="linear"),
+    "debiased_rbf_cka": lambda a, b, c, seed: debiased_cka(a, b, "rbf", c.rbf_sigma_factor, c.rbf_median),
+    "mutual_knn": lambda a, b, c, seed: mutual_knn(a, b, c.knn_k, c.knn_metric),
+    "rsa": lambda a, b, c, seed: rsa(a, b, c.rsa_dissimilarity, c.rsa_rank_correlation),
+    "knn_recall": lambda a, b, c, seed: knn_recall(a, b, c.knn_k, c.knn_metric),
+    "linear_r2": lambda a, b, c, seed: linear_r2(a, b, seed=seed, test_size=c.r2_test_fraction),
 }
-"""Metric name -> function(a, b, seed) with the defaults documented on each function."""
+"""Metric name -> function(a, b, conventions, seed): each metric with the conventions it depends on."""
 
 
-def _metric(name: str) -> Callable[[np.ndarray, np.ndarray, int], float]:
+def _metric(name: str) -> Metric:
     if name not in METRICS:
         raise FmprobeError(f"unknown alignment metric '{name}'; choose from {sorted(METRICS)}")
     return METRICS[name]
 
 
-def align(a: np.ndarray, b: np.ndarray, metrics: list[str] | None = None, *, seed: int = 0) -> dict[str, float]:
+def align(a: np.ndarray, b: np.ndarray, metrics: list[str] | None = None, *, seed: int = 0,
+          conventions: AlignmentConventions = DEFAULT) -> dict[str, float]:  # fmt: skip
     """Every requested metric (default: all of ``METRICS``) between A and B, by name."""
     fns = {name: _metric(name) for name in (metrics if metrics is not None else list(METRICS))}
     x, y = _pair(a, b, min_n=2)
-    return {name: fn(x, y, seed) for name, fn in fns.items()}
+    return {name: fn(x, y, conventions, seed) for name, fn in fns.items()}
 
 
 def layer_alignment_matrix(
-    layers_a: Mapping[str, np.ndarray], layers_b: Mapping[str, np.ndarray], metric: str, *, seed: int = 0
+    layers_a: Mapping[str, np.ndarray], layers_b: Mapping[str, np.ndarray], metric: str, *, seed: int = 0,
+    conventions: AlignmentConventions = DEFAULT,
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """``metric`` for every (layer of A, layer of B) pair: the matrix behind a CKA heatmap.
 
@@ -357,7 +389,7 @@ def layer_alignment_matrix(
     for i, ra in enumerate(rows):
         for j, cb in enumerate(cols):
             try:
-                matrix[i, j] = fn(layers_a[ra], layers_b[cb], seed)
+                matrix[i, j] = fn(layers_a[ra], layers_b[cb], conventions, seed)
             except FmprobeError as e:
                 raise FmprobeError(f"layer '{ra}' of A vs layer '{cb}' of B: {e}") from e
     return matrix, rows, cols

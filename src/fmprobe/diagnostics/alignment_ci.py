@@ -14,15 +14,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fmprobe.diagnostics.alignment import _center_gram, _sq_distances, _upper
+from fmprobe.diagnostics.alignment import _center_gram, _sq_distances, rbf_sigma
+from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
 from fmprobe.errors import FmprobeError
 from fmprobe.evaluate.bootstrap import resample_weights
 
 BOOTSTRAPPABLE = ("linear_cka", "rbf_cka")
 
 
-def _kernel(x: np.ndarray, metric: str) -> Callable[[np.ndarray], np.ndarray]:
-    """idx -> the centred kernel matrix of the rows ``x[idx]``."""
+def _kernel(x: np.ndarray, metric: str, conventions: AlignmentConventions) -> Callable[[np.ndarray], np.ndarray]:
+    """idx -> the centred kernel matrix of the rows ``x[idx]`` (RBF: the bandwidth rule of ``conventions``)."""
     if metric == "linear_cka":
         gram = x @ x.T  # centring the resampled rows' features = centring their Gram matrix
         return lambda idx: _center_gram(gram[np.ix_(idx, idx)])
@@ -30,7 +31,7 @@ def _kernel(x: np.ndarray, metric: str) -> Callable[[np.ndarray], np.ndarray]:
 
     def rbf(idx: np.ndarray) -> np.ndarray:
         sub = d2[np.ix_(idx, idx)]
-        sigma = float(np.median(np.sqrt(_upper(sub))))
+        sigma = rbf_sigma(sub, conventions.rbf_sigma_factor, conventions.rbf_median)
         if sigma == 0.0:
             return np.full_like(sub, np.nan)
         return _center_gram(np.exp(-sub / (2.0 * sigma**2)))
@@ -39,7 +40,7 @@ def _kernel(x: np.ndarray, metric: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def cka_resamples(a: np.ndarray, b: np.ndarray, metric: str = "linear_cka", *, n_resamples: int = 1000,
-                  seed: int = 0) -> tuple[float, np.ndarray]:  # fmt: skip
+                  seed: int = 0, conventions: AlignmentConventions = DEFAULT) -> tuple[float, np.ndarray]:  # fmt: skip
     """``metric`` on all rows, and on each bootstrap resample of the rows (NaN where undefined)."""
     if metric not in BOOTSTRAPPABLE:
         raise FmprobeError(f"no bootstrap CI for '{metric}' (repeated samples bias it); CIs exist for "
@@ -49,7 +50,7 @@ def cka_resamples(a: np.ndarray, b: np.ndarray, metric: str = "linear_cka", *, n
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or len(x) < 3:
         raise FmprobeError(f"need [N, D] arrays of the same N >= 3 samples, got {x.shape} and {y.shape}")
-    kx, ky = _kernel(x, metric), _kernel(y, metric)
+    kx, ky = _kernel(x, metric, conventions), _kernel(y, metric, conventions)
 
     def cka(idx: np.ndarray) -> float:
         k, lk = kx(idx), ky(idx)
@@ -63,7 +64,7 @@ def cka_resamples(a: np.ndarray, b: np.ndarray, metric: str = "linear_cka", *, n
 
 def cka_interval(
     a: np.ndarray, b: np.ndarray, metric: str = "linear_cka", *, n_resamples: int = 1000, ci: float = 0.95,
-    seed: int = 0,
+    seed: int = 0, conventions: AlignmentConventions = DEFAULT,
 ) -> list[float]:
     """``[lo, hi]``: bias-corrected percentile bootstrap CI of ``metric`` (one of ``BOOTSTRAPPABLE``).
 
@@ -74,7 +75,7 @@ def cka_interval(
     """
     if not 0 < ci < 1:
         raise FmprobeError(f"ci must be in (0, 1), got {ci}")
-    point, values = cka_resamples(a, b, metric, n_resamples=n_resamples, seed=seed)
+    point, values = cka_resamples(a, b, metric, n_resamples=n_resamples, seed=seed, conventions=conventions)
     valid = values[np.isfinite(values)]
     if valid.size == 0 or not np.isfinite(point):
         return [float("nan"), float("nan")]

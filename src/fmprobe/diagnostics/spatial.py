@@ -32,6 +32,10 @@ from torch import nn
 
 from fmprobe.diagnostics.shapes import SampleObjects
 from fmprobe.errors import FmprobeError
+from fmprobe.train.core import FitPlan, fit
+from fmprobe.train.members import ModuleMember
+from fmprobe.train.seeding import seeded
+from fmprobe.train.sources import DrawnBatches
 
 Grid = tuple[int, int, int]
 Cells = tuple[torch.Tensor, torch.Tensor, float, float]  # cell centres x, y [h*w] and cell width, height (pixels)
@@ -200,33 +204,30 @@ def _cell_boxes(raw: torch.Tensor, cells: Cells) -> torch.Tensor:
 
 
 class _BoxProbe(nn.Module):
-    def __init__(self, dim: int, n_tokens: int):
+    def __init__(self, dim: int, n_tokens: int, cells: Cells):
         super().__init__()
         self.score = nn.Linear(dim, 4)
         self.position = nn.Parameter(torch.zeros(n_tokens, 4))
         self.box = nn.Linear(dim, 4)
+        self.cells = cells
 
-    def forward(self, x: torch.Tensor, cells: Cells) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         attention = torch.softmax(self.score(x) + self.position, dim=1)  # [B, L, 4]: one per box coordinate
-        cx, cy, cw, ch = cells
+        cx, cy, cw, ch = self.cells
         centre = torch.stack([cx, cy, cx, cy], dim=-1)
         size = torch.tensor([cw, ch, cw, ch])
         return (attention * (centre + self.box(x) * size)).sum(dim=1)
 
 
-def _fit(module: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, lr: float) -> None:
-    """AdamW with cosine decay on minibatches of ``BATCH`` train images drawn by the seeded global generator."""
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    module.train()
-    for _ in range(steps):
-        batch = torch.randint(n, (min(BATCH, n),))
-        opt.zero_grad()
-        loss = loss_fn(batch)
-        loss.backward()
-        opt.step()
-        schedule.step()
-    module.eval()
+def _fit(probe: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+         target: torch.Tensor, steps: int, lr: float) -> None:  # fmt: skip
+    """AdamW (weight decay on every parameter) with cosine decay over ``steps`` minibatches of ``BATCH`` train
+    images drawn with replacement, through the training core; draws from the caller's seeded stream."""
+    group = {"params": list(probe.parameters()), "weight_decay": WEIGHT_DECAY, "base_lr": lr, "warmup_steps": 0,
+             "start_step": 0}  # fmt: skip
+    source = DrawnBatches(len(x), lambda rows: (x[rows], target[rows]), steps=steps, batch_size=BATCH)
+    fit(ModuleMember("probe", probe, [group], loss_fn), source, None, FitPlan(epochs=1))
+    probe.eval()
 
 
 def _mean_iou(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -243,15 +244,10 @@ def _box_probe(
     """Per-image IoU of the predicted largest-object box on test, and the IoU of the mean train box."""
     scale = torch.tensor([image_size[1], image_size[0]] * 2, dtype=torch.float32)
     target = torch.as_tensor(y_tr.largest, dtype=torch.float32)
-    probe = _BoxProbe(x_tr.shape[-1], x_tr.shape[1])
-
-    def loss(batch: torch.Tensor) -> torch.Tensor:
-        pred = probe(x_tr[batch], cells)
-        return F.l1_loss(pred / scale, target[batch] / scale)
-
-    _fit(probe, loss, len(x_tr), steps, LR_BOX)
+    probe = _BoxProbe(x_tr.shape[-1], x_tr.shape[1], cells)
+    _fit(probe, lambda pred, box: F.l1_loss(pred / scale, box / scale), x_tr, target, steps, LR_BOX)
     with torch.no_grad():
-        pred = probe(x_te, cells).numpy()
+        pred = probe(x_te).numpy()
     ious = np.array([box_iou(p, g)[0, 0] for p, g in zip(pred, y_te.largest)])
     prior = y_tr.largest.mean(axis=0)
     prior_iou = float(np.mean([box_iou(prior, g)[0, 0] for g in y_te.largest]))
@@ -276,11 +272,7 @@ def _mask_probe(
     """Per-image pixel IoU of the upsampled patch masks on test, and that of the train patch-frequency prior."""
     target = _patch_targets(y_tr.union, h, w)
     probe = nn.Linear(x_tr.shape[-1], 1)
-
-    def loss(batch: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(probe(x_tr[batch]).squeeze(-1), target[batch])
-
-    _fit(probe, loss, len(x_tr), steps, LR_TOKEN)
+    _fit(probe, lambda out, y: F.binary_cross_entropy_with_logits(out.squeeze(-1), y), x_tr, target, steps, LR_TOKEN)
     with torch.no_grad():
         pred = _upsampled_masks(probe(x_te).squeeze(-1), h, w, image_size)
     frequency = target.mean(dim=0).clamp(1e-6, 1 - 1e-6)
@@ -314,16 +306,15 @@ def _detection_probe(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The decoded test detections matched per image (for class-agnostic COCO AP@0.5)."""
     objectness, regression = _centre_targets(y_tr, h, w, cells)
-    positive = objectness.bool()
-    pos_weight = (objectness.numel() - positive.sum()) / positive.sum()
+    pos_weight = (objectness.numel() - objectness.sum()) / objectness.sum()
     probe = nn.Linear(x_tr.shape[-1], 5)
 
-    def loss(batch: torch.Tensor) -> torch.Tensor:
-        out, pos = probe(x_tr[batch]), positive[batch]
-        cls = F.binary_cross_entropy_with_logits(out[..., 0], objectness[batch], pos_weight=pos_weight)
-        return cls + F.l1_loss(out[..., 1:][pos], regression[batch][pos])
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # target: objectness, then the box
+        pos = target[..., 0].bool()
+        cls = F.binary_cross_entropy_with_logits(out[..., 0], target[..., 0], pos_weight=pos_weight)
+        return cls + F.l1_loss(out[..., 1:][pos], target[..., 1:][pos])
 
-    _fit(probe, loss, len(x_tr), steps, LR_TOKEN)
+    _fit(probe, loss, x_tr, torch.cat([objectness[..., None], regression], dim=-1), steps, LR_TOKEN)
     with torch.no_grad():
         out = probe(x_te)
         scores = torch.sigmoid(out[..., 0]).numpy()
@@ -385,8 +376,7 @@ def run_spatial_probes(
     x_te_t = torch.from_numpy((x_te - mean) / std)
     cells = _cells(h, w, size)
 
-    with torch.random.fork_rng(devices=[]):  # seeds the probes' initialisation without touching global state
-        torch.manual_seed(seed)
+    with seeded(seed):  # the probes' initialisation and their minibatch draws
         box_ious, box_prior = _box_probe(x_tr_t, y_tr, x_te_t, y_te, cells, size, steps)
         mask_ious, mask_prior = _mask_probe(x_tr_t, y_tr, x_te_t, y_te, h, w, size, steps)
         matches = _detection_probe(x_tr_t, y_tr, x_te_t, y_te, h, w, cells, steps)

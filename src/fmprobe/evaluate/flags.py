@@ -16,7 +16,8 @@ import numpy as np
 
 from fmprobe.config import EvalConfig
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.bootstrap import TaskMetric, bootstrap_metrics
+from fmprobe.evaluate.bootstrap import bootstrap_metrics
+from fmprobe.evaluate.task import TaskMetric
 from fmprobe.evaluate.metrics import check_inputs, higher_is_better, output_names
 from fmprobe.evaluate.thresholds import apply_thresholds
 

@@ -29,12 +29,20 @@ from sklearn.metrics import (
 from fmprobe.config import METRICS_BY_TASK
 from fmprobe.errors import FmprobeError
 
-LOWER_IS_BETTER = frozenset({"mae", "rmse"})
+# The one definition of metric direction: errors, losses, calibration error and costs are lower-is-better.
+LOWER_IS_BETTER = frozenset({"mae", "rmse", "loss", "ece", "trainable_params", "total_params", "wall_seconds"})
+
+
+def lower_is_better(metric: str) -> bool:
+    """Direction of a metric name; per-class keys (``mae/<t>``) follow their base name, segmentation keys
+    (``seg/miou``) the name after their prefix."""
+    parts = metric.split("/")
+    base = parts[1] if parts[0] == "seg" and len(parts) > 1 else parts[0]
+    return base in LOWER_IS_BETTER
 
 
 def higher_is_better(metric: str) -> bool:
-    """Direction of a metric name (per-class keys like ``mae/<t>`` follow their base name)."""
-    return metric.split("/")[0] not in LOWER_IS_BETTER
+    return not lower_is_better(metric)
 
 
 def compute_metrics(

@@ -9,13 +9,12 @@ Keeping the counts per sample makes a bootstrap resample one matrix product: ``W
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fmprobe.evaluate.bootstrap import resample_weights
+from fmprobe.evaluate.results import SegCounts, SegResults
 
 MIOU_DEFINITION = (
     "IoU per class = summed intersections / summed unions over the samples with a mask (pixels at the "
@@ -26,40 +25,6 @@ BASELINE_DESCRIPTION = (
     "location prior: every pixel predicted as the class most frequent at that pixel position over the training "
     "masks (all background when background dominates everywhere, which gives mIoU 0)"
 )
-
-
-@dataclass
-class SegCounts:
-    """Per-sample intersections and unions ``[n, K]`` (int64) of the samples ``ids``."""
-
-    ids: list[str]
-    inter: np.ndarray
-    union: np.ndarray
-
-
-@dataclass
-class SegRun:
-    """One decoder and one seed; ``name`` is ``segmentation`` (frozen) or the head it shares a backbone with."""
-
-    name: str
-    seed: int
-    best_epoch: int
-    best_val_miou: float
-    stopped_early: bool
-    curves: list[dict[str, float]]
-    counts: dict[str, SegCounts]  # split -> counts at the chosen epoch
-    trainable_params: int
-    checkpoint_dir: Path | None = None
-
-
-@dataclass
-class SegResults:
-    path: str  # frozen | adapted
-    trained: str  # how the decoders were trained, for the report
-    runs: list[SegRun]
-    baseline: SegCounts  # the location prior on test
-    n_with_mask: dict[str, int]
-    test_masks: dict[str, np.ndarray] = field(default_factory=dict)  # seed-0 predicted test masks per decoder
 
 
 def iou_counts(pred: np.ndarray, true: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

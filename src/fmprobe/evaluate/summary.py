@@ -1,28 +1,30 @@
-"""metrics.json for a run: every number with its split, seeds, CI, baseline and flags.
+"""metrics.json for a run, assembled in this one place: every number with its split, seeds, CI, baseline and flags.
 
 Per head: metrics per split and seed, mean and sd over seeds, and on test a percentile bootstrap CI of
 the seed-mean metric (the same resamples, of groups when there are groups, applied to every seed).
 The head reported as the result is the one with the best mean validation primary metric; test is never
-used to choose anything.
+used to choose anything. The segmentation decoders' block, the grid selection and the wall time join here too;
+what other runs predicted (for ``identical_predictions``) and each head's configuration identity are given by
+the caller, which knows the runs folder.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fmprobe.config import METRICS_BY_TASK, Experiment
 from fmprobe.evaluate.baselines import baseline_metrics
-from fmprobe.evaluate.bootstrap import TaskMetric, resample_weights, scalar_metrics
+from fmprobe.evaluate.bootstrap import resample_weights, scalar_metrics
+from fmprobe.evaluate.task import TaskMetric
 from fmprobe.evaluate.flags import Flag, compute_flags, prediction_hash
-from fmprobe.evaluate.metrics import higher_is_better
+from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults, SplitData
+from fmprobe.evaluate.segmentation import summarise_segmentation
+from fmprobe.evaluate.subgroups import subgroup_report
+from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import calibration
-from fmprobe.experiments.identity import head_hash
-from fmprobe.experiments.probing import SPLITS, HeadRun, ProbeResults
 
 
 def seed_mean_bootstrap(
@@ -71,67 +73,58 @@ def _seed_mean_test_scores(runs: list[HeadRun]) -> np.ndarray:
     return np.mean([r.scores["test"] for r in runs], axis=0)
 
 
-def previous_prediction_hashes(runs_dir: Path, exclude: Path) -> dict[str, tuple[str, str]]:
-    """{run/head: (head config hash, test output hash)} of every earlier run under ``runs_dir``."""
-    out: dict[str, tuple[str, str]] = {}
-    for path in sorted(runs_dir.glob("*/*/metrics.json")):
-        if path.parent == exclude:
-            continue
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        for head, (cfg, out_hash) in m.get("prediction_hashes", {}).items():
-            out[f"{path.parent.parent.name}/{path.parent.name}/{head}"] = (cfg, out_hash)
-    return out
+def prediction_hashes(task: ResolvedTask, results: ProbeResults, test_ids: list[str]) -> dict[str, str]:
+    """Per head, the hash ``compute_flags`` makes of its seed-mean test outputs (in sample-id order)."""
+    heads = dict.fromkeys(r.head for r in results.runs)
+    return {h: prediction_hash(_seed_mean_test_scores([r for r in results.runs if r.head == h]), sample_ids=test_ids)
+            for h in heads}  # fmt: skip
 
 
 def summarise_run(
     exp: Experiment,
+    task: ResolvedTask,
     results: ProbeResults,
+    split: SplitData,
     *,
-    targets: dict[str, np.ndarray],
-    groups: dict[str, list[str]],
-    test_ids: list[str],
-    class_names: list[str] | None,
     split_info: dict[str, Any],
     skipped: list,
-    run_dir: Path,
     config_hash: str,
+    head_identities: dict[str, str],
+    other_runs: dict[str, tuple[str, str]],
+    grid: dict[str, Any] | None = None,
+    wall_seconds: float | None = None,
 ) -> dict[str, Any]:
-    task = exp.task
-    primary = task.primary_metric
-    label_names = class_names if task.type == "multiclass" else task.targets
+    """The whole metrics.json. ``head_identities``: each head's configuration identity; ``other_runs``:
+    ``{run/head: (configuration identity, test output hash)}`` of earlier runs."""
+    targets, groups, test_ids = split.targets, split.groups, split.ids["test"]
+    primary = task.primary
+    label_names = task.label_names
     test_groups = groups["test"] if exp.data.group_column else None
 
     def metric_for(run: HeadRun) -> TaskMetric:
-        return TaskMetric(task.type, class_names=label_names, target_names=task.targets,
-                          thresholds=None if run.thresholds is None else np.asarray(run.thresholds))
+        return task.metric(run.thresholds)
 
     baseline = scalar_metrics(baseline_metrics(task.type, targets["train"], targets["test"],
-                                               class_names=label_names, target_names=task.targets))
+                                               class_names=label_names, target_names=list(task.targets)))
     head_names = [h.name for h in exp.heads]
-    # The same hash compute_flags makes: seed-mean test outputs in sample-id order.
-    hashes = {h: prediction_hash(_seed_mean_test_scores([r for r in results.runs if r.head == h]),
-                                 sample_ids=test_ids) for h in head_names}
-    earlier = previous_prediction_hashes(Path(exp.runs_dir).expanduser(), run_dir)
+    hashes = prediction_hashes(task, results, test_ids)
+    earlier = other_runs
 
     heads: dict[str, Any] = {}
     all_flags: list[dict[str, Any]] = []
     for cfg in exp.heads:
         runs = sorted((r for r in results.runs if r.head == cfg.name), key=lambda r: (r.fold or 0, r.seed))
         splits = {}
-        for split in SPLITS:
+        for part in SPLITS:
             # Folds differ in train/val samples; test is the same for every member.
-            per_seed = [scalar_metrics(metric_for(r)((r.data.targets if r.data else targets)[split], r.scores[split]))
+            per_seed = [scalar_metrics(metric_for(r)((r.data.targets if r.data else targets)[part], r.scores[part]))
                         for r in runs]
             values, mean, sd = _mean_sd(per_seed)
-            splits[split] = {"per_seed": values, "mean": mean, "sd": sd}
+            splits[part] = {"per_seed": values, "mean": mean, "sd": sd}
         test_ci = seed_mean_bootstrap([metric_for(r) for r in runs], targets["test"], [r.scores["test"] for r in runs],
                                       groups=test_groups, n_resamples=exp.eval.bootstrap, ci=exp.eval.ci)
         others = {k: v for k, v in earlier.items()}
-        others.update({f"this run/{h}": (head_hash(exp, h), hashes[h])
-                       for h in head_names if h != cfg.name})
+        others.update({f"this run/{h}": (head_identities[h], hashes[h]) for h in head_names if h != cfg.name})
         mean_test = _seed_mean_test_scores(runs)
         flags: list[Flag] = compute_flags(
             task.type, targets["test"], mean_test,
@@ -142,7 +135,7 @@ def summarise_run(
             train_value=splits["train"]["mean"][primary], val_value=splits["val"]["mean"][primary],
             y_by_split=targets, overlap=split_info["group_overlap"],
             allow_group_overlap=split_info["allow_group_overlap"],
-            config_hash=head_hash(exp, cfg.name), sample_ids=test_ids, other_runs=others,
+            config_hash=head_identities[cfg.name], sample_ids=test_ids, other_runs=others,
         )
         # A collapsed seed is hidden by the seed mean: check each seed's outputs too.
         names = {f.name for f in flags}
@@ -166,8 +159,6 @@ def summarise_run(
             "flags": [f.to_dict() for f in flags],
         }
         if task.type != "regression":
-            from fmprobe.evaluate.subgroups import subgroup_report
-
             entry["subgroups"] = subgroup_report(  # test split, seed-mean scores, seed-mean thresholds
                 task.type, targets["test"], mean_test, class_names=label_names,
                 thresholds=None if runs[0].thresholds is None else np.mean([r.thresholds for r in runs], axis=0))
@@ -178,11 +169,12 @@ def summarise_run(
         heads[cfg.name] = entry
         all_flags += [{"head": cfg.name, **f.to_dict()} for f in flags]
 
-    best = max(head_names, key=lambda h: _orderable(heads[h]["splits"]["val"]["mean"][primary], primary))
-    return {
+    best = max(head_names, key=lambda h: _orderable(heads[h]["splits"]["val"]["mean"][primary], task))
+    metrics = {
         "experiment": exp.name,
         "config_hash": config_hash,
-        "task": {"type": task.type, "targets": task.targets, "class_names": class_names,
+        "task": {"type": task.type, "targets": list(task.targets),
+                 "class_names": None if task.class_names is None else list(task.class_names),
                  "primary_metric": primary,
                  "headline_metrics": [primary] + [m for m in METRICS_BY_TASK[task.type] if m != primary]},
         "split": split_info,
@@ -203,15 +195,36 @@ def summarise_run(
         },
         "heads": heads,
         "flags": all_flags,
-        "prediction_hashes": {h: [head_hash(exp, h), hashes[h]] for h in head_names},
+        "prediction_hashes": {h: [head_identities[h], hashes[h]] for h in head_names},
         "skipped": [list(s) for s in skipped],
     }
+    if results.segmentation is not None:
+        metrics["segmentation"] = _segmentation(exp, results, split, heads)
+    if grid is not None:
+        metrics["selection"]["grid"] = grid
+    if wall_seconds is not None:
+        metrics["wall_seconds"] = round(wall_seconds, 2)
+    return metrics
 
 
-def _orderable(value: float, metric: str) -> float:
+def _segmentation(exp: Experiment, results: ProbeResults, split: SplitData, heads: dict[str, Any]) -> dict[str, Any]:
+    """The segmentation section; an adapted run's decoder blocks also go beside their heads' metrics."""
+    cfg, seg = exp.segmentation, results.segmentation
+    assert cfg is not None and seg is not None
+    groups = dict(zip(split.ids["test"], split.groups["test"])) if exp.data.group_column else None
+    block = summarise_segmentation(seg, cfg.class_names, test_groups=groups, n_resamples=exp.eval.bootstrap,
+                                   ci=exp.eval.ci)  # fmt: skip
+    block.update(decoder=cfg.decoder, layer=cfg.layer, loss_weight=cfg.loss_weight if seg.path == "adapted" else None)
+    if seg.path == "adapted":
+        for head, entry in block["decoders"].items():
+            heads[head]["segmentation"] = entry
+    return block
+
+
+def _orderable(value: float, task: ResolvedTask) -> float:
     if value != value:
         return -np.inf
-    return value if higher_is_better(metric) else -value
+    return -value if task.lower_is_better else value
 
 
 def _baseline_description(task_type: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.bootstrap import TaskMetric
+from fmprobe.evaluate.task import TaskMetric
 from fmprobe.evaluate.compare import align_predictions, paired_bootstrap
 
 # Metrics that need a decision threshold differ by each run's tuned thresholds; compare scores instead.

@@ -39,10 +39,9 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from fmprobe.config import Strict, _format_errors
+from fmprobe.config import Strict, _format_errors, read_yaml
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.experiments.index import candidates as load_candidates
 from fmprobe.experiments.index import metric_table
@@ -142,12 +141,7 @@ class GateReport:
 
 def load_gates(path: str | Path) -> GatesSpec:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"cannot read gates '{path}': {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"gates '{path}' is not valid YAML: {err}") from None
+    data = read_yaml(path, "gates") or {}
     try:
         return GatesSpec.model_validate(data)
     except ValidationError as err:

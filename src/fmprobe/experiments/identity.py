@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from fmprobe.config import Experiment
@@ -42,3 +43,22 @@ def head_hash(exp: Experiment, head: str) -> str:
     data.pop("eval")
     data["heads"] = [h for h in data["heads"] if h["name"] == head]
     return _hash(data)
+
+
+def head_identities(exp: Experiment) -> dict[str, str]:
+    return {h.name: head_hash(exp, h.name) for h in exp.heads}
+
+
+def previous_prediction_hashes(runs_dir: Path, exclude: Path) -> dict[str, tuple[str, str]]:
+    """{run/head: (head config hash, test output hash)} of every earlier run under ``runs_dir``."""
+    out: dict[str, tuple[str, str]] = {}
+    for path in sorted(runs_dir.glob("*/*/metrics.json")):
+        if path.parent == exclude:
+            continue
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for head, (cfg, out_hash) in m.get("prediction_hashes", {}).items():
+            out[f"{path.parent.parent.name}/{path.parent.name}/{head}"] = (cfg, out_hash)
+    return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +20,7 @@ from fmprobe.atomic import atomic_path
 from fmprobe.errors import FmprobeError
 from fmprobe.evaluate.metrics import higher_is_better
 from fmprobe.experiments.index import SEG_MIOU, candidates, metric_table, varying_params
+from fmprobe.report.terminal import SEG_NOTE, fmt, head_label, params_cell, seg_cell
 
 # Non-metric quantities a gate or a leaderboard can read, all better when smaller.
 RUN_QUANTITIES = ("trainable_params", "total_params", "wall_seconds")
@@ -126,36 +126,8 @@ def _metric_names(values: pd.DataFrame) -> str:
     return ", ".join(sorted(names)) or "none"
 
 
-def params_cell(trainable: Any, total: Any) -> str:
-    """"trainable / total" parameters; "?" for the total of a run written before it was recorded."""
-    from fmprobe.report.terminal import params_text
-
-    return params_text({"trainable_params": int(trainable), "total_params": None if pd.isna(total) else int(total)})
-
-
-def seg_cell(row: dict[str, Any]) -> str:
-    """The segmentation decoder's test mIoU and CI; "—" for a run without segmentation."""
-    from fmprobe.report.terminal import fmt
-
-    if pd.isna(row["seg_miou"]):
-        return "—"
-    return f"{fmt(row['seg_miou'])} [{fmt(row['seg_miou_lo'])}, {fmt(row['seg_miou_hi'])}]"
-
-
-def head_label(row: dict[str, Any]) -> str:
-    """The head, or with train.grid the member chosen on validation (``<head>/lr<lr>/wd<wd>``)."""
-    member = row.get("grid_member")
-    return member if isinstance(member, str) else row["head"]
-
-
-SEG_NOTE = ("seg mIoU: test mean [CI] of the run's segmentation decoder (a frozen run has one decoder on the "
-            "backbone's tokens, shared by every head)")
-
-
 def print_leaderboard(console, board: Leaderboard) -> None:  # noqa: ANN001 (rich Console)
     from rich.table import Table
-
-    from fmprobe.report.terminal import fmt
 
     level = f"{int(board.ci_level * 100)}% CI" if board.ci_level else "CI"
     table = Table(title=f"leaderboard · {board.metric} · ranked on validation", title_justify="left")

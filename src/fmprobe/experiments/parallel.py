@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from fmprobe import distributed
 from fmprobe.config import Experiment
-from fmprobe.experiments.probing import ProbeResults
+from fmprobe.evaluate.results import ProbeResults
 
 
 def fold_share(exp: Experiment, fold: int) -> Experiment:

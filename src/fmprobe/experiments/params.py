@@ -14,7 +14,7 @@ from pathlib import Path
 from fmprobe.atomic import write_json
 from fmprobe.backbones.base import Encoder
 from fmprobe.config import Experiment
-from fmprobe.experiments.probing import ProbeResults
+from fmprobe.evaluate.results import ProbeResults
 from fmprobe.features.keys import identity_path
 from fmprobe.features.remote import local_cache_dir
 

@@ -12,23 +12,28 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fmprobe import distributed
 from fmprobe.atomic import atomic_path, write_json, write_text
 from fmprobe.config import Experiment, dump_config
-from fmprobe.data.manifest import Manifest, load_manifest
-from fmprobe.experiments.splitting import resolve_folds
+from fmprobe.data.manifest import Manifest, check_targets_vary, load_manifest
 from fmprobe.errors import ConfigError
+from fmprobe.evaluate.results import SPLITS, ProbeResults, SegResults, SplitData, predictions_table
 from fmprobe.evaluate.summary import summarise_run
+from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.experiments.environment import environment_info
-from fmprobe.experiments.identity import config_hash
+from fmprobe.experiments.identity import config_hash, head_identities, previous_prediction_hashes
 from fmprobe.experiments.parallel import fold_share, gather_members
-from fmprobe.experiments.probing import SPLITS, ProbeResults, SplitData, predictions_table, train_heads
-from fmprobe.experiments.segmenting import add_segmentation, check_segmentation, segment_frozen
-from fmprobe.features.extract import extract_features
-from fmprobe.experiments.grid import check_grid, select_members, train_grid
 from fmprobe.experiments.params import backbone_parameters, record_parameters
+from fmprobe.experiments.splitting import resolve_folds
+from fmprobe.features.extract import extract_features
+from fmprobe.probes.frozen import train_heads
+from fmprobe.probes.grid import check_grid, select_members
+from fmprobe.probes.segmentation import check_segmentation, segment_frozen
+from fmprobe.report.html import write_run_report
+from fmprobe.tracking import log_run
 
 
 @dataclass
@@ -51,12 +56,6 @@ def new_run_dir(exp: Experiment) -> Path:
     raise RuntimeError(f"could not create a new run directory under {base}")
 
 
-def _score_names(exp: Experiment, manifest: Manifest) -> list[str]:
-    if exp.task.type == "multiclass":
-        return list(manifest.class_names or [])
-    return list(exp.task.targets)
-
-
 def _split_data(df: pd.DataFrame, manifest: Manifest) -> SplitData:
     """Ids, groups and targets per split, for the samples that were extracted."""
     ids = {s: df.loc[df["split"] == s, "sample_id"].tolist() for s in SPLITS}
@@ -74,6 +73,7 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     distributed.init(cuda=exp.adapt.strategy != "frozen" and exp.adapt.device.startswith("cuda"))
     progress = progress and distributed.is_main()
     manifest = load_manifest(exp.data, exp.task)
+    check_targets_vary(manifest)  # before any extraction
     folds = resolve_folds(manifest, exp.task, exp.split)
     if len(folds) > 1 and exp.adapt.strategy != "frozen":
         raise ConfigError("split.mode kfold runs frozen probes only; use split.mode generate with adapt strategies")
@@ -88,19 +88,19 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     run_dir = distributed.broadcast_object(new_run_dir(exp) if distributed.is_main() else None)
     if distributed.is_main():
         write_text(run_dir / "config.resolved.yaml", dump_config(exp))
+    task = ResolvedTask.from_config(exp.task, manifest.class_names)
     results = ProbeResults()
     for k, fold in enumerate(data):
         if exp.adapt.strategy == "frozen":
             ckpt = run_dir / "checkpoints" / (f"fold{k}" if len(data) > 1 else "")
-            train = train_grid if exp.train.grid is not None else train_heads  # grid: HeadBanks (experiments.grid)
-            part = train(fold_share(exp, k), features, fold.ids, fold.targets, manifest.class_names, ckpt)
+            part = train_heads(fold_share(exp, k), task, features, fold.ids, fold.targets, ckpt)
             if exp.segmentation is not None and distributed.is_main():  # its own probe on the same cached tokens
                 part.segmentation = segment_frozen(exp, features, folds[0][0], fold.ids, ckpt)
         else:  # end to end on pixels (staged: stage 1 on these cached features); writes adaptation.json
-            from fmprobe.adapt.finetune import adapt_heads
+            from fmprobe.adapt.finetune import adapt_heads  # peft and friends: imported only when needed
 
-            part = adapt_heads(exp, features, folds[0][0][folds[0][0]["sample_id"].isin(extracted)], fold.ids,
-                               fold.targets, manifest.class_names, run_dir)
+            part = adapt_heads(exp, task, features, folds[0][0][folds[0][0]["sample_id"].isin(extracted)], fold.ids,
+                               fold.targets, run_dir)
         if len(data) > 1:
             for r in part.runs:
                 r.fold, r.data = k, fold
@@ -113,11 +113,11 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         return distributed.broadcast_object(None)
     grid_record = None
     if exp.train.grid is not None:  # per head, the member with the best mean validation score over seeds
-        results, grid_record = select_members(exp, results, split, manifest.class_names)
+        results, grid_record = select_members(exp, task, results, split)
     record_parameters(exp, results, run_dir, backbone_params)
     if len(data) > 1:
         split_info = {**split_info, "fold": None, "fold_sizes": [info["sizes"] for _, info in folds]}
-    preds = predictions_table(results, split, _score_names(exp, manifest), exp.task.targets)
+    preds = predictions_table(results, split, task.score_names, list(task.targets))
     with atomic_path(run_dir / "predictions.parquet") as tmp:
         preds.to_parquet(tmp, index=False)
     curves = pd.DataFrame(
@@ -126,34 +126,29 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     )
     with atomic_path(run_dir / "curves.parquet") as tmp:
         curves.to_parquet(tmp, index=False)
+    if results.segmentation is not None:
+        write_segmentation_outputs(run_dir, results.segmentation)
 
     metrics = summarise_run(
-        exp,
-        results,
-        targets=split.targets,
-        groups=split.groups,
-        test_ids=split.ids["test"],
-        class_names=manifest.class_names,
-        split_info=split_info,
-        skipped=features.skipped,
-        run_dir=run_dir,
-        config_hash=config_hash(exp),
-    )
-    if results.segmentation is not None:
-        add_segmentation(metrics, exp, results.segmentation, split, run_dir)
-    if grid_record is not None:
-        metrics["selection"]["grid"] = grid_record
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
+        exp, task, results, split, split_info=split_info, skipped=features.skipped, config_hash=config_hash(exp),
+        head_identities=head_identities(exp),
+        other_runs=previous_prediction_hashes(Path(exp.runs_dir).expanduser(), run_dir),
+        grid=grid_record, wall_seconds=time.perf_counter() - started,
+    )  # fmt: skip
     write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp),
                                                       **distributed.describe()))
-
-    from fmprobe.report.html import write_run_report
-
     write_run_report(run_dir, exp, metrics, curves)
     # metrics.json last: its presence is what marks a run finished (sweeps skip it, the index lists it).
     write_json(run_dir / "metrics.json", metrics)
-    from fmprobe.tracking import log_run
-
     log_run(exp, run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
     return distributed.broadcast_object(RunResult(run_dir=run_dir, metrics=metrics))
 
+
+def write_segmentation_outputs(run_dir: Path, seg: SegResults) -> None:
+    """``segmentation_curves.parquet`` and the first seed's predicted test masks (``segmentation_test_masks.npz``)."""
+    curves = pd.DataFrame([{"decoder": r.name, "seed": r.seed, **row} for r in seg.runs for row in r.curves])
+    with atomic_path(run_dir / "segmentation_curves.parquet") as tmp:
+        curves.to_parquet(tmp, index=False)
+    with atomic_path(run_dir / "segmentation_test_masks.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, sample_ids=np.array(seg.baseline.ids), **seg.test_masks)

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from fmprobe.atomic import write_json
-from fmprobe.config import Experiment, _resolve_paths, parse_config
+from fmprobe.config import Experiment, parse_config, read_yaml, resolve_paths, set_dotted
 from fmprobe.errors import ConfigError, FmprobeError
 
 SWEEP_KEYS = ("base", "name", "grid", "workers", "gates")
@@ -73,12 +72,7 @@ class SweepResult:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"cannot read sweep '{path}': {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"sweep '{path}' is not valid YAML: {err}") from None
+    data = read_yaml(path, "sweep") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"sweep '{path}': the top level must be a mapping with base and grid")
     unknown = sorted(set(data) - set(SWEEP_KEYS))
@@ -88,13 +82,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"sweep '{path}' needs 'base' (a config file) and 'grid' (dotted key -> list of values)")
     folder = path.parent.resolve()
     base_path = folder / str(data["base"])
-    try:
-        base = yaml.safe_load(base_path.read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"sweep '{path}': cannot read base config '{base_path}': {err.strerror}") from None
+    base = read_yaml(base_path, f"base config of sweep '{path}':") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"base config '{base_path}' must be a mapping")
-    _resolve_paths(base, base_path.parent)
+    resolve_paths(base, base_path.parent)
     workers = data.get("workers")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"sweep '{path}': workers must be a positive integer, got {workers!r}")
@@ -127,34 +118,6 @@ def _parse_grid(grid: Any, path: Path) -> dict[tuple[str, ...], list[Any]]:
     return out
 
 
-def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.0.c`` in nested dicts/lists; an integer part indexes an existing list."""
-    node: Any = data
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.lstrip("-").isdigit():
-                raise ConfigError(f"cannot set '{dotted}': '{'.'.join(parts[:i])}' is a list, so '{part}' must be an index")
-            index = int(part)
-            if not -len(node) <= index < len(node):
-                raise ConfigError(f"cannot set '{dotted}': '{where}' is out of range (the list has {len(node)} items)")
-            if last:
-                node[index] = value
-            else:
-                node = node[index]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if part not in node and parts[i + 1].lstrip("-").isdigit():
-                    raise ConfigError(f"cannot set '{dotted}': the base config has no list '{where}' to index")
-                node = node.setdefault(part, {})
-        else:
-            raise ConfigError(f"cannot set '{dotted}': '{'.'.join(parts[:i])}' is a value, not a section")
-
-
 def expand(spec: SweepSpec) -> list[SweepPoint]:
     """Every grid combination as a validated Experiment (all errors are reported before anything runs)."""
     from fmprobe.experiments.identity import config_hash
@@ -170,8 +133,8 @@ def expand(spec: SweepSpec) -> list[SweepPoint]:
         data = copy.deepcopy(spec.base)
         try:
             for key, value in values.items():
-                set_path(data, key, copy.deepcopy(value))
-            _resolve_paths(data, folder)  # paths given in the grid resolve against the sweep file
+                set_dotted(data, key, copy.deepcopy(value))
+            resolve_paths(data, folder)  # paths given in the grid resolve against the sweep file
             exp = parse_config(data, source=f"'{spec.base.get('name', 'base')}' with {values}")
         except ConfigError as err:
             errors.append(str(err))
@@ -366,8 +329,6 @@ def run_sweep(
     result = SweepResult(spec.name, points, runs_dir, sweep_dir, extractions=len(firsts) - len(broken),
                          failed=[p for p in points if p.status == "failed"])
     write_json(sweep_dir / "sweep.json", sweep_record(spec, points))
-    from fmprobe.report.sweep import write_sweep_report
-
     gates_path = Path(gates) if gates else spec.gates
     result.report = write_sweep_report(sweep_dir / "report.html", runs_dir, spec.name, points, gates_path)
     if result.failed:
@@ -375,6 +336,23 @@ def run_sweep(
         raise FmprobeError(f"{len(result.failed)} of {len(points)} sweep runs failed (report: {result.report}):\n"
                            f"{listing}\nrerun the sweep to retry them; finished runs are skipped")
     return result
+
+
+def write_sweep_report(dest: Path, runs_dir: Path, name: str, points: list[SweepPoint], gates_path: Path | None
+                       ) -> Path:  # fmt: skip
+    """The sweep's leaderboards (one per primary metric), its gate verdicts (also as gates.json) and failed arms."""
+    from fmprobe.experiments.gates import evaluate_gates, load_gates
+    from fmprobe.experiments.leaderboard import boards_by_primary_metric
+    from fmprobe.report.sweep import write_board_report
+
+    run_dirs = [p.run_dir for p in points if p.run_dir is not None]
+    boards = boards_by_primary_metric(runs_dir, run_dirs) if run_dirs else []
+    verdicts = None
+    if gates_path is not None and run_dirs:
+        verdicts = evaluate_gates(load_gates(gates_path), runs_dir, run_dirs=run_dirs)
+        write_json(dest.parent / "gates.json", verdicts.to_dict())
+    failed = [{"values": _label(p), "error": p.error} for p in points if p.status == "failed"]
+    return write_board_report(dest, boards, verdicts, title=f"sweep {name}", failed=failed)
 
 
 def sweep_record(spec: SweepSpec, points: Iterable[SweepPoint]) -> dict[str, Any]:

@@ -27,7 +27,6 @@ import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from filelock import FileLock, Timeout
 

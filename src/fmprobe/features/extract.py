@@ -21,7 +21,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 from torch.utils.data import DataLoader
 
@@ -34,8 +41,18 @@ from fmprobe.data.transforms import Preprocess
 from fmprobe.devices import config_device
 from fmprobe.errors import ConfigError, EncoderError, ReaderError
 from fmprobe.features.claims import Claim, ClaimedBatches, WorkClaims
-from fmprobe.features.fingerprint import FingerprintMemo, fingerprint_paths, with_clip_start
-from fmprobe.features.keys import cache_key, check_cacheable, describe, remember_identity, remembered_identity
+from fmprobe.features.fingerprint import (
+    FingerprintMemo,
+    fingerprint_paths,
+    with_clip_start,
+)
+from fmprobe.features.keys import (
+    cache_key,
+    check_cacheable,
+    describe,
+    remember_identity,
+    remembered_identity,
+)
 from fmprobe.features.pipeline import ExtractionRate, Prefetch, StageSeconds, Throughput
 from fmprobe.features.remote import local_cache_dir, open_store
 from fmprobe.features.store import FeatureSet, FeatureStore
@@ -171,7 +188,7 @@ def _plan(
             encoder = _load(exp, cache_dir)
             remembered = (encoder.name, encoder.fingerprint(), encoder.input_spec)
         identity = remembered
-    check_compatible(exp.data, identity[2], identity[0])
+    check_compatible(exp.data, identity[2], identity[0], exp.features)
     todo = _missing(exp, cache_dir, identity, keys, unreadable, paths)
     if todo and encoder is None:
         encoder = _load(exp, cache_dir)
@@ -213,8 +230,14 @@ def _missing(
     return todo
 
 
-def check_compatible(data: DataConfig, spec: InputSpec, name: str) -> None:
-    """A volume goes in as a slice stack (video encoders) or as single slices (image encoders)."""
+def check_compatible(data: DataConfig, spec: InputSpec, name: str, features: FeatureConfig | None = None) -> None:
+    """A volume goes in as a slice stack (video encoders), as single slices (image encoders) or whole (3D encoders,
+    whose token grid is (x, y, z): there is no time axis to pool, and ``token_grid`` would pool two of three axes)."""
+    if spec.kind == "volume":  # the data side is checked by Preprocess, which every path builds
+        if features is not None and (features.temporal_pool or features.token_grid is not None):
+            raise ConfigError(f"features.temporal_pool / token_grid pool a (time, height, width) grid, but {name}'s "
+                              "tokens lie on an (x, y, z) grid; remove them")
+        return
     if data.kind != "volume":
         return
     if data.volume_mode == "stack" and spec.kind != "video":
@@ -311,6 +334,15 @@ def _reason(message: str, sample_id: str, path: str) -> str:
     return message[len(prefix) :] if message.startswith(prefix) else message
 
 
+def encoder_batch(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, K, T, 3, H, W]`` samples (``[B, K, 1, x, y, z]`` for a 3D encoder) -> what the encoder takes: whole
+    clips or volumes ``[B*K, ...]`` (video and volume encoders) or frames ``[B*K*T, 3, H, W]`` (image encoders)."""
+    b, k, t = pixels.shape[:3]
+    if encoder.input_spec.kind == "image":
+        return pixels.reshape(b * k * t, *pixels.shape[3:])
+    return pixels.reshape(b * k, *pixels.shape[2:])
+
+
 def encode_batch(
     encoder: Encoder,
     pixels: torch.Tensor,
@@ -318,18 +350,17 @@ def encode_batch(
     features: FeatureConfig,
     stages: StageSeconds | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int, int]]]:
-    """Encode ``[B, K, T, 3, H, W]`` samples into the arrays a shard stores (see store.py), per layer.
+    """Encode a batch of samples (see :func:`encoder_batch`) into the arrays a shard stores (see store.py), per layer.
 
-    A video encoder takes each clip; an image encoder takes each frame, its tokens stacked along t and
-    its CLS tokens averaged over frames. The K clips of a sample are averaged. The forward and pooling time
+    A video (volume) encoder takes each clip (volume); an image encoder takes each frame, its tokens stacked along
+    t and its CLS tokens averaged over frames. The K clips of a sample are averaged. The forward and pooling time
     are added to ``stages`` when given.
     """
     start = time.perf_counter()
     b, k, t = pixels.shape[:3]
     pixels = pixels.to(next(encoder.parameters()).device, non_blocking=True)  # asynchronous from pinned memory
-    video = encoder.input_spec.kind == "video"
-    x = pixels.reshape(b * k, *pixels.shape[2:]) if video else pixels.reshape(b * k * t, *pixels.shape[3:])
-    out = encoder.encode(x, list(layers))
+    video = encoder.input_spec.kind != "image"
+    out = encoder.encode(encoder_batch(encoder, pixels), list(layers))
     forward_end = time.perf_counter()
     arrays: dict[str, np.ndarray] = {}
     grids: dict[str, tuple[int, int, int]] = {}

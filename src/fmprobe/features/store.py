@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 import time
+import uuid
 from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field

@@ -6,22 +6,19 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
+from typing import Any
 
 from fmprobe import __version__
-from fmprobe.atomic import write_json, write_text
+from fmprobe.atomic import write_text
 from fmprobe.report.plots import forest_plot
-from fmprobe.report.terminal import fmt
+from fmprobe.report.terminal import SEG_NOTE, fmt, head_label, params_cell, seg_cell
 from fmprobe.report.templating import render
 
-if TYPE_CHECKING:
-    from fmprobe.experiments.gates import GateReport
-    from fmprobe.experiments.leaderboard import Leaderboard
-    from fmprobe.experiments.sweep import SweepPoint
+# ``boards`` are experiments.leaderboard.Leaderboard and ``gates`` an experiments.gates.GateReport: this module
+# only renders what the orchestration computed, so it reads their fields without importing them.
 
 
-def render_board_report(boards: Sequence[Leaderboard], gates: GateReport | None, *, title: str,
+def render_board_report(boards: Sequence[Any], gates: Any | None, *, title: str,
                         dest_dir: Path | None = None, failed: Sequence[dict[str, Any]] = ()) -> str:
     """One leaderboard per primary metric (a sweep over tasks mixes them); ``dest_dir``: where the file will live,
     so links to each run's report.html are relative."""
@@ -30,9 +27,7 @@ def render_board_report(boards: Sequence[Leaderboard], gates: GateReport | None,
                   version=__version__)
 
 
-def _board_section(board: Leaderboard, gates: GateReport | None, dest_dir: Path | None) -> dict[str, Any]:
-    from fmprobe.experiments.leaderboard import SEG_NOTE, head_label, params_cell, seg_cell
-
+def _board_section(board: Any, gates: Any | None, dest_dir: Path | None) -> dict[str, Any]:
     table = board.table
     rows = []
     for r in table.to_dict("records"):
@@ -55,25 +50,9 @@ def _board_section(board: Leaderboard, gates: GateReport | None, dest_dir: Path 
     return {"board": board, "rows": rows, "plot": plot, "seg_note": SEG_NOTE}
 
 
-def write_sweep_report(dest: Path, runs_dir: Path, name: str, points: Sequence[SweepPoint],
-                       gates_path: Path | None) -> Path:
-    from fmprobe.experiments.gates import evaluate_gates, load_gates
-    from fmprobe.experiments.leaderboard import boards_by_primary_metric
-
-    run_dirs = [p.run_dir for p in points if p.run_dir is not None]
-    boards = boards_by_primary_metric(runs_dir, run_dirs) if run_dirs else []
-    gates = None
-    if gates_path is not None and run_dirs:
-        gates = evaluate_gates(load_gates(gates_path), runs_dir, run_dirs=run_dirs)
-        write_json(dest.parent / "gates.json", gates.to_dict())
-    failed = [{"values": ", ".join(f"{k}={v}" for k, v in p.values.items()), "error": p.error}
-              for p in points if p.status == "failed"]
-    write_text(dest, render_board_report(boards, gates, title=f"sweep {name}", dest_dir=dest.parent, failed=failed))
-    return dest
-
-
-def write_board_report(dest: Path, board: Leaderboard, gates: GateReport | None = None, *, title: str) -> Path:
-    """The leaderboard (and gate verdicts) of a runs folder as one HTML file (``fmprobe leaderboard --html``)."""
+def write_board_report(dest: Path, boards: Sequence[Any], gates: Any | None = None, *, title: str,
+                       failed: Sequence[dict[str, Any]] = ()) -> Path:
+    """Leaderboards (and gate verdicts) as one HTML file: a sweep's report, or ``fmprobe leaderboard --html``."""
     dest = Path(dest)
-    write_text(dest, render_board_report([board], gates, title=title, dest_dir=dest.parent.resolve()))
+    write_text(dest, render_board_report(boards, gates, title=title, dest_dir=dest.parent.resolve(), failed=failed))
     return dest

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
@@ -109,3 +110,25 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
     if metrics.get("skipped"):
         console.print(f"[yellow]{len(metrics['skipped'])} samples skipped (on_error: skip); see metrics.json[/]")
     console.print(f"run directory: {run_dir}")
+
+
+def params_cell(trainable: Any, total: Any) -> str:
+    """"trainable / total" parameters; "?" for the total of a run written before it was recorded."""
+    return params_text({"trainable_params": int(trainable), "total_params": None if pd.isna(total) else int(total)})
+
+
+def seg_cell(row: dict[str, Any]) -> str:
+    """The segmentation decoder's test mIoU and CI; "—" for a run without segmentation."""
+    if pd.isna(row["seg_miou"]):
+        return "—"
+    return f"{fmt(row['seg_miou'])} [{fmt(row['seg_miou_lo'])}, {fmt(row['seg_miou_hi'])}]"
+
+
+def head_label(row: dict[str, Any]) -> str:
+    """The head, or with train.grid the member chosen on validation (``<head>/lr<lr>/wd<wd>``)."""
+    member = row.get("grid_member")
+    return member if isinstance(member, str) else row["head"]
+
+
+SEG_NOTE = ("seg mIoU: test mean [CI] of the run's segmentation decoder (a frozen run has one decoder on the "
+            "backbone's tokens, shared by every head)")

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from fmprobe.atomic import write_text
+from fmprobe.config import read_yaml, set_path
 
 
 def _replace(node: Any, replace: dict[str, Any]) -> Any:
@@ -26,22 +27,16 @@ def _replace(node: Any, replace: dict[str, Any]) -> Any:
     return node
 
 
-def _set(node: Any, path: tuple[str | int, ...], value: Any) -> None:
-    for part in path[:-1]:
-        node = node[part] if isinstance(node, list) else node.setdefault(part, {})
-    node[path[-1]] = value
-
-
 def standin_yaml(src: str | Path, dst: str | Path, *, replace: dict[str, Any] | None = None,
                  set: dict[str | tuple[str | int, ...], Any] | None = None) -> Path:  # fmt: skip
     """Copy the YAML ``src`` to ``dst``: string values equal to a key of ``replace`` are swapped for its value
     (anywhere in the tree, grids included), then each key of ``set`` is set: a dotted string (``train.epochs``)
     or a tuple of keys and list indices (``("grid", "train.lr")`` for a sweep's dotted grid key). Real ids not
     in ``replace`` are left alone, so a missed one fails loudly when the stand-in run tries to load it."""
-    data = yaml.safe_load(Path(src).read_text(encoding="utf-8")) or {}
+    data = read_yaml(src, "recipe YAML") or {}
     data = _replace(data, replace or {})
     for key, value in (set or {}).items():
-        _set(data, tuple(key.split(".")) if isinstance(key, str) else key, value)
+        set_path(data, key.split(".") if isinstance(key, str) else key, value)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_text(dst, yaml.safe_dump(data, sort_keys=False))

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from fmprobe.config import Experiment
-from fmprobe.tracking import ARTIFACTS, epoch_series, flat_params, summary_metrics, tags
+from fmprobe.tracking.records import ARTIFACTS, epoch_series, flat_params, summary_metrics, tags
 
 BATCH = 500  # mlflow's log_batch takes at most 1000 metrics and 100 params per call
 PARAM_LIMIT = 6000  # mlflow's maximum param value length

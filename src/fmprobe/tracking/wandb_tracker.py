@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from fmprobe.config import Experiment
-from fmprobe.tracking import ARTIFACTS, epoch_series, flat_params, summary_metrics, tags
+from fmprobe.tracking.records import ARTIFACTS, epoch_series, flat_params, summary_metrics, tags
 
 
 def log_run(exp: Experiment, run_dir: Path, metrics: dict[str, Any], curves: pd.DataFrame) -> str:

@@ -66,10 +66,15 @@ class SigmoidLoss(nn.Module):
         self.register_buffer("pos_w", pos_w)
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.elementwise(logits, y).mean()
+
+    def elementwise(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-element losses of logits ``[..., B, C]`` (leading dims: members sharing the targets)."""
         if y.ndim == 1:
             y = y.unsqueeze(1)
-        if y.shape != logits.shape:
+        if y.shape != logits.shape[-2:]:
             raise ValueError(f"targets of shape {tuple(y.shape)} do not match logits of shape {tuple(logits.shape)}")
+        y = y.expand_as(logits)
         target = y * (1 - self.smoothing) + self.smoothing / 2 if self.smoothing else y
         loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight, reduction="none")
         if self.gamma is not None:
@@ -80,7 +85,7 @@ class SigmoidLoss(nn.Module):
                 loss = loss * (self.alpha * y + (1 - self.alpha) * (1 - y))
         if self.pos_w is not None:
             loss = loss * (y * self.pos_w + (1 - y) * self.neg_w)
-        return loss.mean()
+        return loss
 
 
 class SoftmaxFocalLoss(nn.Module):
@@ -92,12 +97,45 @@ class SoftmaxFocalLoss(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
-        loss = -((1 - logp.exp()) ** self.gamma) * logp
+        loss = self.elementwise(logits, y)
         if self.weight is None:
             return loss.mean()
         w = self.weight[y]
         return (loss * w).sum() / w.sum()
+
+    def elementwise(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Unweighted per-sample losses of logits ``[..., B, K]`` (leading dims: members sharing the targets)."""
+        index = y.expand(*logits.shape[:-1]).unsqueeze(-1)
+        logp = F.log_softmax(logits, dim=-1).gather(-1, index).squeeze(-1)
+        return -((1 - logp.exp()) ** self.gamma) * logp
+
+
+def member_losses(loss: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each member's loss ``[H]`` on outputs ``[H, B, ...]`` against the targets ``y`` they share.
+
+    One member: the loss module itself (the exact value a single model trains on). Several: one vectorised call
+    with each loss's own normalisation (a mean over elements; the class-weighted mean of weighted CE and focal),
+    equal to calling the module on each member (tested for every loss ``build_loss`` makes)."""
+    if len(logits) == 1:
+        return loss(logits[0], y)[None]
+    n = len(logits)
+    if isinstance(loss, SigmoidLoss):
+        return loss.elementwise(logits, y).flatten(1).mean(1)
+    if isinstance(loss, SoftmaxFocalLoss):
+        values = loss.elementwise(logits, y)
+        if loss.weight is None:
+            return values.mean(1)
+        w = loss.weight[y]
+        return (values * w).sum(1) / w.sum()
+    if isinstance(loss, nn.CrossEntropyLoss):
+        values = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(n), weight=loss.weight,
+                                 label_smoothing=loss.label_smoothing, reduction="none").view(n, -1)  # fmt: skip
+        return values.mean(1) if loss.weight is None else values.sum(1) / loss.weight[y].sum()
+    if isinstance(loss, nn.MSELoss):
+        return F.mse_loss(logits, y.expand_as(logits), reduction="none").flatten(1).mean(1)
+    if isinstance(loss, nn.HuberLoss):
+        return F.huber_loss(logits, y.expand_as(logits), reduction="none", delta=loss.delta).flatten(1).mean(1)
+    raise TypeError(f"member_losses does not know the loss {type(loss).__name__}")
 
 
 def as_target_tensor(y: np.ndarray, task_type: str) -> torch.Tensor:

@@ -23,3 +23,9 @@ def data_generator(seed: int) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(seed)
     return gen
+
+
+def restart_stream(seed: int) -> None:
+    """Inside a ``seeded`` block: continue from the torch stream of ``seed`` (e.g. each data-parallel process its
+    own dropout stream); the block still restores the caller's state when it ends."""
+    torch.manual_seed(seed)

@@ -17,6 +17,7 @@ from fmprobe.atomic import atomic_path, write_json, write_text
 from fmprobe.config import Experiment, HeadConfig
 from fmprobe.diagnostics import plots
 from fmprobe.errors import ConfigError
+from fmprobe.experiments.run import run_experiment
 
 HEAD_TYPES = ("linear", "mlp", "attentive")
 
@@ -84,8 +85,6 @@ def layers_command(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the sweep and write its table, figure and page into the run directory; returns ``layers.json``."""
-    from fmprobe.experiments.run import run_experiment
-
     layers = list(layers) if layers else list(exp.model.layers)
     head_types = list(head_types) if head_types else list(dict.fromkeys(h.type for h in exp.heads))
     sweep = layer_experiment(exp, layers, head_types)

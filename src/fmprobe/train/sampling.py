@@ -1,4 +1,4 @@
-"""Class-balanced sampling: each epoch draws N training samples with replacement, every class equally likely."""
+"""The order of an epoch: a permutation, or class-balanced draws with replacement (every class equally likely)."""
 
 from __future__ import annotations
 

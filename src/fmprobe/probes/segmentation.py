@@ -4,13 +4,12 @@ Frozen path: a separate probe (no parameters shared with the heads, so joint tra
 trained on the cached patch tokens of ``segmentation.layer`` for the samples with a mask, its epoch chosen on
 validation mIoU (early stopping with ``train.early_stopping``'s patience when set), then every split scored
 once. The adapted path (fmprobe.adapt.multitask) reuses the masks, the token statistics and, for ``staged``,
-these decoders as its stage 1.
+these decoders as its stage 1. Decoders train through the training core (``fmprobe.train``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,18 +17,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmprobe.atomic import atomic_path
 from fmprobe.backbones.base import InputSpec
 from fmprobe.config import Experiment
 from fmprobe.data.masks import load_masks
 from fmprobe.errors import ConfigError
-from fmprobe.evaluate.segmentation import (SegCounts, SegResults, SegRun, iou_counts, location_prior, seg_metrics,
-                                           summarise_segmentation)  # fmt: skip
-from fmprobe.experiments.probing import SPLITS, SplitData, save_checkpoints
+from fmprobe.evaluate.results import SPLITS, SegCounts, SegResults, SegRun
+from fmprobe.evaluate.segmentation import iou_counts, location_prior, seg_metrics
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads.segmentation import SegDecoder, frame_tokens, segmentation_loss
-from fmprobe.train.seeding import data_generator, seeded
-from fmprobe.train.trainer import EVAL_BATCH, EarlyStopper, improved, lr_at
+from fmprobe.probes.frozen import save_checkpoints
+from fmprobe.train.core import FitPlan, StopRule, fit
+from fmprobe.train.members import ModuleMember
+from fmprobe.train.optim import decay_groups
+from fmprobe.train.seeding import seeded
+from fmprobe.train.sources import EVAL_BATCH, CachedBatches, HeadData
 
 
 def check_segmentation(exp: Experiment) -> None:
@@ -115,17 +116,36 @@ def token_stats(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray
     return mean.astype(np.float32), (np.sqrt(np.maximum(sq / count - mean**2, 0)) + 1e-6).astype(np.float32)
 
 
+def decoder_labels(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, K, H', W']`` logits -> ``[B, H', W']`` uint8 argmax labels."""
+    return logits.argmax(1).to(torch.uint8)
+
+
 @torch.no_grad()
 def decoder_predict(decoder: SegDecoder, x: np.ndarray) -> np.ndarray:
     """``[n, H', W']`` uint8 argmax labels."""
     decoder.eval()
-    out = [decoder(torch.from_numpy(np.asarray(x[i : i + EVAL_BATCH]))).argmax(1).to(torch.uint8)
+    out = [decoder_labels(decoder(torch.from_numpy(np.asarray(x[i : i + EVAL_BATCH]))))
            for i in range(0, len(x), EVAL_BATCH)]  # fmt: skip
     return torch.cat(out).numpy()
 
 
 def _counts(decoder: SegDecoder, x: np.ndarray, masks: np.ndarray, ids: list[str], k: int) -> SegCounts:
     return SegCounts(ids, *iou_counts(decoder_predict(decoder, x), masks, k))
+
+
+class MiouScorer:
+    """Validation mIoU of decoders' predicted labels ``[H, n, H', W']`` (no loss: the labels are argmaxes)."""
+
+    primary, lower_is_better, train_metric = "miou", False, False
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = class_names
+
+    def __call__(self, y: np.ndarray, outputs: torch.Tensor, kind: str) -> dict[str, np.ndarray]:
+        k = len(self.class_names)
+        return {"miou": np.array([seg_metrics(*iou_counts(labels.numpy(), y, k), self.class_names)["miou"]
+                                  for labels in outputs])}  # fmt: skip
 
 
 def fit_decoder(
@@ -137,55 +157,23 @@ def fit_decoder(
     seg, train = exp.segmentation, exp.train
     assert seg is not None
     k = len(seg.class_names)
-    y_train = torch.from_numpy(masks.masks["train"].astype(np.int64))
-    n = len(y_train)
-    steps = math.ceil(math.ceil(n / train.batch_size) / train.grad_accum)  # optimizer steps per epoch
+    source = CachedBatches({s: HeadData(x[s], masks.masks[s]) for s in ("train", "val")},
+                           to_tensor=lambda m: torch.from_numpy(m.astype(np.int64)), batch_size=train.batch_size,
+                           grad_accum=train.grad_accum, seed=seed)  # fmt: skip
     es = train.early_stopping
-    stopper = EarlyStopper("miou", False, es.patience, es.min_delta) if es is not None else None
-    curves: list[dict[str, float]] = []
-    best: dict[str, torch.Tensor] = {}
-    best_score, best_epoch, stopped = math.nan, 0, False
+    plan = FitPlan(train.epochs, None if es is None else StopRule("miou", es.patience, es.min_delta))
     with seeded(seed):
         decoder = SegDecoder(x["train"].shape[-1], k, seg.decoder, out_size, mean, std)
         decoder.reset_parameters()
-        params = [p for p in decoder.parameters()]
-        optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.ndim > 1], "weight_decay": train.weight_decay},
-             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=seg.lr or train.lr)  # fmt: skip
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
-            s, base_lr=1.0, warmup_steps=train.warmup_epochs * steps, total_steps=train.epochs * steps))  # fmt: skip
-        order = data_generator(seed)
-        for epoch in range(1, train.epochs + 1):
-            decoder.train()
-            total = 0.0
-            batches = torch.randperm(n, generator=order).split(train.batch_size)
-            for start in range(0, len(batches), train.grad_accum):  # accumulation as train_head does it
-                group = batches[start : start + train.grad_accum]
-                group_size = sum(len(b) for b in group)
-                optimizer.zero_grad(set_to_none=True)
-                for idx in group:
-                    loss = segmentation_loss(decoder(torch.from_numpy(x["train"][idx.numpy()])), y_train[idx])
-                    (loss * (len(idx) / group_size)).backward()
-                    total += loss.item() * len(idx)
-                optimizer.step()
-                schedule.step()
-            val = _counts(decoder, x["val"], masks.masks["val"], masks.ids["val"], k)
-            score = seg_metrics(val.inter, val.union, seg.class_names)["miou"]
-            curves.append({"epoch": epoch, "train_loss": total / n, "val_miou": score,
-                           "lr": optimizer.param_groups[0]["lr"]})  # fmt: skip
-            if not best or improved(score, best_score, False, 0.0):
-                best_score, best_epoch = score, epoch
-                best = {name: v.detach().clone() for name, v in decoder.state_dict().items()}
-            if stopper is not None and stopper.exhausted({"miou": score}):
-                stopped = epoch < train.epochs
-                break
-    last = {name: v.detach().clone() for name, v in decoder.state_dict().items()}
-    decoder.load_state_dict(best)
+        groups = decay_groups(decoder, lr=seg.lr or train.lr, weight_decay=train.weight_decay,
+                              warmup_steps=train.warmup_epochs * source.steps_per_epoch)  # fmt: skip
+        member = ModuleMember("segmentation", decoder, groups, segmentation_loss, decoder_labels)
+        result = fit(member, source, MiouScorer(seg.class_names), plan).fits[0]
     if checkpoint_dir is not None:
-        save_checkpoints(checkpoint_dir, best, last)
+        save_checkpoints(checkpoint_dir, result.best_state, result.last_state)
     counts = {s: _counts(decoder, x[s], masks.masks[s], masks.ids[s], k) for s in SPLITS}
-    run = SegRun("segmentation", seed, best_epoch, best_score, stopped, curves, counts,
-                 sum(p.numel() for p in params), checkpoint_dir)  # fmt: skip
+    run = SegRun("segmentation", seed, result.best_epoch, result.best_val_score, result.stopped_early,
+                 result.curves, counts, sum(p.numel() for p in decoder.parameters()), checkpoint_dir)  # fmt: skip
     return run, decoder
 
 
@@ -216,24 +204,3 @@ def segment_frozen(exp: Experiment, features: FeatureSet, df: pd.DataFrame, spli
                "shared with the heads); each seed's epoch chosen on validation mIoU")  # fmt: skip
     return SegResults("frozen", trained, runs, prior_counts(masks, len(seg.class_names)),
                       {s: len(masks.ids[s]) for s in SPLITS}, test_masks)  # fmt: skip
-
-
-def add_segmentation(metrics: dict, exp: Experiment, seg: SegResults, split: SplitData, run_dir: Path) -> None:
-    """Put the segmentation section in ``metrics`` (and each adapted head's block beside its metrics); write
-    ``segmentation_curves.parquet`` and the first seed's predicted test masks (``segmentation_test_masks.npz``)."""
-    cfg = exp.segmentation
-    assert cfg is not None
-    groups = dict(zip(split.ids["test"], split.groups["test"])) if exp.data.group_column else None
-    block = summarise_segmentation(seg, cfg.class_names, test_groups=groups, n_resamples=exp.eval.bootstrap,
-                                   ci=exp.eval.ci)  # fmt: skip
-    block.update(decoder=cfg.decoder, layer=cfg.layer, loss_weight=cfg.loss_weight if seg.path == "adapted" else None)
-    metrics["segmentation"] = block
-    if seg.path == "adapted":
-        for head, entry in block["decoders"].items():
-            metrics["heads"][head]["segmentation"] = entry
-    curves = pd.DataFrame([{"decoder": r.name, "seed": r.seed, **row} for r in seg.runs for row in r.curves])
-    with atomic_path(run_dir / "segmentation_curves.parquet") as tmp:
-        curves.to_parquet(tmp, index=False)
-    with atomic_path(run_dir / "segmentation_test_masks.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, sample_ids=np.array(seg.baseline.ids), **seg.test_masks)
