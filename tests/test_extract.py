@@ -308,6 +308,31 @@ def test_extraction_measures_its_throughput_after_the_first_batches(tmp_path, im
     assert cached.samples_per_second is None and cached.extracted == 0
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_overlapped_pipeline_stores_the_bits_of_a_plain_sequential_loop(tmp_path, images, workers):
+    """Prefetching, worker processes, pinned buffers and background shard writes change when things happen, not
+    what is computed: every stored array equals, bit for bit, encode_batch run batch after batch on the samples
+    read and preprocessed in manifest order, and a second extraction into a fresh cache stores the same bits."""
+    from fmprobe.data.readers import read_media
+    from fmprobe.data.transforms import Preprocess
+
+    exp = make_exp(tmp_path / "a")
+    exp.data.num_workers = workers
+    encoder = TinyViT().eval()
+    preprocess = Preprocess(encoder.input_spec, exp.data, train=False)
+    pixels = torch.stack([preprocess(read_media(p, exp.data, sample_id=s)) for s, p in zip(images.sample_id,
+                                                                                           images.path)])
+    with torch.inference_mode():
+        batches = [encode_batch(encoder, x, [-1], exp.features)[0] for x in pixels.split(2)]
+    expected = {name: np.concatenate([b[name] for b in batches]) for name in ("L0.mean", "L0.cls", "L0.tokens")}
+    first = extract_features(exp, manifest(images), TinyViT(), progress=False)
+    second = extract_features(exp.model_copy(update={"features": exp.features.model_copy(
+        update={"cache_dir": str(tmp_path / "b")})}), manifest(images), TinyViT(), progress=False)
+    for fs in (first, second):
+        for name, array in zip(("L0.mean", "L0.cls", "L0.tokens"), _arrays(fs)):
+            assert array.dtype == expected[name].dtype and array.tobytes() == expected[name].tobytes(), name
+
+
 # --- killed and concurrent runs, in real subprocesses ------------------------------------------------
 
 CHILD = """
