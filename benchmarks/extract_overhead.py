@@ -8,13 +8,14 @@ min / median / max over the repeats, then where fmprobe's time went at the defau
 loop is made of).
 Last line: ``extract_efficiency=<median of bare ÷ fmprobe time at the default num_workers>`` (goal >= 0.95).
 ``--timm``: the same at the default setting for a random-init timm ViT-S/16 (``model.kind: timm``) against timm's
-``forward_features``.
+``forward_features``. ``--repeats N``: repeats at the default setting (11); ``--default-only``: skip the other
+settings (on a loaded machine, where each pass takes long).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
-import sys
 import tempfile
 from pathlib import Path
 
@@ -153,16 +154,22 @@ def measure(model: dict, encoder, manifest: Path, tmp: Path, settings: dict[int,
 
 
 def main() -> None:
-    use_timm = "--timm" in sys.argv
-    name = "random-init timm ViT-S/16" if use_timm else "random-init ViT-S/14"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timm", action="store_true", help="a timm ViT-S/16 at the default setting only")
+    parser.add_argument("--repeats", type=int, default=SETTINGS[DEFAULT_WORKERS], help="repeats at the default")
+    parser.add_argument("--default-only", action="store_true", help="only the default num_workers setting")
+    args = parser.parse_args()
+    name = "random-init timm ViT-S/16" if args.timm else "random-init ViT-S/14"
     print(f"torch threads {torch.get_num_threads()}, {N_IMAGES} PNG {SIZE}x{SIZE}, batch {BATCH}, {name}; default "
           f"data.num_workers = {DEFAULT_WORKERS}; {load_average()}", flush=True)
+    settings = {**SETTINGS, DEFAULT_WORKERS: args.repeats}
+    if args.timm or args.default_only:
+        settings = {DEFAULT_WORKERS: args.repeats}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "img").mkdir()
         manifest = write_images(tmp / "img")
-        model, encoder = (timm_vits16 if use_timm else vits14)(tmp)
-        settings = {DEFAULT_WORKERS: SETTINGS[DEFAULT_WORKERS]} if use_timm else SETTINGS
+        model, encoder = (timm_vits16 if args.timm else vits14)(tmp)
         headline = measure(model, encoder, manifest, tmp, settings)
     print(f"extract_efficiency={headline:.3f}")
 

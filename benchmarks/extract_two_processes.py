@@ -8,6 +8,7 @@ next (the machine is shared; timing helpers in benchmarks/timing.py); the benchm
 min / median / max of the ratio over the repeats, each process's share and the rows stored per sample (1.00: each
 sample stored once), and the same ratio in CPU time of the busiest process (what the wall ratio is when each
 process has a free core: on a machine shared with other work, the wall ratio also measures their load).
+``--repeats N`` (default 3).
 Last line: ``two_process_wall_ratio=<median of T(two processes) ÷ T(one)>`` (goal <= 0.55: half, or better).
 """
 
@@ -26,7 +27,7 @@ import pandas as pd
 from PIL import Image
 from timing import load_average, median, ratios, spread
 
-N_IMAGES, SIZE, BATCH, SHARD, REPEATS = 96, 224, 8, 16, 3
+N_IMAGES, SIZE, BATCH, SHARD = 96, 224, 8, 16
 
 
 def child(manifest: str, model_dir: str, cache: str, folder: str) -> None:
@@ -87,12 +88,12 @@ def stored_rows(cache: Path) -> int:
     return sum(len(json.loads(m.read_text())["sample_ids"]) for m in cache.glob("*/shard-*/meta.json"))
 
 
-def main() -> None:
+def main(repeats: int) -> None:
     import torch
     from transformers import Dinov2Config, Dinov2Model
 
     print(f"{N_IMAGES} PNG {SIZE}x{SIZE}, random-init ViT-Ti/14, batch {BATCH}, shard {SHARD}, one torch thread per "
-          f"process, {REPEATS} repeats", flush=True)
+          f"process, {repeats} repeats", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         torch.manual_seed(0)
@@ -109,7 +110,7 @@ def main() -> None:
         manifest = tmp / "manifest.csv"
         pd.DataFrame(rows).to_csv(manifest, index=False)
         ones, twos, one_cpus, two_cpus, stored = [], [], [], [], []
-        for rep in range(REPEATS):
+        for rep in range(repeats):
             for n in (1, 2) if rep % 2 == 0 else (2, 1):
                 wall, cpu, extracted = timed(n, manifest, tmp / "model", tmp / f"cache-{n}-{rep}", tmp / f"go-{n}-{rep}")
                 (ones if n == 1 else twos).append(wall)
@@ -134,4 +135,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(*sys.argv[2:6])
     else:
-        main()
+        main(int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 3)
