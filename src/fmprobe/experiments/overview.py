@@ -1,8 +1,8 @@
 """`fmprobe report RUNS_DIR`: every run directory of a runs folder on one page — finished, failed or unfinished —
 with its headline number, flags and a link to its report.
 
-A run's status is the ``status`` of its ``status.json`` when it has one (written when a run fails), else
-finished when metrics.json exists (written last), else unfinished (still running, or killed). Only files are
+A run's status is what ``experiments.status`` reads: its ``status.json`` (finished, or failed with the stage and
+the error), else finished when metrics.json exists, else unfinished (still running, or killed). Only files are
 read: the page is rebuilt from the run directories every time.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fmprobe.errors import FmprobeError
+from fmprobe.experiments.status import RunStatus, read_status, short_error
 from fmprobe.report.runs import write_runs_page
 
 RUN_FILES = ("config.resolved.yaml", "metrics.json", "status.json")  # any of them marks a run directory
@@ -37,15 +38,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _entry(run_dir: Path) -> dict[str, Any]:
-    status_file = _read_json(run_dir / "status.json") if (run_dir / "status.json").exists() else None
-    metrics = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else None
-    if status_file is not None and status_file.get("status"):
-        status = str(status_file["status"])
-    else:
-        status = "finished" if metrics is not None else "unfinished"
+    try:
+        state = read_status(run_dir)
+    except FmprobeError as err:  # an edited status.json: listed, with what is wrong with it
+        state = RunStatus("unfinished", error=str(err))
+    metrics = _read_json(run_dir / "metrics.json") if state.status == "finished" else None
+    error = None if state.error is None else short_error(state.error) + (f" (in {state.stage})" if state.stage else "")
     entry: dict[str, Any] = {
-        "run_dir": str(run_dir), "experiment": run_dir.parent.name, "run_id": run_dir.name, "status": status,
-        "error": None if status_file is None else status_file.get("error") or status_file.get("message"),
+        "run_dir": str(run_dir), "experiment": run_dir.parent.name, "run_id": run_dir.name, "status": state.status,
+        "error": error,
         "report": str(run_dir / "report.html") if (run_dir / "report.html").exists() else None,
         "headline": None,
     }
