@@ -24,7 +24,7 @@ def test_two_runs_of_one_config_write_identical_results(tmp_path):
     assert first != second
 
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (first, second))
-    assert {k for k in a if a[k] != b.get(k)} <= {"wall_seconds"} and a.keys() == b.keys()
+    assert {k for k in a if a[k] != b.get(k)} <= {"wall_seconds", "timing"} and a.keys() == b.keys()
     assert not [f for f in b["flags"] if f["name"] == "identical_predictions"]  # same config: not a warning
     pd.testing.assert_frame_equal(pd.read_parquet(first / "predictions.parquet"),
                                   pd.read_parquet(second / "predictions.parquet"))

@@ -1,7 +1,8 @@
 """Is the head selected on validation really better on test than the runner-up, or are they tied?
 
-A paired bootstrap of the test difference (selected - runner-up) of their seed-mean outputs on the same
-resamples of the test samples (groups, when the run has groups), so sample difficulty cancels. The runner-up is
+A paired bootstrap of the test difference (selected - runner-up) of their scores as every table shows them (the
+mean over members of each member's metric, ``evaluate.summary.SCORE_DEFINITION``; as ``fmprobe compare``) on the
+same resamples of the test samples (groups, when the run has groups), so sample difficulty cancels. The runner-up is
 the head with the second-best validation mean; nothing here is chosen on test.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fmprobe.config import Experiment
+from fmprobe.evaluate.bootstrap import MemberMean
 from fmprobe.evaluate.compare import paired_bootstrap
 from fmprobe.evaluate.results import ProbeResults, SplitData
 from fmprobe.evaluate.task import ResolvedTask
@@ -37,11 +39,11 @@ def compare_runner_up(exp: Experiment, task: ResolvedTask, results: ProbeResults
         out["skipped"] = "eval.bootstrap is 0: no resamples to compare the heads on"
         return out
 
-    def seed_mean(head: str) -> np.ndarray:
-        return np.mean([r.scores["test"] for r in results.runs if r.head == head], axis=0)
+    def members(head: str) -> list[np.ndarray]:
+        return [r.scores["test"] for r in results.runs if r.head == head]
 
     groups = split.groups["test"] if exp.data.group_column else None
-    diff = paired_bootstrap(task.metric(None), split.targets["test"], seed_mean(best), seed_mean(second),
+    diff = paired_bootstrap(MemberMean((task.metric(None),)), split.targets["test"], members(best), members(second),
                             metric=primary, groups=groups, n_resamples=exp.eval.bootstrap, ci=exp.eval.ci)
     lo, hi = diff["lo"], diff["hi"]
     out.update(difference=diff["diff"], ci=[lo, hi], p_value=diff["p_value"],
