@@ -82,10 +82,10 @@ def test_staged_stage_two_starts_from_stage_one_best(toy_study):
 def test_everything_on_partial_run_completes(toy_study):
     adapt = {"strategy": "partial", "partial_blocks": 1, "unfreeze_at_epoch": 2, "layer_decay": 0.7,
              "modules": {"embeddings": {"lr": 1e-4}}, "mix": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0},
-             "balanced_sampler": True, "tta": {"hflip": True}, "drop_path": 0.1, "gradient_checkpointing": True,
+             "tta": {"hflip": True}, "drop_path": 0.1, "gradient_checkpointing": True,
              "backbone": {"lr": 1e-3, "warmup_epochs": 1}}  # fmt: skip
     exp = parse_config(toy_study("multiclass", n=60, n_classes=3, weights=[0.6, 0.2, 0.2],
-                                 train={**FAST, "grad_accum": 2}, adapt=adapt,
+                                 train={**FAST, "grad_accum": 2, "balanced_sampler": True}, adapt=adapt,
                                  loss={"label_smoothing": 0.1}))  # fmt: skip
     result = run_experiment(exp, progress=False)
     info = json.loads((result.run_dir / "adaptation.json").read_text())["heads"]["linear"]["0"]

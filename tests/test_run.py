@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fmprobe.cli import app
-from fmprobe.config import parse_config
+from fmprobe.config import load_config, parse_config
 from fmprobe.errors import ConfigError, LeakageError, ManifestError
 from fmprobe.evaluate.metrics import compute_metrics
 from fmprobe.experiments.run import run_experiment
@@ -110,6 +110,31 @@ def test_balanced_class_weights_are_computed_and_recorded(toy_study):
     # sklearn's balanced: n / (k * n_c) with k = 2 classes, for each side of the label
     assert weights["positive"] == pytest.approx([n / (2 * n_pos)])
     assert weights["negative"] == pytest.approx([n / (2 * (n - n_pos))])
+
+
+def test_balanced_sampler_draws_frozen_probe_batches_class_balanced(toy_study, monkeypatch):
+    """train.balanced_sampler on a frozen probe: every epoch over the cached features draws the classes equally
+    (a permutation would draw them 80/20), with the sampler end-to-end training uses."""
+    from fmprobe.train import sampling, sources
+
+    drawn: list[np.ndarray] = []
+
+    def recording(n, generator, weights):  # noqa: ANN001, ANN202
+        order = sampling.epoch_order(n, generator, weights)
+        drawn.append(order.numpy())
+        return order
+
+    monkeypatch.setattr(sources, "epoch_order", recording)
+    config = toy_study("binary", n=150, weights=[0.8, 0.2], train={"epochs": 3, "balanced_sampler": True})
+    result = run_experiment(parse_config(config), progress=False)
+    preds = pd.read_parquet(result.run_dir / "predictions.parquet")
+    y = preds[(preds["split"] == "train") & (preds["seed"] == 0)]["y/y"].to_numpy().astype(int)
+    assert y.mean() < 0.3 and len(drawn) == 3 * 2  # epochs x seeds, each drawn with replacement
+    positive_share = np.mean([y[order].mean() for order in drawn])
+    assert 0.4 < positive_share < 0.6
+    assert load_config(result.run_dir / "config.resolved.yaml").train.balanced_sampler
+    with pytest.raises(ConfigError, match="moved to train.balanced_sampler"):
+        parse_config({**config, "adapt": {"balanced_sampler": True}})
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The batch source of end-to-end training: pixels read, preprocessed and augmented per epoch.
 
 Training batches follow the epoch's order (a permutation, or class-balanced draws with
-``adapt.balanced_sampler``) from ``data_generator(seed)``; each epoch gets a fresh augmentation draw
+``train.balanced_sampler``) from ``data_generator(seed)``; each epoch gets a fresh augmentation draw
 (``MediaDataset`` seeds crops by (seed, index)); mixup/CutMix mix pixels and targets per batch; with several
 processes each takes its shard of every global batch (``adapt.data_parallel``). A sample that fails to read
 honours ``data.on_error`` (raise, or skip and record). Evaluation reads each split once per call, with
@@ -45,7 +45,7 @@ class PixelBatches:
         self.spec = parallel.model.encoder.input_spec
         self.eval_data = _eval_data(exp.data, exp.adapt.tta.clips)
         self.y_train = parallel.y_train
-        self.weights = balanced_weights(fit_targets["train"], task_type) if exp.adapt.balanced_sampler else None
+        self.weights = balanced_weights(fit_targets["train"], task_type) if exp.train.balanced_sampler else None
         self.order, self.mix_rng = data_generator(seed), np.random.default_rng(seed)
         self.skipped: list[list[str]] = []
 

@@ -2,8 +2,9 @@
 
 Selection discipline: the best epoch and the decision thresholds are chosen on validation only; train,
 validation and test are then predicted once with the chosen weights. Each seed changes head init, data
-order and sampling; every seed's predictions are kept. With ``train.grid`` every head trains as several
-members (learning rate x weight decay), and the heads reading the same input share one HeadBank per seed.
+order and sampling (``train.balanced_sampler``: class-balanced draws); every seed's predictions are kept.
+With ``train.grid`` every head trains as several members (learning rate x weight decay), and the heads reading
+the same input share one HeadBank per seed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fmprobe.probes.targets import FitTargets
 from fmprobe.train.core import Fit
 from fmprobe.train.heads import fit_heads, predict_scores
 from fmprobe.train.losses import build_loss
+from fmprobe.train.sampling import balanced_weights
 from fmprobe.train.sources import HeadData
 
 
@@ -45,6 +47,8 @@ def train_heads(exp: Experiment, task: ResolvedTask, features: FeatureSet, split
     """One HeadRun per member and seed (a grid member is named ``<head>/lr<lr>/wd<wd>``)."""
     results = ProbeResults()
     fitting = FitTargets.for_task(task, targets, results)
+    # train.balanced_sampler: the same class-balanced draws as end-to-end training, over the cached features
+    weights = balanced_weights(targets["train"], task.type) if exp.train.balanced_sampler else None
     for members in member_groups(exp):
         inputs = head_tensors(features, split_ids, members[0].head, list(dict.fromkeys(m.head.name for m in members)),
                               results)  # fmt: skip
@@ -53,7 +57,7 @@ def train_heads(exp: Experiment, task: ResolvedTask, features: FeatureSet, split
             fitted, bank = fit_heads(members, HeadData(inputs["train"], fitting.targets["train"]),
                                      HeadData(inputs["val"], fitting.targets["val"]), in_dim=inputs["train"].shape[-1],
                                      out_dim=task.out_dim, task_type=task.type, loss=loss, cfg=exp.train, seed=seed,
-                                     scorer=fitting.scorer(task, loss))  # fmt: skip
+                                     scorer=fitting.scorer(task, loss), sample_weights=weights)  # fmt: skip
             scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
             for h, member in enumerate(members):
                 trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)

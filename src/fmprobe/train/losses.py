@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from fmprobe.config import LossConfig, TaskConfig
+from fmprobe.config import LossConfig, TaskConfig, unused_loss_keys
 from fmprobe.errors import ConfigError
 
 _AUTO = {"multiclass": "ce", "binary": "bce", "multilabel": "bce", "regression": "mse"}
@@ -211,22 +211,23 @@ def _check_applicable(cfg: LossConfig, kind: str, task_type: str) -> None:
         raise ConfigError(
             f"loss.type '{kind}' is not valid for a {task_type} task; valid choices: auto, {', '.join(valid)}"
         )
-    if task_type == "regression" and _is_set(cfg, "class_weights"):
-        raise ConfigError("loss.class_weights is not valid for a regression task; remove it")
-    if _is_set(cfg, "pos_weight") and (kind not in ("bce", "focal") or task_type == "multiclass"):
-        raise ConfigError(
-            f"loss.pos_weight applies only to bce/focal on binary or multilabel tasks, not {kind} on {task_type}; "
-            + ("use loss.class_weights for multiclass" if task_type == "multiclass" else "remove it")
-        )
-    if cfg.label_smoothing > 0 and kind not in ("ce", "bce"):
-        raise ConfigError(f"loss.label_smoothing applies only to ce and bce losses, not {kind}; remove it")
-    if _is_set(cfg, "huber_delta") and kind != "huber":
-        raise ConfigError(f"loss.huber_delta applies only to the huber loss, not {kind}; remove it")
-    if _is_set(cfg, "focal_gamma") and kind != "focal":
-        raise ConfigError(f"loss.focal_gamma applies only to the focal loss, not {kind}; remove it")
-    if _is_set(cfg, "focal_alpha") and (kind != "focal" or task_type == "multiclass"):
-        hint = "; multiclass focal takes loss.class_weights as alpha" if task_type == "multiclass" else ""
-        raise ConfigError(f"loss.focal_alpha applies only to sigmoid focal loss (binary/multilabel){hint}; remove it")
+    for key in sorted(unused_loss_keys(kind, task_type)):  # the one definition of which key applies where
+        if _is_set(cfg, key):
+            raise ConfigError(_NOT_APPLICABLE[key](kind, task_type))
+
+
+_NOT_APPLICABLE = {  # why a set loss key does not apply, and what to do
+    "class_weights": lambda kind, task: f"loss.class_weights is not valid for a {task} task; remove it",
+    "pos_weight": lambda kind, task: (
+        f"loss.pos_weight applies only to bce/focal on binary or multilabel tasks, not {kind} on {task}; "
+        + ("use loss.class_weights for multiclass" if task == "multiclass" else "remove it")),
+    "label_smoothing": lambda kind, task: f"loss.label_smoothing applies only to ce and bce losses, not {kind}; remove it",
+    "huber_delta": lambda kind, task: f"loss.huber_delta applies only to the huber loss, not {kind}; remove it",
+    "focal_gamma": lambda kind, task: f"loss.focal_gamma applies only to the focal loss, not {kind}; remove it",
+    "focal_alpha": lambda kind, task: (
+        "loss.focal_alpha applies only to sigmoid focal loss (binary/multilabel)"
+        + ("; multiclass focal takes loss.class_weights as alpha" if task == "multiclass" else "") + "; remove it"),
+}
 
 
 def _multiclass_weights(
