@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fmprobe.config import METRICS_BY_TASK, Experiment
+from fmprobe.config import METRICS_BY_TASK, PER_TARGET_METRICS, Experiment
 from fmprobe.evaluate.baselines import baseline_metrics
 from fmprobe.evaluate.bootstrap import resample_weights, scalar_metrics
 from fmprobe.evaluate.task import TaskMetric
@@ -176,7 +176,7 @@ def summarise_run(
         "task": {"type": task.type, "targets": list(task.targets),
                  "class_names": None if task.class_names is None else list(task.class_names),
                  "primary_metric": primary,
-                 "headline_metrics": [primary] + [m for m in METRICS_BY_TASK[task.type] if m != primary]},
+                 "headline_metrics": headline_metrics(task)},
         "split": split_info,
         "seeds": exp.train.seeds,
         "folds": split_info.get("folds"),  # kfold: every (fold, seed) member is scored on the same test set
@@ -204,7 +204,24 @@ def summarise_run(
         metrics["selection"]["grid"] = grid
     if wall_seconds is not None:
         metrics["wall_seconds"] = round(wall_seconds, 2)
+    if task.type == "regression":
+        metrics["task"]["rows_per_target"] = rows_per_target(task, split.targets)
     return metrics
+
+
+def headline_metrics(task: ResolvedTask) -> list[str]:
+    """The metrics a report leads with: the primary, then the task's others. Several regression targets are in
+    different units (years, MMSE points): their headlines are per target, never means over targets."""
+    if task.type == "regression" and len(task.targets) > 1:
+        per_target = [f"{m}/{t}" for t in task.targets for m in PER_TARGET_METRICS["regression"]]
+        return [task.primary] + [m for m in per_target if m != task.primary]
+    return [task.primary] + [m for m in METRICS_BY_TASK[task.type] if m != task.primary]
+
+
+def rows_per_target(task: ResolvedTask, targets: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """Per regression target and split, the rows with a value: what its metrics, CIs and baselines rest on."""
+    return {name: {part: int(np.isfinite(np.asarray(y, dtype=np.float64).reshape(len(y), -1)[:, c]).sum())
+                   for part, y in targets.items()} for c, name in enumerate(task.targets)}
 
 
 def _segmentation(exp: Experiment, results: ProbeResults, split: SplitData, heads: dict[str, Any]) -> dict[str, Any]:

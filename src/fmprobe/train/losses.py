@@ -13,6 +13,8 @@ Weighting, recorded in ``info`` so the run writes what was actually used:
 - ``pos_weight`` (BCE and sigmoid focal only): multiplies the positive term; "auto" is n_neg / n_pos per label.
   When both are set the weights multiply.
 - ``label_smoothing``: torch's for CE; BCE targets become y * (1 - s) + s / 2.
+- regression with ``task.missing_targets: mask``: MSE / Huber over the target cells that hold a value
+  (:class:`ObservedLoss`), so each target trains on its own rows.
 
 A key that does not apply to the task or loss type (e.g. class_weights on regression) raises ConfigError
 naming the key rather than being ignored. Non-default ``focal_*`` / ``huber_delta`` count as set.
@@ -110,6 +112,33 @@ class SoftmaxFocalLoss(nn.Module):
         return -((1 - logp.exp()) ** self.gamma) * logp
 
 
+class ObservedLoss(nn.Module):
+    """MSE or Huber over the regression target cells that hold a value (NaN: none, ``task.missing_targets: mask``),
+    averaged over those cells: each target learns from its own rows. Equal to ``nn.MSELoss`` / ``nn.HuberLoss``
+    when nothing is missing (tested)."""
+
+    def __init__(self, kind: str, *, delta: float = 1.0):
+        super().__init__()
+        if kind not in ("mse", "huber"):
+            raise ValueError(f"ObservedLoss takes mse or huber, got {kind!r}")
+        self.kind, self.delta = kind, delta
+
+    def forward(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        values, observed = self.elementwise(outputs, y)
+        return values.sum() / observed.sum().clamp_min(1)
+
+    def elementwise(self, outputs: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-cell losses of outputs ``[..., B, C]`` (0 where the target is missing) and the observed cells
+        ``[B, C]``; no gradient reaches an output whose target is missing."""
+        observed = ~torch.isnan(y)
+        target = torch.where(observed, y, torch.zeros_like(y)).expand_as(outputs)
+        if self.kind == "mse":
+            values = F.mse_loss(outputs, target, reduction="none")
+        else:
+            values = F.huber_loss(outputs, target, reduction="none", delta=self.delta)
+        return values * observed, observed
+
+
 def member_losses(loss: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each member's loss ``[H]`` on outputs ``[H, B, ...]`` against the targets ``y`` they share.
 
@@ -131,6 +160,9 @@ def member_losses(loss: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> tor
         values = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(n), weight=loss.weight,
                                  label_smoothing=loss.label_smoothing, reduction="none").view(n, -1)  # fmt: skip
         return values.mean(1) if loss.weight is None else values.sum(1) / loss.weight[y].sum()
+    if isinstance(loss, ObservedLoss):
+        values, observed = loss.elementwise(logits, y)
+        return values.flatten(1).sum(1) / observed.sum().clamp_min(1)
     if isinstance(loss, nn.MSELoss):
         return F.mse_loss(logits, y.expand_as(logits), reduction="none").flatten(1).mean(1)
     if isinstance(loss, nn.HuberLoss):
@@ -162,10 +194,14 @@ def build_loss(
     kind = _AUTO[task.type] if cfg.type == "auto" else cfg.type
     _check_applicable(cfg, kind, task.type)
     info: dict[str, Any] = {"type": kind, "class_weights": None, "pos_weight": None}
+    if kind == "huber":
+        info["huber_delta"] = cfg.huber_delta
+    if task.missing_targets == "mask":  # regression only (config): each target on the rows that have it
+        info["missing_targets"] = "masked: the mean over the target cells that hold a value"
+        return ObservedLoss(kind, delta=cfg.huber_delta), info
     if kind == "mse":
         return nn.MSELoss(), info
     if kind == "huber":
-        info["huber_delta"] = cfg.huber_delta
         return nn.HuberLoss(delta=cfg.huber_delta), info
     y = np.asarray(y_train)
     if task.type == "multiclass":
