@@ -31,6 +31,7 @@ from fmprobe.config import Experiment, HeadConfig, load_config
 from fmprobe.data.dataset import MediaDataset
 from fmprobe.data.transforms import Preprocess
 from fmprobe.diagnostics.attention import attention_entropy, entropy_by_group
+from fmprobe.diagnostics.attention_report import _labels, _query_names, encode_attention, test_rows
 from fmprobe.errors import FmprobeError, ReaderError
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.heads import build_head
@@ -45,8 +46,6 @@ def is_adapted_run(run_dir: str | Path) -> bool:
 def adapted_attention(run_dir: str | Path, *, samples: int = 8, out: str | Path | None = None) -> dict[str, Any]:
     """Backbone entropy before / after adaptation, and the attentive probes on adapted tokens (module docstring)."""
     from fmprobe.backbones.registry import load_encoder
-    from fmprobe.diagnostics.attention_report import _labels, _query_names, test_rows
-
     run_dir = Path(run_dir)
     exp, metrics, manifest, rows = test_rows(run_dir)
     class_names = metrics["task"]["class_names"]
@@ -111,8 +110,6 @@ class BlockEntropy:
 def backbone_entropy(encoder: Encoder, dataset: MediaDataset, indices: list[int]) -> BlockEntropy:
     """Every block's attention entropy per head, on the first clip of each sample (one sample at a time: a video
     backbone's attention maps are large)."""
-    from fmprobe.diagnostics.attention_report import encode_attention
-
     blocks: list[str] = []
     values = []
     for i in indices:
