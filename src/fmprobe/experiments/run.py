@@ -107,6 +107,7 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         results.runs += part.runs
         results.standardisation.update(part.standardisation)
         results.segmentation = part.segmentation
+        results.training_inputs = part.training_inputs
     if exp.adapt.strategy == "frozen":  # several processes: each trained its share of the members
         results = gather_members(exp, results)
     if not distributed.is_main():  # process 0 alone writes the run

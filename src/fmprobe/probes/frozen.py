@@ -10,6 +10,7 @@ the same input share one HeadBank per seed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,14 @@ from fmprobe.train.sampling import balanced_weights
 from fmprobe.train.sources import HeadData
 
 
+def cached_inputs(exp: Experiment) -> dict[str, Any]:
+    """What a probe on cached features trains on (recorded in metrics.json beside the curves)."""
+    return {"inputs": "cached features of the un-augmented inputs (resized and centre-cropped as for evaluation, "
+                      "no flip): the same vectors every epoch",
+            "augmentation": None,
+            "sampling": "class-balanced draws" if exp.train.balanced_sampler else "a permutation per epoch"}
+
+
 def member_groups(exp: Experiment) -> list[list[BankMember]]:
     """The members that train together: each head on its own, or (``train.grid``) every grid member of the
     heads that read the same input (layer and pooling)."""
@@ -45,7 +54,7 @@ def member_groups(exp: Experiment) -> list[list[BankMember]]:
 def train_heads(exp: Experiment, task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
                 targets: dict[str, np.ndarray], checkpoint_root: Path | None = None) -> ProbeResults:  # fmt: skip
     """One HeadRun per member and seed (a grid member is named ``<head>/lr<lr>/wd<wd>``)."""
-    results = ProbeResults()
+    results = ProbeResults(training_inputs=[{"stage": "all epochs", **cached_inputs(exp)}])
     fitting = FitTargets.for_task(task, targets, results)
     # train.balanced_sampler: the same class-balanced draws as end-to-end training, over the cached features
     weights = balanced_weights(targets["train"], task.type) if exp.train.balanced_sampler else None
