@@ -161,3 +161,27 @@ def test_wrong_files(tmp_path):
     torch.save({"target_encoder": {}, "args": argparse.Namespace(lr=1)}, pickled)
     with pytest.raises(EncoderError, match="pickled Python objects"):
         load_native_vjepa2(str(pickled), crop_size=32, frames_per_clip=4)
+
+
+def test_checkpoint_and_params_stream_from_an_object_store():
+    """gs:// / s3:// checkpoints (here fsspec's memory://) load like local ones, params-pretrain.yaml beside them."""
+    import uuid
+
+    import fsspec
+
+    hf = _tiny_hf(hidden=96, heads=3, crop=48, patch=12, tubelet=1, frames=3, layers=1)
+    bucket = f"memory://ckpt-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("memory")
+    with fs.open(f"{bucket}/run/best.pt", "wb") as f:
+        torch.save({"target_encoder": native_vjepa2_state(hf)}, f)
+    params = {"data": {"crop_size": 48, "dataset_fpcs": [3]}, "model": {"model_name": "vit_tiny", "use_rope": True}}
+    fs.pipe_file(f"{bucket}/run/params-pretrain.yaml", yaml.safe_dump(params).encode())
+    try:
+        loaded = load_native_vjepa2(f"{bucket}/run/best.pt")  # sizes and heads from the params file in the bucket
+        assert (loaded.config.crop_size, loaded.config.num_attention_heads) == (48, 3)
+        video = torch.randn(1, 3, 3, 48, 48)
+        torch.testing.assert_close(_encode(loaded, video), _encode(hf, video), atol=1e-5, rtol=0)
+        with pytest.raises(EncoderError, match="does not exist"):
+            load_native_vjepa2(f"{bucket}/run/other.pt")
+    finally:
+        fs.rm(bucket, recursive=True)

@@ -28,6 +28,7 @@ Choices, and why:
 from __future__ import annotations
 
 import pickle
+import posixpath
 import re
 import warnings
 from pathlib import Path
@@ -35,6 +36,8 @@ from typing import Any
 
 import torch
 import yaml
+from fsspec import AbstractFileSystem
+from fsspec.core import url_to_fs
 from transformers import VJEPA2Config, VJEPA2Model
 
 from fmprobe.errors import EncoderError
@@ -80,10 +83,11 @@ def load_native_vjepa2(
     num_heads: int | None = None,
 ) -> VJEPA2Model:
     """Build a ``VJEPA2Model`` (eval mode) whose encoder holds the checkpoint's weights."""
-    path = Path(checkpoint_path).expanduser()
-    checkpoint = _read_checkpoint(path)
+    path = checkpoint_path if "://" in checkpoint_path else str(Path(checkpoint_path).expanduser())
+    fs, inside = url_to_fs(path)
+    checkpoint = _read_checkpoint(fs, inside, path)
     state = _encoder_state(checkpoint, path)
-    params = _read_params(path)
+    params = _read_params(fs, posixpath.join(posixpath.dirname(inside), PARAMS_FILE))
     _refuse_unsupported(state, params, path)
 
     patch = state["patch_embed.proj.weight"]
@@ -154,11 +158,14 @@ def load_native_vjepa2(
     return hf_model.eval()
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+def _read_checkpoint(fs: AbstractFileSystem, inside: str, path: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` (a local file or any fsspec URL: ``gs://``, ``s3://`` with the filesystem's own
+    credentials from the environment), read without running pickled code."""
+    if not fs.isfile(inside):
         raise EncoderError(f"V-JEPA 2 checkpoint '{path}' does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with fs.open(inside, "rb") as f:
+            checkpoint = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # any other unpickling error: not a checkpoint
             raise EncoderError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
@@ -174,7 +181,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _encoder_state(checkpoint: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+def _encoder_state(checkpoint: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
     for key in CHECKPOINT_KEYS:
         if isinstance(checkpoint.get(key), dict):
             state = {}
@@ -194,18 +201,17 @@ def _encoder_state(checkpoint: dict[str, Any], path: Path) -> dict[str, torch.Te
     )
 
 
-def _read_params(path: Path) -> dict[str, Any]:
-    params_path = path.parent / PARAMS_FILE
-    if not params_path.is_file():
+def _read_params(fs: AbstractFileSystem, params_path: str) -> dict[str, Any]:
+    if not fs.isfile(params_path):
         return {}
     try:
-        params = yaml.safe_load(params_path.read_text())
+        params = yaml.safe_load(fs.cat_file(params_path).decode())
     except (OSError, yaml.YAMLError) as err:
         raise EncoderError(f"cannot read the training parameters '{params_path}': {err}") from None
     return params if isinstance(params, dict) else {}
 
 
-def _refuse_unsupported(state: dict[str, torch.Tensor], params: dict[str, Any], path: Path) -> None:
+def _refuse_unsupported(state: dict[str, torch.Tensor], params: dict[str, Any], path: str) -> None:
     model = params.get("model") or {}
     if any(k.endswith("mlp.fc3.weight") for k in state) or model.get("use_silu"):
         raise EncoderError(
@@ -234,7 +240,7 @@ def _factory_heads(hidden: int) -> dict[int, list[str]]:
     return heads
 
 
-def _num_heads(hidden: int, num_heads: int | None, model_name: str | None, path: Path) -> int:
+def _num_heads(hidden: int, num_heads: int | None, model_name: str | None, path: str) -> int:
     """The head count, checked against what records it: weights cannot (a fused qkv is ``[3 D, D]`` for any head
     count), but ``params-pretrain.yaml``'s model name fixes it, and vjepa2's factories fix it for their widths (768
     is ViT-B: 12 heads). A given ``num_heads`` that merely divides the width would load without error and compute
@@ -276,7 +282,7 @@ def _mlp_ratio(hidden: int, mlp_hidden: int) -> float:
     return ratio if int(hidden * ratio) == mlp_hidden else (mlp_hidden + 0.5) / hidden
 
 
-def _to_hf_keys(state: dict[str, torch.Tensor], hidden: int, path: Path) -> dict[str, torch.Tensor]:
+def _to_hf_keys(state: dict[str, torch.Tensor], hidden: int, path: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for name, tensor in state.items():
