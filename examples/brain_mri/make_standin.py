@@ -109,7 +109,8 @@ def write_dataset(folder: Path, *, subjects: int = SUBJECTS, seed: int = 0) -> P
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(_volume(t, atrophy, scale, rng), affine), folder / rel)
             rows.append({"sample_id": f"{subject}_{session}", "path": rel.as_posix(), "subject": subject,
-                         "session": session, "age": round(age, 1), "mmse": mmse if has_mmse else None, "male": male})  # fmt: skip
+                         "session": session, "age": round(age, 1), "mmse": mmse if has_mmse else None,
+                         "male": male})  # fmt: skip
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest

@@ -156,7 +156,8 @@ def _sweep_set(sweep: Path) -> dict[tuple, object]:
             if "train.epochs" in names:
                 out[("grid", key, i, names.index("train.epochs"))] = CONFIG_SET["train.epochs"]
             if "train.warmup_epochs" in names:
-                out[("grid", key, i, names.index("train.warmup_epochs"))] = min(arm[names.index("train.warmup_epochs")], 1)
+                warmup = names.index("train.warmup_epochs")
+                out[("grid", key, i, warmup)] = min(arm[warmup], 1)
             adapt = arm[col]
             if adapt.get("strategy", "frozen") == "frozen":
                 continue
