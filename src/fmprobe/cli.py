@@ -170,7 +170,7 @@ def attention_cmd(config: Path = typer.Argument(None, help="experiment YAML (bac
     """Attention entropy per layer and head, by label group, and heatmaps over the images (or of a run's probes)."""
     import json
 
-    from fmprobe.diagnostics.attention_report import attention_command
+    from fmprobe.diagnostics.attention_command import attention_command
 
     typer.echo(json.dumps(attention_command(config, run=run, samples=samples, out=out), indent=2))
 

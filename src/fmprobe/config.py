@@ -29,6 +29,11 @@ PRIMARY_METRIC: dict[str, str] = {
     "multilabel": "map",
     "regression": "r2",
 }
+# metrics reported per target (regression: ``r2/age``) or per label (multilabel: ``ap/c1``), any of which can rank
+PER_TARGET_METRICS: dict[str, tuple[str, ...]] = {
+    "regression": ("r2", "mae", "rmse", "pearson_r"),
+    "multilabel": ("ap", "auroc", "f1"),
+}
 
 
 class Strict(BaseModel):
@@ -177,11 +182,23 @@ class TaskConfig(Strict):
     type: TaskType
     targets: list[str] = Field(min_length=1)
     class_names: list[str] | None = None  # multiclass: labels in the target column, in order
+    # the metric that picks epochs, heads and leaderboard ranks; regression / multilabel also ``<metric>/<target>``
     primary_metric: str | None = None
+    # regression: ``mask`` lets a target cell be empty; each target then trains and is evaluated on its own rows
+    missing_targets: Literal["refuse", "mask"] = "refuse"
 
     @model_validator(mode="after")
     def _check(self) -> "TaskConfig":
-        valid = METRICS_BY_TASK[self.type]
+        if self.type in ("binary", "multiclass") and len(self.targets) != 1:
+            raise ValueError(f"a {self.type} task takes exactly one target column, got {self.targets}")
+        per_target = [f"{m}/{t}" for m in PER_TARGET_METRICS.get(self.type, ()) for t in self.targets]
+        several = self.type == "regression" and len(self.targets) > 1
+        if several and self.primary_metric in (None, *METRICS_BY_TASK["regression"]):
+            raise ValueError(  # R² of age and R² of MMSE are numbers of different things: rank by one of them
+                f"a regression task with several targets ({', '.join(self.targets)}) ranks and selects by one of them, "
+                f"never by a mean over targets; set primary_metric to one of: {', '.join(per_target)}"
+            )
+        valid = [*METRICS_BY_TASK[self.type], *per_target]
         if self.primary_metric is None:
             self.primary_metric = PRIMARY_METRIC[self.type]
         elif self.primary_metric not in valid:
@@ -189,8 +206,9 @@ class TaskConfig(Strict):
                 f"primary_metric '{self.primary_metric}' is not valid for a {self.type} task; "
                 f"valid choices: {', '.join(valid)}"
             )
-        if self.type in ("binary", "multiclass") and len(self.targets) != 1:
-            raise ValueError(f"a {self.type} task takes exactly one target column, got {self.targets}")
+        if self.missing_targets == "mask" and self.type != "regression":
+            raise ValueError(f"missing_targets: mask applies to regression targets; a {self.type} task needs every "
+                             "target cell (set missing_targets: refuse, or drop the rows without one)")
         return self
 
 
@@ -418,6 +436,9 @@ class TrainConfig(Strict):
     early_stopping: EarlyStoppingConfig | None = None
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     grid: GridConfig | None = None  # frozen probes: lr x weight_decay members per head, best on validation
+    # draw training batches class-balanced (with replacement) instead of a permutation: frozen probes on cached
+    # features and end-to-end training alike (multilabel: a sample counts toward its rarest positive label)
+    balanced_sampler: bool = False
 
 
 class SplitConfig(Strict):
@@ -503,12 +524,19 @@ class AdaptConfig(Strict):
     layer_decay: float = Field(default=1.0, gt=0, le=1)  # lr x decay^(depth from the top) per block
     stage2: StageTwoConfig = Field(default_factory=StageTwoConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
-    balanced_sampler: bool = False
     tta: TTAConfig = Field(default_factory=TTAConfig)
     gradient_checkpointing: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; bf16/fp16 need a GPU
     device: str = "cpu"
     drop_path: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "balanced_sampler" in data:
+            raise ValueError("adapt.balanced_sampler moved to train.balanced_sampler (it applies to frozen probes "
+                             "too); set it there")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "AdaptConfig":
@@ -516,21 +544,49 @@ class AdaptConfig(Strict):
         fields = type(self).model_fields
         given = {k for k in self.model_fields_set - {"strategy"}
                  if getattr(self, k) != fields[k].get_default(call_default_factory=True)}
-        if self.strategy == "frozen":
-            if given:
-                raise ValueError(f"adapt keys {', '.join(sorted(given))} need an end-to-end strategy (lora, partial, staged); "
-                                 "strategy is frozen")
-            return self
-        trains = "lora" if self.strategy == "lora" else "partial" if self.strategy == "partial" else self.unfreeze
-        # staged: stage 1 trains the head as train: says, stage 2 with stage2's groups
-        wrong = {"unfreeze", "stage2"} if self.strategy != "staged" else {"unfreeze_at_epoch", "head", "adapters",
-                                                                             "backbone"}
-        wrong |= {"lora", "adapters"} if trains != "lora" else {"partial_blocks"}
-        bad = sorted(given & wrong)
+        bad = sorted(given & unused_adapt_keys(self.strategy, self.unfreeze))
+        if bad and self.strategy == "frozen":
+            raise ValueError(f"adapt keys {', '.join(bad)} need an end-to-end strategy (lora, partial, staged); "
+                             "strategy is frozen")
         if bad:
-            raise ValueError(f"adapt keys {', '.join(bad)} do not apply to strategy {self.strategy}"
-                             + (f" (stage 2 trains {trains})" if self.strategy == "staged" else "") + "; remove them")
+            trains = f" (stage 2 trains {self.unfreeze})" if self.strategy == "staged" else ""
+            raise ValueError(f"adapt keys {', '.join(bad)} do not apply to strategy {self.strategy}{trains}; remove them")
         return self
+
+
+def unused_adapt_keys(strategy: str, unfreeze: str) -> set[str]:
+    """The ``adapt`` keys that have no effect under ``strategy`` (staged: with stage 2 training ``unfreeze``):
+    refused when set, and shown as not applying in leaderboards."""
+    if strategy == "frozen":
+        return set(AdaptConfig.model_fields) - {"strategy"}
+    trains = unfreeze if strategy == "staged" else strategy
+    # staged: stage 1 trains the head as train: says, stage 2 with stage2's groups
+    unused = {"unfreeze", "stage2"} if strategy != "staged" else {"unfreeze_at_epoch", "head", "adapters", "backbone"}
+    return unused | ({"lora", "adapters"} if trains != "lora" else {"partial_blocks"})
+
+
+def unused_loss_keys(loss_type: str, task_type: str) -> set[str]:
+    """The ``loss`` keys that have no effect for this loss on this task (``type: auto`` resolved by the task)."""
+    kind = {"multiclass": "ce", "binary": "bce", "multilabel": "bce", "regression": "mse"}[task_type] \
+        if loss_type == "auto" else loss_type
+    used = {"type"}
+    used |= {"class_weights"} if task_type != "regression" else set()
+    used |= {"pos_weight"} if kind in ("bce", "focal") and task_type != "multiclass" else set()
+    used |= {"focal_gamma"} if kind == "focal" else set()
+    used |= {"focal_alpha"} if kind == "focal" and task_type != "multiclass" else set()
+    used |= {"label_smoothing"} if kind in ("ce", "bce") else set()
+    used |= {"huber_delta"} if kind == "huber" else set()
+    return set(LossConfig.model_fields) - used
+
+
+def unused_keys(config: dict[str, Any]) -> set[str]:
+    """Dotted sections of a resolved config (``config.resolved.yaml``) that did not apply to its run: adapt keys
+    its strategy ignores, loss keys its loss ignores. A leaderboard shows what applied, not these defaults."""
+    adapt, loss, task = config.get("adapt") or {}, config.get("loss") or {}, config.get("task") or {}
+    keys = {f"adapt.{k}" for k in unused_adapt_keys(adapt.get("strategy", "frozen"), adapt.get("unfreeze", "lora"))}
+    if task.get("type") in METRICS_BY_TASK:
+        keys |= {f"loss.{k}" for k in unused_loss_keys(loss.get("type", "auto"), task["type"])}
+    return keys
 
 
 class SegmentationConfig(Strict):

@@ -31,7 +31,7 @@ from fmprobe.adapt.members import EndToEndMembers
 from fmprobe.adapt.mixup import enabled
 from fmprobe.adapt.model import AdaptModel, Standardise
 from fmprobe.adapt.param_groups import count
-from fmprobe.adapt.pixels import PixelBatches
+from fmprobe.adapt.pixels import PixelBatches, pixel_inputs
 from fmprobe.adapt.setup import prepare
 from fmprobe.atomic import atomic_path, write_json
 from fmprobe.backbones.base import Encoder
@@ -89,8 +89,11 @@ def adapt_heads(
     results = ProbeResults()
     fitting = FitTargets.for_task(task, targets, results)
     stage1 = None
+    moving = pixel_inputs(exp)
+    results.training_inputs = [{"stage": "all epochs", **moving}]
     if cfg.strategy == "staged":
         stage1 = train_heads(exp, task, features, split_ids, targets, run_dir / "checkpoints" / "stage1")
+        results.training_inputs = [{**stage1.training_inputs[0], "stage": 1}, {"stage": 2, **moving}]
     report: dict[str, Any] = {"strategy": cfg.strategy, "heads": {}}
     for head_cfg in exp.heads:
         standardise = None

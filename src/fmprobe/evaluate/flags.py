@@ -125,7 +125,7 @@ def constant_output(task_type: str, y_score: Any, *, y_true: Any = None, rel_tol
     if task_type == "regression":
         scale = np.ones(s.shape[1])
         if y_true is not None:
-            y_std = np.asarray(y_true, dtype=np.float64).reshape(len(s), -1).std(axis=0)
+            y_std = np.nanstd(np.asarray(y_true, dtype=np.float64).reshape(len(s), -1), axis=0)  # NaN: no value
             scale = np.where(y_std > 0, y_std, 1.0)
         spread = s.std(axis=0) / scale
     else:

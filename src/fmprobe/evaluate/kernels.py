@@ -145,25 +145,31 @@ def multilabel(y: np.ndarray, s: np.ndarray, w: np.ndarray | None, names: list[s
 
 
 def regression(y: np.ndarray, s: np.ndarray, w: np.ndarray | None, names: list[str]) -> dict[str, np.ndarray]:
-    """R², MAE, RMSE and Pearson r per target, averaged over targets. R² is undefined for a (nearly) constant
-    target, r also for a (nearly) constant output (variance below 1e-12 of the mean square)."""
+    """R², MAE, RMSE and Pearson r per target, averaged over targets. Each target is scored on the rows where it has
+    a value (NaN in ``y``: none, ``task.missing_targets: mask``), its weights those rows' weights. R² is undefined
+    for a (nearly) constant target or one without rows, r also for a (nearly) constant output (variance below
+    1e-12 of the mean square)."""
     rows = _rows(s, w, 2)
-    wr = _weights(w, rows, len(y))[:, :, None]  # [R, N, 1]
-    sw = wr.sum(axis=1)  # [R, 1]
-    yc = y - y.mean(axis=0)  # centre once for numerical stability
+    observed = ~np.isnan(y)  # [N, C]
+    wr = _weights(w, rows, len(y))[:, :, None] * observed  # [R, N, C]: a target's own rows only
+    sw = wr.sum(axis=1)  # [R, C]
+    y0 = np.where(observed, y, 0.0)
+    centre = div(y0.sum(axis=0), observed.sum(axis=0).astype(np.float64))
+    yc = np.where(observed, y0 - np.nan_to_num(centre), 0.0)  # centre once for numerical stability
     sc = s - s.mean(axis=-2, keepdims=True)
-    err = s - y
+    err = s - y0
 
-    def mean(v: np.ndarray) -> np.ndarray:  # weighted mean over samples: [R, C]
-        return (wr * v).sum(axis=1) / sw
+    def mean(v: np.ndarray) -> np.ndarray:  # weighted mean over a target's rows: [R, C]
+        return div((wr * v).sum(axis=1), sw)
 
     my, ms = mean(yc), mean(sc)
     scale_y, scale_s = mean(yc**2), mean(sc**2)
     var_y, var_s = scale_y - my**2, scale_s - ms**2
     mse = mean(err**2)
-    y_ok = var_y > 1e-12 * np.maximum(scale_y, 1e-300)
-    ok = y_ok & (var_s > 1e-12 * np.maximum(scale_s, 1e-300))
-    r2 = np.where(y_ok, 1 - mse / np.where(var_y > 0, var_y, 1), np.nan)
+    with np.errstate(invalid="ignore"):
+        y_ok = var_y > 1e-12 * np.maximum(scale_y, 1e-300)
+        ok = y_ok & (var_s > 1e-12 * np.maximum(scale_s, 1e-300))
+    r2 = np.where(y_ok, 1 - mse / np.where(y_ok, var_y, 1), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(ok, (mean(yc * sc) - my * ms) / np.sqrt(np.abs(var_y * var_s)), np.nan)
     mae, rmse = mean(np.abs(err)), np.sqrt(mse)

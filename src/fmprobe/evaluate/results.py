@@ -87,6 +87,7 @@ class ProbeResults:
     runs: list[HeadRun] = field(default_factory=list)
     standardisation: dict[str, str] = field(default_factory=dict)
     segmentation: SegResults | None = None  # the auxiliary segmentation decoders, when configured
+    training_inputs: list[dict] = field(default_factory=list)  # what each stage trained on (inputs, augmentation)
 
 
 def predictions_table(

@@ -23,11 +23,16 @@ test CI; where there is none (val, ece, trainable_params, total_params, wall_sec
 - ``fail``          hi < acceptable, or point < fail (confidently not acceptable, or clearly poor)
 - ``inconclusive``  otherwise: the CI straddles the acceptable level
 
+A candidate flagged ``few_groups`` has a test CI over too few groups (patients, videos) to be trusted: every
+test-CI level of it is ``inconclusive`` (what the CI alone would say is kept in ``Level.note``), so it is never
+accepted on that CI.
+
 Verdict of a candidate: ``reject`` if a must-pass criterion fails or a rejecting flag is raised;
 ``inconclusive`` if a must-pass criterion is inconclusive (more test data or seeds would decide it);
 ``accept`` otherwise. Score: the weighted mean over all criteria of target 1, pass 2/3, inconclusive 1/3,
-fail 0. Recommendation: the accepted candidate with the highest score (ties: the higher validation value
-of the first criterion's metric); if none is accepted, say why.
+fail 0. Recommendation: the accepted candidate with the highest score. Accepted candidates sharing the highest
+score whose test CIs of the deciding criterion (the first one) overlap are a tie, reported as one: no candidate
+is recommended over the others (``fmprobe compare`` or more data can separate them); if none is accepted, say why.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from fmprobe.experiments.index import metric_table
 from fmprobe.experiments.leaderboard import RUN_QUANTITIES, better_high
 
 POINTS = {"target": 1.0, "pass": 2 / 3, "inconclusive": 1 / 3, "fail": 0.0}
+FEW_GROUPS = "few_groups"  # the flag saying a test CI rests on too few groups to be trusted
 
 
 class Criterion(Strict):
@@ -100,6 +106,7 @@ class Level:
     point: float
     lo: float
     hi: float
+    note: str = ""  # why the level is not what the interval alone says (few_groups)
 
 
 @dataclass
@@ -126,11 +133,13 @@ class GateReport:
     recommendation: str
     chosen: Verdict | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    tied: list[Verdict] = field(default_factory=list)  # accepted candidates no criterion separates
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "recommendation": self.recommendation,
             "chosen": self.chosen.label if self.chosen else None,
+            "tied": [v.label for v in self.tied],
             "counts": self.counts,
             "criteria": [c.model_dump() for c in self.spec.criteria],
             "verdicts": [{"candidate": v.label, "run_dir": v.run_dir, "verdict": v.verdict, "score": v.score,
@@ -199,12 +208,16 @@ def judge(spec: GatesSpec, cands: pd.DataFrame, values: pd.DataFrame) -> GateRep
         for crit in spec.criteria:
             point, lo, hi = _value(crit, c, values)
             levels[crit.name] = criterion_level(crit, point, lo, hi)
+            if FEW_GROUPS in c.flags and crit.split == "test" and crit.metric not in RUN_QUANTITIES:
+                level = levels[crit.name]
+                level.note = f"{level.level} by a CI over too few test groups ({FEW_GROUPS}): not trusted"
+                level.level = "inconclusive"
         reasons = _rejecting_flags(spec, c.flags, c.error_flags)
         must = [crit for crit in spec.criteria if crit.must_pass]
         failed = [crit.name for crit in must if levels[crit.name].level == "fail"]
         open_ = [crit.name for crit in must if levels[crit.name].level == "inconclusive"]
         reasons += [f"must-pass '{n}' failed" for n in failed]
-        reasons += [f"must-pass '{n}' inconclusive (CI straddles acceptable)" for n in open_]
+        reasons += [f"must-pass '{n}' inconclusive ({levels[n].note or 'CI straddles acceptable'})" for n in open_]
         reasons += [f"should-pass '{crit.name}' {levels[crit.name].level}" for crit in spec.criteria
                     if not crit.must_pass and levels[crit.name].level in ("fail", "inconclusive")]
         verdict = "reject" if failed or _rejecting_flags(spec, c.flags, c.error_flags) else (
@@ -218,7 +231,8 @@ def judge(spec: GatesSpec, cands: pd.DataFrame, values: pd.DataFrame) -> GateRep
     order = {"accept": 0, "inconclusive": 1, "reject": 2}
     verdicts.sort(key=lambda v: (order[v.verdict], -v.score, -v.tiebreak, v.label))
     counts = {k: sum(v.verdict == k for v in verdicts) for k in order}
-    return GateReport(spec, verdicts, *_recommend(verdicts, counts), counts=counts)
+    recommendation, chosen, tied = _recommend(verdicts, counts, spec.criteria[0])
+    return GateReport(spec, verdicts, recommendation, chosen, counts=counts, tied=tied)
 
 
 def _lookup(values: pd.DataFrame, key: tuple) -> float:
@@ -250,18 +264,32 @@ def _value(crit: Criterion, cand: Any, values: pd.DataFrame) -> tuple[float, flo
     return float(row["mean"]), float(lo), float(hi)
 
 
-def _recommend(verdicts: list[Verdict], counts: dict[str, int]) -> tuple[str, Verdict | None]:
+def _recommend(verdicts: list[Verdict], counts: dict[str, int], deciding: Criterion
+               ) -> tuple[str, Verdict | None, list[Verdict]]:  # fmt: skip
     accepted = [v for v in verdicts if v.verdict == "accept"]
     tally = f"{counts['accept']} accepted, {counts['inconclusive']} inconclusive, {counts['reject']} rejected"
     if accepted:
         best = accepted[0]
-        return f"adopt {best.label} (score {best.score:.2f}; {tally})", best
+        tied = [v for v in accepted if v.score == best.score and _overlap(v.levels[deciding.name],
+                                                                           best.levels[deciding.name])]
+        if len(tied) > 1:
+            shown = ", ".join(f"{v.label} [{v.levels[deciding.name].lo:.3g}, {v.levels[deciding.name].hi:.3g}]"
+                              for v in tied)
+            return (f"tie: {len(tied)} accepted candidates share the best score ({best.score:.2f}) and their CIs of "
+                    f"'{deciding.name}' ({deciding.metric}) overlap: {shown}; none is shown better than the others — "
+                    f"compare them (fmprobe compare) or add test data ({tally})"), None, tied
+        return f"adopt {best.label} (score {best.score:.2f}; {tally})", best, []
     if counts["inconclusive"]:
         best = next(v for v in verdicts if v.verdict == "inconclusive")
         return (f"no decision yet: no candidate passes every must-pass criterion with its CI; "
                 f"{best.label} is closest (score {best.score:.2f}) — more test data or seeds would narrow the CI "
-                f"({tally})"), None
-    return f"reject all: every candidate fails a must-pass criterion or raises a rejecting flag ({tally})", None
+                f"({tally})"), None, []
+    return f"reject all: every candidate fails a must-pass criterion or raises a rejecting flag ({tally})", None, []
+
+
+def _overlap(a: Level, b: Level) -> bool:
+    """Whether two intervals share a value (without an interval a candidate is its point)."""
+    return max(a.lo, b.lo) <= min(a.hi, b.hi)
 
 
 def gate_command(gates: str | Path, runs_dir: str | Path, *, run_dirs: Iterable[str | Path] | None = None) -> GateReport:
@@ -282,8 +310,11 @@ def print_gates(console, report: GateReport) -> None:  # noqa: ANN001 (rich Cons
     table.add_column("reasons")
     colours = {"accept": "green", "inconclusive": "yellow", "reject": "red"}
     for v in report.verdicts:
-        cells = [f"{lv.level} {fmt(lv.point)} [{fmt(lv.lo)}, {fmt(lv.hi)}]" for lv in v.levels.values()]
+        cells = [f"{lv.level}{'*' if lv.note else ''} {fmt(lv.point)} [{fmt(lv.lo)}, {fmt(lv.hi)}]"
+                 for lv in v.levels.values()]
         table.add_row(v.label, f"[{colours[v.verdict]}]{v.verdict}[/]", f"{v.score:.2f}", *cells,
                       "; ".join(v.reasons) or "—")
     console.print(table)
+    if any(lv.note for v in report.verdicts for lv in v.levels.values()):
+        console.print(f"* not what the CI alone says: that CI rests on too few test groups ({FEW_GROUPS})")
     console.print(f"[bold]recommendation:[/] {report.recommendation}")

@@ -165,6 +165,7 @@ def _train(exp: Experiment, task: ResolvedTask, features: FeatureSet, folds: lis
         results.runs += part.runs
         results.standardisation.update(part.standardisation)
         results.segmentation = part.segmentation
+        results.training_inputs = part.training_inputs
     if exp.adapt.strategy == "frozen":  # several processes: each trained its share of the members
         results = gather_members(exp, results)
     return results

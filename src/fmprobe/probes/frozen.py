@@ -2,13 +2,15 @@
 
 Selection discipline: the best epoch and the decision thresholds are chosen on validation only; train,
 validation and test are then predicted once with the chosen weights. Each seed changes head init, data
-order and sampling; every seed's predictions are kept. With ``train.grid`` every head trains as several
-members (learning rate x weight decay), and the heads reading the same input share one HeadBank per seed.
+order and sampling (``train.balanced_sampler``: class-balanced draws); every seed's predictions are kept.
+With ``train.grid`` every head trains as several members (learning rate x weight decay), and the heads reading
+the same input share one HeadBank per seed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,16 @@ from fmprobe.probes.targets import FitTargets
 from fmprobe.train.core import Fit
 from fmprobe.train.heads import fit_heads, predict_scores
 from fmprobe.train.losses import build_loss
+from fmprobe.train.sampling import balanced_weights
 from fmprobe.train.sources import HeadData
+
+
+def cached_inputs(exp: Experiment) -> dict[str, Any]:
+    """What a probe on cached features trains on (recorded in metrics.json beside the curves)."""
+    return {"inputs": "cached features of the un-augmented inputs (resized and centre-cropped as for evaluation, "
+                      "no flip): the same vectors every epoch",
+            "augmentation": None,
+            "sampling": "class-balanced draws" if exp.train.balanced_sampler else "a permutation per epoch"}
 
 
 def member_groups(exp: Experiment) -> list[list[BankMember]]:
@@ -43,8 +54,10 @@ def member_groups(exp: Experiment) -> list[list[BankMember]]:
 def train_heads(exp: Experiment, task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
                 targets: dict[str, np.ndarray], checkpoint_root: Path | None = None) -> ProbeResults:  # fmt: skip
     """One HeadRun per member and seed (a grid member is named ``<head>/lr<lr>/wd<wd>``)."""
-    results = ProbeResults()
+    results = ProbeResults(training_inputs=[{"stage": "all epochs", **cached_inputs(exp)}])
     fitting = FitTargets.for_task(task, targets, results)
+    # train.balanced_sampler: the same class-balanced draws as end-to-end training, over the cached features
+    weights = balanced_weights(targets["train"], task.type) if exp.train.balanced_sampler else None
     for members in member_groups(exp):
         inputs = head_tensors(features, split_ids, members[0].head, list(dict.fromkeys(m.head.name for m in members)),
                               results)  # fmt: skip
@@ -53,7 +66,7 @@ def train_heads(exp: Experiment, task: ResolvedTask, features: FeatureSet, split
             fitted, bank = fit_heads(members, HeadData(inputs["train"], fitting.targets["train"]),
                                      HeadData(inputs["val"], fitting.targets["val"]), in_dim=inputs["train"].shape[-1],
                                      out_dim=task.out_dim, task_type=task.type, loss=loss, cfg=exp.train, seed=seed,
-                                     scorer=fitting.scorer(task, loss))  # fmt: skip
+                                     scorer=fitting.scorer(task, loss), sample_weights=weights)  # fmt: skip
             scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
             for h, member in enumerate(members):
                 trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)

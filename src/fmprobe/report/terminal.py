@@ -20,6 +20,12 @@ def fmt(value: Any, digits: int = 3) -> str:
     return "nan" if v != v else f"{v:.{digits}f}"
 
 
+def shorten(text: str, width: int = 40) -> str:
+    """A long cell for the terminal: its end (where paths and ids differ), marked by a leading ellipsis. Files
+    (CSV, HTML, JSON) always hold the full value."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
 def headline_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (head, metric) for the task's headline metrics, test split."""
     rows = []
