@@ -5,7 +5,8 @@ the seed-mean metric (the same resamples, of groups when there are groups, appli
 The head reported as the result is the one with the best mean validation primary metric; test is never
 used to choose anything. The segmentation decoders' block, the grid selection and the wall time join here too;
 what other runs predicted (for ``identical_predictions``) and each head's configuration identity are given by
-the caller, which knows the runs folder.
+the caller, which knows the runs folder. With ``train.shots`` / ``train.label_fractions`` the label-efficiency
+block (``evaluate.efficiency``) joins too.
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from fmprobe.config import METRICS_BY_TASK, Experiment
+from fmprobe.config import FITTED_HEADS, METRICS_BY_TASK, Experiment
 from fmprobe.evaluate.baselines import baseline_metrics
 from fmprobe.evaluate.bootstrap import resample_weights, scalar_metrics
+from fmprobe.evaluate.efficiency import summarise_efficiency
 from fmprobe.evaluate.task import TaskMetric
-from fmprobe.evaluate.flags import Flag, compute_flags, prediction_hash
+from fmprobe.evaluate.flags import Flag, compute_flags, not_converged, prediction_hash
 from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults, SplitData
 from fmprobe.evaluate.segmentation import summarise_segmentation
 from fmprobe.evaluate.subgroups import subgroup_report
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import calibration
+
+
+FITTED_SEEDS = ("deterministic: fitted on the same labelled rows, every seed gives the same fit (sd 0); a seed only "
+                "matters where it draws the labelled rows (few-shot episodes, label fractions)")
 
 
 def seed_mean_bootstrap(
@@ -145,14 +151,21 @@ def summarise_run(
                 if f.name not in names:
                     flags.append(Flag(f.name, f.severity, f"{r.member}: {f.message}", f.details))
                     names.add(f.name)
+        fitted = cfg.type in FITTED_HEADS
+        if fitted:
+            flag = not_converged({r.member: r.selected or {} for r in runs})
+            if flag is not None:
+                flags.append(flag)
         entry: dict[str, Any] = {
             "type": cfg.type, "pooling": cfg.pooling, "layer": cfg.layer,
             "trainable_params": runs[0].trainable_params,
             "total_params": runs[0].total_params,
             "loss": runs[0].loss_info,
             "members": [r.member for r in runs],
-            "selected_epochs": {r.member: r.best_epoch for r in runs},
-            "stopped_early": {r.member: r.stopped_early for r in runs},
+            "selected_epochs": None if fitted else {r.member: r.best_epoch for r in runs},
+            "stopped_early": None if fitted else {r.member: r.stopped_early for r in runs},
+            "selected": {r.member: r.selected for r in runs if r.selected} if fitted else None,
+            "seeds_note": FITTED_SEEDS if fitted else None,
             "thresholds": {r.member: r.thresholds for r in runs} if runs[0].thresholds is not None else None,
             "splits": splits,
             "test_ci": {k: [lo, hi] for k, (_, lo, hi) in test_ci.items()},
@@ -188,7 +201,9 @@ def summarise_run(
         "selection": {
             "best_head": best,
             "rule": f"by the highest mean validation {primary} over seeds",
-            "epochs": f"Each seed's checkpoint is its best validation-{primary} epoch.",
+            "epochs": f"Each seed's checkpoint is its best validation-{primary} epoch."
+                      + (f" Fitted heads (knn, prototype, logreg) have no epochs: their k / C is chosen on validation "
+                         f"{primary} (ties: the smaller)." if any(h.type in FITTED_HEADS for h in exp.heads) else ""),
             "thresholds": ("Decision thresholds tuned on validation "
                            f"({exp.eval.thresholds}) and applied unchanged to test."
                            if task.type in ("binary", "multilabel") else ""),
@@ -200,6 +215,9 @@ def summarise_run(
     }
     if results.segmentation is not None:
         metrics["segmentation"] = _segmentation(exp, results, split, heads)
+    if results.efficiency:
+        metrics["efficiency"] = summarise_efficiency(exp, task, results.efficiency, targets["test"], test_groups,
+                                                     baseline)  # fmt: skip
     if grid is not None:
         metrics["selection"]["grid"] = grid
     if wall_seconds is not None:

@@ -2,7 +2,8 @@
 
 A run directory is never overwritten:
 ``runs/<experiment>/<run_id>/`` holds config.resolved.yaml, env.json, predictions.parquet,
-metrics.json, curves.parquet, checkpoints/ and report.html.
+metrics.json, curves.parquet, checkpoints/ and report.html (and efficiency.parquet with the label-efficiency
+protocol: one row per head, budget and repeat; the repeats' predictions and checkpoints are not kept).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from fmprobe.errors import ConfigError
 from fmprobe.evaluate.results import SPLITS, ProbeResults, SegResults, SplitData, predictions_table
 from fmprobe.evaluate.summary import summarise_run
 from fmprobe.evaluate.task import ResolvedTask
+from fmprobe.experiments.efficiency import check_efficiency, efficiency_points, efficiency_table, wanted
 from fmprobe.experiments.environment import environment_info
 from fmprobe.experiments.identity import config_hash, head_identities, previous_prediction_hashes
 from fmprobe.experiments.parallel import fold_share, gather_members
 from fmprobe.experiments.params import backbone_parameters, record_parameters
 from fmprobe.experiments.splitting import resolve_folds
 from fmprobe.features.extract import extract_features
+from fmprobe.probes.fitted import check_fitted
 from fmprobe.probes.frozen import train_heads
 from fmprobe.probes.grid import check_grid, select_members
 from fmprobe.probes.segmentation import check_segmentation, segment_frozen
@@ -79,6 +82,8 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         raise ConfigError("split.mode kfold runs frozen probes only; use split.mode generate with adapt strategies")
     check_segmentation(exp)
     check_grid(exp)
+    check_fitted(exp)
+    check_efficiency(exp)
     backbone_params, encoder = backbone_parameters(exp)  # frozen: memoised; the encoder if it had to be loaded
     features = extract_features(exp, manifest, encoder, progress=progress)
     extracted = set(features.sample_ids)
@@ -111,6 +116,8 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         results = gather_members(exp, results)
     if not distributed.is_main():  # process 0 alone writes the run
         return distributed.broadcast_object(None)
+    if wanted(exp):  # every head again on labelled subsets of the training split
+        results.efficiency = efficiency_points(exp, task, features, split, results)
     grid_record = None
     if exp.train.grid is not None:  # per head, the member with the best mean validation score over seeds
         results, grid_record = select_members(exp, task, results, split)
@@ -135,6 +142,9 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         other_runs=previous_prediction_hashes(Path(exp.runs_dir).expanduser(), run_dir),
         grid=grid_record, wall_seconds=time.perf_counter() - started,
     )  # fmt: skip
+    if "efficiency" in metrics:
+        with atomic_path(run_dir / "efficiency.parquet") as tmp:
+            pd.DataFrame(efficiency_table(metrics)).to_parquet(tmp, index=False)
     write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp),
                                                       **distributed.describe()))
     write_run_report(run_dir, exp, metrics, curves)

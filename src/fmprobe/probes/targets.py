@@ -13,9 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmprobe.evaluate.results import ProbeResults
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.train.scoring import TaskScorer
+
+
+TARGETS_NOTE = "z-score with training-split mean/std; outputs mapped back"
 
 
 @dataclass
@@ -25,13 +27,12 @@ class FitTargets:
     scale: np.ndarray | float
 
     @classmethod
-    def for_task(cls, task: ResolvedTask, targets: dict[str, np.ndarray], results: ProbeResults) -> FitTargets:
+    def for_task(cls, task: ResolvedTask, targets: dict[str, np.ndarray]) -> FitTargets:
         shift: np.ndarray | float = 0.0
         scale: np.ndarray | float = 1.0
         if task.type == "regression":
             shift = targets["train"].mean(axis=0)
             scale = targets["train"].std(axis=0) + 1e-12
-            results.standardisation["targets"] = "z-score with training-split mean/std; outputs mapped back"
         return cls({s: ((y - shift) / scale).astype(y.dtype) for s, y in targets.items()}, shift, scale)
 
     def to_units(self, values: np.ndarray) -> np.ndarray:
