@@ -25,6 +25,7 @@ import numpy as np
 
 from fmprobe.config import Experiment
 from fmprobe.evaluate.bootstrap import resample_weights
+from fmprobe.evaluate.kernels import ranked
 from fmprobe.evaluate.flags import Flag, below_baseline, constant_output, majority_collapse, tiny_class
 from fmprobe.evaluate.metrics import higher_is_better
 from fmprobe.evaluate.results import EfficiencyPoint, HeadRun
@@ -69,19 +70,16 @@ def _point(exp: Experiment, task: ResolvedTask, point: EfficiencyPoint, y: np.nd
     if point.missing is not None:
         return {**entry, "status": "missing", "missing": point.missing}
     primary, runs = task.primary, point.runs
+    # rows: each repeat on the whole test split, then each resample with its drawn repeat
+    values = repeat_rows(task, runs, y, np.arange(len(runs)), np.ones((len(runs), len(y))))
     drawn = np.random.default_rng(0).integers(len(runs), size=len(weights))
-    per_repeat, resampled = [], []
-    for r, run in enumerate(runs):
-        rows = np.vstack([np.ones((1, len(y))), weights[drawn == r]])
-        values = task.metric(run.thresholds).weighted(y, run.scores["test"], rows)
-        per_repeat.append({k: float(v[0]) for k, v in values.items()})
-        resampled.append(np.asarray(values[primary][1:], dtype=np.float64))
-    names = list(per_repeat[0])
+    draws = repeat_rows(task, runs, y, drawn, weights, rank=ranked(primary))[primary] if len(weights) else np.empty(0)
+    names = list(values)
     with np.errstate(all="ignore"):
-        table = np.array([[p[k] for k in names] for p in per_repeat])
+        table = np.stack([values[k] for k in names], axis=1)
         mean = dict(zip(names, np.nanmean(table, axis=0).tolist()))
         sd = dict(zip(names, (np.nanstd(table, axis=0, ddof=1) if len(runs) > 1 else table[0] * np.nan).tolist()))
-    draws = np.concatenate(resampled)
+    per_repeat = [dict(zip(names, row)) for row in table.tolist()]
     draws = draws[~np.isnan(draws)]
     alpha = (1 - exp.eval.ci) / 2
     lo, hi = (float(v) for v in np.quantile(draws, [alpha, 1 - alpha])) if draws.size else (np.nan, np.nan)
@@ -97,6 +95,20 @@ def _point(exp: Experiment, task: ResolvedTask, point: EfficiencyPoint, y: np.nd
         "selected": selection_counts(runs),
         "flags": [f.to_dict() for f in flags],
     }
+
+
+def repeat_rows(task: ResolvedTask, runs: Sequence[HeadRun], y: np.ndarray, repeat: np.ndarray,
+                weights: np.ndarray, *, rank: bool = True, cells: int = 2**22) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every metric per row (``rank`` False: but the ranking ones): row i scores repeat ``repeat[i]`` (its test
+    scores and thresholds) with sample weights ``weights[i]``; vectorised in chunks of about ``cells`` scores."""
+    scores = np.stack([r.scores["test"] for r in runs])
+    thresholds = None if runs[0].thresholds is None else np.array([r.thresholds for r in runs])
+    step = max(1, cells // scores[0].size)
+    metric = task.metric()
+    parts = [metric.rows(y, scores[repeat[i : i + step]], weights[i : i + step],
+                         None if thresholds is None else thresholds[repeat[i : i + step]], rank=rank)
+             for i in range(0, len(repeat), step)]  # fmt: skip
+    return {k: np.concatenate([np.asarray(p[k], dtype=np.float64) for p in parts]) for k in parts[0]}
 
 
 def _labelled(run: HeadRun):  # noqa: ANN202 (SplitData)

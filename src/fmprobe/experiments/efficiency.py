@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from fmprobe.config import FITTED_HEADS, Experiment, load_config
+from fmprobe.config import FITTED_HEADS, Experiment, HeadConfig, load_config
 from fmprobe.errors import ConfigError
 from fmprobe.evaluate.results import EfficiencyPoint, HeadRun, ProbeResults, SplitData
 from fmprobe.evaluate.task import ResolvedTask
@@ -101,28 +102,41 @@ def efficiency_points(exp: Experiment, task: ResolvedTask, features: FeatureSet,
     points = []
     for head in exp.heads:
         inputs = head_tensors(features, split.ids, head, [head.name], ProbeResults())
-        for protocol, value, draws in budgets:
-            if isinstance(draws, Unavailable):
-                points.append(EfficiencyPoint(protocol, value, str(head.name), [], missing=draws.reason))
-                continue
-            if head.type not in FITTED_HEADS and protocol == "shots":
-                draws = draws[: exp.train.trained_episodes]
-            everything = len(split.ids["train"])
-            if protocol == "fraction" and all(len(rows) == everything for _, rows in draws):
-                runs = [r for r in full.runs if r.head == head.name]
-            elif head.type in FITTED_HEADS:
-                fits = fit_subsets(head, task, inputs, split.targets, [rows for _, rows in draws], loss_cfg=exp.loss,
-                                   task_cfg=exp.task)  # fmt: skip
-                runs = [fitted_run(exp, task, head, seed, f, split.targets["val"]) for (seed, _), f in zip(draws, fits)]
-            else:
-                member = [BankMember(str(head.name), head, exp.train.lr, exp.train.weight_decay)]
-                runs = []
-                for seed, rows in draws:
-                    cut = {**inputs, "train": inputs["train"][rows]}
-                    runs += trained_runs(exp, task, member, cut, subset_data(split, rows).targets, [seed], None)
-            data = [subset_data(split, rows) for _, rows in draws]
-            points.append(EfficiencyPoint(protocol, value, str(head.name),
-                                          [replace(r, data=d) for r, d in zip(runs, data)]))  # fmt: skip
+        points += head_points(exp, task, head, inputs, split, budgets, full)
+    return points
+
+
+def head_points(exp: Experiment, task: ResolvedTask, head: HeadConfig, inputs: dict[str, torch.Tensor],
+                split: SplitData, budgets: list[tuple[str, float, Draws]], full: ProbeResults
+                ) -> list[EfficiencyPoint]:  # fmt: skip
+    """One head at every budget, on its inputs (``probes.inputs.head_tensors``) of the whole split; a fitted head
+    on every draw of every budget at once."""
+    fitted = head.type in FITTED_HEADS
+    if fitted:
+        every = [rows for _, _, draws in budgets if not isinstance(draws, Unavailable) for _, rows in draws]
+        fits = iter(fit_subsets(head, task, inputs, split.targets, every, loss_cfg=exp.loss, task_cfg=exp.task)
+                    if every else [])  # fmt: skip
+    points = []
+    for protocol, value, draws in budgets:
+        if isinstance(draws, Unavailable):
+            points.append(EfficiencyPoint(protocol, value, str(head.name), [], missing=draws.reason))
+            continue
+        if not fitted and protocol == "shots":
+            draws = draws[: exp.train.trained_episodes]
+        whole = [r for r in full.runs if r.head == head.name]
+        if fitted:
+            runs = [fitted_run(exp, task, head, seed, next(fits), split.targets["val"]) for seed, _ in draws]
+        elif whole and protocol == "fraction" and all(len(rows) == len(split.ids["train"]) for _, rows in draws):
+            runs = whole
+        else:
+            member = [BankMember(str(head.name), head, exp.train.lr, exp.train.weight_decay)]
+            runs = []
+            for seed, rows in draws:
+                cut = {**inputs, "train": inputs["train"][rows]}
+                runs += trained_runs(exp, task, member, cut, subset_data(split, rows).targets, [seed], None)
+        data = [subset_data(split, rows) for _, rows in draws]
+        points.append(EfficiencyPoint(protocol, value, str(head.name),
+                                      [replace(r, data=d) for r, d in zip(runs, data)]))  # fmt: skip
     return points
 
 

@@ -21,6 +21,7 @@ import torch
 
 from fmprobe.config import FITTED_HEADS, Experiment, HeadConfig, LossConfig, TaskConfig
 from fmprobe.errors import ConfigError
+from fmprobe.evaluate.kernels import ranked
 from fmprobe.evaluate.results import HeadRun
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import tune_thresholds
@@ -120,9 +121,20 @@ def _logreg_grid(head: HeadConfig, task: ResolvedTask, x: dict[str, torch.Tensor
 
 
 def fit_subsets(head: HeadConfig, task: ResolvedTask, x: dict[str, torch.Tensor], y: dict[str, np.ndarray],
-                subsets: Sequence[np.ndarray], *, loss_cfg: LossConfig, task_cfg: TaskConfig) -> list[Fitted]:  # fmt: skip
+                subsets: Sequence[np.ndarray], *, loss_cfg: LossConfig, task_cfg: TaskConfig,
+                cells: int = 2**24) -> list[Fitted]:  # fmt: skip
     """Fit ``head`` on each subset of training rows (``x``: z-scored pooled features per split, ``y``: targets in
-    the task's convention) and choose its k / C on the validation primary metric."""
+    the task's convention) and choose its k / C on the validation primary metric. Subsets go in chunks whose
+    scores (every split, every k / C) hold about ``cells`` values."""
+    grid_size = len(head.k) if head.type == "knn" else len(head.C) if head.type == "logreg" else 1
+    per_subset = grid_size * task.out_dim * (len(y["val"]) + len(y["test"]) + max(len(s) for s in subsets))
+    step = max(1, cells // per_subset)
+    return [f for i in range(0, len(subsets), step)
+            for f in _fit_chunk(head, task, x, y, subsets[i : i + step], loss_cfg, task_cfg)]  # fmt: skip
+
+
+def _fit_chunk(head: HeadConfig, task: ResolvedTask, x: dict[str, torch.Tensor], y: dict[str, np.ndarray],
+               subsets: Sequence[np.ndarray], loss_cfg: LossConfig, task_cfg: TaskConfig) -> list[Fitted]:  # fmt: skip
     linear: LinearFit | None = None
     if head.type == "knn":
         grid, effective = knn_scores(x, vote_values(task, y["train"]), subsets, head.k, head.temperature)
@@ -134,12 +146,13 @@ def fit_subsets(head: HeadConfig, task: ResolvedTask, x: dict[str, torch.Tensor]
         grid, linear = _logreg_grid(head, task, x, y["train"], subsets, loss_cfg, task_cfg)
         name, values = "C", [list(head.C)] * len(subsets)
     val = np.stack([_task_scores(task, g) for g in grid["val"]])  # [S, G, Nval, ...]
-    primary = task.metric().stacked(y["val"], val.reshape(-1, *val.shape[2:]))[task.primary].reshape(val.shape[:2])
-    ranked = np.where(np.isnan(primary), -np.inf, -primary if task.lower_is_better else primary)
+    primary = task.metric().stacked(y["val"], val.reshape(-1, *val.shape[2:]),
+                                    rank=ranked(task.primary))[task.primary].reshape(val.shape[:2])  # fmt: skip
+    preference = np.where(np.isnan(primary), -np.inf, -primary if task.lower_is_better else primary)
     dim = x["train"].shape[1]
     fits = []
     for i in range(len(subsets)):
-        g = int(np.argmax(ranked[i]))  # the first best: grids run from the smallest k / C
+        g = int(np.argmax(preference[i]))  # the first best: grids run from the smallest k / C
         selected: dict[str, Any] = {}
         if name is not None:
             selected = {name: values[i][g], "validation": {str(v): float(p) for v, p in zip(values[i], primary[i])}}

@@ -15,6 +15,7 @@ Both read the z-scored pooled features of ``probes.inputs`` (centred on the trai
 
 Every function takes subsets of training rows (``probes.subsets``) and returns, per split, one score array
 ``[G, N, out]`` per subset (G: the hyperparameter grid, N: the split's rows; for "train", the subset's own rows).
+Memory is bounded: queries go in chunks, subsets in batches.
 """
 
 from __future__ import annotations
@@ -35,44 +36,62 @@ def unit_rows(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {s: F.normalize(v.float(), dim=1) for s, v in x.items()}
 
 
-def _queries(unit: dict[str, torch.Tensor], bank: torch.Tensor, split: str) -> torch.Tensor:
-    """Similarities ``[B, Nq, n]`` of a split's rows to each subset's labelled rows ``bank [B, n, D]``."""
-    if split == "train":  # the subset's own rows
-        return bank @ bank.transpose(1, 2)
-    return torch.einsum("qd,bnd->bqn", unit[split], bank)
+def query_chunks(n_query: int, n_columns: int, budget: int = 2**24) -> list[slice]:
+    """Slices of query rows whose similarities to ``n_columns`` rows stay within ``budget`` entries."""
+    size = max(1, budget // max(n_columns, 1))
+    return [slice(i, min(i + size, n_query)) for i in range(0, n_query, size)]
+
+
+def _votes(sims: torch.Tensor, labels: torch.Tensor, ks: Sequence[int], temperature: float) -> torch.Tensor:
+    """Scores ``[B, G, Q, out]`` for every k from similarities ``[B, Q, n]`` (-inf: not a neighbour) to labelled
+    rows whose values are ``labels [B, n, out]``: one top-k, then cumulative weighted votes read at each k."""
+    top = min(max(ks), sims.shape[-1])
+    s, j = sims.topk(top, dim=-1)  # most similar first
+    w = torch.exp((s - s[..., :1]) / temperature).nan_to_num(0.0)  # non-neighbours weigh 0
+    votes = torch.gather(labels[:, None].expand(-1, s.shape[1], -1, -1), 2,
+                         j[..., None].expand(-1, -1, -1, labels.shape[-1]))  # fmt: skip
+    num, den = (w[..., None] * votes).cumsum(2), w.cumsum(2)
+    return torch.stack([num[:, :, min(k, top) - 1] / den[:, :, min(k, top) - 1, None].clamp_min(1e-30) for k in ks],
+                       dim=1)  # fmt: skip
 
 
 @torch.no_grad()
 def knn_scores(x: dict[str, torch.Tensor], values: torch.Tensor, subsets: Sequence[np.ndarray], ks: Sequence[int],
                temperature: float) -> tuple[GridScores, np.ndarray]:  # fmt: skip
     """Scores for every k of ``ks`` (``values [n_train, out]``: one-hot classes, 0/1 labels or targets per
-    training row), and the k each subset could use ``[S, G]`` (k capped by its labelled rows, minus one on
-    the training split's leave-one-out)."""
+    training row), and the k each subset could use ``[S, G]`` (capped by its labelled rows).
+
+    Validation and test: a chunk of query rows is compared with every training row once, and each subset reads
+    its columns. Training split: each subset's rows against each other, a row never its own neighbour."""
     unit = unit_rows(x)
     values = values.float()
-    out: GridScores = {s: [np.empty(0)] * len(subsets) for s in x}
-    effective = np.zeros((len(subsets), len(ks)), dtype=np.int64)
-    n_query = max(len(v) for s, v in unit.items() if s != "train")
-    for batch in batches(subsets, cells_per_row=max(n_query, max(len(s) for s in subsets)) * (1 + values.shape[1])):
+    n_train, width = unit["train"].shape[0], values.shape[1]
+    out: GridScores = {}
+    for split in (s for s in x if s != "train"):
+        parts: list[list[np.ndarray]] = [[] for _ in subsets]
+        for chunk in query_chunks(len(unit[split]), n_train):
+            every = unit[split][chunk] @ unit["train"].T  # [Q, n_train]
+            for batch in batches(subsets, cells_per_row=every.shape[0] * (1 + width)):
+                rows, mask = padded([subsets[i] for i in batch])
+                sims = every[:, rows].permute(1, 0, 2).masked_fill(~mask[:, None, :], -torch.inf)
+                grid = _votes(sims, values[rows], ks, temperature)
+                for b, i in enumerate(batch):
+                    parts[i].append(grid[b].double().numpy())
+        out[split] = [np.concatenate(p, axis=1) for p in parts]
+    out["train"] = [np.empty(0)] * len(subsets)
+    for batch in batches(subsets, cells_per_row=max(len(s) for s in subsets) * (1 + width)):
         rows, mask = padded([subsets[i] for i in batch])
         bank, labels = unit["train"][rows], values[rows]
-        for split in x:
-            sims = _queries(unit, bank, split).masked_fill(~mask[:, None, :], -torch.inf)
-            if split == "train":
-                sims.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
-            top = min(max(ks), rows.shape[1])
-            s, j = sims.topk(top, dim=-1)  # [B, Nq, top], most similar first
-            w = torch.exp((s - s[..., :1]) / temperature).nan_to_num(0.0)  # masked rows weigh 0
-            votes = torch.gather(labels[:, None].expand(-1, s.shape[1], -1, -1), 2,
-                                 j[..., None].expand(-1, -1, -1, labels.shape[-1]))  # fmt: skip
-            num, den = (w[..., None] * votes).cumsum(2), w.cumsum(2)
-            grid = torch.stack([num[:, :, min(k, top) - 1] / den[:, :, min(k, top) - 1, None].clamp_min(1e-30)
-                                for k in ks], dim=1)  # [B, G, Nq, out]  # fmt: skip
-            for b, i in enumerate(batch):
-                n = len(subsets[i])
-                out[split][i] = grid[b, :, :n].double().numpy() if split == "train" else grid[b].double().numpy()
-                if split == "train":
-                    effective[i] = [min(k, n) for k in ks]
+        pieces = []
+        for chunk in query_chunks(rows.shape[1], rows.shape[1] * len(batch)):
+            sims = (bank[:, chunk] @ bank.transpose(1, 2)).masked_fill(~mask[:, None, :], -torch.inf)
+            own = torch.arange(rows.shape[1])[chunk]
+            sims[:, torch.arange(len(own)), own] = -torch.inf  # leave one out
+            pieces.append(_votes(sims, labels, ks, temperature))
+        grid = torch.cat(pieces, dim=2)
+        for b, i in enumerate(batch):
+            out["train"][i] = grid[b, :, : len(subsets[i])].double().numpy()
+    effective = np.array([[min(k, len(s)) for k in ks] for s in subsets], dtype=np.int64)
     return out, effective
 
 
