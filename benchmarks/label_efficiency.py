@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
 from scipy.special import softmax
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+from threadpoolctl import threadpool_limits
 from timing import interleaved, median, spread
 
 from fmprobe.config import parse_config
@@ -70,13 +72,12 @@ def dinov2_weights(distances: np.ndarray) -> np.ndarray:
 
 def sklearn_loop(exp, task: ResolvedTask, x: dict[str, np.ndarray], split: SplitData, budgets) -> int:  # noqa: ANN001
     """The same fits one by one: every draw x every k / C, validation and test predicted, the best on validation."""
-    y, metric, fits = split.targets, task.metric(), 0
+    y, fits = split.targets, 0
     unit = {s: v / np.linalg.norm(v, axis=1, keepdims=True) for s, v in x.items()}
     head = {h.type: h for h in exp.heads}
 
-    def choose(candidates: list) -> None:  # predictions per hyperparameter -> the best on validation
-        values = [scalar_metrics(metric(y["val"], val))[task.primary] for val, _ in candidates]
-        int(np.nanargmax(values))
+    def choose(candidates: list) -> int:  # probabilities per hyperparameter -> the best validation balanced accuracy
+        return int(np.argmax([balanced_accuracy_score(y["val"], val.argmax(1)) for val, _ in candidates]))
 
     for _, _, draws in budgets:
         for _, rows in draws:
@@ -103,8 +104,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and BLAS threads of both sides (1: see benchmarks/headbank.py)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="sklearn")  # NearestCentroid's 1-shot variance
     exp = parse_config({
         "name": "bench", "data": {"manifest": "unused.csv"},
         "task": {"type": "multiclass", "targets": ["diagnosis"], "class_names": list(CLASSES)},
@@ -133,9 +138,10 @@ def main() -> None:
         return block
 
     numpy_inputs = {k: v.numpy().astype(np.float64) for k, v in inputs.items()}
-    times, results = interleaved({"fmprobe_fits+summary": fmprobe_side,
-                                  "sklearn_loop_fits": lambda: sklearn_loop(exp, task, numpy_inputs, split, drawn)},
-                                 args.repeats)  # fmt: skip
+    with threadpool_limits(args.threads):  # numpy's BLAS (scikit-learn's side) with the same threads as torch
+        times, results = interleaved({"fmprobe_fits+summary": fmprobe_side,
+                                      "sklearn_loop_fits": lambda: sklearn_loop(exp, task, numpy_inputs, split, drawn)},
+                                     args.repeats)  # fmt: skip
     ours = [t - s for t, s in zip(times["fmprobe_fits+summary"], summary_seconds)]
     block = results["fmprobe_fits+summary"]
     print(f"data: {sum(len(v) for v in split.ids.values())} samples x {DIM} (train {len(split.ids['train'])}, "

@@ -53,6 +53,8 @@ def test_real_config_and_sweep_validate():
     assert exp.task.primary_metric == "balanced_accuracy" and exp.loss.class_weights == "balanced"
     assert exp.train.early_stopping is not None and exp.train.warmup_epochs > 0
     assert len(exp.train.seeds) >= 3 and exp.eval.bootstrap == 1000 and exp.data.group_column == "patient"
+    assert [h.type for h in exp.heads] == ["linear", "logreg", "knn"]  # and how many labelled patients each needs:
+    assert exp.train.shots == [1, 2, 4, 8, 16, 32] and exp.train.label_fractions[-1] == 1.0 and exp.eval.target
     points = expand(load_sweep(RECIPE / "sweep.yaml"))
     checkpoints = sorted(Path(p.exp.model.checkpoint).name for p in points)
     assert checkpoints == ["vjepa2_vitl_multidomain.pt", "vjepa2_vitl_oct_single.pt"]
@@ -117,20 +119,31 @@ def test_checkpoint_sweep_leaderboard_and_collapse_flag(tmp_path, memory_store):
         lr = curves["lr"].to_numpy()
         assert lr[0] < lr[1] and np.all(np.diff(lr[1:]) <= 0)  # warmup, then cosine decay
 
+        # label efficiency: every head on few-shot episodes and label fractions, a curve in the report
+        block = m["efficiency"]
+        assert {p["head"] for p in block["points"]} == {"linear", "logreg", "knn"}
+        full = [p for p in block["points"] if p["head"] == "logreg" and p["value"] == 1.0][0]
+        assert full["protocol"] == "fraction" and full["interval"][0] > 0.25
+        assert any(p["status"] == "missing" for p in block["points"])  # K = 32 DRUSEN patients: not in the stand-in
+        assert set(block["labels_needed"]) == {"linear", "logreg", "knn"}
+        assert "label-efficiency curve (fraction)" in (run_dir / "report.html").read_text()
+
     collapsed = {f["name"]: f for f in runs["vjepa2_tiny_collapsed.pt"][1]["heads"]["linear"]["flags"]}
     assert collapsed["majority_collapse"]["severity"] == "error"
     assert collapsed["majority_collapse"]["details"]["predicted_share"] == 1.0
+    sweep_report = paths["runs"] / "_sweeps" / "oct-vjepa2-checkpoints" / "report.html"
+    assert "label-efficiency curves (fraction)" in sweep_report.read_text()  # one curve per checkpoint and head
 
     board_csv, board_html = tmp_path / "leaderboard.csv", tmp_path / "leaderboard.html"
     result = runner.invoke(app, ["leaderboard", "--runs", str(paths["runs"]), "--experiment", "oct-vjepa2",
                                  "--csv", str(board_csv), "--html", str(board_html)])  # fmt: skip
     assert result.exit_code == 0, result.output
     board = pd.read_csv(board_csv, keep_default_na=False)
-    assert len(board) == 3 and set(board["metric"]) == {"balanced_accuracy"}
-    assert board["model.checkpoint"].str.endswith("vjepa2_tiny_collapsed.pt").sum() == 1
-    collapsed_row = board[board["model.checkpoint"].str.endswith("collapsed.pt")].iloc[0]
-    assert collapsed_row["rank"] == 3 and "majority_collapse" in collapsed_row["flags"].split(";")
-    assert not board[board["rank"] < 3]["flags"].str.contains("majority_collapse").any()
+    assert len(board) == 9 and set(board["metric"]) == {"balanced_accuracy"}  # 3 checkpoints x 3 heads
+    collapsed_rows = board[board["model.checkpoint"].str.endswith("vjepa2_tiny_collapsed.pt")]
+    assert sorted(collapsed_rows["rank"]) == [7, 8, 9]
+    assert collapsed_rows["flags"].str.split(";").map(lambda f: "majority_collapse" in f).all()
+    assert not board[board["rank"] < 7]["flags"].str.contains("majority_collapse").any()
     assert "majority_collapse" in board_html.read_text()
 
     single, multi = runs["vjepa2_tiny_oct_single.pt"][0], runs["vjepa2_tiny_multidomain.pt"][0]

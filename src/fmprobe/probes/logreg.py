@@ -6,9 +6,9 @@ weighted) sum of log losses plus half the squared norm of the weights, the inter
 multiclass, one sigmoid per label for binary and multilabel (independent problems: one-vs-rest). It is minimised
 divided by C x the number of labelled rows (the same minimum), in float64, by a batched L-BFGS: each (subset, C) problem
 keeps its own curvature history and its own backtracking (Armijo) line search, and stops when its gradient's
-largest entry is below ``tol``; all subsets are evaluated together in a few batched matrix products per step,
-finished ones leave the batch, and the C grid is walked from the strongest penalty up, each C starting from the
-previous C's solution (a warm start: the same optimum, fewer steps). The result equals scikit-learn's to the
+largest entry is below ``tol``. A step evaluates every subset at every C in two batched matrix products (the C
+share each pass over a subset's rows), and subsets whose problems have all finished leave the batch. With fewer
+labelled rows than features a problem is solved in the span of its rows. The result equals scikit-learn's to the
 solver tolerance (tested); problems that did not converge in ``max_iter`` steps are reported, never hidden.
 
 Regression (``ridge``): min ||y - Xw - b||^2 + alpha ||w||^2 with alpha = 1 / C (scikit-learn's ``Ridge``), from
@@ -41,12 +41,13 @@ class LinearFit:
 
 
 class _Problems:
-    """Loss and gradient of S problems (one subset at one C each), parameters ``W [S, D + 1, out]``."""
+    """Loss and gradient of a subset at every C, for S subsets: parameters ``W [S, G, D + 1, out]``. The C share
+    one pass over each subset's rows (one batched product with G x out columns)."""
 
     def __init__(self, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, reg: torch.Tensor,
                  multinomial: bool):  # fmt: skip
         self.x, self.y, self.w = x, targets, weights  # [S, n, D + 1] (last column 1), [S, n, out], [S, n(, out)]
-        self.reg, self.multinomial = reg, multinomial  # [S]: 1 / (C x labelled rows)
+        self.reg, self.multinomial = reg, multinomial  # [S, G]: 1 / (C x labelled rows)
         self.penalised = torch.ones(x.shape[-1], 1, dtype=torch.float64)
         self.penalised[-1] = 0.0  # the intercept
 
@@ -54,20 +55,23 @@ class _Problems:
         return _Problems(self.x[index], self.y[index], self.w[index], self.reg[index], self.multinomial)
 
     def loss_grad(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Objective ``[S]`` and gradient ``[S, D + 1, out]``."""
-        logits = torch.bmm(self.x, params)
+        """Objective ``[S, G]`` and gradient ``[S, G, D + 1, out]``."""
+        s, g, d, o = params.shape
+        logits = torch.bmm(self.x, params.permute(0, 2, 1, 3).reshape(s, d, g * o)).view(s, -1, g, o)
+        y = self.y[:, :, None]
         if self.multinomial:
             logp = torch.log_softmax(logits, -1)
-            w = self.w[..., None]
-            loss = -(w * self.y * logp).sum((-1, -2))
-            delta = w * (logp.exp() - self.y)
+            w = self.w[:, :, None, None]
+            loss = -(w * y * logp).sum((1, 3))
+            delta = w * (logp.exp() - y)
         else:
-            loss = (self.w * (F.softplus(logits) - self.y * logits)).sum((-1, -2))
-            delta = self.w * (torch.sigmoid(logits) - self.y)
+            w = self.w[:, :, None]
+            loss = (w * (F.softplus(logits) - y * logits)).sum((1, 3))
+            delta = w * (torch.sigmoid(logits) - y)
         shrunk = params * self.penalised
         loss = loss + 0.5 * self.reg * (shrunk * params).sum((-1, -2))
-        grad = torch.bmm(self.x.transpose(1, 2), delta) + self.reg[:, None, None] * shrunk
-        return loss, grad
+        grad = torch.bmm(self.x.transpose(1, 2), delta.reshape(s, -1, g * o)).view(s, d, g, o).permute(0, 2, 1, 3)
+        return loss, grad + self.reg[..., None, None] * shrunk
 
 
 def _directions(grad: torch.Tensor, s_hist: list[torch.Tensor], y_hist: list[torch.Tensor],
@@ -87,36 +91,39 @@ def _directions(grad: torch.Tensor, s_hist: list[torch.Tensor], y_hist: list[tor
 
 
 @torch.no_grad()
-def lbfgs(problems: _Problems, start: torch.Tensor, *, tol: float, max_iter: int
-          ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:  # fmt: skip
-    """Minimise every problem from ``start [S, D + 1, out]``: (solutions, converged ``[S]``, iterations ``[S]``).
-    A finished problem leaves the batch once a quarter of the batch has finished (no work on it after)."""
-    shape = start.shape[1:]
-    solution, converged = start.clone(), np.zeros(len(start), dtype=bool)
-    iterations = np.zeros(len(start), dtype=np.int64)
-    active = torch.arange(len(start))
-    loss, grad = problems.loss_grad(start)
-    x, g, f = start.reshape(len(start), -1).clone(), grad.reshape(len(start), -1), loss
+def lbfgs(problems: _Problems, shape: tuple[int, ...], *, tol: float, max_iter: int) -> LinearFit:
+    """Minimise every (subset, C) problem of ``shape [S, G, D + 1, out]`` from zero weights. The subsets whose
+    problems have all finished leave the batch once a quarter of it has (no work on them after)."""
+    s_count, g_count = shape[:2]
+    width = int(np.prod(shape[2:]))
+    rows = lambda t: t.reshape(-1, width)  # noqa: E731  one row per (subset, C) problem
+    weights = torch.zeros(shape, dtype=torch.float64)
+    converged = np.zeros((s_count, g_count), dtype=bool)
+    iterations = np.zeros((s_count, g_count), dtype=np.int64)
+    active = torch.arange(s_count)
+    loss, grad = problems.loss_grad(weights)
+    x, g, f = rows(weights).clone(), rows(grad), loss.reshape(-1)
     done = g.abs().amax(1) <= tol
     s_hist: list[torch.Tensor] = []
     y_hist: list[torch.Tensor] = []
     rho: list[torch.Tensor] = []
     gamma = 1.0 / g.norm(dim=1).clamp_min(1.0)  # no curvature yet: a first step of unit length
 
-    def leave(keep: torch.Tensor) -> None:  # write the finished problems out; continue with ``keep``
+    def leave(keep: torch.Tensor) -> None:  # write the finished subsets out; continue with ``keep`` ([S] bool)
         nonlocal problems, active, x, g, f, done, gamma, s_hist, y_hist, rho
-        gone = ~keep
-        solution[active[gone]] = x[gone].view(-1, *shape)
-        converged[active[gone].numpy()] = (g[gone].abs().amax(1) <= tol).numpy()
+        gone, keep_rows = ~keep, keep.repeat_interleave(g_count)
+        weights[active[gone]] = x.view(-1, *shape[1:])[gone]
+        converged[active[gone].numpy()] = (g.abs().amax(1) <= tol).view(-1, g_count)[gone].numpy()
         problems, active = problems.take(keep), active[keep]
-        x, g, f, done, gamma = x[keep], g[keep], f[keep], done[keep], gamma[keep]
-        s_hist, y_hist, rho = [t[keep] for t in s_hist], [t[keep] for t in y_hist], [t[keep] for t in rho]
+        x, g, f, done, gamma = x[keep_rows], g[keep_rows], f[keep_rows], done[keep_rows], gamma[keep_rows]
+        s_hist, y_hist, rho = [t[keep_rows] for t in s_hist], [t[keep_rows] for t in y_hist], [t[keep_rows] for t in rho]
 
     for _ in range(max_iter):
         if bool(done.all()):
             break
-        if 4 * int(done.sum()) >= len(done):
-            leave(~done)
+        finished = done.view(-1, g_count).all(1)
+        if 4 * int(finished.sum()) >= len(finished):
+            leave(~finished)
         d = _directions(g, s_hist, y_hist, rho, gamma)
         slope = (g * d).sum(1)
         steep = slope >= 0  # not a descent direction: restart from the gradient
@@ -125,16 +132,21 @@ def lbfgs(problems: _Problems, start: torch.Tensor, *, tol: float, max_iter: int
         step = torch.ones_like(f)
         accepted = done.clone()
         x_new, g_new, f_new = x.clone(), g.clone(), f.clone()
+        batch, subset_rows = problems, torch.arange(len(f))  # the first trial: every subset
         for _ in range(MAX_HALVINGS):
-            trial = x + step[:, None] * d
-            loss_t, grad_t = problems.loss_grad(trial.view(-1, *shape))
-            grad_t = grad_t.reshape(len(trial), -1)
-            ok = ~accepted & (loss_t <= f + ARMIJO * step * slope)
-            x_new[ok], g_new[ok], f_new[ok] = trial[ok], grad_t[ok], loss_t[ok]
-            accepted |= ok
+            trial = x[subset_rows] + step[subset_rows, None] * d[subset_rows]
+            loss_t, grad_t = batch.loss_grad(trial.view(-1, *shape[1:]))
+            loss_t, grad_t = loss_t.reshape(-1), rows(grad_t)
+            ok = ~accepted[subset_rows] & (loss_t <= f[subset_rows] + ARMIJO * step[subset_rows] * slope[subset_rows])
+            update = subset_rows[ok]
+            x_new[update], g_new[update], f_new[update] = trial[ok], grad_t[ok], loss_t[ok]
+            accepted[update] = True
             if bool(accepted.all()):
                 break
             step = torch.where(accepted, step, step / 2)
+            retry = (~accepted).view(-1, g_count).any(1).nonzero().squeeze(1)  # only the subsets still searching
+            batch = problems.take(retry)
+            subset_rows = (retry[:, None] * g_count + torch.arange(g_count)).reshape(-1)
         stalled = ~accepted  # no decrease at any step: at the float64 floor of its objective
         s_new, y_new = x_new - x, g_new - g
         sy, yy = (s_new * y_new).sum(1), (y_new * y_new).sum(1)
@@ -145,11 +157,11 @@ def lbfgs(problems: _Problems, start: torch.Tensor, *, tol: float, max_iter: int
         gamma = torch.where(useful, sy / yy.clamp_min(1e-300), gamma)
         if len(s_hist) > HISTORY:
             s_hist.pop(0), y_hist.pop(0), rho.pop(0)
-        iterations[active.numpy()] += (~done).numpy()
+        iterations[active.numpy()] += (~done).view(-1, g_count).numpy()
         x, g, f = x_new, g_new, f_new
         done = done | stalled | (g.abs().amax(1) <= tol)
     leave(torch.zeros(len(active), dtype=torch.bool))
-    return solution, converged, iterations
+    return LinearFit(weights, converged, iterations)
 
 
 def by_size(fit_batch: Callable[[list[int]], LinearFit], subsets: Sequence[np.ndarray], cells_per_row: int
@@ -190,24 +202,18 @@ def _logistic(subsets: Sequence[np.ndarray], x_train: torch.Tensor, targets: tor
         # Fewer labelled rows than features: the optimum's weights lie in the span of the rows (the penalty zeroes
         # the rest), so each problem is solved in an orthonormal basis of that span — the same L-BFGS iterates,
         # on n coordinates instead of D.
-        basis = torch.linalg.svd(x, full_matrices=False)[2]  # [S, n, D]
-        x = x @ basis.transpose(1, 2)
+        q, r = torch.linalg.qr(x.transpose(1, 2))  # x^T = QR: Q's n columns span the rows
+        basis, x = q.transpose(1, 2), r.transpose(1, 2)  # [S, n, D] orthonormal rows; coordinates x Q = R^T
     x = F.pad(x, (0, 1), value=1.0)  # the intercept's column
     count = mask.sum(1).double()
     w = w / count.view(-1, *[1] * (w.ndim - 1))  # sample (element) weights over labelled rows
-    y = targets.double()[rows]
-    weights_out = torch.zeros(len(subsets), len(cs), x.shape[-1], targets.shape[1], dtype=torch.float64)
-    converged = np.zeros((len(subsets), len(cs)), dtype=bool)
-    iterations = np.zeros((len(subsets), len(cs)), dtype=np.int64)
-    params = torch.zeros(len(subsets), x.shape[-1], targets.shape[1], dtype=torch.float64)
-    for g in np.argsort(cs):  # from the strongest penalty up, each C starting from the previous C's solution
-        problems = _Problems(x, y, w, 1.0 / (cs[g] * count), multinomial)
-        params, converged[:, g], iterations[:, g] = lbfgs(problems, params, tol=tol, max_iter=max_iter)
-        weights_out[:, g] = params
+    reg = 1.0 / (torch.as_tensor(cs, dtype=torch.float64)[None, :] * count[:, None])
+    problems = _Problems(x, targets.double()[rows], w, reg, multinomial)
+    fit = lbfgs(problems, (len(subsets), len(cs), x.shape[-1], targets.shape[1]), tol=tol, max_iter=max_iter)
     if basis is not None:
-        coefs = torch.einsum("snd,sgno->sgdo", basis, weights_out[:, :, :-1])
-        weights_out = torch.cat([coefs, weights_out[:, :, -1:]], dim=2)
-    return LinearFit(weights_out, converged, iterations)
+        coefs = torch.einsum("snd,sgno->sgdo", basis, fit.weights[:, :, :-1])
+        fit.weights = torch.cat([coefs, fit.weights[:, :, -1:]], dim=2)
+    return fit
 
 
 def fit_ridge(x_train: torch.Tensor, targets: torch.Tensor, subsets: Sequence[np.ndarray],

@@ -130,12 +130,12 @@ def padded(subsets: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def batches(subsets: Sequence[np.ndarray], cells_per_row: int, budget: int = 2**24) -> list[list[int]]:
     """Indices of ``subsets`` in batches whose padded ``rows x cells_per_row`` stays within ``budget`` (the memory
-    a fitter's batched tensors take) and whose sizes differ at most twofold (padding wastes little)."""
+    a fitter's batched tensors take) and whose sizes differ by at most a quarter (padding wastes little)."""
     order = sorted(range(len(subsets)), key=lambda i: len(subsets[i]))
     out: list[list[int]] = []
     for i in order:
         n = len(subsets[i])
-        if out and (len(out[-1]) + 1) * n * cells_per_row <= budget and n <= 2 * len(subsets[out[-1][0]]):
+        if out and (len(out[-1]) + 1) * n * cells_per_row <= budget and 4 * n <= 5 * len(subsets[out[-1][0]]):
             out[-1].append(i)
         else:
             out.append([i])

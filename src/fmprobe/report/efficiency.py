@@ -101,14 +101,15 @@ def run_section(metrics: dict[str, Any]) -> dict[str, Any] | None:
 
 def sweep_section(runs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any] | None:
     """The sweep report's curves: one line per run (labelled by its sweep values) and head; ``runs``: (label,
-    metrics) of the runs with the protocol, all of one primary metric."""
+    metrics) of the runs with the protocol. Runs of another primary metric than the first are named, not drawn."""
     runs = [(label, m) for label, m in runs if m.get("efficiency")]
     if not runs:
         return None
     metric = runs[0][1]["efficiency"]["metric"]
-    runs = [(label, m) for label, m in runs if m["efficiency"]["metric"] == metric]
+    drawn = [(label, m) for label, m in runs if m["efficiency"]["metric"] == metric]
     return {"metric": metric, "interval": runs[0][1]["efficiency"]["interval"],
-            "figures": figures([(label, m["efficiency"]) for label, m in runs], baseline=None,
+            "others": [label for label, m in runs if m["efficiency"]["metric"] != metric],
+            "figures": figures([(label, m["efficiency"]) for label, m in drawn], baseline=None,
                                title=f"test {metric}")}  # fmt: skip
 
 
