@@ -24,10 +24,10 @@ import warnings
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
-from scipy.special import softmax
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
 from threadpoolctl import threadpool_limits
@@ -70,7 +70,7 @@ def dinov2_weights(distances: np.ndarray) -> np.ndarray:
     return np.exp((1 - distances) / T)
 
 
-def sklearn_loop(exp, task: ResolvedTask, x: dict[str, np.ndarray], split: SplitData, budgets) -> int:  # noqa: ANN001
+def sklearn_loop(exp, task: ResolvedTask, x: dict[str, np.ndarray], split: SplitData, budgets) -> int:
     """The same fits one by one: every draw x every k / C, validation and test predicted, the best on validation."""
     y, fits = split.targets, 0
     unit = {s: v / np.linalg.norm(v, axis=1, keepdims=True) for s, v in x.items()}

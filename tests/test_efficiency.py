@@ -4,6 +4,7 @@ end with its table, report section and efficiency.parquet."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -21,7 +22,12 @@ from fmprobe.evaluate.efficiency import labels_needed, summarise_efficiency
 from fmprobe.evaluate.results import EfficiencyPoint, HeadRun, SplitData
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.experiments.efficiency import check_efficiency, draw_budgets
-from fmprobe.probes.subsets import Unavailable, fraction_groups, nested_fractions, shot_episodes
+from fmprobe.probes.subsets import (
+    Unavailable,
+    fraction_groups,
+    nested_fractions,
+    shot_episodes,
+)
 
 
 def split_data(seed: int = 0) -> SplitData:
@@ -63,7 +69,7 @@ def test_fractions_are_nested_stratified_shares_of_groups():
         subsets = nested_fractions(split.groups["train"], split.targets["train"], task_type="multiclass",
                                    fractions=fractions, seed=seed)  # fmt: skip
         groups = {f: set(np.array(split.groups["train"])[rows]) for f, rows in subsets.items()}
-        for small, large in zip(fractions, fractions[1:]):
+        for small, large in itertools.pairwise(fractions):
             assert set(subsets[small]) <= set(subsets[large])  # each share contains the smaller ones
         for f in fractions:
             assert len(groups[f]) == fraction_groups(n_groups, f) == max(1, math.ceil(f * n_groups - 1e-9))
@@ -97,7 +103,7 @@ def test_a_fraction_without_every_class_is_reported_not_skipped():
                         "task": {"type": "multiclass", "targets": ["y"], "class_names": ["a", "b", "c"]},
                         "train": {"label_fractions": [0.02, 1.0]}})  # fmt: skip
     task = ResolvedTask.from_config(exp.task, ["a", "b", "c"])
-    (_, small, draws), (_, full, _) = draw_budgets(exp, task, split)
+    (_, small, draws), _ = draw_budgets(exp, task, split)
     assert small == 0.02 and isinstance(draws, Unavailable)  # one group holds one class
     assert "too small to hold every class" in draws.reason and "seed 0" in draws.reason
 
@@ -147,6 +153,17 @@ def test_labels_needed_reads_the_interval_bound():
     assert labels_needed(points, 0.95, "auroc") == {"h": {"fraction": None}}  # never reached: said so
     assert labels_needed(points, 0.86, "mae")["h"]["fraction"]["value"] == 0.1  # an error metric: the upper bound
     assert labels_needed(points, 0.8, "mae")["h"]["fraction"] is None
+
+
+def test_the_protocol_changes_the_run_not_the_heads_identity(toy_study):
+    from fmprobe.experiments.identity import config_hash, head_identities
+
+    plain = parse_config(toy_study("binary"))
+    protocol = parse_config(toy_study("binary", train={"shots": [1, 2], "label_fractions": [0.5, 1.0]},
+                                      eval={"target": 0.8}))  # fmt: skip
+    assert config_hash(plain) != config_hash(protocol)  # a sweep does not take one run for the other
+    # the same head predictions: no identical_predictions flag between a run and its efficiency rerun
+    assert head_identities(plain) == head_identities(protocol)
 
 
 def test_protocol_refusals(toy_study):

@@ -28,7 +28,7 @@ def dinov2_weights(distances: np.ndarray) -> np.ndarray:
 def dinov2_knn(train: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """DINOv2's eval/knn.py by hand: cosine similarity, the k most similar, softmax(s / T) over them, weighted
     one-hot (or value) sum."""
-    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
     sims = unit(queries) @ unit(train).T
     top = np.argsort(-sims, axis=1)[:, :k]
     s = np.take_along_axis(sims, top, axis=1)
@@ -83,7 +83,7 @@ def test_prototype_equals_nearest_centroid_by_hand():
     y = np.array([0, 0, 1, 1, 2, 2])
     grid = prototype_scores({s: torch.from_numpy(v) for s, v in x.items()}, torch.from_numpy(np.eye(3)[y]),
                             [np.arange(6)], multiclass=True)  # fmt: skip
-    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
     means = np.stack([unit(x["train"])[y == c].mean(axis=0) for c in range(3)])
     d2 = ((unit(x["test"])[:, None, :] - means[None]) ** 2).sum(-1)
     expected = np.exp(-d2) / np.exp(-d2).sum(axis=1, keepdims=True)
@@ -181,3 +181,14 @@ def test_refusals_name_what_to_do(toy_study):
         check_fitted(parse_config(toy_study("binary", heads=[{"type": "logreg"}], loss={"label_smoothing": 0.1})))
     with pytest.raises(ConfigError, match="C needs distinct positive values"):
         parse_config(toy_study("binary", heads=[{"type": "logreg", "C": [1.0, 1.0]}]))
+
+
+def test_a_fitted_head_s_identity_ignores_sgd_settings(toy_study):
+    """A learning-rate sweep leaves knn's predictions unchanged, rightly: that is no identical_predictions case."""
+    from fmprobe.experiments.identity import head_identities
+
+    heads = [{"type": "linear"}, {"type": "knn"}, {"type": "logreg"}]
+    slow, fast = (head_identities(parse_config(toy_study("binary", heads=heads, train={"lr": lr}))) for lr in (0.01, 0.1))
+    assert slow["knn"] == fast["knn"] and slow["logreg"] == fast["logreg"] and slow["linear"] != fast["linear"]
+    weighted = head_identities(parse_config(toy_study("binary", heads=heads, loss={"class_weights": "balanced"})))
+    assert weighted["knn"] == slow["knn"] and weighted["logreg"] != slow["logreg"]  # logreg fits with the weights

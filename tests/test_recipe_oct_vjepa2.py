@@ -122,7 +122,7 @@ def test_checkpoint_sweep_leaderboard_and_collapse_flag(tmp_path, memory_store):
         # label efficiency: every head on few-shot episodes and label fractions, a curve in the report
         block = m["efficiency"]
         assert {p["head"] for p in block["points"]} == {"linear", "logreg", "knn"}
-        full = [p for p in block["points"] if p["head"] == "logreg" and p["value"] == 1.0][0]
+        full = next(p for p in block["points"] if p["head"] == "logreg" and p["value"] == 1.0)
         assert full["protocol"] == "fraction" and full["interval"][0] > 0.25
         assert any(p["status"] == "missing" for p in block["points"])  # K = 32 DRUSEN patients: not in the stand-in
         assert set(block["labels_needed"]) == {"linear", "logreg", "knn"}

@@ -25,8 +25,14 @@ import numpy as np
 
 from fmprobe.config import Experiment
 from fmprobe.evaluate.bootstrap import resample_weights
+from fmprobe.evaluate.flags import (
+    Flag,
+    below_baseline,
+    constant_output,
+    majority_collapse,
+    tiny_class,
+)
 from fmprobe.evaluate.kernels import ranked
-from fmprobe.evaluate.flags import Flag, below_baseline, constant_output, majority_collapse, tiny_class
 from fmprobe.evaluate.metrics import higher_is_better
 from fmprobe.evaluate.results import EfficiencyPoint, HeadRun
 from fmprobe.evaluate.task import ResolvedTask
@@ -111,7 +117,7 @@ def repeat_rows(task: ResolvedTask, runs: Sequence[HeadRun], y: np.ndarray, repe
     return {k: np.concatenate([np.asarray(p[k], dtype=np.float64) for p in parts]) for k in parts[0]}
 
 
-def _labelled(run: HeadRun):  # noqa: ANN202 (SplitData)
+def _labelled(run: HeadRun):
     assert run.data is not None, "an efficiency repeat carries its labelled subset"
     return run.data
 

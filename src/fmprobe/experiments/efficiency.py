@@ -23,14 +23,19 @@ import torch
 
 from fmprobe.config import FITTED_HEADS, Experiment, HeadConfig, load_config
 from fmprobe.errors import ConfigError
-from fmprobe.evaluate.results import EfficiencyPoint, HeadRun, ProbeResults, SplitData
+from fmprobe.evaluate.results import EfficiencyPoint, ProbeResults, SplitData
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads.bank import BankMember
 from fmprobe.probes.fitted import fit_subsets, fitted_run
 from fmprobe.probes.frozen import trained_runs
 from fmprobe.probes.inputs import head_tensors
-from fmprobe.probes.subsets import Unavailable, missing_classes, nested_fractions, shot_episodes
+from fmprobe.probes.subsets import (
+    Unavailable,
+    missing_classes,
+    nested_fractions,
+    shot_episodes,
+)
 
 DEFAULT_SHOTS = [1, 2, 4, 8, 16, 32]
 DEFAULT_FRACTIONS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]

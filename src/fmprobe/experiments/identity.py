@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fmprobe.config import Experiment
+from fmprobe.config import FITTED_HEADS, Experiment
 
 _NOT_IDENTITY: dict[str, Any] = {
     "runs_dir": True,
@@ -35,13 +35,27 @@ def config_hash(exp: Experiment) -> str:
     return _hash(identity(exp))
 
 
+# train: keys of the label-efficiency protocol, which refits heads on subsets but never changes the run's own fits
+EFFICIENCY_KEYS = ("shots", "episodes", "trained_episodes", "label_fractions")
+
+
 def head_hash(exp: Experiment, head: str) -> str:
     """Identity of what one head's predictions depend on: everything but the other heads, the
-    experiment's name and the evaluation settings (which read predictions, never change them)."""
+    experiment's name, the evaluation settings (which read predictions, never change them) and the
+    label-efficiency protocol (its refits on labelled subsets leave the run's predictions as they are). A fitted
+    head (knn, prototype, logreg) has no SGD training: the train settings do not enter, nor the loss for knn and
+    prototype, so a sweep over learning rates does not flag their (rightly) unchanged predictions."""
     data = identity(exp)
     data.pop("name")
     data.pop("eval")
+    for key in EFFICIENCY_KEYS:
+        data["train"].pop(key)
     data["heads"] = [h for h in data["heads"] if h["name"] == head]
+    kind = data["heads"][0]["type"]
+    if kind in FITTED_HEADS:
+        data.pop("train")
+        if kind != "logreg":
+            data.pop("loss")
     return _hash(data)
 
 

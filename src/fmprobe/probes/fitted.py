@@ -26,7 +26,13 @@ from fmprobe.evaluate.results import HeadRun
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import tune_thresholds
 from fmprobe.heads import check_head_keys
-from fmprobe.probes.logreg import LinearFit, fit_logistic, fit_ridge, linear_outputs, subset_outputs
+from fmprobe.probes.logreg import (
+    LinearFit,
+    fit_logistic,
+    fit_ridge,
+    linear_outputs,
+    subset_outputs,
+)
 from fmprobe.probes.nonparametric import GridScores, knn_scores, prototype_scores
 from fmprobe.train.losses import build_loss, element_weights
 

@@ -96,7 +96,7 @@ def lbfgs(problems: _Problems, shape: tuple[int, ...], *, tol: float, max_iter: 
     problems have all finished leave the batch once a quarter of it has (no work on them after)."""
     s_count, g_count = shape[:2]
     width = int(np.prod(shape[2:]))
-    rows = lambda t: t.reshape(-1, width)  # noqa: E731  one row per (subset, C) problem
+    rows = lambda t: t.reshape(-1, width)
     weights = torch.zeros(shape, dtype=torch.float64)
     converged = np.zeros((s_count, g_count), dtype=bool)
     iterations = np.zeros((s_count, g_count), dtype=np.int64)

@@ -16,7 +16,6 @@ from torch import nn
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.train.scoring import TaskScorer
 
-
 TARGETS_NOTE = "z-score with training-split mean/std; outputs mapped back"
 
 

@@ -81,11 +81,11 @@ def figures(labelled: Sequence[tuple[str, dict[str, Any]]], *, baseline: float |
               for prefix, block in labelled for p in block["points"]]  # fmt: skip
     first = labelled[0][1]
     out = {}
-    for protocol in TITLES:
+    for protocol, name in TITLES.items():
         series = curves(points, protocol)
         if series:
             out[protocol] = label_curves(series, protocol=protocol, metric=first["metric"], baseline=baseline,
-                                         target=first.get("target"), title=f"{title}: {TITLES[protocol]}")  # fmt: skip
+                                         target=first.get("target"), title=f"{title}: {name}")  # fmt: skip
     return out
 
 

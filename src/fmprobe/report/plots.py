@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 
 import matplotlib
 
@@ -142,7 +143,7 @@ def label_curves(series: dict[str, tuple[list[float], list[float], list[float], 
     for label, (x, mean, lo, hi) in series.items():
         line = ax.plot(x, mean, "o-", ms=4, label=label)[0]
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-    if baseline is not None and baseline == baseline:
+    if baseline is not None and not math.isnan(baseline):
         ax.axhline(baseline, ls="--", lw=1, color="#e45756", label="baseline")
     if target is not None:
         ax.axhline(target, ls=":", lw=1.2, color="#54a24b", label=f"target {target:g}")
