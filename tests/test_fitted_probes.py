@@ -192,3 +192,22 @@ def test_a_fitted_head_s_identity_ignores_sgd_settings(toy_study):
     assert slow["knn"] == fast["knn"] and slow["logreg"] == fast["logreg"] and slow["linear"] != fast["linear"]
     weighted = head_identities(parse_config(toy_study("binary", heads=heads, loss={"class_weights": "balanced"})))
     assert weighted["knn"] == slow["knn"] and weighted["logreg"] != slow["logreg"]  # logreg fits with the weights
+
+
+def test_fitted_heads_run_beside_a_grid_and_on_regression(toy_study, one_torch_thread):
+    from fmprobe.experiments.run import run_experiment
+
+    config = toy_study("binary", heads=[{"type": "linear"}, {"type": "logreg", "C": [0.01, 1.0]}],
+                       train={"epochs": 3, "grid": {"lr": [0.01, 0.1]}})  # fmt: skip
+    metrics = run_experiment(parse_config(config), progress=False).metrics
+    assert set(metrics["selection"]["grid"]["heads"]) == {"linear"}  # the lr grid is the trained head's
+    logreg = metrics["heads"]["logreg"]
+    assert {s["C"] for s in logreg["selected"].values()} <= {0.01, 1.0} and logreg["trainable_params"] == 32 + 1
+    # regression: ridge (alpha = 1 / C) and the weighted-mean k-NN, on label fractions too
+    config = toy_study("regression", name="reg", heads=[{"type": "knn", "k": [3, 9]}, {"type": "logreg"}],
+                       train={"label_fractions": [0.5, 1.0]})  # fmt: skip
+    metrics = run_experiment(parse_config(config), progress=False).metrics
+    assert metrics["heads"]["logreg"]["loss"]["type"] == "squared error"
+    assert metrics["heads"]["logreg"]["splits"]["test"]["mean"]["r2"] > 0.5  # the brightness carries the target
+    block = metrics["efficiency"]
+    assert block["metric"] == "r2" and [p["status"] for p in block["points"]] == ["ok"] * 4
