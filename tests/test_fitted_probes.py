@@ -159,15 +159,20 @@ def test_k_and_c_are_chosen_on_validation_smallest_on_ties(data):
     inputs = {s: torch.from_numpy(v) for s, v in x.items()}
     rng = np.random.default_rng(5)
     targets = {"train": y, "val": rng.integers(0, 3, 25), "test": rng.integers(0, 3, 30)}
-    for head in (HeadConfig(type="knn", k=[1, 3, 9, 27]), HeadConfig(type="logreg", C=[1e-3, 1e-1, 10.0])):
+    for head in (HeadConfig(type="knn", k=[27, 1, 3, 9]), HeadConfig(type="logreg", C=[10.0, 1e-3, 1e-1])):
         fitted = fit_subsets(head, task, inputs, targets, [np.arange(60), np.arange(30)], loss_cfg=LossConfig(),
                              task_cfg=task_cfg)  # fmt: skip
         for f in fitted:
             values = f.selected["validation"]  # every k / C tried, in grid order, with its validation score
             best = max(values.values())
             chosen = f.selected["k" if head.type == "knn" else "C"]
-            assert str(chosen) == next(v for v, score in values.items() if score == best)  # the first (smallest) best
+            assert chosen == min(float(v) for v, score in values.items() if score == best)  # ties: the smallest
             assert f.best_val_score == best
+        # one validation image repeated: every k / C predicts it the same way, so all tie
+        same = {**inputs, "val": inputs["val"][:1].expand(25, -1)}
+        tied = fit_subsets(head, task, same, targets, [np.arange(60)], loss_cfg=LossConfig(), task_cfg=task_cfg)[0]
+        assert len(set(tied.selected["validation"].values())) == 1
+        assert tied.selected["k" if head.type == "knn" else "C"] == (1 if head.type == "knn" else 1e-3)
 
 
 def test_refusals_name_what_to_do(toy_study):

@@ -158,7 +158,8 @@ def _fit_chunk(head: HeadConfig, task: ResolvedTask, x: dict[str, torch.Tensor],
     dim = x["train"].shape[1]
     fits = []
     for i in range(len(subsets)):
-        g = int(np.argmax(preference[i]))  # the first best: grids run from the smallest k / C
+        ties = np.flatnonzero(preference[i] == preference[i].max())
+        g = int(ties[0] if name is None else min(ties, key=lambda t: values[i][t]))  # ties: the smallest k / C
         selected: dict[str, Any] = {}
         if name is not None:
             selected = {name: values[i][g], "validation": {str(v): float(p) for v, p in zip(values[i], primary[i])}}
