@@ -111,8 +111,7 @@ def repeat_rows(task: ResolvedTask, runs: Sequence[HeadRun], y: np.ndarray, repe
     thresholds = None if runs[0].thresholds is None else np.array([r.thresholds for r in runs])
     step = max(1, cells // scores[0].size)
     metric = task.metric()
-    parts = [metric.rows(y, scores[repeat[i : i + step]], weights[i : i + step],
-                         None if thresholds is None else thresholds[repeat[i : i + step]], rank=rank)
+    parts = [metric.rows(y, scores, weights[i : i + step], thresholds, which=repeat[i : i + step], rank=rank)
              for i in range(0, len(repeat), step)]  # fmt: skip
     return {k: np.concatenate([np.asarray(p[k], dtype=np.float64) for p in parts]) for k in parts[0]}
 

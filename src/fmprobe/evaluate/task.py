@@ -53,14 +53,15 @@ class TaskMetric:
         return y_all[: len(y_all) // len(s)], s_all.reshape(len(s), -1, *s_all.shape[1:])
 
     def rows(self, y_true: Any, scores: Any, weights: np.ndarray, thresholds: np.ndarray | None = None, *,
-             rank: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
-        """``{metric: [R]}`` for R rows, each with its own scores ``[R, N, ...]``, sample weights ``[R, N]`` and
-        (binary, multilabel) decision thresholds ``[R]`` / ``[R, C]`` (None: this metric's own, for every row).
-        ``rank`` False leaves out the ranking metrics (``kernels.RANKED``), which sort every row."""
+             which: np.ndarray | None = None, rank: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+        """``{metric: [R]}`` for R rows of sample weights ``[R, N]``, row i scoring the set of scores ``which[i]`` of
+        ``scores [E, N, ...]`` (default: set i) with its (binary, multilabel) decision thresholds ``[E]`` /
+        ``[E, C]`` (None: this metric's own). Each set is checked once, however many rows use it. ``rank`` False
+        leaves out the ranking metrics (``kernels.RANKED``), which sort every row."""
         y, s = self._checked(y_true, scores)
-        return self._kernel(y, s, np.asarray(weights, dtype=np.float64),
-                            None if thresholds is None else np.asarray(thresholds, dtype=np.float64).reshape(len(s), -1),
-                            rank)  # fmt: skip
+        which = np.arange(len(s)) if which is None else np.asarray(which)
+        thr = None if thresholds is None else np.asarray(thresholds, dtype=np.float64).reshape(len(s), -1)[which]
+        return self._kernel(y, s[which], np.asarray(weights, dtype=np.float64), thr, rank)
 
     def _kernel(self, y: np.ndarray, s: np.ndarray, w: np.ndarray | None, thr: np.ndarray | None = None,
                 rank: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
