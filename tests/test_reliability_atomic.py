@@ -54,6 +54,7 @@ SAFE = {
     ("features/remote.py", "np.save(hashing, array)"): "into the same staging file",
     ("features/remote.py", "np.save writes into it"): "a docstring",
     ("standin/models.py", "model.save_pretrained(folder)"): "stand-in models, rebuilt by re-running the generator",
+    ("standin/models.py", "fast.save_pretrained(folder)"): "stand-in tokenizers, rebuilt by re-running the generator",
 }
 
 

@@ -1,79 +1,96 @@
-"""Stand-in for the VLM spatial recipe: a tiny Qwen2.5-VL, the offline DINOv2-S as reference, shapes data.
+"""Stand-in for the VLM spatial recipe: tiny random VLMs of all four families, the offline DINOv2-S as reference,
+shapes data.
 
     python examples/vlm_spatial/make_standin.py [OUT]
 
-Writes into OUT (default: examples/vlm_spatial/standin/): ``data/`` — the shapes dataset with the real
-layout (PNG images, ``.npz`` annotations, ``manifest.csv`` with sample_id, path, annotations, group,
-num_objects, has_circle / has_square / has_triangle, largest_shape) at the stand-in size; ``models/qwen2_5_vl``
-— a random Qwen2.5-VL with 3 vision blocks (windowed attention in 0-1, full in 2), the merger and 2 LM layers,
-saved like the real checkpoint; and stand-in copies of ``config.yaml`` / ``reference.yaml`` / ``gates.yaml``.
-The reference is ``dinov2-small-offline``: real pretrained DINOv2 ViT-S/14 weights that need no download, so
-the stand-in CKA compares a random VLM with a genuine visual representation.
+Writes into OUT (default: examples/vlm_spatial/standin/): ``data/`` — the shapes dataset with the real layout (PNG
+images, ``.npz`` annotations, ``manifest.csv`` with sample_id, path, annotations, group, num_objects, has_circle /
+has_square / has_triangle, largest_shape) at the stand-in size; ``models/`` — a random model of each family, saved
+as the real checkpoints are: ``qwen2_5_vl`` (3 vision blocks, windowed 0-1 and full 2, the merger, 2 LM layers),
+``llava_next`` (a 3-block CLIP tower on 64-px tiles, AnyRes pinpoints up to 2 x 2 tiles, MLP projector,
+image_newline, 2 LM layers), ``internvl2`` (remote code shaped like InternVL2's ``internvl_chat``: InternViT with a
+fused qkv on 64-px tiles, pixel shuffle, mlp1, a 2-layer Llama) and ``cogvlm2`` (remote code shaped like CogVLM2:
+EVA2-CLIP on 128 px, 2 x 2 conv + GLU, 2 LM layers with vision experts); and stand-in copies of every YAML of the
+recipe (the four model configs, reference.yaml, gates.yaml, sweep.yaml) pointing at them.
 
-Sizes: 112 px (a multiple of patch 14 x merge 2, two 56-px attention windows per side): 8 x 8 patches per
-image, 4 x 4 after the merger.
+The reference is ``dinov2-small-offline``: real pretrained DINOv2 ViT-S/14 weights that need no download, so the
+stand-in CKA compares random VLMs with a genuine visual representation. Sizes: Qwen at 112 px (8 x 8 patches,
+4 x 4 merged), the others at 128 px (LLaVA-NeXT and InternVL2: an 8 x 8 base view and 16 x 16 tiles view of tower
+tokens; CogVLM2: 16 x 16 tower tokens, 8 x 8 after its conv).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fmprobe.diagnostics.shapes import write_shapes_dataset
-from fmprobe.standin import models
+from fmprobe.standin import models, remote
 from fmprobe.standin.configs import standin_yaml
 
 HERE = Path(__file__).resolve().parent
-REAL_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 REAL_REFERENCE = "facebook/dinov2-large"
 STANDIN_REFERENCE = "dinov2-small-offline"
-SIZE = 112
-N_IMAGES = 64  # the images both models encode for the alignment
-POINTS = [0, 1, 2, "visual.merger", "model.language_model.layers.0", "model.language_model.layers.1"]
-# `fmprobe spatial` / `fmprobe align` options of the stand-in run (the README gives the real ones)
-SPATIAL = dict(n_train=48, n_test=48, steps=100, bootstrap=200)
-MOVING = dict(n_train=12, n_test=8, steps=100, bootstrap=200, frames=4)
-ALIGN_BOOTSTRAP = 200
+N_IMAGES = 48  # the images every model and the reference encode for the alignment
+
+
+def _views(*points: object) -> list[str]:
+    return [f"{p}@{v}" for p in points for v in ("base", "tiles")]
+
+
+# recipe config -> (its real checkpoint, the stand-in writer, the stand-in input size, the stand-in's points)
+# (the stand-ins read fewer points than the real configs: each kind once, so the whole comparison runs in minutes)
+MODELS: dict[str, tuple[str, Callable[[Path], Path], int, list]] = {
+    "config.yaml": ("Qwen/Qwen2.5-VL-7B-Instruct", models.qwen2_5_vl, 112,
+                    [2, "visual.merger", "model.language_model.layers.1"]),
+    "llava_next.yaml": ("llava-hf/llava-v1.6-vicuna-7b-hf", models.llava_next, 128,
+                        _views(-2, "model.multi_modal_projector") + ["model.language_model.layers.1@tiles"]),
+    "internvl2.yaml": ("OpenGVLab/InternVL2-8B", remote.internvl2, 128,
+                       _views(-1) + ["mlp1:input@tiles", "language_model.model.layers.1@tiles"]),
+    "cogvlm2.yaml": ("THUDM/cogvlm2-llama3-chat-19B", remote.cogvlm2, 128,
+                     [-1, "model.vision.linear_proj", "model.layers.1.mlp.vision_mlp", "model.layers.1"]),
+}  # fmt: skip
+# the sweep's options at stand-in sizes (the real ones are in sweep.yaml and the README)
+SWEEP = {
+    "still": {"n_train": 32, "n_test": 32, "steps": 50, "bootstrap": 200},
+    "moving": {"frames": 3, "n_train": 8, "n_test": 8, "steps": 50, "bootstrap": 200},
+    "align": {"metrics": ["linear_cka", "rsa", "knn_recall"], "bootstrap": 200},
+    "controls": {"encoders": ["pixel", "random"], "image_size": 112},
+    "pairs": [{"model": "llava_next.yaml", "a": "-2@tiles", "b": "-2@base"},
+              {"model": "llava_next.yaml", "a": "model.multi_modal_projector@tiles",
+               "b": "model.multi_modal_projector@base"}],
+}  # fmt: skip
 
 
 def main(out: Path) -> dict[str, Path]:
-    """Write the stand-in data, the tiny VLM and stand-in copies of the recipe's YAML files into ``out``."""
+    """Write the stand-in data, the tiny VLMs and stand-in copies of the recipe's YAML files into ``out``."""
     out = Path(out)
-    written = {"manifest": write_shapes_dataset(out / "data", N_IMAGES, size=SIZE, seed=1),
-               "model": models.qwen2_5_vl(out / "models" / "qwen2_5_vl")}  # fmt: skip
-    common = {"features.cache_dir": str(out / "cache"), "features.device": "cpu", "runs_dir": str(out / "runs"), "train.epochs": 3,
-              "eval.bootstrap": 200}  # fmt: skip
-    written["config"] = standin_yaml(
-        HERE / "config.yaml", out / "config.yaml", replace={REAL_MODEL: str(written["model"])},
-        set={**common, "model.image_size": SIZE, "model.dtype": "float32", "model.layers": POINTS},
-    )  # fmt: skip
-    written["reference"] = standin_yaml(HERE / "reference.yaml", out / "reference.yaml",
-                                        replace={REAL_REFERENCE: STANDIN_REFERENCE},
-                                        set={**common, "model.image_size": SIZE})  # fmt: skip
-    written["gates"] = standin_yaml(HERE / "gates.yaml", out / "gates.yaml")
+    written = {"manifest": write_shapes_dataset(out / "data", N_IMAGES, size=112, seed=1)}
+    common = {"features.cache_dir": str(out / "cache"), "features.device": "cpu", "runs_dir": str(out / "runs"),
+              "train.epochs": 3, "eval.bootstrap": 200, "model.dtype": "float32"}  # fmt: skip
+    for config, (real, write, size, points) in MODELS.items():
+        model = write(out / "models" / Path(config).stem)
+        written[config] = standin_yaml(
+            HERE / config, out / config, replace={real: str(model)},
+            set={**common, "model.image_size": size, "model.layers": points, ("heads", 0, "layer"): points[0]},
+        )  # fmt: skip
+    written["reference.yaml"] = standin_yaml(HERE / "reference.yaml", out / "reference.yaml",
+                                             replace={REAL_REFERENCE: STANDIN_REFERENCE},
+                                             set={**common, "model.image_size": 112})  # fmt: skip
+    written["gates.yaml"] = standin_yaml(HERE / "gates.yaml", out / "gates.yaml")
+    written["sweep.yaml"] = standin_yaml(HERE / "sweep.yaml", out / "sweep.yaml", set=SWEEP)
     return written
 
 
-def commands(paths: dict[str, Path], out: Path) -> list[str]:
-    """The stand-in study, command by command (the same commands as the README's, stand-in sizes)."""
-    still = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SPATIAL.items())
-    moving = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in MOVING.items())
-    return [
-        f"fmprobe spatial --encoder {paths['config']} {still} --out {out / 'spatial-still'}",
-        f"fmprobe spatial --encoder {paths['config']} {moving} --out {out / 'spatial-moving'}",
-        f"fmprobe spatial --encoder pixel --image-size {SIZE} {still} --out {out / 'control-pixel'}",
-        f"fmprobe spatial --encoder random --image-size {SIZE} {still} --out {out / 'control-random'}",
-        f"fmprobe align {paths['config']} {paths['reference']} --metric linear_cka --metric rsa --metric knn_recall "
-        f"--bootstrap {ALIGN_BOOTSTRAP} --out {out / 'align'}",
-        f"fmprobe gate-points {paths['gates']} --spatial {out / 'spatial-still'} --spatial {out / 'spatial-moving'} "
-        f"--align {out / 'align'} --control {out / 'control-pixel'} --control {out / 'control-random'} "
-        f"--out {out / 'gates'}",
-    ]
+def commands(paths: dict[str, Path]) -> list[str]:
+    """The stand-in study: the recipe's one command on the stand-in sweep."""
+    return [f"fmprobe spatial-sweep {paths['sweep.yaml']}"]
 
 
 if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "standin"
     written = main(target)
     print(f"stand-in written to {target}\nnext:")
-    for line in commands(written, target):
+    for line in commands(written):
         print(f"  {line}")

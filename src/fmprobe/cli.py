@@ -283,17 +283,50 @@ def gate(gates: Path = typer.Argument(..., help="gates YAML: criteria, levels, m
 @app.command("gate-points")
 @user_errors
 def gate_points_cmd(gates: Path = typer.Argument(..., help="gates YAML (split: test criteria)"),
-                    spatial: list[Path] = typer.Option(..., help="spatial.json or its folder (still and/or moving)"),
-                    align: Path = typer.Option(None, help="alignment.json (points as A, a reference as B)"),
+                    spatial: list[Path] = typer.Option(..., help="spatial.json or its folder (still and/or moving, "
+                                                                 "one or several models)"),
+                    align: list[Path] = typer.Option(None, help="alignment.json (a model's points as A, a reference "
+                                                                "as B); one per model"),
                     control: list[Path] = typer.Option(None, help="spatial.json of a pixel / random control"),
+                    pair: list[Path] = typer.Option(None, help="pair.json of fmprobe compare-points"),
+                    table: list[Path] = typer.Option(None, help="metric table CSV (model, point, metric, mean, "
+                                                                "ci_lo, ci_hi) of any other measurement"),
                     out: Path = typer.Option(Path("fmprobe-gate-points"), help="folder for gates.json, report")) -> None:
-    """A gate verdict per extraction point of one model (spatial and alignment outputs) and a recommendation."""
+    """A gate verdict per extraction point of one or several models, the decision matrix, and a recommendation."""
     from fmprobe.experiments.gates import print_gates
     from fmprobe.experiments.point_gates import points_command
 
-    report = points_command(gates, spatial, align, controls=control or (), out=out)
+    report = points_command(gates, spatial, align or (), controls=control or (), pairs=pair or (),
+                            tables=table or (), out=out)  # fmt: skip
     print_gates(console, report)
     console.print(f"report: {out / 'report.html'}")
     if report.chosen is None:
         raise typer.Exit(1)
 
+
+@app.command("spatial-sweep")
+@user_errors
+def spatial_sweep_cmd(spec: Path = typer.Argument(..., help="sweep YAML: models, gates, spatial / align options")) -> None:
+    """Spatial probes and alignment of several models at all their points (resumable), then the decision matrix."""
+    from fmprobe.experiments.gates import print_gates
+    from fmprobe.experiments.point_sweep import run_point_sweep
+
+    report = run_point_sweep(spec, on_event=lambda m: console.print(m, highlight=False))
+    print_gates(console, report)
+    if report.chosen is None:
+        raise typer.Exit(1)
+
+
+@app.command("compare-points")
+@user_errors
+def compare_points_cmd(spatial: Path = typer.Argument(..., help="spatial.json (or its folder) holding both points"),
+                       a: str = typer.Argument(..., help="point A, e.g. -2@tiles"),
+                       b: str = typer.Argument(..., help="point B, e.g. -2@base"),
+                       resamples: int = typer.Option(2000, help="bootstrap resamples"),
+                       out: Path = typer.Option(Path("fmprobe-compare-points"), help="folder for pair.json")) -> None:
+    """Paired bootstrap of box / mask IoU(A) - IoU(B) over the same test shapes: difference, CI, p-value (JSON)."""
+    import json
+
+    from fmprobe.diagnostics.spatial_pairs import pair_command
+
+    console.print_json(json.dumps(pair_command(spatial, a, b, out=out, n_resamples=resamples)))

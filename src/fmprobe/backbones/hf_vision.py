@@ -17,7 +17,6 @@ asked, are ``[B, heads, Q, K]`` per block, keyed ``"0"``..``str(num_blocks - 1)`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from transformers.utils import cached_file
 
 from fmprobe.backbones.base import Encoder, EncoderOutput, InputSpec, LayerRef
 from fmprobe.backbones.hooks import record_outputs
+from fmprobe.backbones.weights_digest import WeightsDigest
 from fmprobe.config import ModelConfig
 from fmprobe.errors import EncoderError
 
@@ -128,7 +128,7 @@ class HFVisionEncoder(Encoder):
         self.input_spec = input_spec
         self.num_prefix = num_prefix
         self.num_blocks = len(self.model.get_submodule(self.blocks_path))
-        self._fingerprint: tuple[tuple[int, ...], str] | None = None
+        self._digest = WeightsDigest()
         self.eval()  # frozen until an adaptation strategy turns gradients on
 
     # -- family hooks -------------------------------------------------------------------------------------------
@@ -172,22 +172,9 @@ class HFVisionEncoder(Encoder):
         return t, pixels.shape[-2] // spec.patch_size, pixels.shape[-1] // spec.patch_size
 
     def fingerprint(self) -> str:
-        """sha256 of the config and every weight; recomputed only when a tensor changed (torch version counters)."""
-        prefix = self.fingerprint_prefix
-        state = {k: v for k, v in self.model.state_dict(keep_vars=True).items() if k.startswith(prefix)}
-        versions = tuple(x for t in state.values() for x in (t._version, t.data_ptr()))
-        if self._fingerprint is not None and self._fingerprint[0] == versions:
-            return self._fingerprint[1]
-        digest = hashlib.sha256()
-        digest.update(type(self).__name__.encode())
-        digest.update(repr(self.input_spec).encode())
-        digest.update(_config_json(self.model.config).encode())
-        for key, tensor in state.items():
-            tensor = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-        self._fingerprint = (versions, digest.hexdigest())
-        return self._fingerprint[1]
+        """sha256 of the config and every weight; recomputed only when a tensor changed (see weights_digest)."""
+        header = type(self).__name__ + repr(self.input_spec) + config_json(self.model.config)
+        return self._digest(self.model, header, self.fingerprint_prefix)
 
     # -- internals ----------------------------------------------------------------------------------------------
     def _path_of(self, ref: LayerRef) -> str | None:
@@ -245,7 +232,8 @@ class HFVisionEncoder(Encoder):
             self.model.set_attn_implementation(current)
 
 
-def _config_json(config: PretrainedConfig) -> str:
+def config_json(config: PretrainedConfig) -> str:
+    """A model config as canonical JSON without the keys that change with how it was saved or run."""
     data = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
     return json.dumps(data, sort_keys=True, default=str)
 

@@ -1,7 +1,9 @@
 """Read any submodule's output by its module path, with forward hooks that live for one forward pass.
 
 Extraction points beyond the block outputs (an attention's projection, an MLP, a merger) are named by their
-path in ``model.named_modules()``; a path that does not exist is refused with the nearest valid paths.
+path in ``model.named_modules()``; a path that does not exist is refused with the nearest valid paths. A path
+ending in ``:input`` reads what the module receives instead of what it returns (e.g. InternVL's projector input:
+the pixel-shuffled tokens, which no module outputs).
 """
 
 from __future__ import annotations
@@ -45,9 +47,18 @@ def resolve_module(model: nn.Module, path: str, *, owner: str) -> nn.Module:
         ) from None
 
 
+INPUT_SUFFIX = ":input"
+
+
+def split_input_suffix(path: str) -> tuple[str, bool]:
+    """(module path, whether the module's input rather than its output is read)."""
+    return (path[: -len(INPUT_SUFFIX)], True) if path.endswith(INPUT_SUFFIX) else (path, False)
+
+
 @contextmanager
 def record_outputs(model: nn.Module, paths: dict[str, str], *, owner: str) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the first output tensor of each ``paths[key]`` module during the ``with`` body.
+    """Record the first output tensor of each ``paths[key]`` module (its first input for ``<path>:input``) during
+    the ``with`` body.
 
     The yielded dict is filled when the body's forward pass runs; on exit, a module that did not run, ran more than
     once, or returned no tensor is an EncoderError (its output would be ambiguous or missing).
@@ -56,8 +67,14 @@ def record_outputs(model: nn.Module, paths: dict[str, str], *, owner: str) -> It
     handles = []
     try:
         for key, path in paths.items():
-            module = resolve_module(model, path, owner=owner)
-            handles.append(module.register_forward_hook(lambda _m, _args, out, key=key: calls[key].append(out)))
+            module_path, reads_input = split_input_suffix(path)
+            module = resolve_module(model, module_path, owner=owner)
+            if reads_input:
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, args, kwargs, key=key: calls[key].append(list(args) + list(kwargs.values())),
+                    with_kwargs=True))  # fmt: skip
+            else:
+                handles.append(module.register_forward_hook(lambda _m, _args, out, key=key: calls[key].append(out)))
         recorded: dict[str, torch.Tensor] = {}
         yield recorded
     finally:

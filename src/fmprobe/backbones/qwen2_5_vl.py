@@ -1,9 +1,11 @@
-"""The Qwen2.5-VL vision tower (and, on request, its language model) as an fmprobe Encoder.
+"""The Qwen-VL vision towers — Qwen2.5-VL, and Qwen2-VL / Qwen3-VL the same way — (and, on request, their language
+model) as an fmprobe Encoder.
 
 Qwen's vision tower does not take images: it takes flattened patches in merge-block order plus a
-``grid_thw``, and its blocks run on tokens permuted into attention windows. This module builds that
+``grid_thw``, and Qwen2.5-VL's blocks run on tokens permuted into attention windows. This module builds that
 input from an image batch ``[B, C, H, W]`` exactly as Qwen's image processor does (the frame repeated
-``temporal_patch_size`` times), and puts every extracted tensor back in raster order (t, h, w).
+``temporal_patch_size`` times), and puts every extracted tensor back in raster order (t, h, w). Qwen2-VL and
+Qwen3-VL (patch 16, learned positions, deepstack mergers) have no windows; everything else is shared.
 
 Extraction points (``model.layers``):
 - an int ``i``: output of vision block ``i`` (negative allowed), per patch: grid ``(1, H/14, W/14)``;
@@ -15,12 +17,12 @@ Extraction points (``model.layers``):
   the merger). The LM is loaded only when ``model.layers`` names such a path; otherwise only the
   vision-tower weights are read from the checkpoint.
 
-Attentions (``attentions=True``): for every requested block index, the softmax(QK^T/sqrt(d))
+Attentions (``attentions=True``, Qwen2.5-VL): for every requested block index, the softmax(QK^T/sqrt(d))
 probabilities recomputed from that block's qkv and rotary embedding, as a dense ``[B, heads, N, N]``
 tensor over the block's ``N = H/14 * W/14`` patches in raster order. Window-attention blocks attend only
 inside their window, so entries across windows are exactly zero.
 
-Input size: ``model.image_size`` (default 448), which must be a multiple of patch * merge (28).
+Input size: ``model.image_size`` (default 448), which must be a multiple of patch * merge (28; Qwen3-VL: 32).
 Normalisation: ``image_mean``/``image_std`` of the checkpoint's ``preprocessor_config.json``, else the
 OpenAI-CLIP values Qwen's image processor defaults to.
 """
@@ -36,11 +38,19 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    PretrainedConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     apply_rotary_pos_emb_vision,
 )
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 from transformers.utils import cached_file
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.vision_utils import get_vision_window_index
@@ -51,6 +61,12 @@ from fmprobe.errors import EncoderError
 
 DEFAULT_IMAGE_SIZE = 448
 _VISION_PREFIXES = ("visual.", "model.visual.")  # hub checkpoints use the first, some re-saves the second
+# model_type -> (the full model, its vision tower); Qwen2.5-VL alone has attention windows
+VERSIONS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VisionTransformerPretrainedModel),
+    "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VisionTransformerPretrainedModel),
+    "qwen3_vl": (Qwen3VLForConditionalGeneration, Qwen3VLVisionModel),
+}
 
 
 @dataclass(frozen=True)
@@ -64,7 +80,7 @@ class _Point:
 
 
 class QwenVisionEncoder(Encoder):
-    """Qwen2.5-VL image encoder with raster-ordered tokens from blocks, vision modules and LM layers."""
+    """Qwen2-VL / 2.5-VL / 3-VL image encoder with raster-ordered tokens from blocks, vision modules and LM layers."""
 
     def __init__(self, model_path: str, model: ModelConfig):
         super().__init__()
@@ -74,13 +90,15 @@ class QwenVisionEncoder(Encoder):
             config = AutoConfig.from_pretrained(model_path)
         except (OSError, ValueError, TypeError) as err:
             raise EncoderError(f"'{model_path}' is not a readable Qwen2.5-VL checkpoint: {err}") from None
-        if not isinstance(config, Qwen2_5_VLConfig):
-            raise EncoderError(f"'{model_path}' is a '{config.model_type}' model, not Qwen2.5-VL ('qwen2_5_vl')")
+        if config.model_type not in VERSIONS:
+            raise EncoderError(f"'{model_path}' is a '{config.model_type}' model, not Qwen2.5-VL ('qwen2_5_vl'), "
+                               "Qwen2-VL or Qwen3-VL")  # fmt: skip
+        full_class, tower_class = VERSIONS[config.model_type]
         vision = config.vision_config
         self.patch_size = int(vision.patch_size)
         self.merge = int(vision.spatial_merge_size)
         self.temporal_patch = int(vision.temporal_patch_size)
-        self.window_size = int(vision.window_size)
+        self.window_size = getattr(vision, "window_size", None)  # Qwen2.5-VL's attention windows (px)
         self.in_channels = int(vision.in_channels)
         self._token_ids = (config.vision_start_token_id, config.image_token_id, config.vision_end_token_id)
 
@@ -101,14 +119,14 @@ class QwenVisionEncoder(Encoder):
         wants_lm = any(isinstance(ref, str) and _lm_path(ref) is not None for ref in model.layers)
         if wants_lm:
             try:
-                full = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
+                full = full_class.from_pretrained(model_path, dtype=dtype)
             except OSError as err:
-                raise EncoderError(f"cannot load the Qwen2.5-VL model '{model_path}': {err}") from None
+                raise EncoderError(f"cannot load the {config.model_type} model '{model_path}': {err}") from None
             self.vlm: nn.Module | None = full.model.eval()
             self.visual = self.vlm.visual
         else:
             self.vlm = None
-            self.visual = _load_vision_tower(model_path, config, dtype).eval()
+            self.visual = _load_vision_tower(model_path, tower_class, config, dtype).eval()
         self._fingerprint: str | None = None
         for ref in model.layers:  # refuse a bad extraction point now, not after a long extraction
             self._resolve(ref)
@@ -117,6 +135,8 @@ class QwenVisionEncoder(Encoder):
 
     def encode(self, pixels: torch.Tensor, layers: list[LayerRef], attentions: bool = False) -> EncoderOutput:
         self.check_input(pixels)
+        if attentions and self.window_size is None:
+            raise EncoderError(f"{self.name}: attention maps are recomputed for Qwen2.5-VL's tower only")
         if pixels.shape[1] != self.in_channels:
             raise EncoderError(f"{self.name} takes {self.in_channels}-channel images, got {pixels.shape[1]}")
         points = {str(ref): self._resolve(ref) for ref in layers}
@@ -124,9 +144,12 @@ class QwenVisionEncoder(Encoder):
         grid_h, grid_w = (s // self.patch_size for s in pixels.shape[-2:])
         grid_thw = torch.tensor([[1, grid_h, grid_w]] * batch, device=pixels.device)
         flat = self.patchify(pixels.to(next(self.visual.parameters()).dtype))
-        window_index, _ = get_vision_window_index(
-            grid_thw, spatial_merge_size=self.merge, window_size=self.window_size, patch_size=self.patch_size
-        )
+        if self.window_size is None:  # no windows: merge-block order is the tower's order
+            window_index = torch.arange(batch * grid_h * grid_w // self.merge**2)
+        else:
+            window_index, _ = get_vision_window_index(
+                grid_thw, spatial_merge_size=self.merge, window_size=int(self.window_size), patch_size=self.patch_size
+            )
         unwindow = torch.argsort(window_index).to(pixels.device)
         shape = (batch, grid_h, grid_w)
 
@@ -321,9 +344,10 @@ def _normalisation(model_path: str) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def _load_vision_tower(model_path: str, config: Qwen2_5_VLConfig, dtype: torch.dtype) -> nn.Module:
+def _load_vision_tower(model_path: str, tower_class: type[nn.Module], config: PretrainedConfig,
+                       dtype: torch.dtype) -> nn.Module:  # fmt: skip
     """Only the vision tower's weights: a 7B checkpoint's LM is never read into memory."""
-    visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config, dtype=dtype)
+    visual = tower_class._from_config(config.vision_config, dtype=dtype)
     index = cached_file(model_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
     if index is not None:
         weight_map = json.loads(Path(index).read_text())["weight_map"]

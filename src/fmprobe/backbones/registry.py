@@ -1,7 +1,10 @@
 """``model:`` section -> a loaded :class:`Encoder`: the one place that knows which family wraps which checkpoint.
 
 ``model.name`` is the registry name ``dinov2-small-offline``, a local directory, or a hub id (needs network the
-first time). ``kind: auto`` reads ``model_type`` from its config.json; another kind must agree with it.
+first time). ``kind: auto`` reads ``model_type`` from its config.json; another kind must agree with it. A checkpoint
+that ships its own modeling code (config.json ``auto_map``, a model type transformers does not have) is a
+remote-code VLM (InternVL2, CogVLM2): kind ``vlm``, loaded only with ``model.trust_remote_code: true``.
+Models built from code (``kind``: timm, open_clip, python, monai) load through their own modules.
 """
 
 from __future__ import annotations
@@ -31,26 +34,61 @@ MODEL_TYPES: dict[str, str] = {
     "siglip_vision_model": "siglip",
     "blip-2": "blip2",
     "blip_2_vision_model": "blip2",
+    "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl",
+    "llava": "vlm",
+    "llava_next": "vlm",
+    "llava_onevision": "vlm",
+    "internvl": "vlm",
 }
+REMOTE = "remote code"  # the model type of a checkpoint with its own modeling code and no native type
 
 
 def load_encoder(model: ModelConfig) -> Encoder:
     """Load the backbone ``model`` names, frozen (eval mode, no gradients) in ``model.dtype``."""
     if model.kind == "vjepa2-native":
         return _load_native_vjepa2(model)
+    if model.kind == "timm":
+        from fmprobe.backbones.timm_encoder import load_timm
+
+        return load_timm(model)
+    if model.kind == "open_clip":
+        from fmprobe.backbones.open_clip_encoder import load_open_clip
+
+        return load_open_clip(model)
+    if model.kind == "python":
+        from fmprobe.backbones.python_encoder import load_python
+
+        return load_python(model)
+    if model.kind == "monai":
+        from fmprobe.backbones.monai_encoder import load_monai
+
+        return load_monai(model)
     source = str(_offline_dir()) if model.name == OFFLINE_DINOV2 else _expand(model.name)
-    model_type = _model_type(source)
-    kind = MODEL_TYPES.get(model_type)
+    config = _config_json(source)
+    model_type = REMOTE if _is_remote(config) else str(config["model_type"])
+    kind = "vlm" if model_type == REMOTE else MODEL_TYPES.get(model_type)
     if kind is None:
         raise EncoderError(
             f"'{model.name}' is a '{model_type}' model, which fmprobe does not wrap; supported model types: "
-            f"{', '.join(sorted(MODEL_TYPES))} (or kind: vjepa2-native with model.checkpoint)"
+            f"{', '.join(sorted(MODEL_TYPES))} (or kind: vjepa2-native with model.checkpoint; kind: timm, open_clip, "
+            f"monai or python for models built from code)"
         )
     if model.kind not in ("auto", kind):
         raise EncoderError(
             f"model.kind is '{model.kind}' but '{model.name}' is a '{model_type}' model; set model.kind: {kind} or auto"
         )
+    vlm_keys = [k for k in ("prompt", "trust_remote_code", "layout") if getattr(model, k) not in (None, False)]
+    if vlm_keys and kind != "vlm":
+        why = "its encoder feeds the image tokens alone" if kind.startswith("qwen") else "it is not a VLM"
+        raise EncoderError(f"model.{', model.'.join(vlm_keys)} only apply to VLMs of kind vlm (LLaVA, LLaVA-NeXT, "
+                           f"LLaVA-OneVision, InternVL, remote code); '{model.name}' is a '{model_type}' model and {why}: "
+                           "remove them")  # fmt: skip
+    if kind == "vlm":
+        from fmprobe.backbones.vlm.encoder import load_vlm
+
+        return load_vlm(source, model, config)
     return _build(kind, model_type, source, model)
 
 
@@ -111,8 +149,8 @@ def _expand(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def _model_type(source: str) -> str:
-    """``model_type`` from the source's config.json (local directory or hub id)."""
+def _config_json(source: str) -> dict:
+    """The source's config.json (local directory or hub id), with a ``model_type`` or remote code."""
     path = Path(source)
     if path.exists() and not path.is_dir():
         raise EncoderError(
@@ -133,11 +171,20 @@ def _model_type(source: str) -> str:
         raise EncoderError(_unknown_model(source, f"the Hugging Face hub did not provide it ({hub_says})")) from None
     with open(config_path) as f:
         config = json.load(f)
-    if "model_type" not in config:
+    if "model_type" not in config and "auto_map" not in config:
         raise EncoderError(
             f"{config_path} has no 'model_type', so its family is unknown; re-save the model with save_pretrained"
         )
-    return str(config["model_type"])
+    return config
+
+
+def _is_remote(config: dict) -> bool:
+    """Its own modeling code (auto_map) under a model type transformers does not implement."""
+    if "auto_map" not in config:
+        return False
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return config.get("model_type") not in CONFIG_MAPPING_NAMES
 
 
 def _could_be_hub_id(name: str) -> bool:

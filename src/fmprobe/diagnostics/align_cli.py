@@ -47,10 +47,11 @@ class Representation:
     source: str
     layers: dict[str, np.ndarray]
     sample_ids: list[str] | None
+    model: str | None = None  # the experiment's name when the side is a config: the model's label in gate-points
 
     def describe(self) -> dict[str, Any]:
         n = next(iter(self.layers.values())).shape[0]
-        return {"source": self.source, "layers": list(self.layers), "samples": n,
+        return {"source": self.source, "model": self.model, "layers": list(self.layers), "samples": n,
                 "dims": {k: int(v.shape[1]) for k, v in self.layers.items()}}
 
 
@@ -73,8 +74,9 @@ def load_side(spec: str, *, progress: bool = False) -> Representation:
         if fields:
             raise ConfigError(f"representation '{spec}': a .npy file has no layers or pooling to choose")
         return Representation(str(path), {path.stem: load_representation(path)}, None)
+    model = None
     if path.suffix in (".yaml", ".yml"):
-        features = _config_features(path, progress)
+        features, model = _config_features(path, progress)
     elif path.is_dir() and (path / "config.json").exists():
         features = store_features(path)
     else:
@@ -91,16 +93,16 @@ def load_side(spec: str, *, progress: bool = False) -> Representation:
         raise FmprobeError(f"representation '{spec}': no sample has features (all were skipped)")
     arrays = {name: np.asarray(features.pooled(name, pooling), dtype=np.float64) for name in names}
     return Representation(f"{path}" + (f":{layer}" if layer else "") + (f":{pooling}" if len(fields) > 1 else ""),
-                          arrays, list(features.sample_ids))
+                          arrays, list(features.sample_ids), model)
 
 
-def _config_features(path: Path, progress: bool) -> FeatureSet:
+def _config_features(path: Path, progress: bool) -> tuple[FeatureSet, str]:
     from fmprobe.config import load_config
     from fmprobe.data.manifest import load_manifest
     from fmprobe.features.extract import extract_features
 
     exp = load_config(path)
-    return extract_features(exp, load_manifest(exp.data, exp.task), progress=progress)
+    return extract_features(exp, load_manifest(exp.data, exp.task), progress=progress), exp.name
 
 
 def store_features(root: Path) -> FeatureSet:
@@ -136,8 +138,8 @@ def pair_rows(a: Representation, b: Representation) -> tuple[Representation, Rep
     in_a = {sid: i for i, sid in enumerate(a.sample_ids)}
     ia = np.array([in_a[s] for s in common])
     ib = np.array([in_b[s] for s in common])
-    a2 = Representation(a.source, {k: v[ia] for k, v in a.layers.items()}, common)
-    b2 = Representation(b.source, {k: v[ib] for k, v in b.layers.items()}, common)
+    a2 = Representation(a.source, {k: v[ia] for k, v in a.layers.items()}, common, a.model)
+    b2 = Representation(b.source, {k: v[ib] for k, v in b.layers.items()}, common, b.model)
     return a2, b2, {"a": len(a.sample_ids) - len(common), "b": len(b.sample_ids) - len(common)}
 
 

@@ -5,12 +5,14 @@ is drawn at the encoder's input size, so annotations are in its pixels; clips (m
 encoders, and for image encoders with ``frames`` (each frame encoded as an image, tokens stacked along t).
 Every extraction point is encoded in one pass and probed with diagnostics.spatial.run_spatial_probes (box IoU
 of the largest object, patch-mask IoU, class-agnostic AP@0.5, with the priors a probe gets from the layout
-alone); ``bootstrap`` > 0 adds percentile CIs over the test samples (diagnostics.spatial_ci).
+alone); ``bootstrap`` > 0 adds percentile CIs over the test samples (diagnostics.spatial_ci). Every point is scored
+on the same test shapes, and each row keeps its per-image box and mask IoU (``per_image``), so two points can be
+compared pairwise (diagnostics.spatial_pairs).
 
 ``--encoder``: ``pixel`` (flattened pixel patches: the floor to beat), ``random`` (noise tokens: chance), an
-experiment YAML (its ``model`` section), or a model directory / hub id. Extraction points are
-``model.layers`` entries: block indices, module paths (``visual.merger``), language-model layers of a VLM
-(``model.language_model.layers.0``).
+experiment YAML (its ``model`` section; the model runs on its ``features.device``), or a model directory / hub id.
+Extraction points are ``model.layers`` entries: block indices, module paths (``visual.merger``), language-model
+layers of a VLM (``model.language_model.layers.0``), with a view for tiled VLMs (``-2@tiles``).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 from fmprobe.atomic import write_json
 from fmprobe.backbones.base import Encoder
 from fmprobe.config import ModelConfig, load_config
+from fmprobe.devices import config_device
 from fmprobe.diagnostics.shapes import make_shapes
 from fmprobe.diagnostics.spatial import STEPS, run_spatial_probes
 from fmprobe.diagnostics.spatial_ci import spatial_intervals
+from fmprobe.diagnostics.spatial_pairs import PAIRED_METRICS
 from fmprobe.errors import ConfigError
 
 CONTROL_SIZE = 112
@@ -35,8 +39,10 @@ VIDEO_FRAMES = 8  # clip length for a video encoder that accepts any
 BATCH = 8
 
 
-def build_encoder(encoder: str, layers: list[int | str] | None, image_size: int | None) -> tuple[Encoder, list]:
-    """The encoder ``--encoder`` names and the extraction points to probe."""
+def build_encoder(encoder: str, layers: list[int | str] | None, image_size: int | None) -> tuple[Encoder, list, str]:
+    """The encoder ``--encoder`` names (on the config's features.device), the extraction points to probe, and the
+    model's label in comparisons: the experiment's name for a config (two configs may share a checkpoint), else the
+    encoder's name."""
     from fmprobe.backbones.controls import PixelPatchEncoder, RandomTokenEncoder
 
     if encoder in ("pixel", "random"):
@@ -45,11 +51,13 @@ def build_encoder(encoder: str, layers: list[int | str] | None, image_size: int 
             patch=CONTROL_PATCH, image_size=size)
         if layers and any(str(x) not in ("-1", "0") for x in layers):
             raise ConfigError(f"the {encoder} control has one extraction point (-1); got --layers {layers}")
-        return control, [-1]
+        return control, [-1], control.name
     from fmprobe.backbones.registry import load_encoder
 
+    device, label = "cpu", None
     if encoder.endswith((".yaml", ".yml")):
-        model = load_config(encoder).model
+        exp = load_config(encoder)
+        model, device, label = exp.model, exp.features.device, exp.name
     else:
         model = ModelConfig(name=encoder)
     updates: dict[str, Any] = {}
@@ -58,7 +66,8 @@ def build_encoder(encoder: str, layers: list[int | str] | None, image_size: int 
     if image_size:
         updates["image_size"] = image_size
     model = ModelConfig.model_validate({**model.model_dump(), **updates})
-    return load_encoder(model), list(model.layers)
+    loaded = load_encoder(model).to(config_device(device, "features.device"))
+    return loaded, list(model.layers), label or loaded.name
 
 
 def encode_all(encoder: Encoder, images: np.ndarray, layers: list) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
@@ -76,8 +85,9 @@ def encode_all(encoder: Encoder, images: np.ndarray, layers: list) -> tuple[dict
     tokens: dict[str, list[np.ndarray]] = {str(x): [] for x in layers}
     grids: dict[str, tuple] = {}
     encoder.eval()
+    device = next(encoder.parameters(), torch.empty(0)).device  # the controls have no parameters: CPU
     for start in range(0, len(images), BATCH):
-        x = (torch.from_numpy(images[start : start + BATCH]).float() / 255 - mean) / std
+        x = ((torch.from_numpy(images[start : start + BATCH]).float() / 255 - mean) / std).to(device)
         with torch.inference_mode():
             out = encoder.encode(x, layers)
         for key in tokens:
@@ -99,7 +109,7 @@ def spatial_command(
         raise ConfigError(f"need at least 2 training and 1 test images, got --n-train {n_train} --n-test {n_test}")
     if bootstrap < 0 or (frames is not None and frames < 1):
         raise ConfigError(f"--bootstrap must be >= 0 and --frames >= 1, got {bootstrap} and {frames}")
-    model, points = build_encoder(encoder, layers, image_size)
+    model, points, label = build_encoder(encoder, layers, image_size)
     spec = model.input_spec
     if spec.image_size[0] != spec.image_size[1]:
         raise ConfigError(f"{model.name} takes {spec.image_size} input; the shapes data is square")
@@ -117,9 +127,10 @@ def spatial_command(
         per_image = r.pop("per_image")
         if bootstrap:
             r["ci"] = spatial_intervals(per_image, grids[key][0], n_resamples=bootstrap, ci=ci, seed=seed)
+        r["per_image"] = {m: per_image[m] for m in PAIRED_METRICS}  # for paired comparisons of points
         rows.append({"layer": key, "grid": list(grids[key]), "dim": int(tokens[key].shape[-1]), **r})
-    result = {"encoder": model.name, "image_size": size, "frames": frames, "n_train": n_train, "n_test": n_test,
-              "steps": steps, "seed": seed, "bootstrap": bootstrap, "ci_level": ci if bootstrap else None,
+    result = {"encoder": model.name, "model": label, "image_size": size, "frames": frames, "n_train": n_train,
+              "n_test": n_test, "steps": steps, "seed": seed, "bootstrap": bootstrap, "ci_level": ci if bootstrap else None,
               "results": rows}
     write_json(Path(out) / "spatial.json", result)
     return result
@@ -135,8 +146,3 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{r['layer']:<34} {grid:>9} {r['dim']:>5} {r['box_iou']:>7.3f} ({r['box_iou_prior']:.3f}) "
                      f"{r['mask_iou']:>8.3f} ({r['mask_iou_prior']:.3f}) {r['map50']:>7.3f}")
     return "\n".join(lines)
-
-
-def data_kind(spatial: dict[str, Any]) -> str:
-    """``still`` or ``moving`` (clips)."""
-    return "still" if spatial.get("frames") is None else "moving"

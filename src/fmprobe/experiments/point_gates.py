@@ -1,22 +1,28 @@
-"""`fmprobe gate-points`: the criteria of a gates file applied to one model's extraction points, not to runs.
+"""`fmprobe gate-points`: the criteria of a gates file applied to extraction points — of one model, or of several
+models side by side — not to runs.
 
-Candidates are the extraction points of one encoder (vision block k, ``visual.merger``, language-model layer
-j). Their numbers come from the diagnostics' output files, not from run directories:
+Candidates are (model, extraction point) pairs: vision block k, the projector / merger, language-model layer j of
+each encoder. Their numbers come from the diagnostics' output files, not from run directories:
 
-- ``fmprobe spatial`` (``spatial.json``): metrics ``still/box_iou``, ``still/mask_iou``, ``still/map50``, or
-  ``moving/...`` for a file made with ``--frames`` (clips of moving shapes), with CIs when run with
-  ``--bootstrap``;
-- ``fmprobe align`` (``alignment.json``, the points as A's layers against a reference model as B): one metric
-  per computed alignment metric (``linear_cka``, ``rsa``, ``knn_recall``, ...), named ``<metric>@<layer>``
-  when B has several layers; CIs where ``--bootstrap`` gave them (linear and RBF CKA).
+- ``fmprobe spatial`` (``spatial.json``; the model is its ``model`` label: the experiment's name when run on a
+  config, so two configs of one checkpoint stay apart): metrics ``still/box_iou``,
+  ``still/mask_iou``, ``still/map50``, or ``moving/...`` for a file made with ``--frames`` (clips of moving
+  shapes), with CIs when run with ``--bootstrap``;
+- ``fmprobe align`` (``alignment.json``, the points as A's layers against a reference model as B, matched to a
+  model by A's label): one metric per computed alignment metric (``linear_cka``, ``rsa``, ``knn_recall``,
+  ...), named ``<metric>@<layer>`` when B has several layers; CIs where ``--bootstrap`` gave them;
+- metric tables (CSV with the columns ``model, point, metric, mean, ci_lo, ci_hi``): any other per-point
+  measurement (a reconstruction score, a direction accuracy, ...). A criterion reads a metric by its name, so a new
+  measurement is a new table and a new criterion — a new row of the decision matrix — and a new model is new
+  files — a new column.
 
 All of them are held-out / whole-sample numbers, so criteria use ``split: test``. Levels, verdicts, score and
-recommendation are exactly those of ``fmprobe gate`` (:func:`fmprobe.experiments.gates.judge`).
+recommendation are exactly those of ``fmprobe gate`` (:func:`fmprobe.experiments.gates.judge`); with several models
+the verdicts over every (model, point) are the decision matrix, and each model's best point sums it up.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,26 +31,14 @@ import numpy as np
 import pandas as pd
 
 from fmprobe.atomic import atomic_path, write_json
-from fmprobe.diagnostics.spatial_run import data_kind
+from fmprobe.diagnostics.outputs import data_kind, model_of, read_output
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.experiments.gates import GateReport, GatesSpec, judge, load_gates
 from fmprobe.experiments.leaderboard import RUN_QUANTITIES
 
 SPATIAL_METRICS = ("box_iou", "mask_iou", "map50")
-COLUMNS = ["point", "metric", "mean", "ci_lo", "ci_hi"]
-
-
-def read_output(path: str | Path, name: str) -> dict[str, Any]:
-    """A diagnostics output file (``name``), given as the file or the folder holding it."""
-    path = Path(path).expanduser()
-    file = path / name if path.is_dir() else path
-    try:
-        return json.loads(file.read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read '{file}': {err.strerror}; give the {name} a command wrote, or its folder"
-                          ) from None
-    except json.JSONDecodeError as err:
-        raise FmprobeError(f"'{file}' is not valid JSON: {err}") from None
+COLUMNS = ["point", "metric", "mean", "ci_lo", "ci_hi", "model"]
+TABLE_COLUMNS = ["model", "point", "metric", "mean", "ci_lo", "ci_hi"]
 
 
 def _ci(row: dict[str, Any], metric: str) -> tuple[float, float]:
@@ -78,24 +72,68 @@ def alignment_rows(alignment: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def point_metrics(spatial: Sequence[dict[str, Any]], alignment: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Long table (point, metric, mean, ci_lo, ci_hi) of one encoder's points; spatial files' points first."""
+    """Long table (point, metric, mean, ci_lo, ci_hi, model) of one encoder's points; spatial files' points first."""
     if not spatial:
         raise ConfigError("give at least one spatial.json (fmprobe spatial --encoder CONFIG ...)")
-    encoders = sorted({s["encoder"] for s in spatial})
+    encoders = sorted({model_of(s) for s in spatial})
     if len(encoders) > 1:
-        raise FmprobeError(f"the spatial files come from different encoders {encoders}; gate one model at a time")
+        raise FmprobeError(f"the spatial files come from different models {encoders}; use model_metrics")
     kinds = [data_kind(s) for s in spatial]
     if len(set(kinds)) != len(kinds):
-        raise FmprobeError(f"two spatial files of the same data kind ({kinds}); give one still and/or one moving")
+        raise FmprobeError(f"two spatial files of the same data kind ({kinds}) for {encoders[0]}; give one still and/or "
+                           "one moving per model")  # fmt: skip
     rows = [row for s in spatial for row in spatial_rows(s)]
     if alignment is not None:
         rows += alignment_rows(alignment)
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = pd.DataFrame(rows, columns=COLUMNS[:-1]).assign(model=encoders[0])
     return table.astype({"ci_lo": float, "ci_hi": float})
+
+
+def model_metrics(spatial: Sequence[dict[str, Any]], alignments: Sequence[dict[str, Any]] = (),
+                  tables: Sequence[pd.DataFrame] = ()) -> pd.DataFrame:  # fmt: skip
+    """Long table of every model's points: spatial files grouped by encoder, each alignment with the model its A side
+    names (a lone alignment goes with a lone model), then the rows of any metric tables."""
+    models: dict[str, list[dict[str, Any]]] = {}
+    for s in spatial:
+        models.setdefault(model_of(s), []).append(s)
+    matched: dict[str, dict[str, Any]] = {}
+    for a in alignments:
+        model = a["a"].get("model") or (next(iter(models)) if len(models) == 1 == len(alignments) else None)
+        if model not in models:
+            raise FmprobeError(f"alignment of '{a['a']['source']}' names model {model!r}, which no spatial.json "
+                               f"measured ({', '.join(models)}); align the same config the spatial run used")  # fmt: skip
+        if model in matched:
+            raise FmprobeError(f"two alignments for model '{model}'; give one per model")
+        matched[model] = a
+    parts = [point_metrics(files, matched.get(model)) for model, files in models.items()]
+    for table in tables:
+        unknown = sorted(set(table["model"]) - set(models))
+        if unknown:
+            raise FmprobeError(f"a metric table has rows for models {unknown} that no spatial.json measured "
+                               f"({', '.join(models)})")  # fmt: skip
+        parts.append(table[COLUMNS])
+    return pd.concat(parts, ignore_index=True).astype({"ci_lo": float, "ci_hi": float})
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A metric table (CSV: model, point, metric, mean, ci_lo, ci_hi; empty CIs where there are none)."""
+    try:
+        table = pd.read_csv(Path(path).expanduser(), dtype={"model": str, "point": str, "metric": str})
+    except OSError as err:
+        raise ConfigError(f"cannot read metric table '{path}': {err.strerror}") from None
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise ConfigError(f"metric table '{path}' lacks the columns {missing}; it needs {', '.join(TABLE_COLUMNS)}")
+    return table
 
 
 def gate_points(spec: GatesSpec, table: pd.DataFrame, encoder: str) -> GateReport:
     """A verdict per extraction point of ``encoder`` from its metric table, and the recommendation."""
+    return gate_models(spec, table.assign(model=encoder))
+
+
+def gate_models(spec: GatesSpec, table: pd.DataFrame) -> GateReport:
+    """A verdict per (model, point) of the table, ranked across models, and the recommendation."""
     if spec.experiment is not None:
         raise ConfigError("'experiment:' selects runs; gate-points takes its candidates from the spatial file(s), "
                           "so remove it from the gates file")  # fmt: skip
@@ -103,30 +141,46 @@ def gate_points(spec: GatesSpec, table: pd.DataFrame, encoder: str) -> GateRepor
     if bad:
         raise ConfigError(f"criteria {bad}: extraction points have only test metrics from the diagnostics' files "
                           f"(no validation split, no {', '.join(RUN_QUANTITIES)}); use split: test")  # fmt: skip
-    points = list(dict.fromkeys(table["point"]))
-    cands = pd.DataFrame({"run_dir": encoder, "experiment": encoder, "run_id": "", "head": points,
-                          "flags": [[] for _ in points], "error_flags": 0,
+    pairs = list(dict.fromkeys(zip(table["model"], table["point"])))
+    cands = pd.DataFrame({"run_dir": [m for m, _ in pairs], "experiment": [m for m, _ in pairs], "run_id": "",
+                          "head": [p for _, p in pairs], "flags": [[] for _ in pairs], "error_flags": 0,
                           **{q: np.nan for q in RUN_QUANTITIES}})  # fmt: skip
-    values = table.rename(columns={"point": "head"}).assign(run_dir=encoder, split="test")
+    values = table.rename(columns={"point": "head", "model": "run_dir"}).assign(split="test")
     return judge(spec, cands, values)
 
 
+def model_summary(report: GateReport) -> list[dict[str, Any]]:
+    """Each model's best point (the first of its verdicts in the report's ranking) with its verdict, score and levels:
+    the decision matrix summed up per model, best model first."""
+    best: dict[str, Any] = {}
+    for v in report.verdicts:
+        best.setdefault(v.run_dir, v)
+    return [{"model": m, "point": v.head, "verdict": v.verdict, "score": v.score,
+             "levels": {k: vars(lv) for k, lv in v.levels.items()}} for m, v in best.items()]  # fmt: skip
+
+
 def points_command(
-    gates: str | Path, spatial: Sequence[str | Path], align: str | Path | None = None, *,
-    controls: Sequence[str | Path] = (), out: str | Path = "fmprobe-gate-points",
+    gates: str | Path, spatial: Sequence[str | Path], align: Sequence[str | Path] = (), *,
+    controls: Sequence[str | Path] = (), pairs: Sequence[str | Path] = (), tables: Sequence[str | Path] = (),
+    out: str | Path = "fmprobe-gate-points",
 ) -> GateReport:
-    """Gate the points; write ``points.csv``, ``gates.json``, the figures and ``report.html`` to ``out``."""
+    """Gate the points; write ``points.csv``, ``gates.json``, the figures and ``report.html`` to ``out``.
+
+    ``pairs``: pair.json files of `fmprobe compare-points` (paired differences between two points), shown as such."""
     from fmprobe.report.points import write_points_report
 
     spatial_results = [read_output(p, "spatial.json") for p in spatial]
-    alignment = read_output(align, "alignment.json") if align is not None else None
+    alignments = [read_output(p, "alignment.json") for p in align]
     control_results = [read_output(p, "spatial.json") for p in controls]
-    table = point_metrics(spatial_results, alignment)
-    report = gate_points(load_gates(gates), table, spatial_results[0]["encoder"])
+    pair_results = [read_output(p, "pair.json") for p in pairs]
+    table = model_metrics(spatial_results, alignments, [read_table(t) for t in tables])
+    report = gate_models(load_gates(gates), table)
+    summary = model_summary(report)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "gates.json", report.to_dict())
+    write_json(out / "gates.json", {**report.to_dict(), "models": summary})
     with atomic_path(out / "points.csv") as tmp:
         table.to_csv(tmp, index=False)
-    write_points_report(out / "report.html", report, table, spatial_results, alignment, control_results)
+    write_points_report(out / "report.html", report, table, spatial_results, alignments, control_results,
+                        pairs=pair_results, summary=summary)  # fmt: skip
     return report

@@ -1,6 +1,8 @@
 """The extraction-point report of `fmprobe gate-points`: one self-contained HTML file with the gate verdict per
-point and the recommendation, the spatial scores against depth (with CI bands and the pixel / random controls as
-flat lines), and the alignment with the reference (CKA curve with CI band, a heatmap per metric)."""
+(model,) point and the recommendation, for several models the decision matrix (criteria x models at each model's
+best point), paired comparisons of points, the spatial scores against depth per model (with CI bands and the pixel
+/ random controls as flat lines), and the alignment with the reference (CKA curve with CI band, a heatmap per
+metric)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import pandas as pd
 from fmprobe import __version__
 from fmprobe.atomic import write_text
 from fmprobe.diagnostics import plots
-from fmprobe.diagnostics.spatial_run import data_kind
-from fmprobe.report.terminal import fmt
+from fmprobe.diagnostics.outputs import data_kind, model_of
 from fmprobe.report.templating import render
+from fmprobe.report.terminal import fmt
 
 NAMES = {"box_iou": "box IoU", "mask_iou": "mask IoU", "map50": "AP@0.5"}
 
@@ -28,51 +30,68 @@ def _series(table: pd.DataFrame, points: list[str], metric: str) -> tuple[list[f
     return mean.tolist(), np.where(np.isnan(lo), mean, lo).tolist(), np.where(np.isnan(hi), mean, hi).tolist()
 
 
-def _figures(dest_dir: Path, table: pd.DataFrame, spatial: Sequence[dict[str, Any]], alignment: dict[str, Any] | None,
-             controls: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:  # fmt: skip
-    points = list(dict.fromkeys(table["point"]))
+def _figures(dest_dir: Path, table: pd.DataFrame, spatial: Sequence[dict[str, Any]],
+             alignments: Sequence[dict[str, Any]], controls: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:  # fmt: skip
+    models = list(dict.fromkeys(table["model"]))
     figures = []
     for s in spatial:
-        kind = data_kind(s)
-        series = {NAMES[m]: _series(table, points, f"{kind}/{m}") for m in NAMES}
+        kind, model = data_kind(s), model_of(s)
+        rows = table[table["model"] == model]
+        points = list(dict.fromkeys(rows["point"]))
+        series = {NAMES[m]: _series(rows, points, f"{kind}/{m}") for m in NAMES}
         for c in (c for c in controls if data_kind(c) == kind):
             r = c["results"][0]
             lo, hi = (r.get("ci") or {}).get("mask_iou") or (r["mask_iou"], r["mask_iou"])
             n = len(points)
             series[f"{c['encoder']} mask IoU"] = ([r["mask_iou"]] * n, [lo] * n, [hi] * n)
-        path = plots.depth_curves(points, series, metric="score", dest=dest_dir / f"spatial_{kind}.png",
-                                  title=f"{s['encoder']}: spatial probes on {kind} shapes "
+        tag = f"{models.index(model)}_{kind}" if len(models) > 1 else kind
+        path = plots.depth_curves(points, series, metric="score", dest=dest_dir / f"spatial_{tag}.png",
+                                  title=f"{model}: spatial probes on {kind} shapes "
                                         f"({s['n_test']} test {'clips' if kind == 'moving' else 'images'})")  # fmt: skip
-        figures.append((f"Spatial probes, {kind} shapes", plots.png_base64(path)))
-    if alignment is not None and "matrices" in alignment:
+        figures.append((f"Spatial probes, {kind} shapes" + (f": {model}" if len(models) > 1 else ""),
+                        plots.png_base64(path)))  # fmt: skip
+    for alignment in alignments:
+        if "matrices" not in alignment:
+            continue
+        model = alignment["a"].get("model") or models[0]
+        rows = table[table["model"] == model]
+        points = list(dict.fromkeys(rows["point"]))
         reference = alignment["b"]["source"]
+        prefix = f"{models.index(model)}_" if len(models) > 1 else ""
         for metric, m in alignment["matrices"].items():
             if len(m["cols"]) == 1:
-                series = {metric: _series(table, points, metric)}
-                path = plots.depth_curves(points, series, metric=metric, dest=dest_dir / f"alignment_{metric}.png",
-                                          title=f"{metric} against {reference}")  # fmt: skip
+                series = {metric: _series(rows, points, metric)}
+                path = plots.depth_curves(points, series, metric=metric, dest=dest_dir / f"alignment_{prefix}{metric}.png",
+                                          title=f"{model}: {metric} against {reference}")  # fmt: skip
             else:
-                path = plots.heatmap(np.asarray(m["values"]), m["rows"], m["cols"], title=metric,
+                path = plots.heatmap(np.asarray(m["values"]), m["rows"], m["cols"], title=f"{model}: {metric}",
                                      xlabel=f"reference: {reference}", ylabel="extraction point",
-                                     dest=dest_dir / f"alignment_{metric}.png")  # fmt: skip
-            figures.append((f"Alignment with the reference: {metric}", plots.png_base64(path)))
+                                     dest=dest_dir / f"alignment_{prefix}{metric}.png")  # fmt: skip
+            figures.append((f"Alignment with the reference: {metric}" + (f" ({model})" if len(models) > 1 else ""),
+                            plots.png_base64(path)))  # fmt: skip
     return figures
 
 
 def write_points_report(dest: Path, gates: Any, table: pd.DataFrame, spatial: Sequence[dict[str, Any]],
-                        alignment: dict[str, Any] | None, controls: Sequence[dict[str, Any]] = ()) -> Path:  # fmt: skip
-    """Write the report (figures next to it as PNG too) and return its path."""
+                        alignments: Sequence[dict[str, Any]] | None, controls: Sequence[dict[str, Any]] = (), *,
+                        pairs: Sequence[dict[str, Any]] = (), summary: Sequence[dict[str, Any]] = ()) -> Path:  # fmt: skip
+    """Write the report (figures next to it as PNG too) and return its path. ``summary``: each model's best point
+    (point_gates.model_summary), shown as the decision matrix when there are several models."""
     dest = Path(dest)
+    alignments = list(alignments or ())
+    models = list(dict.fromkeys(table["model"]))
     metrics = list(dict.fromkeys(table["metric"]))
-    cells = {(r.point, r.metric): r for r in table.itertuples(index=False)}
+    cells = {(r.model, r.point, r.metric): r for r in table.itertuples(index=False)}
     control_rows = [{"encoder": c["encoder"], "kind": data_kind(c), **{m: c["results"][0][m] for m in NAMES},
                      "ci": c["results"][0].get("ci") or {}} for c in controls]  # fmt: skip
+    several = len(models) > 1
+    title = f"extraction points of {models[0]}" if not several else f"extraction points of {len(models)} models"
     html = render(
         "points.html",
-        title=f"extraction points of {spatial[0]['encoder']}", gates=gates, metrics=metrics, cells=cells,
-        points=list(dict.fromkeys(table["point"])), spatial=spatial, alignment=alignment, controls=control_rows,
-        names=NAMES, figures=_figures(dest.parent, table, spatial, alignment, controls), fmt=fmt,
-        version=__version__,
+        title=title, gates=gates, metrics=metrics, cells=cells, models=models, several=several,
+        points=list(dict.fromkeys(zip(table["model"], table["point"]))), spatial=spatial, alignments=alignments,
+        controls=control_rows, pairs=pairs, summary=summary if several else (), names=NAMES,
+        figures=_figures(dest.parent, table, spatial, alignments, controls), fmt=fmt, version=__version__,
     )
     write_text(dest, html)
     return dest

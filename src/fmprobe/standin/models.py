@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import tokenizers
 import torch
 import transformers
 
-from fmprobe.atomic import atomic_path
+from fmprobe.atomic import atomic_path, write_json
 from fmprobe.train.seeding import seeded
 
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
@@ -137,3 +138,119 @@ def qwen2_5_vl(folder: str | Path, *, seed: int = 0) -> Path:
         image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903,
     )  # fmt: skip
     return _save(_built(transformers.Qwen2_5_VLForConditionalGeneration, config, seed), folder)
+
+
+
+_QWEN_TEXT = dict(vocab_size=1000, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+                  rope_parameters={"rope_type": "default", "mrope_section": [4, 4, 4], "rope_theta": 10000.0})  # fmt: skip
+_QWEN_TOKENS = dict(image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)
+
+
+def qwen2_vl(folder: str | Path, *, seed: int = 0) -> Path:
+    """A Qwen2-VL: a 3-block vision tower without windows (patch 14, 2x2 merger) and a 2-layer language model."""
+    config = transformers.Qwen2VLConfig(
+        vision_config=dict(depth=3, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),  # fmt: skip
+        text_config=_QWEN_TEXT, **_QWEN_TOKENS,
+    )
+    return _save(_built(transformers.Qwen2VLForConditionalGeneration, config, seed), folder)
+
+
+def qwen3_vl(folder: str | Path, *, seed: int = 0) -> Path:
+    """A Qwen3-VL: a 3-block vision tower (patch 16, learned positions on an 8 x 8 table, a deepstack merger after
+    block 1, the 2x2 merger) and a 2-layer language model that adds the deepstack features to its first layer."""
+    config = transformers.Qwen3VLConfig(
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[1]),  # fmt: skip
+        text_config=dict(_QWEN_TEXT, head_dim=24, rope_parameters={"rope_type": "default", "mrope_section": [4, 4, 4],
+                                                                   "mrope_interleaved": True, "rope_theta": 10000.0}),
+        **_QWEN_TOKENS,
+    )  # fmt: skip
+    return _save(_built(transformers.Qwen3VLForConditionalGeneration, config, seed), folder)
+
+# ------------------------------------------------------------------------------------------------ VLMs
+# Every VLM stand-in has a 2-layer language model of width 48 and a word-level tokenizer whose vocabulary holds the
+# family's image tokens, so prompts and image placeholders tokenize as the real processors expect.
+VOCAB = 200
+SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": 190, "<img>": 191, "</img>": 192,
+           "<IMG_CONTEXT>": 193, "<video>": 194}  # fmt: skip
+WORDS = ("USER:", "ASSISTANT:", "where", "is", "the", "circle", "square", "triangle", "?", "Question:", "Answer:")
+IMAGE_TOKEN_ID = SPECIAL["<image>"]
+IMG_CONTEXT_ID = SPECIAL["<IMG_CONTEXT>"]
+
+
+def tokenizer(folder: str | Path) -> Path:
+    """A word-level tokenizer (``tokenizers``) with the special tokens of LLaVA (``<image>``) and InternVL (``<img>``,
+    ``</img>``, ``<IMG_CONTEXT>``, ``<video>``) and a few prompt words; anything else reads as ``<unk>``."""
+    vocab = {**SPECIAL, **{w: 10 + i for i, w in enumerate(WORDS)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )  # fmt: skip
+    fast.save_pretrained(folder)
+    return Path(folder)
+
+
+def _text(**extra: object) -> dict:
+    return dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=3, **extra)  # fmt: skip
+
+
+def _clip_tower(image_size: int, patch: int, layers: int) -> dict:
+    return dict(model_type="clip_vision_model", **_vision(image_size, patch, layers))
+
+
+def _vlm(model: transformers.PreTrainedModel, folder: str | Path, processor_config: dict) -> Path:
+    folder = _save(model, folder)
+    tokenizer(folder)
+    write_json(folder / "preprocessor_config.json", processor_config)
+    return folder
+
+
+def llava_next(folder: str | Path, *, tile: int = 64, patch: int = 8, layers: int = 3, seed: int = 0,
+               onevision: bool = False, pinpoints: list[list[int]] | None = None) -> Path:  # fmt: skip
+    """A LLaVA-NeXT (``onevision``: LLaVA-OneVision) with a CLIP tower taking ``tile``-px tiles (LLaVA reads block
+    ``-2``), the 2-layer MLP projector, ``image_newline`` and a 2-layer LM. AnyRes grid pinpoints default to 1x2,
+    2x1 and 2x2 tiles, so a ``2 * tile`` square image becomes the base view plus 2x2 high-resolution tiles."""
+    pinpoints = pinpoints or [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    kwargs = dict(vision_config=_clip_tower(tile, patch, layers), text_config=_text(), image_grid_pinpoints=pinpoints,
+                  image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-2)  # fmt: skip
+    if onevision:
+        config = transformers.LlavaOnevisionConfig(**kwargs, vision_feature_select_strategy="default")
+        model = _built(transformers.LlavaOnevisionForConditionalGeneration, config, seed)
+    else:
+        config = transformers.LlavaNextConfig(**kwargs)
+        model = _built(transformers.LlavaNextForConditionalGeneration, config, seed)
+    processor = {"image_processor_type": "LlavaNextImageProcessor", "image_grid_pinpoints": pinpoints,
+                 "size": {"shortest_edge": tile}, "crop_size": {"height": tile, "width": tile},
+                 "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    return _vlm(model, folder, processor)
+
+
+def llava(folder: str | Path, *, tile: int = 64, patch: int = 8, layers: int = 3, seed: int = 0) -> Path:
+    """A LLaVA-1.5 (one ``tile``-px view through a CLIP tower, MLP projector, 2-layer LM)."""
+    config = transformers.LlavaConfig(vision_config=_clip_tower(tile, patch, layers), text_config=_text(),
+                                      image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-2)  # fmt: skip
+    processor = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": tile},
+                 "crop_size": {"height": tile, "width": tile}}  # fmt: skip
+    return _vlm(_built(transformers.LlavaForConditionalGeneration, config, seed), folder, processor)
+
+
+def internvl(folder: str | Path, *, tile: int = 64, patch: int = 8, layers: int = 3, max_tiles: int = 4,
+             seed: int = 0) -> Path:  # fmt: skip
+    """A native InternVL (``InternVLForConditionalGeneration``): InternViT-style tower with CLS and separate q/k/v,
+    pixel shuffle 0.5 (each LM token covers 2x2 patches), projector and a 2-layer LM; dynamic tiling up to
+    ``max_tiles`` tiles plus a thumbnail."""
+    vision = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                  image_size=tile, patch_size=patch)  # fmt: skip
+    config = transformers.InternVLConfig(vision_config=vision, text_config=_text(), image_token_id=IMG_CONTEXT_ID,
+                                         image_seq_length=(tile // patch // 2) ** 2)  # fmt: skip
+    processor = {"image_processor_type": "GotOcr2ImageProcessor", "size": {"height": tile, "width": tile},
+                 "crop_to_patches": True, "min_patches": 1, "max_patches": max_tiles,
+                 "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}  # fmt: skip
+    return _vlm(_built(transformers.InternVLForConditionalGeneration, config, seed), folder, processor)
