@@ -122,8 +122,8 @@ def test_checkpoint_sweep_leaderboard_and_collapse_flag(tmp_path, memory_store):
         # label efficiency: every head on few-shot episodes and label fractions, a curve in the report
         block = m["efficiency"]
         assert {p["head"] for p in block["points"]} == {"linear", "logreg", "knn"}
-        full = next(p for p in block["points"] if p["head"] == "logreg" and p["value"] == 1.0)
-        assert full["protocol"] == "fraction" and full["interval"][0] > 0.25
+        full = next(p for p in block["points"] if (p["head"], p["protocol"], p["value"]) == ("logreg", "fraction", 1.0))
+        assert full["interval"][0] > 0.25  # every training patient labelled: beats chance, interval and all
         assert any(p["status"] == "missing" for p in block["points"])  # K = 32 DRUSEN patients: not in the stand-in
         assert set(block["labels_needed"]) == {"linear", "logreg", "knn"}
         assert "label-efficiency curve (fraction)" in (run_dir / "report.html").read_text()
