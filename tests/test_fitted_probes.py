@@ -16,6 +16,7 @@ from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.probes.fitted import check_fitted, fit_subsets
 from fmprobe.probes.logreg import fit_logistic, fit_ridge, linear_outputs
 from fmprobe.probes.nonparametric import knn_scores, prototype_scores
+from fmprobe.report.terminal import fitted_lines
 
 T = 0.07
 
@@ -208,6 +209,10 @@ def test_fitted_heads_run_beside_a_grid_and_on_regression(toy_study, one_torch_t
     assert set(metrics["selection"]["grid"]["heads"]) == {"linear"}  # the lr grid is the trained head's
     logreg = metrics["heads"]["logreg"]
     assert {s["C"] for s in logreg["selected"].values()} <= {0.01, 1.0} and logreg["trainable_params"] == 32 + 1
+    # the summary says which C was chosen, with its validation score (every seed fits the same: shown once)
+    c = logreg["selected"]["0"]["C"]
+    score = logreg["selected"]["0"]["validation"][str(c)]
+    assert fitted_lines(metrics) == [f"fitted heads, chosen on validation auroc: logreg → C {c:g} ({score:.3f}) of 2"]
     # regression: ridge (alpha = 1 / C) and the weighted-mean k-NN, on label fractions too
     config = toy_study("regression", name="reg", heads=[{"type": "knn", "k": [3, 9]}, {"type": "logreg"}],
                        train={"label_fractions": [0.5, 1.0]})  # fmt: skip
