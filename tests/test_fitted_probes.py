@@ -221,3 +221,22 @@ def test_fitted_heads_run_beside_a_grid_and_on_regression(toy_study, one_torch_t
     assert metrics["heads"]["logreg"]["splits"]["test"]["mean"]["r2"] > 0.5  # the brightness carries the target
     block = metrics["efficiency"]
     assert block["metric"] == "r2" and [p["status"] for p in block["points"]] == ["ok"] * 4
+
+
+def test_a_logreg_stopped_at_its_iteration_limit_is_flagged(toy_study, one_torch_thread, monkeypatch):
+    """An L-BFGS that ran out of iterations has not reached the optimum logreg defines: said, per member."""
+    import functools
+
+    import fmprobe.probes.fitted as fitted_module
+    from fmprobe.experiments.run import run_experiment
+
+    config = toy_study("binary", heads=[{"type": "logreg", "C": [10.0]}], train={"seeds": [0, 1]})
+    with monkeypatch.context() as patch:
+        patch.setattr(fitted_module, "fit_logistic", functools.partial(fitted_module.fit_logistic, max_iter=2))
+        head = run_experiment(parse_config(config), progress=False).metrics["heads"]["logreg"]
+    flag = next(f for f in head["flags"] if f["name"] == "solver_not_converged")
+    assert flag["details"]["iterations"] == {"0": 2, "1": 2} and "did not converge" in flag["message"]
+    assert all(s["converged"] is False for s in head["selected"].values())
+    assert "not_converged" not in {f["name"] for f in head["flags"]}  # the trained heads' epoch flag: not this
+    solved = run_experiment(parse_config({**config, "name": "solved"}), progress=False).metrics["heads"]["logreg"]
+    assert "solver_not_converged" not in {f["name"] for f in solved["flags"]}

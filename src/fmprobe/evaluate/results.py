@@ -46,6 +46,7 @@ class HeadRun:
     data: SplitData | None = None  # the fold's samples; None = the run's one split
     total_params: int | None = None  # backbone + head (+ adapters); set by experiments.params.record_parameters
     selected: dict[str, Any] | None = None  # fitted heads: {"k": 20, "validation": {"10": 0.81, ...}} (or "C")
+    last_epoch: int | None = None  # the last epoch training allowed (numbered as best_epoch); None: unknown
 
     @property
     def member(self) -> str:
