@@ -58,6 +58,8 @@ def test_real_config_and_sweep_validate():
     assert exp.train.early_stopping is not None and exp.train.warmup_epochs > 0
     assert len(exp.train.seeds) >= 3 and exp.eval.bootstrap == 1000 and exp.data.group_column == "patient"
     assert exp.tracking.wandb and exp.tracking.wandb_project == "3d-oct-foundation-model"
+    assert [h.type for h in exp.heads] == ["linear", "logreg", "knn"]  # and how many labelled patients each needs:
+    assert exp.train.shots == [1, 2, 4, 8, 16, 32] and exp.train.label_fractions[-1] == 1.0 and exp.eval.target
     points = expand(load_sweep(RECIPE / "sweep.yaml"))
     arms = sorted((p.exp.model.checkpoint.split("/")[-2], p.exp.loss.class_weights) for p in points)
     assert arms == [("multi_domain", "balanced"), ("multi_domain", "none"), ("single_domain_01", "balanced"),
@@ -133,21 +135,33 @@ def test_checkpoint_sweep_leaderboard_and_collapse_flag(tmp_path, memory_store):
         uniform = runs[name, "none"][1]["heads"]["linear"]["loss"]  # the control: what the loss really used
         assert uniform["class_weights"] is None
 
+        # label efficiency: every head on few-shot episodes and label fractions, a curve in the report
+        block = m["efficiency"]
+        assert {p["head"] for p in block["points"]} == {"linear", "logreg", "knn"}
+        full = next(p for p in block["points"] if (p["head"], p["protocol"], p["value"]) == ("logreg", "fraction", 1.0))
+        assert full["interval"][0] > 0.25  # every training patient labelled: beats chance, interval and all
+        assert any(p["status"] == "missing" for p in block["points"])  # K = 32 patients of the rarest stage: not in the stand-in
+        assert set(block["labels_needed"]) == {"linear", "logreg", "knn"}
+        assert "label-efficiency curve (fraction)" in (run_dir / "report.html").read_text()
+
     for weights in ("balanced", "none"):  # a representation that collapsed: every arm on it is flagged
         collapsed = {f["name"]: f for f in runs["vjepa2_tiny_collapsed.pt", weights][1]["heads"]["linear"]["flags"]}
         assert collapsed["majority_collapse"]["severity"] == "error"
         assert collapsed["majority_collapse"]["details"]["predicted_share"] == 1.0
+    sweep_report = paths["runs"] / "_sweeps" / "oct-vjepa2-checkpoints" / "report.html"
+    assert "label-efficiency curves (fraction)" in sweep_report.read_text()  # one curve per checkpoint and head
 
     board_csv, board_html = tmp_path / "leaderboard.csv", tmp_path / "leaderboard.html"
     result = runner.invoke(app, ["leaderboard", "--runs", str(paths["runs"]), "--experiment", "oct-vjepa2",
                                  "--csv", str(board_csv), "--html", str(board_html)])  # fmt: skip
     assert result.exit_code == 0, result.output
     board = pd.read_csv(board_csv, keep_default_na=False)
-    assert len(board) == 6 and set(board["metric"]) == {"balanced_accuracy"}
+    assert len(board) == 18 and set(board["metric"]) == {"balanced_accuracy"}  # 3 checkpoints x 2 weightings x 3 heads
     assert set(board["loss.class_weights"]) == {"balanced", "none"}  # the arms' difference is a column
     on_collapsed = board[board["model.checkpoint"].str.endswith("collapsed.pt")]
-    assert len(on_collapsed) == 2 and set(on_collapsed["rank"]) == {5, 6}
+    assert sorted(on_collapsed["rank"]) == list(range(13, 19))
     assert all("majority_collapse" in f.split(";") for f in on_collapsed["flags"])
+    assert not board[board["rank"] < 13]["flags"].str.contains("majority_collapse").any()
     assert "majority_collapse" in board_html.read_text()
 
     single, multi = runs["vjepa2_tiny_oct_single.pt", "balanced"][0], runs["vjepa2_tiny_multidomain.pt", "balanced"][0]

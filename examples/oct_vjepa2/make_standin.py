@@ -145,7 +145,7 @@ def main(out: Path, *, store: str | None = None) -> dict[str, Path]:
         "runs_dir": str(out / "runs"), "split.fractions": [0.5, 0.25, 0.25], "eval.bootstrap": 200,
         # ~120 training eyes instead of thousands: smaller batches and a higher lr give the probe enough steps
         "train.batch_size": 16, "train.lr": 0.003, "train.epochs": 40, "train.warmup_epochs": 2,
-        "train.early_stopping.patience": 10,
+        "train.early_stopping.patience": 10, "train.trained_episodes": 3,
         "tracking.wandb": False,  # W&B (offline files) stays on in the real config; here it would only slow the test
     }  # fmt: skip
     config = standin_yaml(HERE / "config.yaml", out / "config.yaml", replace=replace, set=sizes)

@@ -47,11 +47,47 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
     from fmprobe import distributed
     from fmprobe.config import load_config
     from fmprobe.experiments.run import run_experiment
+    from fmprobe.report.efficiency import print_efficiency
     from fmprobe.report.terminal import print_summary
 
     result = run_experiment(load_config(config), progress=not quiet)
     if distributed.is_main():  # launched as several processes (torchrun / accelerate launch): print once
         print_summary(console, result.metrics, result.run_dir)
+        print_efficiency(console, result.metrics)
+
+
+def _numbers(text: str | None, kind: type, option: str) -> list | None:
+    """``"1,2,4"`` -> [1, 2, 4]; a bad entry is an error naming the option."""
+    if text is None:
+        return None
+    try:
+        return [kind(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated {kind.__name__}s, got '{text}'") from None
+
+
+@app.command()
+@user_errors
+def efficiency(config: Path = typer.Argument(..., help="experiment YAML"),
+               shots: str = typer.Option(None, help="examples per class, e.g. 1,2,4,8,16,32 (default: the config's "
+                                         "train.shots, else these for binary / multiclass tasks)"),
+               fractions: str = typer.Option(None, help="shares of the training groups, e.g. 0.01,0.1,1 (default: "
+                                             "train.label_fractions, else 0.01,0.05,0.1,0.25,0.5,1)"),
+               target: float = typer.Option(None, help="primary-metric value: the fewest labels whose interval's "
+                                            "lower bound reaches it (eval.target)"),
+               episodes: int = typer.Option(None, help="few-shot episodes of fitted heads (train.episodes)"),
+               quiet: bool = typer.Option(False, help="no progress bars")) -> None:
+    """How many labels does it need: the run, then every head on few-shot episodes and nested label fractions."""
+    from fmprobe.experiments.efficiency import efficiency_config
+    from fmprobe.experiments.run import run_experiment
+    from fmprobe.report.efficiency import print_efficiency
+    from fmprobe.report.terminal import print_summary
+
+    exp = efficiency_config(config, shots=_numbers(shots, int, "--shots"),
+                            fractions=_numbers(fractions, float, "--fractions"), target=target, episodes=episodes)
+    result = run_experiment(exp, progress=not quiet)
+    print_summary(console, result.metrics, result.run_dir)
+    print_efficiency(console, result.metrics)
 
 
 @app.command()

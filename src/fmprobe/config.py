@@ -374,8 +374,14 @@ class FeatureConfig(Strict):
     device: str = "cpu"  # where the frozen backbone runs during extraction (cpu, cuda, cuda:1); not in the cache key
 
 
+TRAINED_HEADS = ("linear", "mlp", "attentive")  # trained by SGD through the training core
+FITTED_HEADS = ("knn", "prototype", "logreg")  # fitted in closed form / to convergence on cached pooled features
+DEFAULT_K = (10, 20, 50, 100, 200)  # DINOv2's k-NN evaluation
+DEFAULT_C = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
 class HeadConfig(Strict):
-    type: Literal["linear", "mlp", "attentive"] = "linear"
+    type: Literal["linear", "mlp", "attentive", "knn", "prototype", "logreg"] = "linear"
     name: str | None = None  # defaults to the type
     layer: int | str = -1  # which extracted layer feeds the head
     pooling: Literal["mean", "cls", "cls+mean", "attentive"] = "mean"
@@ -384,11 +390,24 @@ class HeadConfig(Strict):
     num_heads: int = Field(default=8, ge=1)
     num_queries: int = Field(default=1, ge=1)
     query_per_class: bool = False
+    # knn: neighbour counts tried (capped by the labelled training size), the best on validation; vote weights
+    # exp(cosine / temperature), DINOv2's
+    k: list[int] = Field(default_factory=lambda: list(DEFAULT_K), min_length=1)
+    temperature: float = Field(default=0.07, gt=0)
+    # logreg: inverse L2 strengths tried (scikit-learn's C; regression: ridge alpha = 1 / C), the best on validation
+    C: list[float] = Field(default_factory=lambda: list(DEFAULT_C), min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> "HeadConfig":
-        if (self.type == "attentive") != (self.pooling == "attentive"):
+        if self.type in FITTED_HEADS:
+            if self.pooling == "attentive":
+                raise ValueError(f"head type '{self.type}' is fitted on pooled vectors: pooling must be mean, cls or "
+                                 "cls+mean, not attentive")  # fmt: skip
+        elif (self.type == "attentive") != (self.pooling == "attentive"):
             raise ValueError("head type 'attentive' goes with pooling 'attentive' and only with it")
+        for key, values in (("k", self.k), ("C", self.C)):
+            if len(set(values)) != len(values) or min(values) <= 0:
+                raise ValueError(f"{key} needs distinct positive values, got {values}")
         if self.name is None:
             self.name = self.type
         return self
@@ -439,6 +458,22 @@ class TrainConfig(Strict):
     # draw training batches class-balanced (with replacement) instead of a permutation: frozen probes on cached
     # features and end-to-end training alike (multilabel: a sample counts toward its rarest positive label)
     balanced_sampler: bool = False
+    # label efficiency (frozen probes, given or generated splits): K labelled examples per class, each from its own
+    # group (patient), drawn from the training split in `episodes` episodes (`trained_episodes` for heads trained by
+    # SGD); and nested shares of the training groups, one draw per seed
+    shots: list[int] | None = Field(default=None, min_length=1)
+    episodes: int = Field(default=100, ge=1)
+    trained_episodes: int = Field(default=10, ge=1)
+    label_fractions: list[float] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.shots is not None and (len(set(self.shots)) != len(self.shots) or min(self.shots) < 1):
+            raise ValueError(f"train.shots needs distinct positive counts of examples per class, got {self.shots}")
+        fractions = self.label_fractions
+        if fractions is not None and (len(set(fractions)) != len(fractions) or not all(0 < f <= 1 for f in fractions)):
+            raise ValueError(f"train.label_fractions needs distinct shares in (0, 1], got {fractions}")
+        return self
 
 
 class SplitConfig(Strict):
@@ -465,6 +500,7 @@ class EvalConfig(Strict):
     tiny_class: int = Field(default=5, ge=0)  # flag a class with fewer positives than this in a split
     min_groups: int = Field(default=10, ge=0)  # flag a test split with fewer groups (patients, videos) than this
     overfit_gap: float = Field(default=0.2, ge=0)
+    target: float | None = None  # label efficiency: the fewest labels whose interval clears this primary-metric value
 
 
 class ParamGroupConfig(Strict):

@@ -45,7 +45,7 @@ from fmprobe.features.store import FeatureSet
 from fmprobe.heads import build_head
 from fmprobe.probes.frozen import train_heads
 from fmprobe.probes.inputs import head_inputs
-from fmprobe.probes.targets import FitTargets
+from fmprobe.probes.targets import TARGETS_NOTE, FitTargets
 from fmprobe.train.core import FitPlan, StopRule, fit
 from fmprobe.train.heads import stop_rule
 from fmprobe.train.losses import as_target_tensor, build_loss
@@ -87,7 +87,9 @@ def adapt_heads(
         seg = JointSegmentation(exp, features, df, split_ids, encoder.input_spec, run_dir)
 
     results = ProbeResults()
-    fitting = FitTargets.for_task(task, targets, results)
+    fitting = FitTargets.for_task(task, targets)
+    if task.type == "regression":
+        results.standardisation["targets"] = TARGETS_NOTE
     stage1 = None
     moving = pixel_inputs(exp)
     results.training_inputs = [{"stage": "all epochs", **moving}]

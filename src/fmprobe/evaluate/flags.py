@@ -369,6 +369,18 @@ def group_overlap(overlap: Sequence[tuple[str, Sequence[str]]], *, allowed: bool
                 {"n_groups": len(overlap), "groups": [[g, list(s)] for g, s in list(overlap)[:100]]})
 
 
+def solver_not_converged(fits: Mapping[str, Mapping[str, Any]]) -> Flag | None:
+    """A fitted logistic regression whose L-BFGS stopped at its iteration limit before its gradient reached the
+    tolerance: its chosen weights are not the optimum the method defines (``not_converged`` is the trained heads'
+    counterpart). ``fits``: member -> its selection record (``converged`` / ``iterations`` at the chosen C)."""
+    stuck = {m: int(f["iterations"]) for m, f in fits.items() if f.get("converged") is False}
+    if not stuck:
+        return None
+    return Flag("solver_not_converged", "warning",
+                f"logistic regression did not converge at the chosen C for {len(stuck)} of {len(fits)} fits "
+                f"(e.g. {next(iter(stuck))}); its scores are those of an unfinished solver", {"iterations": stuck})
+
+
 def compute_flags(
     task_type: str,
     y_true: Any,

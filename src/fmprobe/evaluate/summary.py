@@ -7,17 +7,17 @@ resamples, of groups when there are groups, applied to every member; ``bootstrap
 resamples each CI rests on. The head reported as the result is the one with the best mean validation primary
 metric; test is never used to choose anything. The segmentation decoders' block, the grid selection and the
 wall time join here too. Each head's configuration identity and test-output hash are recorded
-(``prediction_hashes``): the runs index compares them across every finished run (``experiments.twins``).
+(``prediction_hashes``): the runs index compares them across every finished run (``experiments.twins``). With
+``train.shots`` / ``train.label_fractions`` the label-efficiency block (``evaluate.efficiency``) joins too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fmprobe.config import METRICS_BY_TASK, PER_TARGET_METRICS, Experiment
+from fmprobe.config import FITTED_HEADS, METRICS_BY_TASK, PER_TARGET_METRICS, Experiment
 from fmprobe.evaluate.baselines import baseline_metrics, chance_level
 from fmprobe.evaluate.bootstrap import METHOD, MemberMean, bootstrap_metrics, member_summary, scalar_metrics
 from fmprobe.evaluate.flags import (
@@ -28,14 +28,20 @@ from fmprobe.evaluate.flags import (
     missing_from_resamples,
     not_converged,
     prediction_hash,
+    solver_not_converged,
     undefined_metric,
 )
+from fmprobe.evaluate.efficiency import summarise_efficiency
 from fmprobe.evaluate.task import TaskMetric
 from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults, SplitData
 from fmprobe.evaluate.segmentation import summarise_segmentation
 from fmprobe.evaluate.subgroups import subgroup_report
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import calibration
+
+
+FITTED_SEEDS = ("deterministic: fitted on the same labelled rows, every seed gives the same fit (sd 0); a seed only "
+                "matters where it draws the labelled rows (few-shot episodes, label fractions)")
 
 
 def _seed_mean_test_scores(runs: list[HeadRun]) -> np.ndarray:
@@ -127,15 +133,22 @@ def summarise_run(
                                              n_resamples=exp.eval.bootstrap)  # fmt: skip
         flags += [f for f in (undefined_metric(undefined, test_ci.used, missing=missing),
                               not_converged({r.member: (r.best_epoch, r.last_epoch) for r in runs})) if f is not None]
+        fitted = cfg.type in FITTED_HEADS
+        if fitted:
+            flag = solver_not_converged({r.member: r.selected or {} for r in runs})
+            if flag is not None:
+                flags.append(flag)
         entry: dict[str, Any] = {
             "type": cfg.type, "pooling": cfg.pooling, "layer": cfg.layer,
             "trainable_params": runs[0].trainable_params,
             "total_params": runs[0].total_params,
             "loss": runs[0].loss_info,
             "members": [r.member for r in runs],
-            "selected_epochs": {r.member: r.best_epoch for r in runs},
-            "epochs_allowed": {r.member: r.last_epoch for r in runs},
-            "stopped_early": {r.member: r.stopped_early for r in runs},
+            "selected_epochs": None if fitted else {r.member: r.best_epoch for r in runs},
+            "epochs_allowed": None if fitted else {r.member: r.last_epoch for r in runs},
+            "stopped_early": None if fitted else {r.member: r.stopped_early for r in runs},
+            "selected": {r.member: r.selected for r in runs if r.selected} if fitted else None,
+            "seeds_note": FITTED_SEEDS if fitted else None,
             "thresholds": {r.member: r.thresholds for r in runs} if runs[0].thresholds is not None else None,
             "splits": splits,
             "test_ci": {k: [lo, hi] for k, (_, lo, hi) in test_ci.items()},
@@ -177,7 +190,9 @@ def summarise_run(
         "selection": {
             "best_head": best,
             "rule": f"by the highest mean validation {primary} over seeds",
-            "epochs": f"Each seed's checkpoint is its best validation-{primary} epoch.",
+            "epochs": f"Each seed's checkpoint is its best validation-{primary} epoch."
+                      + (f" Fitted heads (knn, prototype, logreg) have no epochs: their k / C is chosen on validation "
+                         f"{primary} (ties: the smaller)." if any(h.type in FITTED_HEADS for h in exp.heads) else ""),
             "thresholds": ("Decision thresholds tuned on validation "
                            f"({exp.eval.thresholds}) and applied unchanged to test."
                            if task.type in ("binary", "multilabel") else ""),
@@ -190,6 +205,9 @@ def summarise_run(
     }
     if results.segmentation is not None:
         metrics["segmentation"] = _segmentation(exp, results, split, heads)
+    if results.efficiency:
+        metrics["efficiency"] = summarise_efficiency(exp, task, results.efficiency, targets["test"], test_groups,
+                                                     baseline)  # fmt: skip
     if grid is not None:
         metrics["selection"]["grid"] = grid
     if wall_seconds is not None:

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.results import ProbeResults
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.train.scoring import TaskScorer
+
+TARGETS_NOTE = "z-score with training-split mean/std; outputs mapped back"
 
 
 @dataclass
@@ -26,7 +27,7 @@ class FitTargets:
     scale: np.ndarray | float
 
     @classmethod
-    def for_task(cls, task: ResolvedTask, targets: dict[str, np.ndarray], results: ProbeResults) -> FitTargets:
+    def for_task(cls, task: ResolvedTask, targets: dict[str, np.ndarray]) -> FitTargets:
         shift: np.ndarray | float = 0.0
         scale: np.ndarray | float = 1.0
         if task.type == "regression":  # each target with the mean/std of its own training rows (NaN: no value)
@@ -37,7 +38,6 @@ class FitTargets:
                                        "the training split; it needs at least 2 to learn from")
             shift = np.nanmean(train, axis=0)
             scale = np.nanstd(train, axis=0) + 1e-12
-            results.standardisation["targets"] = "z-score with training-split mean/std; outputs mapped back"
         return cls({s: ((y - shift) / scale).astype(y.dtype) for s, y in targets.items()}, shift, scale)
 
     def to_units(self, values: np.ndarray) -> np.ndarray:

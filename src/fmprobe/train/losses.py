@@ -170,6 +170,26 @@ def member_losses(loss: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> tor
     raise TypeError(f"member_losses does not know the loss {type(loss).__name__}")
 
 
+def element_weights(loss: nn.Module, y: np.ndarray) -> np.ndarray:
+    """The weight ``loss`` gives each target, for fits that take sample weights in a sum of losses (scikit-learn's
+    ``class_weight``): ``[N]`` per sample for cross-entropy (its class's weight), ``[N, C]`` per element for the
+    sigmoid losses (class weights, times ``pos_weight`` on positives); ones where nothing is weighted."""
+    y = np.asarray(y)
+    if isinstance(loss, nn.CrossEntropyLoss):
+        if loss.weight is None:
+            return np.ones(len(y))
+        return loss.weight.double().numpy()[y.astype(np.int64)]
+    if isinstance(loss, SigmoidLoss):
+        y2 = y.reshape(len(y), -1).astype(np.float64)
+        w = np.ones_like(y2)
+        if loss.pos_w is not None:
+            w = y2 * loss.pos_w.double().numpy() + (1 - y2) * loss.neg_w.double().numpy()
+        if loss.pos_weight is not None:
+            w = w * np.where(y2 == 1, loss.pos_weight.double().numpy(), 1.0)
+        return w
+    raise TypeError(f"element_weights does not know the loss {type(loss).__name__}")
+
+
 def as_target_tensor(y: np.ndarray, task_type: str) -> torch.Tensor:
     """Targets in the shared convention -> the tensor the losses take (long class indices or float32)."""
     y = np.asarray(y)
