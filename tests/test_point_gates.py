@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -20,7 +21,7 @@ from fmprobe.diagnostics.spatial_ci import spatial_intervals
 from fmprobe.diagnostics.spatial_run import spatial_command
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.evaluate.bootstrap import resample_weights
-from fmprobe.experiments.gates import Criterion, GatesSpec, criterion_level
+from fmprobe.experiments.gates import Criterion, GatesSpec, control_level, criterion_level
 from fmprobe.experiments.point_gates import gate_points, point_metrics
 
 
@@ -193,8 +194,8 @@ def test_gate_points_refuses_what_points_do_not_have():
 
 def test_gate_points_command_writes_verdicts_table_and_report(tmp_path):
     still = {"7": 0.80, "merger": 0.66}
-    for name, data in {"still": _spatial(None, still), "moving": _spatial(4, still),
-                       "pixel": {**_spatial(None, {"-1": 0.5}), "encoder": "pixel-patch-16"},
+    pixel = {"control": "pixel", **_spatial(None, {"-1": 0.5})["results"][0]}
+    for name, data in {"still": {**_spatial(None, still), "controls": [pixel]}, "moving": _spatial(4, still),
                        "align": _alignment({"7": 0.5, "merger": 0.5})}.items():  # fmt: skip
         (tmp_path / name).mkdir()
         (tmp_path / name / ("alignment.json" if name == "align" else "spatial.json")).write_text(json.dumps(data))
@@ -202,12 +203,13 @@ def test_gate_points_command_writes_verdicts_table_and_report(tmp_path):
     gates.write_text(yaml.safe_dump({"criteria": [c.model_dump() for c in SPEC.criteria]}))
     result = CliRunner().invoke(app, ["gate-points", str(gates), "--spatial", str(tmp_path / "still"), "--spatial",
                                       str(tmp_path / "moving" / "spatial.json"), "--align", str(tmp_path / "align"),
-                                      "--control", str(tmp_path / "pixel"), "--out", str(tmp_path / "out")])  # fmt: skip
+                                      "--out", str(tmp_path / "out")])  # fmt: skip
     assert result.exit_code == 0, result.output
     out = json.loads((tmp_path / "out" / "gates.json").read_text())
     assert out["chosen"] == "org/vlm/7" and [v["verdict"] for v in out["verdicts"]] == ["accept", "accept"]
     html = (tmp_path / "out" / "report.html").read_text()
-    assert 'id="verdicts"' in html and 'id="controls"' in html and "pixel-patch-16" in html
+    controls = html[html.index('<table id="controls">'):]
+    assert 'id="verdicts"' in html and '<td class="l">pixel</td><td class="l">-1</td>' in controls
     assert html.count("data:image/png;base64,") == 4  # still, moving, linear_cka, rsa
     assert "mutual_knn, knn_recall: the k = 10 nearest other samples by cosine similarity" in html  # conventions
     assert (tmp_path / "out" / "points.csv").read_text().startswith("point,metric,mean,ci_lo,ci_hi")
@@ -236,3 +238,82 @@ def test_points_report_lists_every_point_in_the_shared_gates_tables(tmp_path):
         levels = [v.levels[c.name].level for v in report.verdicts if v.label.endswith(f"/{point}")
                   for c in SPEC.criteria]  # fmt: skip
         assert re.findall(r'<span class="lv-(\w+)">\1</span>', row) == levels
+
+
+# ------------------------------------------------------------------------------------------- controls
+
+
+def _with_controls(values: dict[str, float], diffs: dict[str, dict[str, tuple[float, float, float]]]):
+    """A spatial.json whose points carry paired differences to controls: {point: {control: (diff, lo, hi)}}."""
+    spatial = _spatial(None, values)
+    for r in spatial["results"]:
+        r["vs"] = {c: {m: {"diff": d, "lo": lo, "hi": hi, "p_value": 0.01} for m in ("box_iou", "mask_iou", "map50")}
+                   for c, (d, lo, hi) in diffs[r["layer"]].items()}  # fmt: skip
+    return spatial
+
+
+def test_a_criterion_with_controls_passes_only_where_the_point_beats_them_by_the_margin():
+    spec = GatesSpec(criteria=[Criterion(name="iou", metric="still/mask_iou", target=0.9, acceptable=0.6,
+                                         controls=["pixel", "random-weights"], margin=0.05)])  # fmt: skip
+    table = point_metrics([_with_controls({"good": 0.8, "noise": 0.8, "close": 0.8, "low": 0.5}, {
+        "good": {"pixel": (0.10, 0.07, 0.13), "random-weights": (0.20, 0.15, 0.25)},
+        "noise": {"pixel": (0.10, 0.07, 0.13), "random-weights": (0.01, -0.02, 0.04)},  # random weights do as well
+        "close": {"pixel": (0.06, 0.03, 0.09), "random-weights": (0.20, 0.15, 0.25)},  # CI straddles the margin
+        "low": {"pixel": (0.10, 0.07, 0.13), "random-weights": (0.20, 0.15, 0.25)}})])  # fmt: skip
+    assert {"still/mask_iou-vs-pixel", "still/box_iou-vs-random-weights"} <= set(table["metric"])
+    got = {v.head: v for v in gate_points(spec, table, "m").verdicts}
+    assert {p: v.levels["iou"].level for p, v in got.items()} == {"good": "pass", "noise": "fail",
+                                                                   "close": "inconclusive", "low": "fail"}
+    assert {p: v.verdict for p, v in got.items()} == {"good": "accept", "noise": "reject", "close": "inconclusive",
+                                                       "low": "reject"}  # fmt: skip
+    assert got["noise"].levels["iou"].beats["random-weights"]["level"] == "fail"
+    assert any("does not beat random-weights by 0.05" in r for r in got["noise"].reasons)
+    assert got["good"].levels["iou"].beats["pixel"] == {"level": "pass", "point": 0.10, "lo": 0.07, "hi": 0.13,
+                                                        "beats": {}}  # fmt: skip
+    # lower-is-better: beating the control means a difference below -margin
+    lower = Criterion(name="lp", metric="recon/lpips", acceptable=0.35, controls=["pixel"], margin=0.02)
+    assert control_level(lower, -0.05, -0.08, -0.03).level == "pass"
+    assert control_level(lower, -0.05, -0.08, 0.01).level == "inconclusive"
+    assert control_level(lower, 0.0, -0.01, 0.01).level == "fail"
+    with pytest.raises(ValueError, match="name the controls"):
+        Criterion(metric="still/mask_iou", acceptable=0.6, margin=0.05)
+    with pytest.raises(FmprobeError, match="no test metric 'still/mask_iou-vs-pixel'"):
+        gate_points(spec, point_metrics([_spatial(None, {"7": 0.8})]), "m")
+
+
+def test_spatial_controls_are_probed_on_the_same_shapes_and_compared_pairwise(tiny_dinov2_dir, tmp_path):
+    result = spatial_command(str(tiny_dinov2_dir), layers=[0, -1], n_train=6, n_test=4, image_size=32, steps=3,
+                             bootstrap=40, controls=["pixel", "random-weights"], out=tmp_path)  # fmt: skip
+    controls = {(c["control"], c["layer"]): c for c in result["controls"]}
+    assert set(controls) == {("pixel", "-1"), ("random-weights", "0"), ("random-weights", "-1")}
+    assert controls[("pixel", "-1")]["grid"] == [1, 4, 4] and result["encoder"] == str(tiny_dinov2_dir)
+    for row in result["results"]:
+        for control in ("pixel", "random-weights"):
+            other = controls[(control, "-1" if control == "pixel" else row["layer"])]
+            for m, d in row["vs"][control].items():
+                assert d["diff"] == pytest.approx(row[m] - other[m], abs=1e-9) and d["lo"] <= d["diff"] <= d["hi"]
+    # the random-weights rows come from different tokens than the trained model's at the same point
+    assert result["results"][1]["per_image"] != controls[("random-weights", "-1")]["per_image"]
+    with pytest.raises(ConfigError, match="redraws a model's weights"):
+        spatial_command("pixel", n_train=4, n_test=2, image_size=32, steps=1, controls=["random-weights"])
+    with pytest.raises(ConfigError, match="paired bootstrap"):
+        spatial_command("pixel", n_train=4, n_test=2, image_size=32, steps=1, bootstrap=0, controls=["pixel"])
+
+
+def test_random_weights_keep_each_tensors_moments_and_lose_the_weights(tiny_dinov2_dir):
+    from fmprobe.backbones.registry import load_encoder
+    from fmprobe.config import ModelConfig
+    from fmprobe.diagnostics.random_weights import randomise_weights
+
+    trained = load_encoder(ModelConfig(name=str(tiny_dinov2_dir)))
+    before = {k: v.clone() for k, v in trained.named_parameters()}
+    fingerprint = trained.fingerprint()
+    drawn = randomise_weights(load_encoder(ModelConfig(name=str(tiny_dinov2_dir))), seed=3)
+    again = randomise_weights(load_encoder(ModelConfig(name=str(tiny_dinov2_dir))), seed=3)
+    assert drawn.name.endswith("(random-weights)") and drawn.fingerprint() != fingerprint
+    for name, param in drawn.named_parameters():
+        torch.testing.assert_close(param, dict(again.named_parameters())[name])  # seeded
+        if param.numel() > 100 and before[name].std() > 0:  # a constant tensor stays its constant
+            assert not torch.allclose(param, before[name])
+            assert param.mean().item() == pytest.approx(before[name].mean().item(), abs=0.05)
+            assert param.std().item() == pytest.approx(before[name].std().item(), rel=0.2)

@@ -175,14 +175,16 @@ def spatial_cmd(encoder: str = typer.Option("pixel", help="pixel | random | CONF
                 steps: int = typer.Option(300, help="optimisation steps per probe"), seed: int = typer.Option(0),
                 out: Path = typer.Option(Path("fmprobe-spatial"), help="folder for spatial.json"),
                 frames: int = typer.Option(None, help="moving shapes: clips of this many frames"),
-                bootstrap: int = typer.Option(1000, help="resamples of the test samples for CIs; 0: none")) -> None:
+                bootstrap: int = typer.Option(1000, help="resamples of the test samples for CIs; 0: none"),
+                control: list[str] = typer.Option(None, help="probed on the same shapes, each point compared with it "
+                                                             "(paired CI): pixel | random-weights | random")) -> None:
     """Spatial probes (box, mask, detection) on the built-in shapes data, per extraction point."""
     from fmprobe.experiments.layers import parse_layers
     from fmprobe.diagnostics.spatial_run import format_table, spatial_command
 
     result = spatial_command(encoder, layers=parse_layers(layers) if layers else None, n_train=n_train,
                              n_test=n_test, image_size=image_size, steps=steps, seed=seed, out=out, frames=frames,
-                             bootstrap=bootstrap)
+                             bootstrap=bootstrap, controls=control or ())
     typer.echo(format_table(result))
     typer.echo(f"written: {out / 'spatial.json'}")
 
@@ -251,7 +253,6 @@ def gate_points_cmd(gates: Path = typer.Argument(..., help="gates YAML (split: t
                                                                  "one or several models)"),
                     align: list[Path] = typer.Option(None, help="alignment.json (a model's points as A, a reference "
                                                                 "as B); one per model"),
-                    control: list[Path] = typer.Option(None, help="spatial.json of a pixel / random control"),
                     pair: list[Path] = typer.Option(None, help="pair.json of fmprobe compare-points"),
                     table: list[Path] = typer.Option(None, help="metric table CSV (model, point, metric, mean, "
                                                                 "ci_lo, ci_hi) of any other measurement"),
@@ -260,8 +261,7 @@ def gate_points_cmd(gates: Path = typer.Argument(..., help="gates YAML (split: t
     from fmprobe.experiments.gates import print_gates
     from fmprobe.experiments.point_gates import points_command
 
-    report = points_command(gates, spatial, align or (), controls=control or (), pairs=pair or (),
-                            tables=table or (), out=out)  # fmt: skip
+    report = points_command(gates, spatial, align or (), pairs=pair or (), tables=table or (), out=out)
     print_gates(console, report)
     console.print(f"report: {out / 'report.html'}")
     if report.chosen is None:

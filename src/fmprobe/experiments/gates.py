@@ -58,8 +58,12 @@ class Criterion(Strict):
     acceptable: float
     fail: float | None = None
     must_pass: bool = True
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, ge=0)  # 0: judged and shown, not scored
     direction: Literal["auto", "higher", "lower"] = "auto"
+    # extraction points: the criterion passes only where the point also beats each control (its paired difference
+    # ``<metric>-vs-<control>``) by ``margin``, decided with the difference's CI
+    controls: list[str] = Field(default_factory=list)
+    margin: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "Criterion":
@@ -74,6 +78,9 @@ class Criterion(Strict):
         if self.fail is not None and sign * (self.acceptable - self.fail) < 0:
             raise ValueError(f"{self.name}: acceptable {self.acceptable} must be {word} fail {self.fail} "
                              f"({self.metric} is {'higher' if high else 'lower'}-is-better)")
+        if self.margin and not self.controls:
+            raise ValueError(f"{self.name}: margin {self.margin} is what the point must beat its controls by; "
+                             "name the controls (e.g. controls: [pixel, random-weights])")  # fmt: skip
         return self
 
     @property
@@ -91,6 +98,8 @@ class GatesSpec(Strict):
         names = [c.name for c in self.criteria]
         if len(set(names)) != len(names):
             raise ValueError(f"criteria need distinct names, got {names}; set 'name' on each")
+        if not sum(c.weight for c in self.criteria) > 0:
+            raise ValueError("every criterion has weight 0; give at least one a weight > 0 for the score")
         return self
 
 
@@ -100,6 +109,7 @@ class Level:
     point: float
     lo: float
     hi: float
+    beats: dict[str, dict[str, Any]] = field(default_factory=dict)  # control -> level, point, lo, hi of the difference
 
 
 @dataclass
@@ -168,6 +178,19 @@ def criterion_level(c: Criterion, point: float, lo: float, hi: float) -> Level:
     return Level(level, point, lo, hi)
 
 
+RANK = {"fail": 0, "inconclusive": 1, "pass": 2, "target": 3}
+
+
+def control_level(c: Criterion, diff: float, lo: float, hi: float) -> Level:
+    """Does the point beat a control by ``c.margin``? ``pass`` when the difference's pessimistic CI end clears the
+    margin, ``fail`` when its optimistic end does not, ``inconclusive`` otherwise (no CI: the point decides)."""
+    if any(v != v for v in (lo, hi)):
+        lo = hi = diff
+    worst, best = (lo, hi) if c.higher else (-hi, -lo)  # flipped to higher-is-better
+    level = "fail" if diff != diff or best <= c.margin else "pass" if worst > c.margin else "inconclusive"
+    return Level(level, diff, lo, hi)
+
+
 def _rejecting_flags(spec: GatesSpec, flags: list[str], error_flags: int) -> list[str]:
     if spec.reject_flags == "none":
         return []
@@ -179,6 +202,10 @@ def _rejecting_flags(spec: GatesSpec, flags: list[str], error_flags: int) -> lis
 
 def evaluate_gates(spec: GatesSpec, runs_dir: str | Path, *, run_dirs: Iterable[str | Path] | None = None) -> GateReport:
     """A verdict for every (run, head) under ``runs_dir`` (or among ``run_dirs``) and one recommendation."""
+    with_controls = [c.name for c in spec.criteria if c.controls]
+    if with_controls:
+        raise ConfigError(f"criteria {with_controls} name controls, which are measured per extraction point; "
+                          "use them with gate-points (fmprobe spatial --controls ...)")  # fmt: skip
     cands = load_candidates(runs_dir, experiment=spec.experiment, run_dirs=run_dirs)
     if cands.empty:
         raise FmprobeError(f"no candidate to gate under {runs_dir}")
@@ -196,10 +223,21 @@ def judge(spec: GatesSpec, cands: pd.DataFrame, values: pd.DataFrame) -> GateRep
     verdicts = []
     for c in cands.itertuples(index=False):
         levels: dict[str, Level] = {}
+        control_reasons = []
         for crit in spec.criteria:
             point, lo, hi = _value(crit, c, values)
             levels[crit.name] = criterion_level(crit, point, lo, hi)
-        reasons = _rejecting_flags(spec, c.flags, c.error_flags)
+            for control in crit.controls:
+                diff = _value(crit.model_copy(update={"metric": f"{crit.metric}-vs-{control}"}), c, values)
+                beat = control_level(crit, *diff)
+                levels[crit.name].beats[control] = vars(beat)
+                if RANK[beat.level] < RANK[levels[crit.name].level]:
+                    levels[crit.name].level = beat.level
+                if beat.level != "pass":
+                    control_reasons.append(f"'{crit.name}' {'does not beat' if beat.level == 'fail' else 'not surely above'}"
+                                           f" {control} by {crit.margin:g} (difference {diff[0]:.3f} "
+                                           f"[{diff[1]:.3f}, {diff[2]:.3f}])")  # fmt: skip
+        reasons = _rejecting_flags(spec, c.flags, c.error_flags) + control_reasons
         must = [crit for crit in spec.criteria if crit.must_pass]
         failed = [crit.name for crit in must if levels[crit.name].level == "fail"]
         open_ = [crit.name for crit in must if levels[crit.name].level == "inconclusive"]

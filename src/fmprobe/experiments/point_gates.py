@@ -47,9 +47,23 @@ def _ci(row: dict[str, Any], metric: str) -> tuple[float, float]:
 
 
 def spatial_rows(spatial: dict[str, Any]) -> list[dict[str, Any]]:
-    kind = data_kind(spatial)
-    return [{"point": r["layer"], "metric": f"{kind}/{m}", "mean": float(r[m]),
-             **dict(zip(("ci_lo", "ci_hi"), _ci(r, m)))} for r in spatial["results"] for m in SPATIAL_METRICS]
+    """Per point: its scores (``still/box_iou``, ...), any direction accuracy, and its paired differences to the
+    controls probed with it (``still/box_iou-vs-pixel``, ...)."""
+    return result_rows(spatial["results"], data_kind(spatial), [*SPATIAL_METRICS, "direction_accuracy"])
+
+
+def result_rows(results: list[dict[str, Any]], prefix: str, metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of a diagnostics file's per-point results: ``<prefix>/<metric>`` with its CI, and every paired difference
+    to a control (``vs``) as ``<prefix>/<metric>-vs-<control>``."""
+    rows = []
+    for r in results:
+        for m in (m for m in metrics if m in r):
+            rows.append({"point": r["layer"], "metric": f"{prefix}/{m}", "mean": float(r[m]),
+                         **dict(zip(("ci_lo", "ci_hi"), _ci(r, m)))})  # fmt: skip
+        for control, diffs in (r.get("vs") or {}).items():
+            rows += [{"point": r["layer"], "metric": f"{prefix}/{m}-vs-{control}", "mean": d["diff"], "ci_lo": d["lo"],
+                      "ci_hi": d["hi"]} for m, d in diffs.items() if m in metrics]  # fmt: skip
+    return rows
 
 
 def alignment_rows(alignment: dict[str, Any]) -> list[dict[str, Any]]:
@@ -161,7 +175,7 @@ def model_summary(report: GateReport) -> list[dict[str, Any]]:
 
 def points_command(
     gates: str | Path, spatial: Sequence[str | Path], align: Sequence[str | Path] = (), *,
-    controls: Sequence[str | Path] = (), pairs: Sequence[str | Path] = (), tables: Sequence[str | Path] = (),
+    pairs: Sequence[str | Path] = (), tables: Sequence[str | Path] = (),
     out: str | Path = "fmprobe-gate-points",
 ) -> GateReport:
     """Gate the points; write ``points.csv``, ``gates.json``, the figures and ``report.html`` to ``out``.
@@ -171,7 +185,6 @@ def points_command(
 
     spatial_results = [read_output(p, "spatial.json") for p in spatial]
     alignments = [read_output(p, "alignment.json") for p in align]
-    control_results = [read_output(p, "spatial.json") for p in controls]
     pair_results = [read_output(p, "pair.json") for p in pairs]
     table = model_metrics(spatial_results, alignments, [read_table(t) for t in tables])
     report = gate_models(load_gates(gates), table)
@@ -181,6 +194,6 @@ def points_command(
     write_json(out / "gates.json", {**report.to_dict(), "models": summary})
     with atomic_path(out / "points.csv") as tmp:
         table.to_csv(tmp, index=False)
-    write_points_report(out / "report.html", report, table, spatial_results, alignments, control_results,
-                        pairs=pair_results, summary=summary)  # fmt: skip
+    write_points_report(out / "report.html", report, table, spatial_results, alignments, pairs=pair_results,
+                        summary=summary)
     return report

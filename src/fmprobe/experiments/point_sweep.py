@@ -9,13 +9,13 @@ A sweep file (paths relative to it)::
     moving: {frames: 8, n_train: 128, n_test: 64, steps: 300, bootstrap: 1000}  # optional: moving shapes
     reference: reference.yaml                                               # optional: fmprobe align MODEL reference
     align: {metrics: [linear_cka, rsa, knn_recall], bootstrap: 1000}
-    controls: {encoders: [pixel, random], image_size: 448}                  # optional floors
+    controls: [pixel, random-weights]                                       # probed with each model (paired)
     pairs: [{model: llava_next.yaml, a: "-2@tiles", b: "-2@base"}]          # optional paired point comparisons
     tables: []                                                              # optional metric tables (CSV)
     out: out
 
 Each step writes into ``out`` (``<model>/spatial-still``, ``<model>/spatial-moving``, ``<model>/align``,
-``controls/<encoder>``, ``pairs/<model>-<a>-vs-<b>``) with a ``step.json`` of its settings (the options and the
+``pairs/<model>-<a>-vs-<b>``) with a ``step.json`` of its settings (the options and the
 content of the YAMLs it read); a step whose ``step.json`` matches is skipped, so a killed sweep resumes and an
 edited config reruns exactly what it changed. Then ``gate-points`` over everything writes ``out/gates``.
 """
@@ -26,7 +26,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -53,11 +53,6 @@ class AlignOptions(Strict):
     bootstrap: int = Field(default=1000, ge=0)
 
 
-class ControlOptions(Strict):
-    encoders: list[str] = Field(default_factory=lambda: ["pixel", "random"])
-    image_size: int = Field(ge=16)
-
-
 class PairSpec(Strict):
     model: str  # one of models (the YAML path as written)
     a: str
@@ -71,7 +66,7 @@ class PointSweep(Strict):
     moving: SpatialOptions | None = None
     reference: str | None = None
     align: AlignOptions = Field(default_factory=AlignOptions)
-    controls: ControlOptions | None = None
+    controls: list[Literal["pixel", "random-weights", "random"]] = Field(default_factory=list)
     pairs: list[PairSpec] = Field(default_factory=list)
     tables: list[str] = Field(default_factory=list)
     out: str = "out"
@@ -134,15 +129,15 @@ def run_point_sweep(path: str | Path, *, on_event: Callable[[str], None] = lambd
     folders = {m: Path(m).stem for m in spec.models}
     if len(set(folders.values())) != len(folders):
         raise ConfigError(f"models {spec.models} share a file name; their outputs would collide under {out}")
-    spatial, aligns, controls, pairs = [], [], [], []
+    spatial, aligns, pairs = [], [], []
     kinds = [("still", spec.still)] + ([("moving", spec.moving)] if spec.moving else [])
     for m, config in configs.items():
         digest = _file_digest(config)
         for kind, options in kinds:
             folder = out / folders[m] / f"spatial-{kind}"
-            settings = {"step": "spatial", "config": digest, **options.model_dump()}
+            settings = {"step": "spatial", "config": digest, "controls": spec.controls, **options.model_dump()}
             spatial.append(_step(folder, settings, lambda c=config, o=options, f=folder: spatial_command(
-                str(c), **o.model_dump(), out=f), on_event))  # fmt: skip
+                str(c), **o.model_dump(), controls=spec.controls, out=f), on_event))  # fmt: skip
         if spec.reference is not None:
             reference = base / spec.reference
             folder = out / folders[m] / "align"
@@ -150,13 +145,6 @@ def run_point_sweep(path: str | Path, *, on_event: Callable[[str], None] = lambd
                         **spec.align.model_dump()}  # fmt: skip
             aligns.append(_step(folder, settings, lambda c=config, r=reference, f=folder: align_command(
                 str(c), str(r), spec.align.metrics, out=f, bootstrap=spec.align.bootstrap), on_event))  # fmt: skip
-    for encoder in spec.controls.encoders if spec.controls else ():
-        for kind, options in kinds:
-            folder = out / "controls" / f"{encoder}-{kind}"
-            settings = {"step": "control", "encoder": encoder, "image_size": spec.controls.image_size,
-                        **options.model_dump()}  # fmt: skip
-            controls.append(_step(folder, settings, lambda e=encoder, o=options, f=folder: spatial_command(
-                e, image_size=spec.controls.image_size, **o.model_dump(), out=f), on_event))  # fmt: skip
     for pair in spec.pairs:
         source = out / folders[pair.model] / "spatial-still"
         folder = out / "pairs" / f"{folders[pair.model]}-{_safe(pair.a)}-vs-{_safe(pair.b)}"
@@ -164,7 +152,7 @@ def run_point_sweep(path: str | Path, *, on_event: Callable[[str], None] = lambd
         pairs.append(_step(folder, settings, lambda s=source, p=pair, f=folder: pair_command(
             s, p.a, p.b, out=f), on_event))  # fmt: skip
     on_event(f"gating the points of {len(configs)} models: {out / 'gates'}")
-    report = points_command(base / spec.gates, spatial, aligns, controls=controls, pairs=pairs,
+    report = points_command(base / spec.gates, spatial, aligns, pairs=pairs,
                             tables=[base / t for t in spec.tables], out=out / "gates")  # fmt: skip
     on_event(f"report: {out / 'gates' / 'report.html'}")
     return report
