@@ -102,3 +102,12 @@ def paired_differences(
         p = 2 * min(np.count_nonzero(d <= 0) + 1, np.count_nonzero(d >= 0) + 1) / (d.size + 1)
         out[k] = {"diff": float(point[k]), "lo": float(lo), "hi": float(hi), "p_value": float(min(1.0, p))}
     return out
+
+
+def ratio_interval(hits: Any, counts: Any, *, n_resamples: int = 1000, ci: float = 0.95, seed: int = 0) -> list[float]:
+    """``[lo, hi]`` percentile CI of sum(hits) / sum(counts), resampling samples (e.g. clips with their objects)."""
+    hits, counts = np.asarray(hits, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    values = [float(hits[idx].sum() / counts[idx].sum()) for idx in _resamples(len(hits), 1, n_resamples, ci, seed)
+              if counts[idx].sum() > 0]  # fmt: skip
+    alpha = (1 - ci) / 2
+    return [float(v) for v in np.quantile(values, [alpha, 1 - alpha])]

@@ -31,7 +31,7 @@ from fmprobe.devices import config_device
 from fmprobe.diagnostics.shapes import make_shapes
 from fmprobe.diagnostics.spatial import STEPS, run_spatial_probes
 from fmprobe.diagnostics.random_weights import CONTROL, randomise_weights
-from fmprobe.diagnostics.spatial_ci import paired_differences, spatial_intervals
+from fmprobe.diagnostics.spatial_ci import paired_differences, ratio_interval, spatial_intervals
 from fmprobe.diagnostics.spatial_pairs import PAIRED_METRICS
 from fmprobe.errors import ConfigError
 
@@ -143,6 +143,9 @@ def spatial_command(
             per_image = r.pop("per_image")
             if bootstrap:
                 r["ci"] = spatial_intervals(per_image, grids[key][0], n_resamples=bootstrap, ci=ci, seed=seed)
+                if "direction_accuracy" in r:
+                    r["ci"]["direction_accuracy"] = ratio_interval(r["direction_hits"], r["direction_moved"],
+                                                                   n_resamples=bootstrap, ci=ci, seed=seed)
             r["per_image"] = {m: per_image[m] for m in PAIRED_METRICS}  # for paired comparisons of points
             done.append(({"layer": key, "grid": list(grids[key]), "dim": int(tokens[key].shape[-1]), **r}, per_image))
         return done
