@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from fmprobe.cli import app
 from fmprobe.diagnostics.align_cli import align_command
 from fmprobe.diagnostics.alignment import linear_cka, rbf_cka
-from fmprobe.diagnostics.alignment_ci import cka_interval, cka_resamples
+from fmprobe.diagnostics.alignment_ci import alignment_interval, cka_resamples, metric_resamples
 from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
 from fmprobe.diagnostics.spatial import coco_average_precision, match_detections
 from fmprobe.diagnostics.spatial_ci import spatial_intervals
@@ -95,28 +95,75 @@ def test_cka_interval_is_bias_corrected_and_narrows_with_samples():
 
     a, b = pair(40)
     point, values = cka_resamples(a, b, n_resamples=300)
-    lo, hi = cka_interval(a, b, n_resamples=300)
+    lo, hi = alignment_interval(a, b, n_resamples=300)
     bias = values.mean() - point
     assert bias > 0  # resamples have fewer distinct samples: CKA drifts up
     assert [lo, hi] == pytest.approx(list(np.quantile(values, [0.025, 0.975]) - bias))
     assert lo < point < hi
     a2, b2 = pair(200)
-    lo2, hi2 = cka_interval(a2, b2, n_resamples=100)
+    lo2, hi2 = alignment_interval(a2, b2, n_resamples=100)
     assert hi2 - lo2 < hi - lo
-    with pytest.raises(FmprobeError, match="no bootstrap CI for 'rsa'"):
-        cka_interval(a, b, "rsa")
+    with pytest.raises(FmprobeError, match="no bootstrap CI for 'debiased_cka'"):
+        alignment_interval(a, b, "debiased_cka")
 
 
-def test_align_command_bootstrap_gives_cka_intervals_only(tmp_path):
+def test_align_command_bootstrap_gives_intervals_to_every_metric_that_has_one(tmp_path):
     rng = np.random.default_rng(5)
     a = rng.normal(size=(40, 6))
     np.save(tmp_path / "a.npy", a)
     np.save(tmp_path / "b.npy", a + rng.normal(size=a.shape))
-    out = align_command(str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), ["linear_cka", "rsa"],
-                        out=tmp_path / "out", bootstrap=100)  # fmt: skip
-    lo, hi = out["intervals"]["linear_cka"]
-    assert lo < out["metrics"]["linear_cka"] < hi and out["intervals"]["rsa"] is None
+    metrics = ["linear_cka", "rsa", "knn_recall", "linear_r2", "debiased_cka"]
+    out = align_command(str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), metrics, out=tmp_path / "out", bootstrap=100)
+    for metric in metrics[:-1]:
+        lo, hi = out["intervals"][metric]
+        assert lo < out["metrics"][metric] < hi, metric
+    assert out["intervals"]["debiased_cka"] is None
     assert json.loads((tmp_path / "out" / "alignment.json").read_text())["ci_level"] == 0.95
+
+
+def test_rsa_resamples_leave_out_the_pairs_of_copies_and_knn_searches_distinct_samples():
+    from scipy.stats import spearmanr
+
+    from fmprobe.diagnostics.alignment import rsa
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(25, 4)), rng.normal(size=(25, 4))
+    point, rsas = metric_resamples(a, b, "rsa", n_resamples=3, seed=9)
+    _, recalls = metric_resamples(a, b, "knn_recall", n_resamples=3, seed=9)
+    assert point == pytest.approx(rsa(a, b))
+    da, db = 1 - np.corrcoef(a), 1 - np.corrcoef(b)
+    unit_a, unit_b = a / np.linalg.norm(a, axis=1)[:, None], b / np.linalg.norm(b, axis=1)[:, None]
+    for w, rsa_value, recall in zip(next(resample_weights(25, n_resamples=3, seed=9)), rsas, recalls):
+        idx = np.repeat(np.arange(25), w.astype(np.int64))
+        pairs = [(p, q) for i, p in enumerate(idx) for q in idx[i + 1 :] if p != q]  # copies' pairs left out
+        expected = spearmanr([da[p, q] for p, q in pairs], [db[p, q] for p, q in pairs]).statistic
+        assert rsa_value == pytest.approx(expected)
+        # recall@10: each drawn sample's neighbours among the distinct other samples, its hit weighted by its draws
+        gallery, counts = np.unique(idx, return_counts=True)
+        hit = {}
+        for g in gallery:
+            others = [h for h in gallery if h != g]
+            near_a = sorted(others, key=lambda h: -unit_a[g] @ unit_a[h])[:10]
+            hit[g] = max(others, key=lambda h: unit_b[g] @ unit_b[h]) in near_a
+        assert recall == pytest.approx(sum(hit[g] * c for g, c in zip(gallery, counts)) / counts.sum())
+
+
+@pytest.mark.parametrize("metric", ["rsa", "knn_recall"])
+def test_rsa_and_recall_intervals_cover_the_value_of_their_sample_size(metric):
+    """Coverage by simulation: samples of 60 from one population; the truth is the metric's mean at N = 60."""
+    from fmprobe.diagnostics.alignment import METRICS
+
+    rng = np.random.default_rng(0)
+    w_a, w_b = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
+
+    def draw():
+        z = rng.normal(size=(60, 4))
+        return z @ w_a + rng.normal(size=(60, 8)), z @ w_b + 1.5 * rng.normal(size=(60, 8))
+
+    truth = np.mean([METRICS[metric](*draw(), DEFAULT, 0) for _ in range(300)])
+    covered = [lo <= truth <= hi for lo, hi in (alignment_interval(*draw(), metric, n_resamples=200, seed=s)
+                                                for s in range(40))]  # fmt: skip
+    assert np.mean(covered) >= 0.8
 
 
 def test_spatial_command_moving_shapes_on_an_image_encoder_stack_frames(tmp_path):
@@ -124,7 +171,7 @@ def test_spatial_command_moving_shapes_on_an_image_encoder_stack_frames(tmp_path
                              out=tmp_path)  # fmt: skip
     row = result["results"][0]
     assert result["frames"] == 2 and row["grid"] == [2, 2, 2]  # 2 frames of 2 x 2 patches of 16 px
-    assert row["n_test_images"] == 6 and set(row["ci"]) == {"box_iou", "mask_iou", "map50"}
+    assert row["n_test_images"] == 6 and set(row["ci"]) <= {"box_iou", "mask_iou", "map50", "direction_accuracy"}
     for m, (lo, hi) in row["ci"].items():
         assert lo <= row[m] + 1e-9 and row[m] - 1e-9 <= hi, m
     assert json.loads((tmp_path / "spatial.json").read_text())["bootstrap"] == 50

@@ -13,8 +13,8 @@ A and B each name a representation on the command line as one of:
 When both sides carry sample ids, rows are matched by id (the samples both hold, in A's order). Every
 array is float64 before any metric sees it. With one layer per side the result is one value per metric
 (default: every metric) and a bar chart; with several layers on either side it is a layer x layer matrix
-per metric (default: linear CKA) and a heatmap each. ``bootstrap`` > 0 adds percentile CIs over the samples
-for the metrics that allow one (diagnostics.alignment_ci: linear and RBF CKA). ``alignment.json`` records the
+per metric (default: linear CKA) and a heatmap each. ``bootstrap`` > 0 adds CIs over the samples for the metrics
+that allow one (diagnostics.alignment_ci: linear and RBF CKA, RSA, recall@k, mutual kNN, linear R^2). ``alignment.json`` records the
 conventions the values depend on (k, RBF bandwidth rule, RSA dissimilarity and rank correlation, ...; see
 diagnostics.alignment_conventions) next to them.
 """
@@ -31,7 +31,7 @@ import numpy as np
 from fmprobe.atomic import write_json
 from fmprobe.diagnostics import plots
 from fmprobe.diagnostics.alignment import METRICS, align, layer_alignment_matrix, load_representation
-from fmprobe.diagnostics.alignment_ci import BOOTSTRAPPABLE, cka_interval
+from fmprobe.diagnostics.alignment_ci import BOOTSTRAPPABLE, alignment_interval
 from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.features.store import FeatureSet, FeatureStore
@@ -167,7 +167,7 @@ def align_command(
     def interval(x: np.ndarray, y: np.ndarray, metric: str) -> list[float] | None:
         if not bootstrap or metric not in BOOTSTRAPPABLE:
             return None
-        return cka_interval(x, y, metric, n_resamples=bootstrap, ci=ci, seed=seed, conventions=conventions)
+        return alignment_interval(x, y, metric, n_resamples=bootstrap, ci=ci, seed=seed, conventions=conventions)
 
     if len(a.layers) == 1 and len(b.layers) == 1:
         chosen = list(metrics) if metrics else list(METRICS)
