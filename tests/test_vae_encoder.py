@@ -4,6 +4,9 @@ latents as tokens in raster order with their grid, feature maps of inner modules
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -71,3 +74,31 @@ def test_vae_refusals(ltx, tiny_dinov2_dir, tmp_path):
     encoder = load_encoder(ModelConfig(name=str(ltx), image_size=64))
     with pytest.raises(EncoderError, match="no module 'encoder.nope'"):
         encoder.encode(torch.zeros(1, 3, 64, 64), ["encoder.nope"])
+
+
+def test_align_points_against_the_vae_latent_channels(ltx, tiny_dinov2_dir, tmp_path):
+    """CKA heatmap of a model's points x the VAE's latent channels, each channel its values at every latent token."""
+    import yaml
+
+    from fmprobe.diagnostics.align_cli import align_command
+    from fmprobe.diagnostics.shapes import write_shapes_dataset
+
+    manifest = write_shapes_dataset(tmp_path / "data", 24, size=32, seed=2)
+
+    def config(name: str, model: dict) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "data": {"manifest": str(manifest)},
+                                        "task": {"type": "multilabel", "targets": ["has_circle", "has_square"]},
+                                        "model": model, "features": {"cache_dir": str(tmp_path / "cache"),
+                                                                     "store_tokens": True}}))  # fmt: skip
+        return path
+
+    vlm = config("vlm", {"name": str(tiny_dinov2_dir), "layers": [0, -1]})
+    vae = config("vae", {"name": str(ltx), "image_size": 32})
+    out = align_command(str(vlm), f"{vae}:-1:channels", ["linear_cka", "linear_r2"], out=tmp_path / "out", bootstrap=30)
+    cka = out["matrices"]["linear_cka"]
+    assert cka["rows"] == ["0", "-1"] and cka["cols"] == [f"-1/c{k}" for k in range(8)]
+    assert np.asarray(cka["values"]).shape == (2, 8) and all(ci[0] <= ci[1] for row in cka["ci"] for ci in row)
+    assert out["b"]["dims"]["-1/c0"] == 16  # 4 x 4 latent tokens per channel
+    flat = align_command(str(vlm), f"{vae}:-1:flat", ["linear_r2"], out=tmp_path / "flat")
+    assert flat["b"]["dims"] == {"-1": 128} and set(flat["matrices"]["linear_r2"]["rows"]) == {"0", "-1"}
