@@ -191,6 +191,38 @@ def spatial_cmd(encoder: str = typer.Option("pixel", help="pixel | random | CONF
 
 @app.command()
 @user_errors
+def reconstruct(encoder: str = typer.Option(..., help="CONFIG.yaml of the model (its model.layers are the points)"),
+                vae: Path = typer.Option(..., help="CONFIG.yaml of a diffusers VAE (model.image_size; e.g. LTX-Video's)"),
+                layers: str = typer.Option(None, help="comma-separated extraction points (default: model.layers)"),
+                n_train: int = typer.Option(96), n_val: int = typer.Option(16), n_test: int = typer.Option(32),
+                adapter: str = typer.Option("mlp", help="mlp (per token, on the latent grid) | queries (one per "
+                                                        "latent token, cross-attention)"),
+                loss: str = typer.Option("pixels", help="pixels: LPIPS + 0.1 L2 of the decoded image | latents: L2"),
+                epochs: int = typer.Option(50), lr: float = typer.Option(1e-4), batch_size: int = typer.Option(8),
+                hidden: int = typer.Option(512, help="adapter width"), seed: int = typer.Option(0),
+                bootstrap: int = typer.Option(1000, help="resamples of the test images for CIs"),
+                control: list[str] = typer.Option(None, help="pixel | random-weights | random, through the same "
+                                                             "adapter on the same images (paired CI)"),
+                lpips_backbone: Path = typer.Option(None, help="torchvision AlexNet ImageNet state dict for LPIPS "
+                                                                "(default: torch hub's cached alexnet-owt-7be5be79.pth)"),
+                out: Path = typer.Option(Path("fmprobe-reconstruct"), help="folder for reconstruct.json")) -> None:
+    """Adapter from each point's tokens to a VAE's latents, images rendered by its decoder: LPIPS, SSIM, edge F1,
+    spatial IoU and AP@0.5 of the renders with CIs, and a gallery per point."""
+    from fmprobe.diagnostics.reconstruct_run import reconstruct_command
+    from fmprobe.experiments.layers import parse_layers
+
+    result = reconstruct_command(encoder, str(vae), layers=parse_layers(layers) if layers else None, n_train=n_train,
+                                 n_val=n_val, n_test=n_test, adapter=adapter, loss=loss, epochs=epochs, lr=lr,
+                                 batch_size=batch_size, hidden=hidden, seed=seed, bootstrap=bootstrap,
+                                 controls=control or (), lpips_backbone=lpips_backbone, out=out)  # fmt: skip
+    for r in result["results"]:
+        typer.echo(f"{r['layer']:<34} LPIPS {r['lpips']:.3f}  SSIM {r['ssim']:.3f}  edge F1 {r['edge_f1']:.3f}  "
+                   f"spatial IoU {r['spatial_iou']:.3f}  AP@0.5 {r['map50']:.3f}")
+    typer.echo(f"written: {out / 'reconstruct.json'}")
+
+
+@app.command()
+@user_errors
 def sweep(spec: Path = typer.Argument(..., help="sweep YAML: base config + grid of dotted keys"),
           workers: int = typer.Option(None, help="local processes (default: the sweep's, else one per 2 cores)"),
           ray: bool = typer.Option(False, "--ray", help="run on Ray (a local instance unless --address)"),
