@@ -4,6 +4,7 @@ Same model, same batches: the bare loop runs on preprocessed tensors already in 
 PNG files from disk, fingerprints them, preprocesses, encodes and writes fp16 tokens + pooled features
 into a fresh cache. Timings are the best of ``REPEATS`` interleaved runs (the machine is shared).
 Last line: ``extract_efficiency=<fmprobe samples/s ÷ bare samples/s>`` (goal >= 0.90).
+``--timm``: the same for a random-init timm ViT-S/16 (``model.kind: timm``) against timm's ``forward_features``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
 from fmprobe.backbones.registry import load_encoder
+from fmprobe.backbones.timm_encoder import TimmEncoder
 from fmprobe.config import ModelConfig, parse_config
 from fmprobe.data.manifest import load_manifest
 from fmprobe.data.readers import read_media
@@ -44,23 +46,34 @@ def write_images(folder: Path) -> Path:
     return manifest
 
 
-def experiment(manifest: Path, model_name: str, cache: Path, workers: int):
+def experiment(manifest: Path, model_name: str | dict, cache: Path, workers: int):
     return parse_config({
         "name": "bench",
         "data": {"manifest": str(manifest), "num_workers": workers, "group_column": None, "split_column": None},
         "task": {"type": "binary", "targets": ["y"]},
-        "model": {"name": model_name},
+        "model": model_name if isinstance(model_name, dict) else {"name": model_name},
         "features": {"cache_dir": str(cache), "batch_size": BATCH},
     })
 
 
 def bare_seconds(encoder, batches: list[torch.Tensor]) -> float:
     model = encoder.model
+    forward = model.forward_features if isinstance(encoder, TimmEncoder) else lambda x: model(pixel_values=x)
     start = time.perf_counter()
     with torch.inference_mode():
         for x in batches:
-            model(pixel_values=x)
+            forward(x)
     return time.perf_counter() - start
+
+
+def timm_backbone(tmp: Path):
+    """A random-init timm ViT-S/16 at 224 px saved as a state dict, loaded through ``model.kind: timm``."""
+    import timm
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), tmp / "vits16.pth")
+    section = {"kind": "timm", "name": "vit_small_patch16_224", "weights": str(tmp / "vits16.pth")}
+    return section, load_encoder(ModelConfig(**section))
 
 
 def extract_seconds(exp, manifest, encoder) -> float:
@@ -97,6 +110,12 @@ def main() -> None:
         tmp = Path(tmp_name)
         (tmp / "img").mkdir()
         manifest = write_images(tmp / "img")
+        if "--timm" in sys.argv:
+            section, encoder = timm_backbone(tmp)
+            ratio = measure("timm", section, encoder, manifest, tmp, (1,))
+            print(f"random-init timm ViT-S/16: best ratio {ratio:.3f}")
+            print(f"extract_efficiency={ratio:.3f}")
+            return
         model_dir = tmp / "vits14"
         torch.manual_seed(0)
         Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,

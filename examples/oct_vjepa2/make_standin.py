@@ -115,9 +115,10 @@ def collapsed_checkpoint(path: Path, seed: int = 3) -> Path:
     """A native checkpoint whose encoder maps every input to one vector (final LayerNorm gain 0): the
     representation collapse JEPA pretraining can fall into. A probe on it can only learn the class priors."""
     model = models.vjepa2_model(seed=seed, **CHECKPOINT_SIZES)
-    with torch.no_grad():
+    bias = model.encoder.layernorm.bias
+    with torch.no_grad():  # the constant vector, drawn from the seed (never from the caller's random state)
         model.encoder.layernorm.weight.zero_()
-        model.encoder.layernorm.bias.normal_()
+        bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"target_encoder": models.native_vjepa2_state(model), "epoch": 1}, path)
     return path

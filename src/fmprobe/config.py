@@ -42,6 +42,73 @@ class WindowConfig(Strict):
     width: float = Field(gt=0)
 
 
+# CT windows as (center, width) in HU: the usual radiology presets
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "abdomen": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+}
+
+
+class IntensityConfig(Strict):
+    """How a volume's intensities become model input, computed on the whole (resampled) volume with MONAI.
+
+    CT: a HU window (``window: brain`` ... or ``range: [lo, hi]``) mapped to [0, 1], clipped. MR: clipped to the
+    ``percentiles`` of the foreground (voxels > 0), then ``scale: zscore`` (mean 0, sd 1 within the foreground,
+    background 0: MONAI's NormalizeIntensity(nonzero=True), what 3D MR networks expect) or ``scale: unit`` (the
+    clipped range mapped to [0, 1], what image and video encoders take before their own mean/std).
+    """
+
+    modality: Literal["ct", "mr"]
+    window: Literal["brain", "subdural", "lung", "mediastinum", "abdomen", "bone"] | None = None
+    range: list[float] | None = None  # CT: [lo, hi] in HU
+    percentiles: list[float] | None = None  # MR: [lo, hi] percentiles of the foreground (default [0.5, 99.5])
+    scale: Literal["zscore", "unit"] | None = None  # MR only (default zscore)
+
+    @model_validator(mode="after")
+    def _check(self) -> "IntensityConfig":
+        if self.modality == "ct":
+            if self.percentiles is not None or self.scale is not None:
+                raise ValueError("percentiles and scale are MR settings; a CT volume takes window or range")
+            if (self.window is None) == (self.range is None):
+                raise ValueError(f"CT intensity needs exactly one of window ({', '.join(CT_WINDOWS)}) or "
+                                 "range: [lo, hi] in HU")
+            if self.range is not None and (len(self.range) != 2 or self.range[0] >= self.range[1]):
+                raise ValueError(f"range must be [lo, hi] with lo < hi (HU), got {self.range}")
+            return self
+        if self.window is not None or self.range is not None:
+            raise ValueError("window and range are CT settings; an MR volume takes percentiles and scale")
+        if self.percentiles is None:
+            self.percentiles = [0.5, 99.5]
+        if self.scale is None:
+            self.scale = "zscore"
+        if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError(f"percentiles must be [lo, hi] with 0 <= lo < hi <= 100, got {self.percentiles}")
+        return self
+
+    def hu_range(self) -> tuple[float, float]:
+        """CT: the HU interval mapped to [0, 1]."""
+        if self.range is not None:
+            return self.range[0], self.range[1]
+        center, width = CT_WINDOWS[str(self.window)]
+        return center - width / 2, center + width / 2
+
+
+class AugmentConfig(Strict):
+    """Training-time augmentation of end-to-end strategies (frozen features are extracted without any).
+
+    Unset values are resolved from the data (and written to config.resolved.yaml): image and video ``crop_scale``
+    1.14 (resize to 1.14x the input size, then a random crop) and ``hflip`` true; volumes ``crop_scale`` 1 and
+    ``hflip`` false, so voxel size and left/right stay as scanned; ``data.laterality: true`` forbids hflip.
+    """
+
+    crop_scale: float | None = Field(default=None, ge=1)
+    hflip: bool | None = None
+
+
 class DataConfig(Strict):
     manifest: str
     root: str | None = None  # base for relative paths in the manifest (default: the manifest's folder)
@@ -61,12 +128,35 @@ class DataConfig(Strict):
     volume_mode: Literal["stack", "slices"] = "stack"
     slice_axis: int = Field(default=2, ge=0, le=2)
     window: WindowConfig | None = None
+    # volumes, through MONAI on the whole volume before slices or slabs are taken: resampling to a voxel size in mm
+    # (RAS+ axes x, y, z), an intensity preset, a crop to the foreground's bounding box
+    spacing: list[float] | None = None
+    intensity: IntensityConfig | None = None
+    crop_foreground: bool = False
+    laterality: bool = False  # left/right carries meaning (a label, a side): no flips, in training or test time
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     on_error: Literal["raise", "skip"] = "raise"
     num_workers: int = Field(default=0, ge=0)
     mask_column: str | None = None  # label-mask path per row (PNG/.npy, 0 = background; empty = none): segmentation
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        volume_only = {"spacing": self.spacing, "intensity": self.intensity, "crop_foreground": self.crop_foreground}
+        given = [k for k, v in volume_only.items() if v not in (None, False)]
+        if given and self.kind != "volume":
+            raise ValueError(f"{', '.join(given)} apply to volumes (data.kind: volume), data.kind is {self.kind}")
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ValueError(f"spacing must be three positive voxel sizes in mm (x, y, z), got {self.spacing}")
+        if self.intensity is not None and self.window is not None:
+            raise ValueError("window and intensity both map intensities; keep one (for volumes, intensity: "
+                             "{modality: ct, range: [lo, hi]} is the window as a range)")
+        if self.laterality and self.augment.hflip:
+            raise ValueError("augment.hflip: true mirrors left and right, but laterality: true says they carry "
+                             "meaning; remove one of them")
+        if self.augment.hflip is None:
+            self.augment.hflip = self.kind != "volume" and not self.laterality
+        if self.augment.crop_scale is None:
+            self.augment.crop_scale = 1.0 if self.kind == "volume" else 1.14
         if self.num_clips > 1 and self.clip_position != "uniform":
             raise ValueError(
                 f"num_clips: {self.num_clips} needs clip_position: uniform (got '{self.clip_position}')"
@@ -121,17 +211,81 @@ class VLMLayoutConfig(Strict):
     experts: list[str] = Field(default_factory=list)  # vision-expert sub-modules in an LM layer (image rows only)
 
 
-class ModelConfig(Strict):
-    """Which backbone, and where to read tokens from."""
+class ContractConfig(Strict):
+    """What a ``kind: python`` model takes and returns, declared because fmprobe cannot read it from the code.
 
-    name: str = "dinov2-small-offline"  # registry name, local directory or hub id
+    Input: ``image`` batches ``[B, 3, H, W]`` normalised with ``mean`` / ``std``, or ``volume`` batches
+    ``[B, 1, D, H, W]`` (RAS+ axes x, y, z; intensities as ``data.intensity`` makes them). Output of ``forward``
+    (and of any module path read as a layer): ``tokens`` ``[B, N, D]`` = ``prefix_tokens`` (CLS, registers) then
+    the patch tokens in raster order, N - prefix = prod(size / patch_size); ``pooled`` ``[B, D]``; or
+    ``feature_map`` ``[B, D, h, w]`` (``[B, D, d, h, w]`` for volumes). Anything else is an error.
+    """
+
+    input: Literal["image", "volume"] = "image"
+    size: list[int] = Field(min_length=2, max_length=3)  # [H, W] or, for volumes, [D, H, W]
+    mean: list[float] | None = None  # image: one value per RGB channel
+    std: list[float] | None = None
+    output: Literal["tokens", "pooled", "feature_map"]
+    patch_size: list[int] | None = None  # tokens: one value per spatial dim of size
+    prefix_tokens: int = Field(default=0, ge=0)
+    blocks: str | None = None  # module path of the block list, so integer model.layers read block outputs
+
+    @model_validator(mode="after")
+    def _check(self) -> "ContractConfig":
+        dims = 2 if self.input == "image" else 3
+        if len(self.size) != dims or min(self.size) < 1:
+            raise ValueError(f"an {self.input} input takes size with {dims} positive values, got {self.size}")
+        if self.input == "image" and (self.mean is None or self.std is None):
+            raise ValueError("an image input needs mean and std (one value per RGB channel), as the model was trained")
+        if self.input == "volume" and (self.mean is not None or self.std is not None):
+            raise ValueError("a volume input takes intensities as data.intensity maps them; remove mean and std")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != 3:
+                raise ValueError(f"{key} needs 3 values (one per RGB channel), got {value}")
+        if self.output == "tokens":
+            if self.patch_size is None or len(self.patch_size) != dims or min(self.patch_size) < 1:
+                raise ValueError(f"output: tokens needs patch_size with {dims} positive values, to know the token grid")
+            if any(s % p for s, p in zip(self.size, self.patch_size)):
+                raise ValueError(f"size {self.size} is not a multiple of patch_size {self.patch_size}")
+        elif self.patch_size is not None or self.prefix_tokens:
+            raise ValueError(f"patch_size and prefix_tokens describe output: tokens, not output: {self.output}")
+        return self
+
+
+MODULE_KINDS = ("timm", "open_clip", "python", "monai")  # models built from code + a state dict, not a HF folder
+_MODULE_KEYS = ("weights", "weights_key", "rename", "drop_keys", "strict", "args")
+
+
+class ModelConfig(Strict):
+    """Which backbone, and where to read tokens from.
+
+    transformers families: ``name`` is a local directory, a hub id or ``dinov2-small-offline``. Models built from
+    code (``kind``: timm, open_clip, python, monai): ``name`` is the architecture (timm / open_clip name, MONAI
+    network class, or a label for python), ``args`` its keyword arguments, ``weights`` a state-dict file loaded with
+    a report of missing and unexpected keys (``strict``: both are errors), after ``weights_key`` (the dict entry
+    holding the state dict, e.g. ``model``), ``drop_keys`` (regexes of the keys as stored to discard, e.g. an MAE
+    decoder) and ``rename`` (key prefixes replaced, e.g. ``{"module.": ""}``). timm also takes ``weights:
+    hf-hub:org/repo`` or ``local-dir:/path`` (config and weights read by timm); open_clip takes ``name:
+    hf-hub:org/repo``.
+    """
+
+    name: str = "dinov2-small-offline"  # registry name, local directory, hub id, or architecture (see above)
     kind: Literal["auto", "dinov2", "vjepa2", "vjepa2-native", "videomae", "clip", "siglip", "blip2", "qwen2_vl",
-                  "qwen2_5_vl", "qwen3_vl", "vlm", "vae"] = "auto"  # fmt: skip
+                  "qwen2_5_vl", "qwen3_vl", "vlm", "vae", "timm", "open_clip", "python", "monai"] = "auto"  # fmt: skip
     checkpoint: str | None = None  # native V-JEPA 2 .pt file (kind: vjepa2-native)
     # Native V-JEPA 2 checkpoints store no config: when no params-pretrain.yaml lies beside the .pt,
     # give the clip length and head count here (crop size: image_size).
     native_frames: int | None = Field(default=None, ge=1)
     native_num_heads: int | None = Field(default=None, ge=1)
+    weights: str | None = None
+    weights_key: str | None = None
+    rename: dict[str, str] = Field(default_factory=dict)
+    drop_keys: list[str] = Field(default_factory=list)
+    strict: bool = True
+    args: dict[str, Any] = Field(default_factory=dict)
+    factory: str | None = None  # kind: python: "package.module:function" returning the nn.Module
+    contract: ContractConfig | None = None  # kind: python: what the module takes and returns
     layers: list[int | str] = Field(default_factory=lambda: [-1])  # index (negative ok) or module path
     image_size: int | None = None  # override the processor's size
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -154,7 +308,43 @@ class ModelConfig(Strict):
                 raise ValueError(f"{', '.join(given)} only apply to kind: vjepa2-native (kind is '{self.kind}')")
         elif self.checkpoint is None:
             raise ValueError("kind: vjepa2-native needs checkpoint: the path of the native V-JEPA 2 .pt file")
+        self._check_built_from_code()
         return self
+
+    def _check_built_from_code(self) -> None:
+        """The keys of models built from code (timm, open_clip, python, monai) go with those kinds only."""
+        fields = type(self).model_fields
+        given = [k for k in _MODULE_KEYS if getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+        if self.kind not in MODULE_KINDS and given:
+            raise ValueError(f"{', '.join(given)} apply to kind {', '.join(MODULE_KINDS)} (kind is '{self.kind}')")
+        python = self.kind == "python"
+        if python != (self.factory is not None) or python != (self.contract is not None):
+            raise ValueError("kind: python takes factory ('package.module:function') and contract, and only it does")
+        if python and "name" not in self.model_fields_set:
+            self.name = str(self.factory)
+        if self.kind in ("python", "monai") and self.image_size is not None:
+            raise ValueError(f"kind: {self.kind} takes its input size from the network (contract.size / args), "
+                             "not image_size")
+        hub = self.weights is not None and self.weights.startswith(("hf-hub:", "local-dir:"))
+        if hub and self.kind != "timm":
+            raise ValueError(f"weights '{self.weights}': hub ids are read by timm (kind: timm); for open_clip "
+                             "give the hub id as name")
+        file_keys = [k for k in ("weights_key", "rename", "drop_keys") if k in given] + (
+            ["strict: false"] if not self.strict else [])
+        if file_keys and self.weights is None:
+            raise ValueError(f"{', '.join(file_keys)} adjust loading model.weights, which is not set")
+        if self.kind == "open_clip" and file_keys:
+            raise ValueError(f"{', '.join(file_keys)}: open_clip loads its checkpoints itself, strictly (every key "
+                             "accounted for); convert the file to open_clip's keys, or use kind: python")
+        if self.kind in ("timm", "monai") and self.weights is None:
+            where = "a checkpoint file" + (", hf-hub:org/repo or local-dir:/path" if self.kind == "timm" else "")
+            raise ValueError(f"kind: {self.kind} needs weights ({where}); fmprobe never probes a randomly initialised "
+                             "network by accident")
+        if self.kind == "open_clip" and self.weights is None and not self.name.startswith(("hf-hub:", "local-dir:")):
+            raise ValueError(f"open_clip '{self.name}' needs weights (a checkpoint file), or name: hf-hub:org/repo; "
+                             "fmprobe never probes a randomly initialised network by accident")
+        if self.kind == "open_clip" and self.weights is not None and self.name.startswith(("hf-hub:", "local-dir:")):
+            raise ValueError(f"'{self.name}' holds its weights; remove model.weights")
 
 
 class FeatureConfig(Strict):
@@ -398,6 +588,13 @@ class Experiment(Strict):
         for i, head in enumerate(self.heads):
             if str(head.layer) not in layers:
                 raise ValueError(f"heads[{i}].layer {head.layer!r} is not among model.layers {self.model.layers}")
+        if self.data.laterality and self.adapt.tta.hflip:
+            raise ValueError("adapt.tta.hflip averages over mirrored inputs, but data.laterality: true says left and "
+                             "right carry meaning; remove one of them")
+        default_augment = DataConfig(manifest="-", kind=self.data.kind, laterality=self.data.laterality).augment
+        if self.adapt.strategy == "frozen" and self.data.augment != default_augment:
+            raise ValueError(f"data.augment {self.data.augment.model_dump()} applies to end-to-end training; frozen "
+                             "features are extracted without augmentation: remove it or set adapt.strategy")
         if self.data.clip_start_column is not None and self.adapt.tta.clips > 1:
             raise ValueError(f"adapt.tta.clips: {self.adapt.tta.clips} reads several clips per sample, but "
                              "data.clip_start_column fixes each row's one clip; set adapt.tta.clips: 1")
@@ -461,7 +658,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     return parse_config(data, source=f"'{path}'")
 
 
-_PATH_KEYS = ("data.manifest", "data.root", "features.cache_dir", "runs_dir", "model.checkpoint")
+_PATH_KEYS = ("data.manifest", "data.root", "features.cache_dir", "runs_dir", "model.checkpoint", "model.weights")
 
 
 def resolve_paths(data: dict[str, Any], base: Path) -> None:
@@ -474,8 +671,12 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
         if not isinstance(node, dict):
             continue
         value = node.get(leaf)
-        if isinstance(value, str) and "://" not in value and not value.startswith("~") and not Path(value).is_absolute():
-            node[leaf] = str(base / value)
+        scheme = "local-dir:" if isinstance(value, str) and value.startswith("local-dir:") else ""
+        if isinstance(value, str) and value.startswith("hf-hub:"):
+            continue
+        path = value[len(scheme):] if isinstance(value, str) else None
+        if path is not None and "://" not in path and not path.startswith("~") and not Path(path).is_absolute():
+            node[leaf] = scheme + str(base / path)
 
 
 def set_dotted(data: Any, dotted: str, value: Any) -> None:

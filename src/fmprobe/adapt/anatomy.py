@@ -1,7 +1,8 @@
-"""Where things live inside each wrapped transformers model: blocks, attention projections, the final norm.
+"""Where things live inside each wrapped model: blocks, attention projections, the final norm.
 
-The one place that knows module names per family (transformers 5 names, read from the installed source), so
-LoRA presets, partial unfreezing, layer-wise decay and drop-path share them.
+The one place that knows module names per family (transformers 5 names, read from the installed source; timm
+vision transformers read from the model itself: ``blocks``, ``attn.qkv`` or ``attn.q_proj/k_proj/v_proj``,
+``norm``), so LoRA presets, partial unfreezing, layer-wise decay and drop-path share them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fmprobe.backbones.base import Encoder, LayerRef
 from fmprobe.backbones.hf_vision import HFVisionEncoder
 from fmprobe.backbones.qwen2_5_vl import QwenVisionEncoder
 from fmprobe.backbones.vlm.encoder import VLMEncoder
+from fmprobe.backbones.timm_encoder import TimmEncoder
 from fmprobe.errors import ConfigError
 
 
@@ -52,7 +54,10 @@ _ANATOMY["dinov2_with_registers"] = _ANATOMY["dinov2"]
 
 
 def hf_model(encoder: Encoder) -> nn.Module:
-    """The transformers model an adaptation strategy changes; refuses encoders it cannot train through."""
+    """The model an adaptation strategy changes (a transformers model or a timm model); refuses encoders it cannot
+    train through."""
+    if isinstance(encoder, TimmEncoder):
+        return encoder.model
     if isinstance(encoder, VLMEncoder):
         if encoder.tokenizer is not None:
             raise ConfigError(
@@ -69,16 +74,26 @@ def hf_model(encoder: Encoder) -> nn.Module:
         return encoder.visual
     if not isinstance(encoder, HFVisionEncoder):
         raise ConfigError(
-            f"{encoder.name} ({type(encoder).__name__}) cannot be adapted end to end: it is not a transformers "
-            "vision model; use adapt.strategy: frozen"
+            f"{encoder.name} ({type(encoder).__name__}) cannot be adapted end to end: fmprobe knows the layout of "
+            "transformers vision models and timm vision transformers only; use adapt.strategy: frozen"
         )
     return encoder.model
+
+
+def family(encoder: Encoder) -> str:
+    """The family name used in messages: transformers' model_type, or ``timm:<architecture class>``."""
+    model = hf_model(encoder)
+    if isinstance(encoder, TimmEncoder):
+        return f"timm:{type(model).__name__}"
+    return str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
 
 
 def anatomy(encoder: Encoder) -> Anatomy:
     if isinstance(encoder, VLMEncoder):
         return _vlm_tower(encoder)
     model = hf_model(encoder)
+    if isinstance(encoder, TimmEncoder):
+        return _timm_anatomy(encoder, model)
     model_type = model.config.model_type
     if model_type not in _ANATOMY:
         raise ConfigError(f"adaptation does not know the layout of '{model_type}' models; use adapt.strategy: frozen")
@@ -91,15 +106,34 @@ def anatomy(encoder: Encoder) -> Anatomy:
 def _vlm_tower(encoder: VLMEncoder) -> Anatomy:
     """A VLM's vision tower: blocks from the family, attention projections from the table (native towers) or the
     declared layout (remote code). No final norm: VLM block points are raw block outputs."""
-    family = encoder.family
-    blocks = family.tower_blocks.removeprefix(family.tower + ".")
-    if family.tower_qkv is not None:
-        return Anatomy(blocks, None, None, None, family.tower_qkv, None)
+    layout = encoder.family
+    blocks = layout.tower_blocks.removeprefix(layout.tower + ".")
+    if layout.tower_qkv is not None:
+        return Anatomy(blocks, None, None, None, layout.tower_qkv, None)
     known = _ANATOMY.get(getattr(getattr(encoder.tower, "config", None), "model_type", None))
     if known is None:
         raise ConfigError(f"{encoder.name}: adaptation does not know the attention layout of its vision tower; "
                           "declare model.layout.tower_qkv, or use adapt.strategy: frozen")  # fmt: skip
     return Anatomy(blocks, known.q, known.k, known.v, known.qkv, None)
+
+
+def _timm_anatomy(encoder: Encoder, model: nn.Module) -> Anatomy:
+    """A timm ViT-style model (VisionTransformer, Eva, ...): ``blocks`` of ``attn`` with a fused ``qkv`` or separate
+    ``q_proj`` / ``k_proj`` / ``v_proj``, and ``norm`` when forward_features applies one (not with fc_norm)."""
+    blocks = getattr(model, "blocks", None)
+    names = {name for name, _ in blocks[0].named_modules()} if isinstance(blocks, nn.Sequential | nn.ModuleList) else {}
+    if "attn.qkv" in names:
+        q = k = v = None
+        qkv: str | None = "attn.qkv"
+    elif {"attn.q_proj", "attn.k_proj", "attn.v_proj"} <= names:
+        q, k, v, qkv = "attn.q_proj", "attn.k_proj", "attn.v_proj", None
+    else:
+        raise ConfigError(
+            f"{encoder.name} ({type(model).__name__}) is not a timm vision transformer with blocks.N.attn.qkv (or "
+            "q_proj/k_proj/v_proj), so adaptation does not know its layout; use adapt.strategy: frozen"
+        )
+    norm = getattr(model, "norm", None)
+    return Anatomy("blocks", q, k, v, qkv, None if norm is None or isinstance(norm, nn.Identity) else "norm")
 
 
 def num_blocks(encoder: Encoder) -> int:

@@ -15,14 +15,7 @@ from torch import nn
 from fmprobe.backbones.base import Encoder, EncoderOutput, LayerRef
 from fmprobe.config import FeatureConfig
 from fmprobe.errors import ConfigError
-from fmprobe.features.extract import pool_tokens
-
-
-def encoder_batch(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
-    """``[B, K, T, 3, H, W]`` -> what the encoder takes: clips ``[B*K, T, ...]`` or frames ``[B*K*T, ...]``."""
-    b, k, t = pixels.shape[:3]
-    video = encoder.input_spec.kind == "video"
-    return pixels.reshape(b * k, *pixels.shape[2:]) if video else pixels.reshape(b * k * t, *pixels.shape[3:])
+from fmprobe.features.extract import encoder_batch, pool_tokens
 
 
 def encoder_inputs(
@@ -33,7 +26,7 @@ def encoder_inputs(
     tokens ``[B, N, D]`` (pooling: attentive); differentiable. ``out``: the encoding of ``encoder_batch(pixels)``
     when the caller already has it (one forward pass serving several outputs)."""
     b, k, t = pixels.shape[:3]
-    video = encoder.input_spec.kind == "video"
+    video = encoder.input_spec.kind != "image"
     name = str(layer)
     out = encoder.encode(encoder_batch(encoder, pixels), [layer]) if out is None else out
     tokens = out.tokens[name].float()

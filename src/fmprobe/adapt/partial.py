@@ -6,7 +6,7 @@ import sys
 
 from torch import nn
 
-from fmprobe.adapt.anatomy import anatomy, head_block, hf_model, num_blocks
+from fmprobe.adapt.anatomy import anatomy, family, head_block, hf_model, num_blocks
 from fmprobe.backbones.base import Encoder, LayerRef
 from fmprobe.backbones.hooks import resolve_module
 from fmprobe.errors import ConfigError
@@ -49,16 +49,20 @@ def unfreeze(encoder: Encoder, paths: list[str]) -> list[nn.Parameter]:
 
 def set_drop_path(encoder: Encoder, rate: float) -> None:
     """Stochastic depth rising linearly from 0 (first block) to ``rate`` (last block), with the family's own
-    DropPath module; refused for families whose blocks have none."""
+    DropPath module (timm blocks: ``drop_path1`` after attention and ``drop_path2`` after the MLP); refused for
+    families whose blocks have none."""
     model = hf_model(encoder)
     blocks = model.get_submodule(anatomy(encoder).blocks)
     n = num_blocks(encoder)
-    if not all(hasattr(b, "drop_path") for b in blocks):
-        raise ConfigError(f"{encoder.name} ({type(model).__name__}) has no drop-path in its blocks; remove adapt.drop_path")
-    module = sys.modules[type(blocks[0]).__module__]
+    slots = ("drop_path1", "drop_path2") if all(hasattr(b, "drop_path1") for b in blocks) else ("drop_path",)
+    if not all(hasattr(b, slot) for b in blocks for slot in slots):
+        raise ConfigError(f"{encoder.name} ({family(encoder)}) has no drop-path in its blocks; remove adapt.drop_path")
+    module = sys.modules["timm.layers" if slots[0] == "drop_path1" else type(blocks[0]).__module__]
     drop_cls = next((getattr(module, k) for k in dir(module) if k.endswith("DropPath")), None)
     if drop_cls is None:
-        raise ConfigError(f"{model.config.model_type} defines no DropPath module; remove adapt.drop_path")
+        raise ConfigError(f"{family(encoder)} defines no DropPath module; remove adapt.drop_path")
     for i, block in enumerate(blocks):
-        block.drop_path = drop_cls(rate * i / max(1, n - 1))
-    model.config.drop_path_rate = rate
+        for slot in slots:
+            setattr(block, slot, drop_cls(rate * i / max(1, n - 1)).train(block.training))
+    if hasattr(model, "config"):
+        model.config.drop_path_rate = rate

@@ -56,9 +56,7 @@ def prepare(exp: Experiment, encoder: Encoder, head: nn.Module, head_cfg: HeadCo
         unfreeze(encoder, prepared.partial_modules)
     module_of = {id(p): path for path in cfg.modules for p in unfreeze(encoder, [path])}
     if cfg.gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ConfigError(f"{encoder.name} does not support gradient checkpointing; remove it")
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(encoder.name, model)
 
     named: dict[str, list[tuple[str, nn.Parameter]]] = {"head": list(head.named_parameters())}
     n = num_blocks(encoder)
@@ -77,6 +75,16 @@ def prepare(exp: Experiment, encoder: Encoder, head: nn.Module, head_cfg: HeadCo
     prepared._params = [(g["start_step"], p) for g in prepared.groups for p in g["params"]]
     prepared.trainable = count(p for _, p in prepared._params)
     return prepared
+
+
+def _checkpoint_activations(name: str, model: nn.Module) -> None:
+    """Gradient checkpointing through the model's own switch (transformers' or timm's)."""
+    if getattr(model, "supports_gradient_checkpointing", False):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "set_grad_checkpointing"):  # timm
+        model.set_grad_checkpointing(True)
+    else:
+        raise ConfigError(f"{name} does not support gradient checkpointing; remove it")
 
 
 def _specs(exp: Experiment, module_kinds: list[str]) -> dict[str, GroupSpec]:

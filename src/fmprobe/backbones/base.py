@@ -1,9 +1,10 @@
 """The one interface every backbone answers through.
 
-Every encoder takes a batch shaped as it declares (images ``[B, C, H, W]``, clips ``[B, T, C, H, W]``)
-and returns, for each requested extraction point, patch tokens ``[B, N, D]`` in raster order
-(t, then h, then w) with prefix tokens (CLS, registers) kept apart, plus the token grid ``(t, h, w)``.
-So every probe works with every backbone.
+Every encoder takes a batch shaped as it declares (images ``[B, C, H, W]``, clips ``[B, T, C, H, W]``,
+volumes ``[B, 1, D, H, W]`` for native 3D encoders, axes RAS+ x, y, z) and returns, for each requested extraction
+point, patch tokens ``[B, N, D]`` in raster order (t, then h, then w; a 3D encoder's grid is its (d, h, w)) with
+prefix tokens (CLS, registers) kept apart, plus the token grid ``(t, h, w)``. A pooled output ``[B, D]`` is one token
+on the grid ``(1, 1, 1)``. So every probe works with every backbone.
 """
 
 from __future__ import annotations
@@ -21,13 +22,19 @@ LayerRef = int | str  # block index (negative allowed) or a module path such as 
 class InputSpec:
     """What the encoder accepts; readers and transforms adapt samples to it or refuse."""
 
-    kind: Literal["image", "video"]
-    image_size: tuple[int, int]  # (H, W) the model was configured for
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    kind: Literal["image", "video", "volume"]
+    image_size: tuple[int, int]  # (H, W) the model was configured for (a volume: its last two axes)
+    mean: tuple[float, ...]  # per input channel: RGB for images and clips; (0,) for volumes (see data.intensity)
+    std: tuple[float, ...]
     num_frames: int | None = None  # video encoders: frames per clip the model expects (None = any)
     patch_size: int = 16
     tubelet_size: int = 1
+    volume_size: tuple[int, int, int] | None = None  # volume encoders: (D, H, W) = voxels along RAS+ x, y, z
+
+    @classmethod
+    def volume(cls, size: tuple[int, int, int]) -> "InputSpec":
+        """A native 3D encoder's input: one channel, intensities as the volume pipeline leaves them."""
+        return cls(kind="volume", image_size=(size[1], size[2]), mean=(0.0,), std=(1.0,), volume_size=tuple(size))
 
 
 @dataclass
@@ -62,8 +69,15 @@ class Encoder(nn.Module):
         spec = self.input_spec
         want_dims = 4 if spec.kind == "image" else 5
         if pixels.dim() != want_dims:
-            shape = "[B, C, H, W]" if spec.kind == "image" else "[B, T, C, H, W]"
+            shape = {"image": "[B, C, H, W]", "video": "[B, T, C, H, W]", "volume": "[B, 1, D, H, W]"}[spec.kind]
             raise EncoderError(f"{self.name} takes {spec.kind} batches shaped {shape}, got {tuple(pixels.shape)}")
+        if spec.kind == "volume":
+            if pixels.shape[1] != 1 or tuple(pixels.shape[2:]) != spec.volume_size:
+                raise EncoderError(
+                    f"{self.name} takes volumes of 1 x {spec.volume_size} voxels, got {tuple(pixels.shape[1:])}; "
+                    "set data.frames_per_clip to its size along data.slice_axis (the other axes are padded or cropped)"
+                )
+            return
         if tuple(pixels.shape[-2:]) != spec.image_size:
             raise EncoderError(
                 f"{self.name} is configured for {spec.image_size[0]}x{spec.image_size[1]} input, "

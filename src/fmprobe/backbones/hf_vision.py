@@ -17,7 +17,6 @@ asked, are ``[B, heads, Q, K]`` per block, keyed ``"0"``..``str(num_blocks - 1)`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from transformers.utils import cached_file
 
 from fmprobe.backbones.base import Encoder, EncoderOutput, InputSpec, LayerRef
 from fmprobe.backbones.hooks import record_outputs
+from fmprobe.backbones.weights_digest import WeightsDigest
 from fmprobe.config import ModelConfig
 from fmprobe.errors import EncoderError
 
@@ -114,28 +114,6 @@ def load_pretrained(cls: type[PreTrainedModel], source: str, model: ModelConfig,
     return hf_model
 
 
-class WeightsDigest:
-    """sha256 of a header and every tensor of a state dict (the encoder's fingerprint); recomputed only when a tensor
-    changed (torch version counters and storage), so LoRA or partial training invalidates it and nothing else does."""
-
-    def __init__(self) -> None:
-        self._cached: tuple[tuple[int, ...], str] | None = None
-
-    def __call__(self, state: dict[str, torch.Tensor], header: list[str]) -> str:
-        versions = tuple(x for t in state.values() for x in (t._version, t.data_ptr()))
-        if self._cached is not None and self._cached[0] == versions:
-            return self._cached[1]
-        digest = hashlib.sha256()
-        for line in header:
-            digest.update(line.encode())
-        for key, tensor in state.items():
-            tensor = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-        self._cached = (versions, digest.hexdigest())
-        return self._cached[1]
-
-
 class HFVisionEncoder(Encoder):
     """One transformers vision model behind :class:`Encoder`; subclasses set the class attributes below."""
 
@@ -150,7 +128,7 @@ class HFVisionEncoder(Encoder):
         self.input_spec = input_spec
         self.num_prefix = num_prefix
         self.num_blocks = len(self.model.get_submodule(self.blocks_path))
-        self._weights_digest = WeightsDigest()
+        self._digest = WeightsDigest()
         self.eval()  # frozen until an adaptation strategy turns gradients on
 
     # -- family hooks -------------------------------------------------------------------------------------------
@@ -194,10 +172,9 @@ class HFVisionEncoder(Encoder):
         return t, pixels.shape[-2] // spec.patch_size, pixels.shape[-1] // spec.patch_size
 
     def fingerprint(self) -> str:
-        prefix = self.fingerprint_prefix
-        state = {k: v for k, v in self.model.state_dict(keep_vars=True).items() if k.startswith(prefix)}
-        header = [type(self).__name__, repr(self.input_spec), config_json(self.model.config)]
-        return self._weights_digest(state, header)
+        """sha256 of the config and every weight; recomputed only when a tensor changed (see weights_digest)."""
+        header = type(self).__name__ + repr(self.input_spec) + config_json(self.model.config)
+        return self._digest(self.model, header, self.fingerprint_prefix)
 
     # -- internals ----------------------------------------------------------------------------------------------
     def _path_of(self, ref: LayerRef) -> str | None:

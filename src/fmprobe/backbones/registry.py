@@ -4,6 +4,7 @@
 first time). ``kind: auto`` reads ``model_type`` from its config.json; another kind must agree with it. A checkpoint
 that ships its own modeling code (config.json ``auto_map``, a model type transformers does not have) is a
 remote-code VLM (InternVL2, CogVLM2): kind ``vlm``, loaded only with ``model.trust_remote_code: true``.
+Models built from code (``kind``: timm, open_clip, python, monai) load through their own modules.
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ def load_encoder(model: ModelConfig) -> Encoder:
     """Load the backbone ``model`` names, frozen (eval mode, no gradients) in ``model.dtype``."""
     if model.kind == "vjepa2-native":
         return _load_native_vjepa2(model)
+    if model.kind == "timm":
+        from fmprobe.backbones.timm_encoder import load_timm
+
+        return load_timm(model)
+    if model.kind == "open_clip":
+        from fmprobe.backbones.open_clip_encoder import load_open_clip
+
+        return load_open_clip(model)
+    if model.kind == "python":
+        from fmprobe.backbones.python_encoder import load_python
+
+        return load_python(model)
+    if model.kind == "monai":
+        from fmprobe.backbones.monai_encoder import load_monai
+
+        return load_monai(model)
     source = str(_offline_dir()) if model.name == OFFLINE_DINOV2 else _expand(model.name)
     config = _config_json(source, model.subfolder)
     if "_diffusers_version" in config:
@@ -60,7 +77,8 @@ def load_encoder(model: ModelConfig) -> Encoder:
     if kind is None:
         raise EncoderError(
             f"'{model.name}' is a '{model_type}' model, which fmprobe does not wrap; supported model types: "
-            f"{', '.join(sorted(MODEL_TYPES))} (or kind: vjepa2-native with model.checkpoint)"
+            f"{', '.join(sorted(MODEL_TYPES))} (or kind: vjepa2-native with model.checkpoint; kind: timm, open_clip, "
+            f"monai or python for models built from code)"
         )
     if model.kind not in ("auto", kind):
         raise EncoderError(

@@ -9,9 +9,9 @@ Written to ``out``:
   reaches at most log(window) / log K); per-sample entropies summarised by label combination (last block,
   and all blocks), for classification tasks;
 - ``entropy_blocks_heads.png``: that block x head matrix;
-- ``attention_<sample>.png``: the input (per frame), the last block's attention from the CLS token to each patch
-  (averaged over heads; without a CLS token, the mean attention each patch receives) and the attention rollout
-  (Abnar & Zuidema 2020) read the same way, over the image.
+- ``attention_<sample>.png``: the input (per frame; a 3D encoder's volume as slices along its first axis, x:
+  sagittal), the last block's attention from the CLS token to each patch (averaged over heads; without a CLS token,
+  the mean attention each patch receives) and the attention rollout (Abnar & Zuidema 2020) read the same way.
 
 Attentive probe (``fmprobe attention --run RUN_DIR``): every attentive head of a finished run is rebuilt from
 ``checkpoints/<head>/seed<k>/best.pt`` and run on the test split's cached tokens; its pooling attention gives
@@ -61,7 +61,11 @@ def _blocks_to_request(encoder: Any) -> list[int | str]:
 
 
 def _frames(clip: torch.Tensor, mean: tuple, std: tuple) -> np.ndarray:
-    """``[T, 3, H, W]`` normalised input -> ``[T, H, W, 3]`` in [0, 1] for display."""
+    """``[T, C, H, W]`` normalised input -> ``[T, H, W, 3]`` in [0, 1] for display. One channel (volume slices,
+    intensities as data.intensity left them) is min-max scaled and shown gray."""
+    if clip.shape[1] == 1:
+        lo, hi = clip.min(), clip.max()
+        return ((clip - lo) / (hi - lo if hi > lo else 1)).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     return (clip * s + m).clamp(0, 1).permute(0, 2, 3, 1).numpy()
@@ -100,8 +104,8 @@ def backbone_attention(exp: Experiment, *, samples: int = 8, out: str | Path = "
                 raise ReaderError(item["error"])
             skipped.append([item["sample_id"], item["error"]])
             continue
-        clip = item["pixels"][0]  # first clip [T, 3, H, W]
-        x = clip[None] if spec.kind == "video" else clip
+        clip = item["pixels"][0]  # first clip [T, 3, H, W] (a 3D encoder's volume [1, x, y, z])
+        x = clip if spec.kind == "image" else clip[None]
         with torch.inference_mode():
             output = encoder.encode(x, requested, attentions=True)
         if not output.attentions:
@@ -119,6 +123,8 @@ def backbone_attention(exp: Experiment, *, samples: int = 8, out: str | Path = "
         else:
             rollout_note = f"not computed: it needs every block's attention and the encoder returned blocks {blocks}"
         t, h, w = grid
+        if spec.kind == "volume":  # its slices along x (the token grid's first axis) are the frames shown
+            clip = clip[0][:, None]
         n_frames = clip.shape[0]
         shown = np.unique(np.linspace(0, t * x.shape[0] - 1, min(MAX_FRAMES, t * x.shape[0])).round().astype(int))
         frame_of = shown * (n_frames // (t * x.shape[0]))  # the first input frame each token slice covers

@@ -8,7 +8,8 @@ import platform
 import subprocess
 from typing import Any
 
-_PACKAGES = ("fmprobe", "torch", "transformers", "peft", "scikit-learn", "numpy", "pandas", "onnxruntime")
+_PACKAGES = ("fmprobe", "torch", "torchvision", "transformers", "timm", "open_clip_torch", "monai", "peft",
+             "scikit-learn", "numpy", "pandas", "onnxruntime")
 
 
 def _version(pkg: str) -> str | None:

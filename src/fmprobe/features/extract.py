@@ -142,7 +142,7 @@ def _plan(
             encoder = _load(exp, cache_dir)
             remembered = (encoder.name, encoder.fingerprint(), encoder.input_spec)
         identity = remembered
-    check_compatible(exp.data, identity[2], identity[0])
+    check_compatible(exp.data, identity[2], identity[0], exp.features)
     todo = _missing(exp, cache_dir, identity, keys, unreadable, paths)
     if todo and encoder is None:
         encoder = _load(exp, cache_dir)
@@ -184,8 +184,14 @@ def _missing(
     return todo
 
 
-def check_compatible(data: DataConfig, spec: InputSpec, name: str) -> None:
-    """A volume goes in as a slice stack (video encoders) or as single slices (image encoders)."""
+def check_compatible(data: DataConfig, spec: InputSpec, name: str, features: FeatureConfig | None = None) -> None:
+    """A volume goes in as a slice stack (video encoders), as single slices (image encoders) or whole (3D encoders,
+    whose token grid is (x, y, z): there is no time axis to pool, and ``token_grid`` would pool two of three axes)."""
+    if spec.kind == "volume":  # the data side is checked by Preprocess, which every path builds
+        if features is not None and (features.temporal_pool or features.token_grid is not None):
+            raise ConfigError(f"features.temporal_pool / token_grid pool a (time, height, width) grid, but {name}'s "
+                              "tokens lie on an (x, y, z) grid; remove them")
+        return
     if data.kind != "volume":
         return
     if data.volume_mode == "stack" and spec.kind != "video":
@@ -252,19 +258,27 @@ def _reason(message: str, sample_id: str, path: str) -> str:
     return message[len(prefix) :] if message.startswith(prefix) else message
 
 
+def encoder_batch(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, K, T, 3, H, W]`` samples (``[B, K, 1, x, y, z]`` for a 3D encoder) -> what the encoder takes: whole
+    clips or volumes ``[B*K, ...]`` (video and volume encoders) or frames ``[B*K*T, 3, H, W]`` (image encoders)."""
+    b, k, t = pixels.shape[:3]
+    if encoder.input_spec.kind == "image":
+        return pixels.reshape(b * k * t, *pixels.shape[3:])
+    return pixels.reshape(b * k, *pixels.shape[2:])
+
+
 def encode_batch(
     encoder: Encoder, pixels: torch.Tensor, layers: list[int | str], features: FeatureConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int, int]]]:
-    """Encode ``[B, K, T, 3, H, W]`` samples into the arrays a shard stores (see store.py), per layer.
+    """Encode a batch of samples (see :func:`encoder_batch`) into the arrays a shard stores (see store.py), per layer.
 
-    A video encoder takes each clip; an image encoder takes each frame, its tokens stacked along t and
-    its CLS tokens averaged over frames. The K clips of a sample are averaged.
+    A video (volume) encoder takes each clip (volume); an image encoder takes each frame, its tokens stacked along
+    t and its CLS tokens averaged over frames. The K clips of a sample are averaged.
     """
     b, k, t = pixels.shape[:3]
     pixels = pixels.to(next(encoder.parameters()).device)
-    video = encoder.input_spec.kind == "video"
-    x = pixels.reshape(b * k, *pixels.shape[2:]) if video else pixels.reshape(b * k * t, *pixels.shape[3:])
-    out = encoder.encode(x, list(layers))
+    video = encoder.input_spec.kind != "image"
+    out = encoder.encode(encoder_batch(encoder, pixels), list(layers))
     arrays: dict[str, np.ndarray] = {}
     grids: dict[str, tuple[int, int, int]] = {}
     for i, layer in enumerate(layers):

@@ -21,9 +21,10 @@ from fmprobe.backbones.base import InputSpec
 from fmprobe.config import Experiment, ModelConfig
 from fmprobe.errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: volumes oriented, resampled and windowed through MONAI (DICOM series in RAS+ too)
 PIXEL_FIELDS = (
     "kind", "frames_per_clip", "frame_step", "clip_position", "num_clips", "volume_mode", "slice_axis", "window",
+    "spacing", "intensity", "crop_foreground",
 )
 STORED_FIELDS = ("store_tokens", "token_grid", "temporal_pool")
 
@@ -78,7 +79,10 @@ def _source_signature(model: ModelConfig) -> list[Any]:
 
     signature: list[Any] = []
     name = str(offline_dinov2_location()) if model.name == OFFLINE_DINOV2 else model.name
-    for ref in (name, model.checkpoint):
+    weights = model.weights
+    if weights is not None and weights.startswith(("hf-hub:", "local-dir:")):
+        weights = weights.split(":", 1)[1]
+    for ref in (name, model.checkpoint, weights, _factory_file(model)):
         if not ref:
             continue
         path = Path(ref).expanduser()
@@ -93,6 +97,30 @@ def _source_signature(model: ModelConfig) -> list[Any]:
     return signature
 
 
+def _factory_file(model: ModelConfig) -> str | None:
+    """The source file of a ``kind: python`` factory's module (its code shapes the features), without importing it."""
+    import importlib.util
+
+    if model.factory is None:
+        return None
+    try:
+        spec = importlib.util.find_spec(model.factory.partition(":")[0])
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None else None
+
+
+def _library_versions(model: ModelConfig) -> list[str | None]:
+    """Versions of the library that builds a model from code (its code shapes the features)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = {"timm": "timm", "open_clip": "open_clip_torch", "monai": "monai"}.get(model.kind)
+    try:
+        return [package, version(package)] if package else []
+    except PackageNotFoundError:
+        return [package, None]
+
+
 def identity_path(model: ModelConfig, cache_dir: Path) -> Path:
     import torch
     import transformers
@@ -101,7 +129,7 @@ def identity_path(model: ModelConfig, cache_dir: Path) -> Path:
 
     blob = json.dumps(
         [model.model_dump(mode="json"), _source_signature(model), fmprobe.__version__, torch.__version__,
-         transformers.__version__],
+         transformers.__version__, *_library_versions(model)],
         sort_keys=True,
     )
     return cache_dir / "encoders" / f"{hashlib.sha256(blob.encode()).hexdigest()}.json"

@@ -35,14 +35,9 @@ import transformers
 from torch import nn
 
 from fmprobe.backbones.base import Encoder, EncoderOutput, InputSpec, LayerRef
-from fmprobe.backbones.hf_vision import (
-    WeightsDigest,
-    config_json,
-    load_pretrained,
-    read_preprocessor,
-    torch_dtype,
-)
+from fmprobe.backbones.hf_vision import config_json, load_pretrained, read_preprocessor, torch_dtype
 from fmprobe.backbones.hooks import record_outputs, split_input_suffix
+from fmprobe.backbones.weights_digest import WeightsDigest
 from fmprobe.backbones.vlm.families import NATIVE, REMOTE_LAYOUTS, Family, native_family, remote_family
 from fmprobe.backbones.vlm.tiling import BASE, Grid
 from fmprobe.config import ModelConfig
@@ -116,7 +111,7 @@ class VLMEncoder(Encoder):
         family = self.family
         header = [type(self).__name__, family.kind, repr(self.input_spec), repr(family.tiling), repr(family.describe),
                   repr(self.prompt), config_json(self.model.config)]  # fmt: skip
-        return self._digest(self.model.state_dict(keep_vars=True), header)
+        return self._digest(self.model, "".join(header))
 
     # -- extraction points --------------------------------------------------------------------------------------
     def resolve(self, ref: LayerRef) -> Point:

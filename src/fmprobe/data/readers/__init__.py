@@ -1,4 +1,5 @@
-"""Read one sample's media as ``[K, T, C, H, W]`` in native dtype and intensity (see CONTRACTS).
+"""Read one sample's media as ``[K, T, C, H, W]`` in native dtype and intensity (see CONTRACTS); volumes after
+``volume_pipeline`` (RAS+, and the spacing, foreground crop and intensity mapping the config asks for).
 
 ``read_media`` picks the reader from ``data.kind`` and the file extension; a folder is a frame
 folder (video) or a DICOM series (volume). Anything it cannot read raises ReaderError naming the
@@ -16,6 +17,7 @@ from fmprobe.data.readers.image import IMAGE_EXTENSIONS, read_image
 from fmprobe.data.readers.source import Source, extension
 from fmprobe.data.readers.video import VIDEO_EXTENSIONS, read_dicom_video, read_frame_folder, read_video
 from fmprobe.data.readers.volume import load_nifti, load_numpy, volume_clips
+from fmprobe.data.volume_pipeline import prepare_volume
 
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 NUMPY_EXTENSIONS = (".npy", ".npz")
@@ -69,12 +71,16 @@ def _read(src: Source, data: DataConfig, rng: np.random.Generator | None, start:
         if src.is_dir():
             return read_frame_folder(src, data, rng, start)
     else:
+        affine: np.ndarray | None
         if ext in NIFTI_EXTENSIONS:
-            return volume_clips(load_nifti(src), data, rng, src, start)
-        if ext in NUMPY_EXTENSIONS:
-            return volume_clips(load_numpy(src), data, rng, src, start)
-        if src.is_dir():
-            return volume_clips(read_dicom_series(src), data, rng, src, start)
+            volume, affine = load_nifti(src)
+        elif ext in NUMPY_EXTENSIONS:
+            volume, affine = load_numpy(src), None
+        elif src.is_dir():
+            volume, affine = read_dicom_series(src, exact_geometry=data.spacing is not None)
+        else:
+            raise _unsupported(src, ext, data.kind)
+        return volume_clips(prepare_volume(volume, affine, data, src), data, rng, src, start)
     raise _unsupported(src, ext, data.kind)
 
 

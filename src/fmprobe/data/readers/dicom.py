@@ -83,9 +83,44 @@ def _slice_order(datasets: list[Dataset], files: list[Source], folder: Source) -
     return [float(ds.InstanceNumber) for ds in datasets]
 
 
-def read_dicom_series(folder: Source) -> np.ndarray:
-    """A folder of single-frame slices (``.dcm`` or extensionless) as a float32 volume ``[H, W, S]``,
-    slices in spatial order whatever their file names."""
+def series_affine(datasets: list[Dataset], positions: list[float], folder: Source, exact: bool) -> np.ndarray | None:
+    """Voxel -> RAS+ mm affine of a volume ``[rows, columns, slices]`` built from ``datasets`` in slice order.
+
+    Columns of the LPS affine: the column direction cosine x row spacing (down the rows), the row direction cosine
+    x column spacing (along a row), the step between consecutive ImagePositionPatient, the first slice's position;
+    DICOM's LPS becomes RAS by negating x and y. None when a slice lacks position, orientation or PixelSpacing.
+    Uneven slice steps (a missing slice?) are an error when ``exact`` (the voxel size will be used), else the mean
+    step stands in (the orientation only needs directions).
+    """
+    needed = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+    if not all(tag in ds for ds in datasets for tag in needed):
+        return None
+    first = datasets[0]
+    orient = np.array([float(v) for v in first.ImageOrientationPatient])
+    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
+    origin = np.array([float(v) for v in first.ImagePositionPatient])
+    normal = np.cross(orient[:3], orient[3:])
+    if len(datasets) > 1:
+        steps = np.diff(positions)
+        if exact and np.ptp(steps) > 0.01 * abs(float(np.mean(steps))):
+            raise folder.error(f"DICOM slices are unevenly spaced (steps {np.round(steps, 3).tolist()} mm; a missing "
+                               "slice?), so data.spacing cannot resample them; fix the series or remove data.spacing")
+        last = np.array([float(v) for v in datasets[-1].ImagePositionPatient])
+        step = (last - origin) / (len(datasets) - 1)
+    else:
+        step = normal * float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0] = orient[3:] * row_spacing
+    lps[:3, 1] = orient[:3] * column_spacing
+    lps[:3, 2] = step
+    lps[:3, 3] = origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def read_dicom_series(folder: Source, exact_geometry: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """A folder of single-frame slices (``.dcm`` or extensionless) as a float32 volume ``[H, W, S]``, slices in
+    spatial order whatever their file names, and its affine (see :func:`series_affine`; ``exact_geometry``: the
+    voxel size will be used, so uneven slice steps are an error)."""
     files = [f for f in folder.list_files() if extension(f.path) in (".dcm", "") and f.name.upper() != "DICOMDIR"]
     if not files:
         raise folder.error("folder has no DICOM files (.dcm or no extension)")
@@ -99,11 +134,13 @@ def read_dicom_series(folder: Source) -> np.ndarray:
         same = [f.name for f, o in zip(files, order) if np.round(o, 4) == dupes[0]]
         raise folder.error(f"DICOM slices share one position ({', '.join(same)}); one series per folder")
     slices = []
-    for i in np.argsort(order, kind="stable"):
+    ranked = np.argsort(order, kind="stable")
+    for i in ranked:
         frames = dicom_frames(datasets[i], files[i])
         if frames.shape[0] != 1 or frames.shape[3] != 1:
             raise files[i].error("a DICOM series slice must be one monochrome frame")
         if slices and frames.shape[1:3] != slices[0].shape:
             raise files[i].error(f"slice is {frames.shape[1:3]}, other slices are {slices[0].shape}")
         slices.append(frames[0, :, :, 0])
-    return np.stack(slices, axis=-1)
+    affine = series_affine([datasets[i] for i in ranked], sorted(order), folder, exact_geometry)
+    return np.stack(slices, axis=-1), affine

@@ -1,10 +1,10 @@
 """3D volumes (NIfTI, .npy/.npz, DICOM series) read as a stack of 2D slices.
 
-The slices along ``data.slice_axis`` become the frames T, and clips are sampled over them exactly
-like video frames. NIfTI volumes are first brought to the closest RAS+ orientation (axis flips and
-permutations only, no resampling), so ``slice_axis`` means the same for every file:
-0 = sagittal, 1 = coronal, 2 = axial. DICOM series are ``[rows, columns, slices]`` (axis 2 = the
-acquired slices); .npy/.npz arrays are taken as stored.
+Loaders return the voxels with their affine (voxel -> mm); ``volume_pipeline.prepare_volume`` brings NIfTI volumes
+and DICOM series to the closest RAS+ orientation (then resamples, crops and maps intensities where the config
+asks), so ``slice_axis`` means the same for every file: 0 = sagittal, 1 = coronal, 2 = axial. .npy/.npz arrays
+have no affine and are taken as stored. The slices along ``data.slice_axis`` become the frames T, and clips (slabs)
+are sampled over them exactly like video frames.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def _as_3d(vol: np.ndarray, src: Source) -> np.ndarray:
     return vol
 
 
-def load_nifti(src: Source) -> np.ndarray:
-    """NIfTI-1 or -2 (.nii or .nii.gz), scl_slope/scl_inter applied, float32, RAS+ orientation."""
+def load_nifti(src: Source) -> tuple[np.ndarray, np.ndarray]:
+    """NIfTI-1 or -2 (.nii or .nii.gz): float32 voxels (scl_slope/scl_inter applied) as stored, and the affine."""
     raw = src.read_bytes()
     try:
         if raw[:2] == b"\x1f\x8b":
@@ -46,11 +46,10 @@ def load_nifti(src: Source) -> np.ndarray:
             img = nib.Nifti2Image.from_bytes(raw)
         else:
             raise src.error("not a NIfTI file (header size is neither 348 nor 540)")
-        img = nib.as_closest_canonical(img)
         vol = img.get_fdata(dtype=np.float32)
     except (OSError, EOFError, ValueError, HeaderDataError, ImageFileError) as err:
         raise src.error(f"cannot read NIfTI (corrupt or truncated?): {err}") from None
-    return _as_3d(vol, src)
+    return _as_3d(vol, src), img.affine
 
 
 def load_numpy(src: Source) -> np.ndarray:
