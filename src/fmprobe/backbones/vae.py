@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from fmprobe.backbones.base import Encoder, EncoderOutput, InputSpec, LayerRef
-from fmprobe.backbones.hf_vision import WeightsDigest, torch_dtype
+from fmprobe.backbones.hf_vision import torch_dtype
 from fmprobe.backbones.hooks import record_outputs, resolve_module
+from fmprobe.backbones.weights_digest import WeightsDigest
 from fmprobe.config import ModelConfig
 from fmprobe.errors import EncoderError
 
@@ -113,8 +114,8 @@ class VAEEncoder(Encoder):
         return ((image.float() + 1) / 2).clamp(0, 1)
 
     def fingerprint(self) -> str:
-        header = [type(self).__name__, repr(self.input_spec), repr(sorted(self.model.config.items()))]
-        return self._digest(self.model.state_dict(keep_vars=True), header)
+        header = type(self).__name__ + repr(self.input_spec) + repr(sorted(self.model.config.items()))
+        return self._digest(self.model, header)
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
