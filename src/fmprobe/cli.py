@@ -288,16 +288,38 @@ def gate_points_cmd(gates: Path = typer.Argument(..., help="gates YAML (split: t
                     pair: list[Path] = typer.Option(None, help="pair.json of fmprobe compare-points"),
                     table: list[Path] = typer.Option(None, help="metric table CSV (model, point, metric, mean, "
                                                                 "ci_lo, ci_hi) of any other measurement"),
+                    reconstruct: list[Path] = typer.Option(None, help="reconstruct.json (recon/... metrics, galleries)"),
+                    speed: list[Path] = typer.Option(None, help="speed.json (speed_ratio to the baseline)"),
                     out: Path = typer.Option(Path("fmprobe-gate-points"), help="folder for gates.json, report")) -> None:
     """A gate verdict per extraction point of one or several models, the decision matrix, and a recommendation."""
     from fmprobe.experiments.gates import print_gates
     from fmprobe.experiments.point_gates import points_command
 
-    report = points_command(gates, spatial, align or (), pairs=pair or (), tables=table or (), out=out)
+    report = points_command(gates, spatial, align or (), pairs=pair or (), tables=table or (),
+                            reconstructions=reconstruct or (), speeds=speed or (), out=out)
     print_gates(console, report)
     console.print(f"report: {out / 'report.html'}")
     if report.chosen is None:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def speed(model: list[str] = typer.Option(..., help="CONFIG.yaml of a model; every point of its model.layers is timed"),
+          baseline: str = typer.Option(..., help="CONFIG.yaml of the baseline (the study: Qwen2.5-VL)"),
+          baseline_point: str = typer.Option(..., help="the baseline's point the ratios refer to"),
+          batch: int = typer.Option(2), repeats: int = typer.Option(5), warmup: int = typer.Option(1),
+          out: Path = typer.Option(Path("fmprobe-speed"), help="folder for speed.json")) -> None:
+    """Seconds per image of every model and point, and their ratio to the baseline timed in the same run."""
+    from fmprobe.diagnostics.speed import speed_command
+    from fmprobe.experiments.layers import parse_layers
+
+    result = speed_command(model, baseline, parse_layers(baseline_point)[0], batch=batch, repeats=repeats,
+                           warmup=warmup, out=out)  # fmt: skip
+    for r in result["results"]:
+        typer.echo(f"{r['model']:<30} {r['point']:<34} {r['seconds_per_image']:.4f} s/image  "
+                   f"{r['ratio']:.2f}x [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]")
+    typer.echo(f"written: {out / 'speed.json'}")
 
 
 @app.command("spatial-sweep")

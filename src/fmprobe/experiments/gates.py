@@ -88,16 +88,31 @@ class Criterion(Strict):
         return better_high(self.metric) if self.direction == "auto" else self.direction == "higher"
 
 
+class OutcomeRule(Strict):
+    """The study's outcome table over several models (each at its best point), read from one criterion: one model
+    passes every must-pass -> proceed; several -> the ``select`` best by weighted score; none, but one passes
+    ``criterion`` -> investigate; none beats ``hybrid_below`` on it -> pivot to a hybrid; none beats
+    ``major_pivot_below`` -> major pivot (see experiments.decision)."""
+
+    criterion: str  # the criterion the pivots read (the study: spatial IoU)
+    hybrid_below: float
+    major_pivot_below: float
+    select: int = Field(default=2, ge=1)
+
+
 class GatesSpec(Strict):
     experiment: str | None = None
     reject_flags: Literal["error", "none"] | list[str] = "error"
     criteria: list[Criterion] = Field(min_length=1)
+    outcome: OutcomeRule | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "GatesSpec":
         names = [c.name for c in self.criteria]
         if len(set(names)) != len(names):
             raise ValueError(f"criteria need distinct names, got {names}; set 'name' on each")
+        if self.outcome is not None and self.outcome.criterion not in names:
+            raise ValueError(f"outcome.criterion '{self.outcome.criterion}' is not a criterion ({', '.join(names)})")
         if not sum(c.weight for c in self.criteria) > 0:
             raise ValueError("every criterion has weight 0; give at least one a weight > 0 for the score")
         return self
@@ -123,6 +138,7 @@ class Verdict:
     levels: dict[str, Level]
     reasons: list[str]
     tiebreak: float = float("nan")
+    weighted: dict[str, float] = field(default_factory=dict)  # score, lo, hi: see weighted_score
 
     @property
     def label(self) -> str:
@@ -144,7 +160,8 @@ class GateReport:
             "counts": self.counts,
             "criteria": [c.model_dump() for c in self.spec.criteria],
             "verdicts": [{"candidate": v.label, "run_dir": v.run_dir, "verdict": v.verdict, "score": v.score,
-                          "levels": {k: vars(lv) for k, lv in v.levels.items()}, "reasons": v.reasons}
+                          "weighted": v.weighted, "levels": {k: vars(lv) for k, lv in v.levels.items()},
+                          "reasons": v.reasons}
                          for v in self.verdicts],
         }
 
@@ -179,6 +196,33 @@ def criterion_level(c: Criterion, point: float, lo: float, hi: float) -> Level:
 
 
 RANK = {"fail": 0, "inconclusive": 1, "pass": 2, "target": 3}
+
+
+def utility(c: Criterion, value: float) -> float:
+    """A criterion's value on [0, 1]: 0 at ``fail``, 1 at ``target``, linear between, clipped (mirrored when lower is
+    better); without them ``acceptable`` stands in, so a criterion with neither is a step at ``acceptable``."""
+    if value != value:
+        return 0.0
+    low = c.fail if c.fail is not None else c.acceptable
+    high = c.target if c.target is not None else c.acceptable
+    sign = 1.0 if c.higher else -1.0
+    if low == high:
+        return float(sign * (value - high) >= 0)
+    return float(np.clip((value - low) / (high - low), 0.0, 1.0))
+
+
+def weighted_score(spec: GatesSpec, levels: dict[str, Level]) -> dict[str, float]:
+    """The weighted mean of the criteria's utilities (the study's weighted score), with the range it takes when every
+    criterion moves within its own CI: ``lo`` from each pessimistic end, ``hi`` from each optimistic end. That range
+    covers the score whenever every criterion's interval covers its value (so at least 1 - sum of their alphas)."""
+    total = sum(c.weight for c in spec.criteria)
+    ends = {"score": [], "lo": [], "hi": []}
+    for c in spec.criteria:
+        lv = levels[c.name]
+        worst, best = (lv.lo, lv.hi) if c.higher else (lv.hi, lv.lo)
+        for key, value in (("score", lv.point), ("lo", worst), ("hi", best)):
+            ends[key].append(c.weight * utility(c, value))
+    return {key: float(sum(v) / total) for key, v in ends.items()}
 
 
 def control_level(c: Criterion, diff: float, lo: float, hi: float) -> Level:
@@ -252,7 +296,8 @@ def judge(spec: GatesSpec, cands: pd.DataFrame, values: pd.DataFrame) -> GateRep
         first = spec.criteria[0]
         tie = _lookup(values, (c.run_dir, c.head, "val", first.metric))
         verdicts.append(Verdict(c.run_dir, c.experiment, c.run_id, c.head, verdict, score, levels, reasons,
-                                tiebreak=(tie if first.higher else -tie) if tie == tie else -np.inf))
+                                tiebreak=(tie if first.higher else -tie) if tie == tie else -np.inf,
+                                weighted=weighted_score(spec, levels)))  # fmt: skip
     order = {"accept": 0, "inconclusive": 1, "reject": 2}
     verdicts.sort(key=lambda v: (order[v.verdict], -v.score, -v.tiebreak, v.label))
     counts = {k: sum(v.verdict == k for v in verdicts) for k in order}

@@ -33,10 +33,12 @@ import pandas as pd
 from fmprobe.atomic import atomic_path, write_json
 from fmprobe.diagnostics.outputs import data_kind, model_of, read_output
 from fmprobe.errors import ConfigError, FmprobeError
+from fmprobe.experiments.decision import decide
 from fmprobe.experiments.gates import GateReport, GatesSpec, judge, load_gates
 from fmprobe.experiments.leaderboard import RUN_QUANTITIES
 
 SPATIAL_METRICS = ("box_iou", "mask_iou", "map50")
+RECON_METRICS = ("lpips", "ssim", "edge_f1", "spatial_iou", "map50")
 COLUMNS = ["point", "metric", "mean", "ci_lo", "ci_hi", "model"]
 TABLE_COLUMNS = ["model", "point", "metric", "mean", "ci_lo", "ci_hi"]
 
@@ -103,10 +105,24 @@ def point_metrics(spatial: Sequence[dict[str, Any]], alignment: dict[str, Any] |
     return table.astype({"ci_lo": float, "ci_hi": float})
 
 
+def reconstruction_table(reconstruct: dict[str, Any]) -> pd.DataFrame:
+    """A reconstruct.json's points as a metric table: ``recon/<metric>`` with CIs and paired control differences."""
+    rows = result_rows(reconstruct["results"], "recon", RECON_METRICS)
+    return pd.DataFrame(rows, columns=COLUMNS[:-1]).assign(model=reconstruct["model"])[COLUMNS]
+
+
+def speed_table(speed: dict[str, Any]) -> pd.DataFrame:
+    """A speed.json as a metric table: ``speed_ratio`` (seconds relative to the baseline's point) with its CI."""
+    rows = [{"model": r["model"], "point": r["point"], "metric": "speed_ratio", "mean": r["ratio"], "ci_lo": r["ci"][0],
+             "ci_hi": r["ci"][1]} for r in speed["results"]]  # fmt: skip
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)[COLUMNS]
+
+
 def model_metrics(spatial: Sequence[dict[str, Any]], alignments: Sequence[dict[str, Any]] = (),
                   tables: Sequence[pd.DataFrame] = ()) -> pd.DataFrame:  # fmt: skip
     """Long table of every model's points: spatial files grouped by encoder, each alignment with the model its A side
-    names (a lone alignment goes with a lone model), then the rows of any metric tables."""
+    names (a lone alignment goes with a lone model), then the rows of any metric tables (reconstructions, speed,
+    user-given scores, ...)."""
     models: dict[str, list[dict[str, Any]]] = {}
     for s in spatial:
         models.setdefault(model_of(s), []).append(s)
@@ -169,31 +185,42 @@ def model_summary(report: GateReport) -> list[dict[str, Any]]:
     best: dict[str, Any] = {}
     for v in report.verdicts:
         best.setdefault(v.run_dir, v)
-    return [{"model": m, "point": v.head, "verdict": v.verdict, "score": v.score,
+    return [{"model": m, "point": v.head, "verdict": v.verdict, "score": v.score, "weighted": v.weighted,
              "levels": {k: vars(lv) for k, lv in v.levels.items()}} for m, v in best.items()]  # fmt: skip
 
 
 def points_command(
     gates: str | Path, spatial: Sequence[str | Path], align: Sequence[str | Path] = (), *,
-    pairs: Sequence[str | Path] = (), tables: Sequence[str | Path] = (),
-    out: str | Path = "fmprobe-gate-points",
+    pairs: Sequence[str | Path] = (), tables: Sequence[str | Path] = (), reconstructions: Sequence[str | Path] = (),
+    speeds: Sequence[str | Path] = (), out: str | Path = "fmprobe-gate-points",
 ) -> GateReport:
     """Gate the points; write ``points.csv``, ``gates.json``, the figures and ``report.html`` to ``out``.
 
-    ``pairs``: pair.json files of `fmprobe compare-points` (paired differences between two points), shown as such."""
+    ``pairs``: pair.json files of `fmprobe compare-points` (paired differences between two points), shown as such;
+    ``reconstructions``: reconstruct.json files (``recon/...`` metrics, galleries in the report); ``speeds``:
+    speed.json files (``speed_ratio``)."""
     from fmprobe.report.points import write_points_report
 
     spatial_results = [read_output(p, "spatial.json") for p in spatial]
     alignments = [read_output(p, "alignment.json") for p in align]
     pair_results = [read_output(p, "pair.json") for p in pairs]
-    table = model_metrics(spatial_results, alignments, [read_table(t) for t in tables])
+    recon_results = [{**read_output(p, "reconstruct.json"), "folder": str(_folder(p))} for p in reconstructions]
+    metric_tables = [*(reconstruction_table(r) for r in recon_results),
+                     *(speed_table(read_output(p, "speed.json")) for p in speeds), *(read_table(t) for t in tables)]
+    table = model_metrics(spatial_results, alignments, metric_tables)
     report = gate_models(load_gates(gates), table)
     summary = model_summary(report)
+    outcome = decide(report.spec, summary)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "gates.json", {**report.to_dict(), "models": summary})
+    write_json(out / "gates.json", {**report.to_dict(), "models": summary, "outcome": outcome})
     with atomic_path(out / "points.csv") as tmp:
         table.to_csv(tmp, index=False)
     write_points_report(out / "report.html", report, table, spatial_results, alignments, pairs=pair_results,
-                        summary=summary)
+                        summary=summary, outcome=outcome, reconstructions=recon_results)
     return report
+
+
+def _folder(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_dir() else path.parent

@@ -6,6 +6,7 @@ metric)."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,26 @@ def _figures(dest_dir: Path, table: pd.DataFrame, spatial: Sequence[dict[str, An
     return figures
 
 
+def _galleries(reconstructions: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(title, base64 PNG) of every reconstructed point's gallery, controls included."""
+    out = []
+    for r in reconstructions:
+        for row in [*r["results"], *r.get("controls", ())]:
+            what = f"{row['control']} control at {row['layer']}" if "control" in row else row["layer"]
+            path = Path(r["folder"]) / row["gallery"]
+            out.append((f"{r['model']}: {what} — LPIPS {fmt(row['lpips'])}, SSIM {fmt(row['ssim'])}, spatial IoU "
+                        f"{fmt(row['spatial_iou'])}", base64.b64encode(path.read_bytes()).decode()))  # fmt: skip
+    return out
+
+
 def write_points_report(dest: Path, gates: Any, table: pd.DataFrame, spatial: Sequence[dict[str, Any]],
-                        alignments: Sequence[dict[str, Any]] | None, *, pairs: Sequence[dict[str, Any]] = (), summary: Sequence[dict[str, Any]] = ()) -> Path:  # fmt: skip
+                        alignments: Sequence[dict[str, Any]] | None, *, pairs: Sequence[dict[str, Any]] = (),
+                        summary: Sequence[dict[str, Any]] = (), outcome: dict[str, Any] | None = None,
+                        reconstructions: Sequence[dict[str, Any]] = ()) -> Path:  # fmt: skip
     """Write the report (figures next to it as PNG too) and return its path. ``summary``: each model's best point
-    (point_gates.model_summary), shown as the decision matrix when there are several models."""
+    (point_gates.model_summary), shown as the decision matrix when there are several models; ``outcome``: the rule
+    of the study's outcome table that fired (experiments.decision); ``reconstructions``: reconstruct.json contents
+    with their ``folder``, whose galleries are shown."""
     dest = Path(dest)
     alignments = list(alignments or ())
     models = list(dict.fromkeys(table["model"]))
@@ -89,8 +106,9 @@ def write_points_report(dest: Path, gates: Any, table: pd.DataFrame, spatial: Se
         "points.html",
         title=title, gates=gates, metrics=metrics, cells=cells, models=models, several=several,
         points=list(dict.fromkeys(zip(table["model"], table["point"]))), spatial=spatial, alignments=alignments,
-        controls=control_rows, pairs=pairs, summary=summary if several else (), names=NAMES,
-        figures=_figures(dest.parent, table, spatial, alignments), fmt=fmt, version=__version__,
+        controls=control_rows, pairs=pairs, summary=summary if several else (), names=NAMES, outcome=outcome,
+        galleries=_galleries(reconstructions), figures=_figures(dest.parent, table, spatial, alignments), fmt=fmt,
+        version=__version__,
     )
     write_text(dest, html)
     return dest
