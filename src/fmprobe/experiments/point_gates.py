@@ -11,8 +11,11 @@ each encoder. Their numbers come from the diagnostics' output files, not from ru
 - ``fmprobe align`` (``alignment.json``, the points as A's layers against a reference model as B, matched to a
   model by A's label): one metric per computed alignment metric (``linear_cka``, ``rsa``, ``knn_recall``,
   ...), named ``<metric>@<layer>`` when B has several layers; CIs where ``--bootstrap`` gave them;
-- metric tables (CSV with the columns ``model, point, metric, mean, ci_lo, ci_hi``): any other per-point
-  measurement (a reconstruction score, a direction accuracy, ...). A criterion reads a metric by its name, so a new
+- ``fmprobe reconstruct`` (``reconstruct.json``): ``recon/lpips``, ``recon/ssim``, ``recon/edge_f1``,
+  ``recon/spatial_iou``, ``recon/map50`` with CIs and paired differences to the controls; ``fmprobe speed``
+  (``speed.json``): ``speed_ratio`` to the baseline with its CI;
+- metric tables (CSV with the columns ``model, point, metric, mean, ci_lo, ci_hi``; point ``*`` for a score of the
+  whole model, such as a user-given integration complexity): any other per-point measurement. A criterion reads a metric by its name, so a new
   measurement is a new table and a new criterion — a new row of the decision matrix — and a new model is new
   files — a new column.
 
@@ -41,6 +44,7 @@ SPATIAL_METRICS = ("box_iou", "mask_iou", "map50")
 RECON_METRICS = ("lpips", "ssim", "edge_f1", "spatial_iou", "map50")
 COLUMNS = ["point", "metric", "mean", "ci_lo", "ci_hi", "model"]
 TABLE_COLUMNS = ["model", "point", "metric", "mean", "ci_lo", "ci_hi"]
+ALL_POINTS = "*"  # a metric table's point for a score of the whole model
 
 
 def _ci(row: dict[str, Any], metric: str) -> tuple[float, float]:
@@ -136,17 +140,27 @@ def model_metrics(spatial: Sequence[dict[str, Any]], alignments: Sequence[dict[s
             raise FmprobeError(f"two alignments for model '{model}'; give one per model")
         matched[model] = a
     parts = [point_metrics(files, matched.get(model)) for model, files in models.items()]
+    points = {model: list(dict.fromkeys(part["point"])) for model, part in zip(models, parts)}
     for table in tables:
         unknown = sorted(set(table["model"]) - set(models))
         if unknown:
             raise FmprobeError(f"a metric table has rows for models {unknown} that no spatial.json measured "
                                f"({', '.join(models)})")  # fmt: skip
-        parts.append(table[COLUMNS])
+        parts.append(_every_point(table[COLUMNS], points))
     return pd.concat(parts, ignore_index=True).astype({"ci_lo": float, "ci_hi": float})
 
 
+def _every_point(table: pd.DataFrame, points: dict[str, list[str]]) -> pd.DataFrame:
+    """A row whose point is ``*`` (a score of the whole model, e.g. its integration complexity) stands for each of
+    the model's points."""
+    whole = table["point"] == ALL_POINTS
+    spread = [row._replace(point=p) for row in table[whole].itertuples(index=False) for p in points[row.model]]
+    return pd.concat([table[~whole], pd.DataFrame(spread, columns=table.columns)], ignore_index=True)
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
-    """A metric table (CSV: model, point, metric, mean, ci_lo, ci_hi; empty CIs where there are none)."""
+    """A metric table (CSV: model, point, metric, mean, ci_lo, ci_hi; empty CIs where there are none; point ``*``:
+    every point of the model)."""
     try:
         table = pd.read_csv(Path(path).expanduser(), dtype={"model": str, "point": str, "metric": str})
     except OSError as err:
@@ -192,13 +206,14 @@ def model_summary(report: GateReport) -> list[dict[str, Any]]:
 def points_command(
     gates: str | Path, spatial: Sequence[str | Path], align: Sequence[str | Path] = (), *,
     pairs: Sequence[str | Path] = (), tables: Sequence[str | Path] = (), reconstructions: Sequence[str | Path] = (),
-    speeds: Sequence[str | Path] = (), out: str | Path = "fmprobe-gate-points",
+    speeds: Sequence[str | Path] = (), heatmaps: Sequence[str | Path] = (), out: str | Path = "fmprobe-gate-points",
 ) -> GateReport:
     """Gate the points; write ``points.csv``, ``gates.json``, the figures and ``report.html`` to ``out``.
 
     ``pairs``: pair.json files of `fmprobe compare-points` (paired differences between two points), shown as such;
     ``reconstructions``: reconstruct.json files (``recon/...`` metrics, galleries in the report); ``speeds``:
-    speed.json files (``speed_ratio``)."""
+    speed.json files (``speed_ratio``); ``heatmaps``: alignment.json files shown as figures only (a model's points
+    against every channel of a VAE's latents)."""
     from fmprobe.report.points import write_points_report
 
     spatial_results = [read_output(p, "spatial.json") for p in spatial]
@@ -217,7 +232,8 @@ def points_command(
     with atomic_path(out / "points.csv") as tmp:
         table.to_csv(tmp, index=False)
     write_points_report(out / "report.html", report, table, spatial_results, alignments, pairs=pair_results,
-                        summary=summary, outcome=outcome, reconstructions=recon_results)
+                        summary=summary, outcome=outcome, reconstructions=recon_results,
+                        heatmaps=[read_output(p, "alignment.json") for p in heatmaps])  # fmt: skip
     return report
 
 

@@ -32,7 +32,8 @@ def _series(table: pd.DataFrame, points: list[str], metric: str) -> tuple[list[f
 
 
 def _figures(dest_dir: Path, table: pd.DataFrame, spatial: Sequence[dict[str, Any]],
-             alignments: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:  # fmt: skip
+             alignments: Sequence[dict[str, Any]], heatmaps: Sequence[dict[str, Any]] = ()
+             ) -> list[tuple[str, str]]:  # fmt: skip
     models = list(dict.fromkeys(table["model"]))
     figures = []
     for s in spatial:
@@ -51,14 +52,14 @@ def _figures(dest_dir: Path, table: pd.DataFrame, spatial: Sequence[dict[str, An
                                         f"({s['n_test']} test {'clips' if kind == 'moving' else 'images'})")  # fmt: skip
         figures.append((f"Spatial probes, {kind} shapes" + (f": {model}" if len(models) > 1 else ""),
                         plots.png_base64(path)))  # fmt: skip
-    for alignment in alignments:
+    for alignment, tag in [(a, "") for a in alignments] + [(h, "channels_") for h in heatmaps]:
         if "matrices" not in alignment:
             continue
         model = alignment["a"].get("model") or models[0]
         rows = table[table["model"] == model]
         points = list(dict.fromkeys(rows["point"]))
         reference = alignment["b"]["source"]
-        prefix = f"{models.index(model)}_" if len(models) > 1 else ""
+        prefix = tag + (f"{models.index(model)}_" if len(models) > 1 else "")
         for metric, m in alignment["matrices"].items():
             if len(m["cols"]) == 1:
                 series = {metric: _series(rows, points, metric)}
@@ -88,11 +89,13 @@ def _galleries(reconstructions: Sequence[dict[str, Any]]) -> list[tuple[str, str
 def write_points_report(dest: Path, gates: Any, table: pd.DataFrame, spatial: Sequence[dict[str, Any]],
                         alignments: Sequence[dict[str, Any]] | None, *, pairs: Sequence[dict[str, Any]] = (),
                         summary: Sequence[dict[str, Any]] = (), outcome: dict[str, Any] | None = None,
-                        reconstructions: Sequence[dict[str, Any]] = ()) -> Path:  # fmt: skip
+                        reconstructions: Sequence[dict[str, Any]] = (),
+                        heatmaps: Sequence[dict[str, Any]] = ()) -> Path:  # fmt: skip
     """Write the report (figures next to it as PNG too) and return its path. ``summary``: each model's best point
     (point_gates.model_summary), shown as the decision matrix when there are several models; ``outcome``: the rule
     of the study's outcome table that fired (experiments.decision); ``reconstructions``: reconstruct.json contents
-    with their ``folder``, whose galleries are shown."""
+    with their ``folder``, whose galleries are shown; ``heatmaps``: alignment.json contents shown as figures only (the
+    points against each channel of the reference)."""
     dest = Path(dest)
     alignments = list(alignments or ())
     models = list(dict.fromkeys(table["model"]))
@@ -107,8 +110,8 @@ def write_points_report(dest: Path, gates: Any, table: pd.DataFrame, spatial: Se
         title=title, gates=gates, metrics=metrics, cells=cells, models=models, several=several,
         points=list(dict.fromkeys(zip(table["model"], table["point"]))), spatial=spatial, alignments=alignments,
         controls=control_rows, pairs=pairs, summary=summary if several else (), names=NAMES, outcome=outcome,
-        galleries=_galleries(reconstructions), figures=_figures(dest.parent, table, spatial, alignments), fmt=fmt,
-        version=__version__,
+        galleries=_galleries(reconstructions), figures=_figures(dest.parent, table, spatial, alignments, heatmaps),
+        fmt=fmt, version=__version__,
     )
     write_text(dest, html)
     return dest
