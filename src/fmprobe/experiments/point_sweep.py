@@ -200,7 +200,7 @@ def run_point_sweep(path: str | Path, *, on_event: Callable[[str], None] = lambd
             settings = {"step": "reconstruct", "config": digest, "vae": _file_digest(base / options.vae),
                         "controls": spec.controls, **options.model_dump()}  # fmt: skip
             recons.append(_step(folder, settings, lambda c=config, f=folder: reconstruct_command(
-                str(c), str(base / options.vae), **{**options.model_dump(exclude={"vae", "lpips_backbone"})},
+                str(c), str(base / options.vae), **options.model_dump(exclude={"vae", "lpips_backbone"}),
                 lpips_backbone=_path(base, options.lpips_backbone), controls=spec.controls, out=f), on_event))
     speeds = []
     if spec.speed is not None:
