@@ -146,4 +146,5 @@ def test_gate_points_reads_reconstructions_and_speed_into_the_matrix_and_the_out
     decision = html[html.index('<table id="decision">'):]
     decision = decision[: decision.index("</table>")]
     assert '<span class="lv-target">target</span>' in decision and '<span class="lv-fail">fail</span>' in decision
+    assert '<td class="c-target">' in decision and '<td class="c-fail">' in decision  # cells coloured by level
     assert html.count(base64.b64encode(_png()).decode()) == 2  # each model's gallery
