@@ -23,6 +23,7 @@ The debiased CKA estimators get no interval (their unbiasedness is defined for d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -42,7 +43,7 @@ from fmprobe.diagnostics.alignment import (
 )
 from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.bootstrap import resample_weights
+from fmprobe.evaluate.bootstrap import interval_levels, resample_weights
 
 CKA = ("linear_cka", "rbf_cka")
 BOOTSTRAPPABLE = (*CKA, "rsa", "knn_recall", "mutual_knn", "linear_r2")
@@ -152,13 +153,15 @@ def alignment_interval(
     seed: int = 0, conventions: AlignmentConventions = DEFAULT,
 ) -> list[float]:
     """``[lo, hi]``: the bootstrap CI of ``metric`` (one of ``BOOTSTRAPPABLE``), bias-corrected percentile except
-    for linear R^2 (see the module docstring)."""
+    for linear R^2 (see the module docstring), at the quantile levels of every fmprobe CI
+    (``evaluate.bootstrap.interval_levels``, over the units resampled)."""
     if not 0 < ci < 1:
         raise FmprobeError(f"ci must be in (0, 1), got {ci}")
     point, values = metric_resamples(a, b, metric, n_resamples=n_resamples, seed=seed, conventions=conventions)
     valid = values[np.isfinite(values)]
     if valid.size == 0 or not np.isfinite(point):
         return [float("nan"), float("nan")]
-    alpha = (1 - ci) / 2
     bias = 0.0 if metric in UNCORRECTED else float(valid.mean()) - point
-    return [float(v) - bias for v in np.quantile(valid, [alpha, 1 - alpha])]
+    # R^2 resamples the held-out rows (train_test_split's ceil of the fraction), the others every sample
+    units = math.ceil(conventions.r2_test_fraction * len(a)) if metric == "linear_r2" else len(a)
+    return [float(v) - bias for v in np.quantile(valid, interval_levels(ci, units))]

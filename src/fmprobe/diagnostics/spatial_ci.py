@@ -20,7 +20,7 @@ import numpy as np
 
 from fmprobe.diagnostics.spatial import matched_average_precision
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.bootstrap import resample_weights
+from fmprobe.evaluate.bootstrap import interval, p_value, resample_weights
 
 METRICS = ("box_iou", "mask_iou", "map50")
 _AP_PARTS = ("ap_matches", "n_gt")
@@ -68,14 +68,15 @@ def spatial_intervals(
     per_image: Mapping[str, Any], slices_per_sample: int, *, n_resamples: int = 1000, ci: float = 0.95,
     seed: int = 0,
 ) -> dict[str, list[float]]:
-    """``{metric: [lo, hi]}`` percentile CIs of every per-image score (and AP) in ``per_image``, sample-major."""
+    """``{metric: [lo, hi]}`` of every per-image score (and AP) in ``per_image`` (sample-major slices): the interval
+    every fmprobe CI is (``evaluate.bootstrap.interval``, over the samples drawn)."""
     scores = _Scores(per_image)
     draws: dict[str, list[float]] = {k: [] for k in scores.names}
     for idx in _resamples(scores.n, slices_per_sample, n_resamples, ci, seed):
         for k, v in scores.values(idx).items():
             draws[k].append(v)
-    alpha = (1 - ci) / 2
-    return {k: [float(v) for v in np.quantile(d, [alpha, 1 - alpha])] for k, d in draws.items()}
+    points, units = scores.values(np.arange(scores.n)), scores.n // slices_per_sample
+    return {k: list(interval(np.asarray(d), points[k], ci=ci, units=units)[1:]) for k, d in draws.items()}
 
 
 def paired_differences(
@@ -94,13 +95,11 @@ def paired_differences(
         va, vb = a.values(idx), b.values(idx)
         for k in names:
             diffs[k].append(va[k] - vb[k])
-    alpha = (1 - ci) / 2
+    units = a.n // slices_per_sample
     out = {}
     for k, d in diffs.items():
-        d = np.asarray(d)
-        lo, hi = np.quantile(d, [alpha, 1 - alpha])
-        p = 2 * min(np.count_nonzero(d <= 0) + 1, np.count_nonzero(d >= 0) + 1) / (d.size + 1)
-        out[k] = {"diff": float(point[k]), "lo": float(lo), "hi": float(hi), "p_value": float(min(1.0, p))}
+        _, lo, hi = interval(np.asarray(d), point[k], ci=ci, units=units)
+        out[k] = {"diff": float(point[k]), "lo": lo, "hi": hi, "p_value": p_value(np.asarray(d), units=units)}
     return out
 
 
@@ -109,5 +108,5 @@ def ratio_interval(hits: Any, counts: Any, *, n_resamples: int = 1000, ci: float
     hits, counts = np.asarray(hits, dtype=np.float64), np.asarray(counts, dtype=np.float64)
     values = [float(hits[idx].sum() / counts[idx].sum()) for idx in _resamples(len(hits), 1, n_resamples, ci, seed)
               if counts[idx].sum() > 0]  # fmt: skip
-    alpha = (1 - ci) / 2
-    return [float(v) for v in np.quantile(values, [alpha, 1 - alpha])]
+    point = float(hits.sum() / counts.sum()) if counts.sum() > 0 else float("nan")
+    return list(interval(np.asarray(values), point, ci=ci, units=len(hits))[1:])

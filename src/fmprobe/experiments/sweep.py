@@ -12,8 +12,8 @@ A sweep file names a base config and a grid of dotted keys (list indices allowed
     gates: gates.yaml          # optional; verdicts shown in the sweep report
 
 Every combination is validated before anything runs. A run is identified by ``config_hash`` and is
-finished when a run directory of that hash holds metrics.json: finished runs are skipped, so a killed
-sweep resumes where it stopped. Runs sharing a feature-cache entry (same model, data and feature
+finished when a run directory of that hash is (``experiments.status``): finished runs are skipped, so a killed
+sweep resumes where it stopped, and a failed one is run again in a new directory. Runs sharing a feature-cache entry (same model, data and feature
 settings) are extracted once, first; the runs then train heads on the cached features.
 """
 
@@ -23,7 +23,6 @@ import copy
 import itertools
 import json
 import os
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 from fmprobe.atomic import write_json
 from fmprobe.config import Experiment, parse_config, read_yaml, resolve_paths, set_dotted
 from fmprobe.errors import ConfigError, FmprobeError
+from fmprobe.experiments.status import describe_error, is_finished, short_error
 
 SWEEP_KEYS = ("base", "name", "grid", "workers", "gates")
 
@@ -152,9 +152,11 @@ def expand(spec: SweepSpec) -> list[SweepPoint]:
 
 
 def finished_runs(runs_dir: Path, experiment: str) -> dict[str, Path]:
-    """config hash -> the latest run directory of ``experiment`` that holds metrics.json."""
+    """config hash -> the latest finished run directory of ``experiment`` (failed ones are run again, anew)."""
     out: dict[str, Path] = {}
     for metrics in sorted((runs_dir / experiment).glob("*/metrics.json")):
+        if not is_finished(metrics.parent):
+            continue
         try:
             digest = json.loads(metrics.read_text())["config_hash"]
         except (OSError, ValueError, KeyError):
@@ -190,7 +192,7 @@ def _extract_task(exp: Experiment) -> dict[str, Any]:
     try:
         result = run_extraction(exp, load_manifest(exp.data, exp.task), progress=False)
     except Exception as err:  # reported per run; the other extractions go on
-        return {"error": _describe(err)}
+        return {"error": describe_error(err)}
     return {"error": None, "extracted": result.extracted, "cached": result.cached, "seconds": result.seconds}
 
 
@@ -207,16 +209,10 @@ def _run_task(exp: Experiment) -> dict[str, Any]:
     try:
         result = run_experiment(exp, progress=False)
     except Exception as err:  # reported per run; the other runs go on
-        return {"error": _describe(err), "run_dir": None}
+        return {"error": describe_error(err), "run_dir": None}
     finally:
         torch.set_num_threads(threads)
     return {"error": None, "run_dir": str(result.run_dir)}
-
-
-def _describe(err: Exception) -> str:
-    if isinstance(err, FmprobeError):
-        return f"{type(err).__name__}: {err}"
-    return "".join(traceback.format_exception(err)).strip()
 
 
 # --- executors ---------------------------------------------------------------------------------------
@@ -310,7 +306,7 @@ def run_sweep(
             broken.add(key)
             for point in groups[key]:
                 point.status, point.error = "failed", f"feature extraction failed: {out['error']}"
-            on_event(f"extraction failed for {len(groups[key])} run(s): {out['error'].splitlines()[-1]}")
+            on_event(f"extraction failed for {len(groups[key])} run(s): {short_error(out['error'])}")
         else:
             on_event(f"features: {out['extracted']} extracted, {out['cached']} cached ({out['seconds']:.1f} s)")
 
@@ -320,7 +316,7 @@ def run_sweep(
         point = todo[i]
         if out["error"]:
             point.status, point.error = "failed", out["error"]
-            on_event(f"failed {_label(point)}: {out['error'].splitlines()[-1]}")
+            on_event(f"failed {_label(point)}: {short_error(out['error'])}")
         else:
             point.status, point.run_dir = "ran", Path(out["run_dir"])
             on_event(f"done {_label(point)} -> {point.run_dir.name}")
