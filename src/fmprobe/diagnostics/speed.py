@@ -24,6 +24,7 @@ from fmprobe.atomic import write_json
 from fmprobe.backbones.base import Encoder
 from fmprobe.diagnostics.shapes import make_shapes
 from fmprobe.errors import ConfigError
+from fmprobe.evaluate.bootstrap import interval
 
 
 def _seconds(encoder: Encoder, pixels: torch.Tensor, point: int | str, warmup: int, repeats: int) -> list[float]:
@@ -54,13 +55,14 @@ def _batch(encoder: Encoder, batch: int, seed: int) -> torch.Tensor:
 
 def ratio_interval(model: Sequence[float], baseline: Sequence[float], *, n_resamples: int = 1000, ci: float = 0.95,
                    seed: int = 0) -> list[float]:  # fmt: skip
-    """Percentile CI of median(model) / median(baseline), each side's repeats resampled on their own."""
+    """CI of median(model) / median(baseline), each side's repeats resampled on their own; fmprobe's one interval
+    (``evaluate.bootstrap.interval``) over the fewer repeats of the two."""
     rng = np.random.default_rng(seed)
     m, b = np.asarray(model), np.asarray(baseline)
     ratios = (np.median(m[rng.integers(0, len(m), (n_resamples, len(m)))], axis=1)
               / np.median(b[rng.integers(0, len(b), (n_resamples, len(b)))], axis=1))  # fmt: skip
-    alpha = (1 - ci) / 2
-    return [float(v) for v in np.quantile(ratios, [alpha, 1 - alpha])]
+    point = float(np.median(m) / np.median(b))
+    return list(interval(ratios, point, ci=ci, units=min(len(m), len(b)))[1:])
 
 
 def speed_command(models: Sequence[str], baseline: str, baseline_point: int | str, *, batch: int = 2,
