@@ -266,7 +266,7 @@ def ltx_video_vae(folder: str | Path, *, latent_channels: int = 8, channels: tup
     import diffusers
 
     with seeded(seed):
-        vae = diffusers.AutoencoderKLLTXVideo(
+        model = diffusers.AutoencoderKLLTXVideo(
             latent_channels=latent_channels, block_out_channels=channels, decoder_block_out_channels=channels,
             down_block_types=("LTXVideoDownBlock3D",) * 2, layers_per_block=(1, 1, 1),
             decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, False),
@@ -274,7 +274,7 @@ def ltx_video_vae(folder: str | Path, *, latent_channels: int = 8, channels: tup
             downsample_type=("conv", "conv"), upsample_residual=(False, False), upsample_factor=(1, 1),
             patch_size=patch, timestep_conditioning=timestep_conditioning,
         )  # fmt: skip
-    vae.save_pretrained(folder)
+    model.save_pretrained(folder)
     return Path(folder)
 
 
@@ -283,9 +283,9 @@ def autoencoder_kl(folder: str | Path, *, latent_channels: int = 4, seed: int = 
     import diffusers
 
     with seeded(seed):
-        vae = diffusers.AutoencoderKL(
+        model = diffusers.AutoencoderKL(
             block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels, norm_num_groups=4,
         )  # fmt: skip
-    vae.save_pretrained(folder)
+    model.save_pretrained(folder)
     return Path(folder)
