@@ -290,7 +290,7 @@ class ModelConfig(Strict):
 
     name: str = "dinov2-small-offline"  # registry name, local directory, hub id, or architecture (see above)
     kind: Literal["auto", "dinov2", "vjepa2", "vjepa2-native", "videomae", "clip", "siglip", "blip2", "qwen2_vl",
-                  "qwen2_5_vl", "qwen3_vl", "vlm", "timm", "open_clip", "python", "monai"] = "auto"  # fmt: skip
+                  "qwen2_5_vl", "qwen3_vl", "vlm", "vae", "timm", "open_clip", "python", "monai"] = "auto"  # fmt: skip
     checkpoint: str | None = None  # native V-JEPA 2 .pt file (kind: vjepa2-native)
     # Native V-JEPA 2 checkpoints store no config: when no params-pretrain.yaml lies beside the .pt,
     # give the clip length and head count here (crop size: image_size).
@@ -312,6 +312,7 @@ class ModelConfig(Strict):
     prompt: str | None = None
     trust_remote_code: bool = False  # run the checkpoint's own modeling code (InternVL2, CogVLM2): only if you trust it
     layout: VLMLayoutConfig | None = None  # a remote-code VLM fmprobe has no built-in layout for
+    subfolder: str | None = None  # a diffusers VAE inside a pipeline repository (Lightricks/LTX-Video: vae)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

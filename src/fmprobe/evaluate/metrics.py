@@ -31,15 +31,20 @@ from fmprobe.config import METRICS_BY_TASK
 from fmprobe.errors import FmprobeError
 
 # The one definition of metric direction: errors, losses, calibration error and costs are lower-is-better.
-LOWER_IS_BETTER = frozenset({"mae", "rmse", "loss", "ece", "trainable_params", "total_params", "wall_seconds"})
+LOWER_IS_BETTER = frozenset({"mae", "rmse", "loss", "ece", "trainable_params", "total_params", "wall_seconds",
+                             "lpips", "speed_ratio"})
+# prefixes naming where a metric was measured (segmentation decoder; spatial probes on still / moving shapes;
+# reconstructions): the direction is the name's after the prefix
+MEASURED_ON = ("seg", "still", "moving", "recon")
 
 
 def lower_is_better(metric: str) -> bool:
-    """Direction of a metric name; per-class keys (``mae/<t>``) follow their base name, segmentation keys
-    (``seg/miou``) the name after their prefix."""
+    """Direction of a metric name; per-class keys (``mae/<t>``) follow their base name, keys with a prefix of
+    ``MEASURED_ON`` (``seg/miou``, ``recon/lpips``) the name after it, a paired difference to a control
+    (``recon/lpips-vs-pixel``) its metric's."""
     parts = metric.split("/")
-    base = parts[1] if parts[0] == "seg" and len(parts) > 1 else parts[0]
-    return base in LOWER_IS_BETTER
+    base = parts[1] if parts[0] in MEASURED_ON and len(parts) > 1 else parts[0]
+    return base.split("-vs-")[0] in LOWER_IS_BETTER
 
 
 def higher_is_better(metric: str) -> bool:
