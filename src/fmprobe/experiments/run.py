@@ -3,8 +3,10 @@
 A run directory is never overwritten:
 ``runs/<experiment>/<run_id>/`` holds config.resolved.yaml, env.json, predictions.parquet,
 metrics.json, curves.parquet, checkpoints/, report.html and status.json (``experiments.status``: finished, or
-failed with the stage and the error). A finished run is compared with every other finished run of the runs
-folder by the index (``experiments.twins``), which flags identical outputs in both runs' files.
+failed with the stage and the error), and efficiency.parquet with the label-efficiency protocol (one row per head,
+budget and repeat; the repeats' predictions and checkpoints are not kept). A finished run is compared with every
+other finished run of the runs folder by the index (``experiments.twins``), which flags identical outputs in both
+runs' files.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pandas as pd
 from fmprobe import distributed
 from fmprobe.atomic import atomic_path, write_json, write_text
 from fmprobe.backbones.base import Encoder, InputSpec
-from fmprobe.config import Experiment, dump_config
+from fmprobe.config import FITTED_HEADS, Experiment, dump_config
 from fmprobe.data.manifest import Manifest, check_targets_vary, load_manifest
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.evaluate.results import SPLITS, ProbeResults, SegResults, SplitData, predictions_table
@@ -32,6 +34,7 @@ from fmprobe.evaluate.summary import summarise_run
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.experiments.advice import upsampling_warning
 from fmprobe.experiments.clock import GroupPlan, RunClock, finish_estimate
+from fmprobe.experiments.efficiency import check_efficiency, efficiency_points, efficiency_table, wanted
 from fmprobe.experiments.environment import environment_info
 from fmprobe.experiments.identity import IDENTITY_VERSION, config_hash, head_identities
 from fmprobe.experiments.index import update_index
@@ -44,6 +47,7 @@ from fmprobe.features.extract import extract_features
 from fmprobe.features.keys import remembered_identity
 from fmprobe.features.remote import local_cache_dir
 from fmprobe.features.store import FeatureSet
+from fmprobe.probes.fitted import check_fitted
 from fmprobe.probes.frozen import member_groups, train_heads
 from fmprobe.probes.grid import check_grid, select_members
 from fmprobe.probes.segmentation import check_segmentation, segment_frozen
@@ -121,6 +125,8 @@ def run_experiment(exp: Experiment, *, progress: bool | Progress = True) -> RunR
         raise ConfigError("split.mode kfold runs frozen probes only; use split.mode generate with adapt strategies")
     check_segmentation(exp)
     check_grid(exp)
+    check_fitted(exp)
+    check_efficiency(exp)
     backbone_params, encoder = backbone_parameters(exp)  # frozen: memoised; the encoder if it had to be loaded
     warning = upsampling_warning(exp, manifest, input_spec(exp, encoder)) if distributed.is_main() else None
     if warning:
@@ -144,6 +150,8 @@ def run_experiment(exp: Experiment, *, progress: bool | Progress = True) -> RunR
         results = _train(exp, task, features, folds, data, extracted, run_dir, clock)
         if not distributed.is_main():  # process 0 alone writes the run
             return distributed.broadcast_object(None)
+        if wanted(exp):  # every head again on labelled subsets of the training split
+            results.efficiency = efficiency_points(exp, task, features, split, results)
         stage.name = "evaluate"
         grid_record = None
         if exp.train.grid is not None:  # per head, the member with the best mean validation score over seeds
@@ -196,6 +204,7 @@ def _train(exp: Experiment, task: ResolvedTask, features: FeatureSet, folds: lis
         results.runs += part.runs
         results.standardisation.update(part.standardisation)
         results.segmentation = part.segmentation
+        results.training_inputs = part.training_inputs
     clock.end_training()
     if exp.adapt.strategy == "frozen":  # several processes: each trained its share of the members
         results = gather_members(exp, results)
@@ -217,6 +226,9 @@ def _write_outputs(run_dir: Path, exp: Experiment, task: ResolvedTask, results: 
         curves.to_parquet(tmp, index=False)
     if results.segmentation is not None:
         write_segmentation_outputs(run_dir, results.segmentation)
+    if "efficiency" in metrics:
+        with atomic_path(run_dir / "efficiency.parquet") as tmp:
+            pd.DataFrame(efficiency_table(metrics)).to_parquet(tmp, index=False)
     write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp),
                                                       **distributed.describe()))
     clock.phase("report")
@@ -253,7 +265,7 @@ def training_plan(exp: Experiment, task: ResolvedTask, n_folds: int) -> list[Gro
     """The fits this process will train, per member group, for the run's progress and estimate."""
     fits = sum(len(fold_share(exp, k).train.seeds) for k in range(n_folds))
     frozen = [GroupPlan(tuple(m.name for m in members), fits, exp.train.epochs, task.primary, task.lower_is_better)
-              for members in member_groups(exp)]  # fmt: skip
+              for members in member_groups(exp) if members[0].head.type not in FITTED_HEADS]  # fmt: skip
     strategy = exp.adapt.strategy
     if strategy == "frozen":
         plan = frozen

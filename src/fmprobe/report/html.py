@@ -15,6 +15,7 @@ from fmprobe import __version__
 from fmprobe.atomic import write_text
 from fmprobe.config import Experiment
 from fmprobe.report.config_view import applied_config, loss_text
+from fmprobe.report.efficiency import run_section
 from fmprobe.report.plots import (
     confusion_matrix_plot,
     per_class_bars,
@@ -31,8 +32,10 @@ RUN_SECTIONS = [
     "run/flags.html",
     "run/results.html",
     "run/segmentation.html",
+    "run/efficiency.html",
     "run/heads.html",
     "run/subgroups.html",
+    "run/training_inputs.html",
     "run/metrics.html",
     "run/skipped.html",
     "run/config.html",
@@ -136,7 +139,7 @@ def render_run_report(exp: Experiment, metrics: dict[str, Any], curves: pd.DataF
         runner_up=runner_up_text(metrics, metrics["selection"]["runner_up"])
         if metrics["selection"].get("runner_up") else None,
         fmt=fmt, baseline=lambda metric, value: baseline_text(metrics, metric, value), params=params_text,
-        config_yaml=applied_config(exp), run_id=run_id, version=__version__,
+        config_yaml=applied_config(exp), run_id=run_id, version=__version__, efficiency=run_section(metrics),
         model_name=exp.model.checkpoint if exp.model.kind == "vjepa2-native" else exp.model.name,
     )
 
