@@ -67,6 +67,14 @@ def test_loss_settings_read_as_words_with_rounded_named_weights():
                                         "positive: grey_matter 2, white_matter 4")  # fmt: skip
 
 
+
+def test_a_fitted_heads_loss_record_reads_as_the_values_it_chose_among():
+    metrics = {"task": {"type": "binary", "targets": ["y"], "class_names": None}}
+    knn = {"type": "none", "fit": "k-nearest neighbours", "k": [10, 20, 50], "temperature": 0.07}
+    logreg = {"type": "log loss", "fit": "L-BFGS", "C": [0.0001, 0.01, 1.0], "class_weights": "none"}
+    assert loss_text(knn, metrics) == "fit k-nearest neighbours · k tried 10, 20, 50 · temperature 0.07"
+    assert loss_text(logreg, metrics) == "LOG LOSS · fit L-BFGS · C tried 0.0001, 0.01, 1"
+
 def test_loading_a_model_draws_no_transformers_bar_and_restores_the_tqdm_hook(tiny_dinov2_dir, capfd):
     from transformers.utils import logging as hf_logging
 

@@ -16,7 +16,8 @@ def test_run_into_a_log_file_prints_whole_lines_progress_verdict_and_report_path
     folder = tmp_path / ("a-folder-name-long-enough-to-wrap-any-terminal-" * 3).rstrip("-")
     folder.mkdir()
     cfg = base_config(folder)
-    cfg["heads"] = [{"type": "linear"}, {"type": "attentive", "pooling": "attentive", "num_heads": 2}]
+    cfg["heads"] = [{"type": "linear"}, {"type": "attentive", "pooling": "attentive", "num_heads": 2}, {"type": "knn"}]
+    cfg["train"]["label_fractions"] = [0.5, 1.0]
     config = folder / "exp.yaml"
     config.write_text(yaml.safe_dump(cfg))
     log, errors = tmp_path / "run.log", tmp_path / "run.err"
@@ -34,7 +35,11 @@ def test_run_into_a_log_file_prints_whole_lines_progress_verdict_and_report_path
     # progress of every long step, with the true final counts
     assert "extract tiny: 72/72 samples in " in text
     assert any(line.startswith("train tiny: ") and " 4 fits" in line for line in lines)
-    assert "evaluate tiny: 2/2 heads in " in text
+    assert "evaluate tiny: 3/3 heads in " in text
+    # the fitted head's choice and the label-efficiency table, before the verdict
+    assert any(line.startswith("fitted heads, chosen on validation auroc: knn → k ") for line in lines)
+    table = lines.index(next(line for line in lines if line.startswith("label efficiency · test auroc")))
+    assert table < lines.index(next(line for line in lines if line.startswith("verdict tiny: ")))
     # every metric name of the headline table whole, on its row; nothing truncated or wrapped
     assert "…" not in text and "\x1b[" not in text and "\r" not in text
     for head in metrics["heads"]:

@@ -58,8 +58,7 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
 
     result = run_experiment(load_config(config), progress=not quiet)
     if distributed.is_main():  # launched as several processes (torchrun / accelerate launch): print once
-        print_summary(console, result.metrics, result.run_dir)
-        print_efficiency(console, result.metrics)
+        print_summary(console, result.metrics, result.run_dir, more=[print_efficiency])
 
 
 def _numbers(text: str | None, kind: type, option: str) -> list | None:
@@ -92,8 +91,7 @@ def efficiency(config: Path = typer.Argument(..., help="experiment YAML"),
     exp = efficiency_config(config, shots=_numbers(shots, int, "--shots"),
                             fractions=_numbers(fractions, float, "--fractions"), target=target, episodes=episodes)
     result = run_experiment(exp, progress=not quiet)
-    print_summary(console, result.metrics, result.run_dir)
-    print_efficiency(console, result.metrics)
+    print_summary(console, result.metrics, result.run_dir, more=[print_efficiency])
 
 
 @app.command()

@@ -12,6 +12,7 @@ from fmprobe.config import Experiment
 CLIP_FIELDS = ("frames_per_clip", "frame_step", "clip_position", "num_clips", "clip_start_column")
 VOLUME_FIELDS = ("volume_mode", "slice_axis", "window")
 NATIVE_FIELDS = ("checkpoint", "native_frames", "native_num_heads")
+FITTED_GRIDS = ("k", "C")  # a fitted head's loss record: the k / C values it chose among (knn, logreg)
 LOSS_FIELDS = {"focal": ("focal_alpha", "focal_gamma"), "huber": ("huber_delta",)}  # only read by these types
 ADAPT_ONLY = {  # adapt settings read only by these strategies
     "lora": ("lora", "staged"), "partial_blocks": ("partial",), "unfreeze": ("staged",), "stage2": ("staged",),
@@ -60,9 +61,12 @@ def loss_text(info: dict[str, Any], metrics: dict[str, Any]) -> str:
     """``BCE · pos_weight grey_matter 1.05, white_matter 0.98`` from a head's ``loss`` record: weights named by
     class or label and rounded to 3 significant digits; settings that are off are not listed."""
     names = metrics["task"]["class_names"] if metrics["task"]["type"] == "multiclass" else metrics["task"]["targets"]
-    parts = [str(info.get("type", "?")).upper()]
+    parts = [] if info.get("type") == "none" else [str(info.get("type", "?")).upper()]  # knn, prototype: no loss
     for key, value in info.items():
         if key == "type" or value is None or value == 0.0 or value == "none":
+            continue
+        if key in FITTED_GRIDS:  # the values a fitted head chose among on validation
+            parts.append(f"{key} tried {', '.join(f'{v:g}' for v in value)}")
             continue
         parts.append(f"{key.replace('_', ' ')} {_numbers(value, names)}")
     return " · ".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,10 @@ def fitted_lines(metrics: dict[str, Any]) -> list[str]:
     return [f"fitted heads, chosen on validation {primary}: " + "; ".join(parts)] if parts else []
 
 
-def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> None:
-    """The headline table, the flags, and last the verdict line and the report's absolute path."""
+def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path, *,
+                  more: Sequence[Callable[[Console, dict[str, Any]], None]] = ()) -> None:  # fmt: skip
+    """The headline table, the flags, ``more`` sections (the label-efficiency table), and last the verdict line and
+    the report's absolute path."""
     task = metrics["task"]
     split = metrics["split"]
     title = (
@@ -141,6 +144,8 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
         console.print(f"[bold red]groups overlap across splits (allowed by config): {len(split['group_overlap'])}[/]")
     if metrics.get("skipped"):
         console.print(f"[yellow]{len(metrics['skipped'])} samples skipped (on_error: skip); see metrics.json[/]")
+    for section in more:
+        section(console, metrics)
     console.print(verdict_line(metrics), markup=False)
     console.print(f"report: {(Path(run_dir) / 'report.html').resolve()}", markup=False)
 
