@@ -69,10 +69,11 @@ def write_base(folder: Path, task: str = "binary", **overrides) -> Path:
 
 
 def fake_run(runs_dir: Path, run_id: str, heads: dict[str, dict], *, experiment: str = "exp",
-             primary: str = "auroc", lr: float = 0.01, wall: float = 10.0) -> Path:
+             primary: str = "auroc", lr: float = 0.01, wall: float = 10.0, config: dict | None = None) -> Path:
     """A run directory in the format of run_experiment with chosen numbers. ``heads``: name ->
     {"val": v, "test": t, "ci": (lo, hi), "baseline": b, "flags": [(name, severity)], "params": n,
-    "total": total parameters (default params + 10000; None: not recorded, as in older runs)}."""
+    "total": total parameters (default params + 10000; None: not recorded, as in older runs)}. ``config``: the
+    config.resolved.yaml to write instead of a minimal one."""
     import json
 
     run_dir = runs_dir / experiment / run_id
@@ -97,7 +98,8 @@ def fake_run(runs_dir: Path, run_id: str, heads: dict[str, dict], *, experiment:
         "selection": {"best_head": best}, "heads": out, "flags": [], "wall_seconds": wall,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    config = {"name": experiment, "model": {"name": "m"}, "train": {"lr": lr, "epochs": 5}, "runs_dir": str(runs_dir)}
+    config = config or {"name": experiment, "model": {"name": "m"}, "train": {"lr": lr, "epochs": 5},
+                        "runs_dir": str(runs_dir)}
     (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(config))
     return run_dir
 

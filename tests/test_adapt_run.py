@@ -9,6 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from adapt_factories import vjepa2_model
 from torch.utils.data import DataLoader
@@ -82,10 +83,10 @@ def test_staged_stage_two_starts_from_stage_one_best(toy_study):
 def test_everything_on_partial_run_completes(toy_study):
     adapt = {"strategy": "partial", "partial_blocks": 1, "unfreeze_at_epoch": 2, "layer_decay": 0.7,
              "modules": {"embeddings": {"lr": 1e-4}}, "mix": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0},
-             "balanced_sampler": True, "tta": {"hflip": True}, "drop_path": 0.1, "gradient_checkpointing": True,
+             "tta": {"hflip": True}, "drop_path": 0.1, "gradient_checkpointing": True,
              "backbone": {"lr": 1e-3, "warmup_epochs": 1}}  # fmt: skip
     exp = parse_config(toy_study("multiclass", n=60, n_classes=3, weights=[0.6, 0.2, 0.2],
-                                 train={**FAST, "grad_accum": 2}, adapt=adapt,
+                                 train={**FAST, "grad_accum": 2, "balanced_sampler": True}, adapt=adapt,
                                  loss={"label_smoothing": 0.1}))  # fmt: skip
     result = run_experiment(exp, progress=False)
     info = json.loads((result.run_dir / "adaptation.json").read_text())["heads"]["linear"]["0"]
@@ -135,3 +136,47 @@ def test_lora_on_a_tiny_vjepa2_video_task(tmp_path):
     test = result.metrics["heads"]["linear"]["splits"]["test"]["mean"]
     assert set(test) >= {"auroc", "ap"} and 0 <= test["auroc"] <= 1
     assert (result.run_dir / info["adapter_dir"] / "adapter_model.safetensors").exists()
+
+
+def _staged_regression(toy_study, name, augment):
+    config = toy_study("regression", n=60, name=name, train={"epochs": 6, "batch_size": 16, "lr": 0.01, "seeds": [0]},
+                       data={"augment": augment},
+                       adapt={"strategy": "staged", "unfreeze": "partial", "partial_blocks": 1,
+                              "stage2": {"epochs": 2, "head": {"lr": 1e-4}, "backbone": {"lr": 1e-6}}})
+    result = run_experiment(parse_config(config), progress=False)
+    curves = pd.read_parquet(result.run_dir / "curves.parquet")
+    stage1 = curves[curves["stage"] == 1].set_index("epoch")
+    best1 = int(stage1["val_r2"].idxmax())  # stage 2 starts from stage 1's best epoch
+    first2 = curves[curves["stage"] == 2].iloc[0]
+    return result, stage1.loc[best1, "train_loss"], first2["train_loss"]
+
+
+def test_stage_two_training_loss_continues_stage_one_without_augmentation(toy_study):
+    """Stage 1 trains on cached features of un-augmented inputs, stage 2 on augmented pixels: the jump in training
+    loss at the boundary is the augmentation (recorded in metrics.json and explained in the report), not the
+    optimiser or the schedule. With data.augment off, stage 2 continues where stage 1 ended."""
+    result, end1, start2 = _staged_regression(toy_study, "augmented", {"crop_scale": 1.14, "hflip": True})
+    inputs = result.metrics["training_inputs"]
+    assert [s["stage"] for s in inputs["stages"]] == [1, 2]
+    assert inputs["stages"][0]["inputs"].startswith("cached features of the un-augmented inputs")
+    assert inputs["stages"][1]["augmentation"] == {"crop_scale": 1.14, "hflip": True}
+    assert any("training loss can jump at the stage boundary" in n for n in inputs["curve_notes"])
+    assert any("1 − R²" in n for n in inputs["curve_notes"])
+    assert "what each stage trained on" in (result.run_dir / "report.html").read_text()
+    jump = start2 / end1
+
+    result, end1, start2 = _staged_regression(toy_study, "plain", {"crop_scale": 1.0, "hflip": False})
+    plain = result.metrics["training_inputs"]
+    assert plain["stages"][1]["augmentation"] == {"crop_scale": 1.0, "hflip": False}
+    print(f"stage-2 / stage-1 training loss: {jump:.2f} with augmentation, {start2 / end1:.3f} without")
+    assert start2 == pytest.approx(end1, rel=0.05)  # the same inputs, the same head: the curve goes on
+    assert jump > 1.2 and not any("jump" in n for n in plain["curve_notes"])
+
+
+def test_train_r2_curve_is_the_r2_of_the_training_outputs(toy_study):
+    """train_r2 is scored on the outputs of each training epoch: for one z-scored target under MSE it equals
+    1 - train_loss (the mean squared error over a pass over every training sample), which is what R² is there."""
+    config = toy_study("regression", n=60, name="r2", train={"epochs": 4, "batch_size": 16, "lr": 0.01, "seeds": [0]})
+    result = run_experiment(parse_config(config), progress=False)
+    curves = pd.read_parquet(result.run_dir / "curves.parquet")
+    np.testing.assert_allclose(curves["train_r2"], 1 - curves["train_loss"], atol=1e-4)

@@ -232,6 +232,81 @@ def test_attention_of_a_runs_attentive_probe(tmp_path, toy_study):
     assert code == 2 and "either" in output
 
 
+def test_attention_of_an_adapted_run_rebuilds_each_seed_and_compares_the_backbone_before_and_after(tmp_path,
+                                                                                                  toy_study):
+    """attention --run on a LoRA run read best.pt as a bare head and crashed (state-dict keys): the adapted model
+    is rebuilt as training built it, its predictions are the run's, and the backbone's entropy is reported
+    before and after adaptation."""
+    import pandas as pd
+
+    from fmprobe.adapt.lora import load_adapter
+    from fmprobe.backbones.registry import load_encoder
+    from fmprobe.config import parse_config
+    from fmprobe.data.dataset import MediaDataset
+    from fmprobe.data.transforms import Preprocess
+    from fmprobe.diagnostics.adapted_attention import backbone_entropy, rebuild
+    from fmprobe.experiments.run import run_experiment
+
+    head = {"type": "attentive", "pooling": "attentive", "num_heads": 2}
+    cfg = toy_study("binary", n=36, heads=[head], train={"epochs": 2, "seeds": [0, 1]}, eval={"bootstrap": 20},
+                    adapt={"strategy": "lora", "lora": {"rank": 2}, "adapters": {"lr": 0.05}})
+    run = run_experiment(parse_config(cfg), progress=False)
+    code, output = _cli("attention", "--run", run.run_dir, "--samples", "3")
+    assert code == 0, output
+    result = json.loads(output)
+    assert result == json.loads((run.run_dir / "attention" / "attention.json").read_text())
+    backbone = result["backbone"]
+    assert backbone["blocks"] == ["0", "1"] and len(backbone["samples"]) == 3
+    before = np.array(backbone["before"]["per_block_head"])
+    assert before.shape == (2, 2) and ((before > 0) & (before <= 1)).all()
+    assert set(backbone["after"]) == {"attentive/seed0", "attentive/seed1"}
+    pooled = result["heads"]["attentive"]
+    assert np.array(pooled["entropy_per_head_query"]).shape == (2, 1) and set(pooled["entropy_per_seed"]) == {"0", "1"}
+
+    # independently: the saved peft adapter of seed 1 in a fresh encoder gives the same "after" entropy
+    exp = parse_config(cfg)
+    rows = pd.read_csv(exp.data.manifest).set_index("sample_id").loc[backbone["samples"]].reset_index()
+    rows["path"] = [str(Path(exp.data.manifest).parent / p) for p in rows["path"]]
+    encoder = load_encoder(exp.model)
+    data = MediaDataset(rows, exp.data, Preprocess(encoder.input_spec, exp.data, train=False))
+    np.testing.assert_allclose(backbone_entropy(encoder, data, [0, 1, 2]).summary()["per_block_head"], before)
+    info = json.loads((run.run_dir / "adaptation.json").read_text())["heads"]["attentive"]["1"]
+    load_adapter(encoder, run.run_dir / info["adapter_dir"])
+    after = backbone_entropy(encoder, data, [0, 1, 2]).summary()["per_block_head"]
+    np.testing.assert_allclose(after, backbone["after"]["attentive/seed1"]["per_block_head"], atol=1e-9)
+    assert not np.allclose(after, before, atol=1e-7)  # the adapters moved the attention, however little
+
+    # the rebuilt model of seed 0 predicts the run's test scores
+    preds = pd.read_parquet(run.run_dir / "predictions.parquet").query("split == 'test' and seed == 0")
+    test = pd.read_csv(exp.data.manifest).set_index("sample_id").loc[preds["sample_id"]].reset_index()
+    test["path"] = [str(Path(exp.data.manifest).parent / p) for p in test["path"]]
+    pretrained = load_encoder(exp.model)
+    test_data = MediaDataset(test, exp.data, Preprocess(pretrained.input_spec, exp.data, train=False))
+    model = rebuild(exp, pretrained, run.run_dir, exp.heads[0], 0, 1, test_data)
+    with torch.no_grad():
+        scores = torch.sigmoid(model(torch.stack([test_data[i]["pixels"] for i in range(len(test))]))[:, 0])
+    np.testing.assert_allclose(scores.numpy(), preds["p/y"].to_numpy(), atol=1e-5)
+
+
+def test_attention_of_a_staged_partial_run_reports_the_backbone_before_and_after(tmp_path, toy_study):
+    from fmprobe.config import parse_config
+    from fmprobe.experiments.run import run_experiment
+
+    cfg = toy_study("binary", n=36, train={"epochs": 2, "seeds": [0]}, eval={"bootstrap": 20},
+                    adapt={"strategy": "staged", "unfreeze": "partial", "partial_blocks": 1,
+                           "stage2": {"epochs": 1, "backbone": {"lr": 0.01}}})
+    run = run_experiment(parse_config(cfg), progress=False)
+    code, output = _cli("attention", "--run", run.run_dir, "--samples", "2")
+    assert code == 0, output
+    backbone = json.loads(output)["backbone"]
+    before = np.array(backbone["before"]["per_block_head"])
+    after = np.array(backbone["after"]["linear/seed0"]["per_block_head"])
+    assert before.shape == after.shape == (2, 2)
+    np.testing.assert_allclose(after[0], before[0])  # block 0 stayed frozen: its attention is unchanged
+    assert not np.allclose(after[1], before[1], atol=1e-7)  # the trained last block attends differently
+    assert backbone["change"]["after_minus_before"] == pytest.approx(after.mean() - before.mean())
+
+
 # ---------------------------------------------------------------------------------------------- spatial
 
 

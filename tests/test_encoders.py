@@ -277,6 +277,37 @@ def test_vision_towers_load_their_weights_from_full_checkpoints(saved: dict[str,
         load_pretrained(Blip2VisionModel, str(saved["blip2"]), ModelConfig(), config=full.config.vision_config)
 
 
+def test_a_tower_from_a_full_checkpoint_reports_the_unused_weights_in_one_line(saved: dict[str, Path], caplog) -> None:
+    """transformers logs a line per unused weight (hundreds for a real BLIP-2); fmprobe says how many and whose."""
+    import logging
+
+    from safetensors import safe_open
+    from transformers.utils import logging as hf_logging
+
+    with safe_open(saved["blip2"] / "model.safetensors", "pt") as stored:
+        unused = [k for k in stored.keys() if not k.startswith("vision_model.")]
+    reports: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())  # transformers' logger does not propagate
+    hf_logging.get_logger("transformers").addHandler(handler)
+    before = hf_logging.get_verbosity()
+    try:
+        caplog.clear()
+        load_encoder(ModelConfig(name=str(saved["blip2"])))
+        assert not [r for r in reports if "UNEXPECTED" in r]
+        (record,) = [r for r in caplog.records if r.name.startswith("fmprobe")]
+        line = record.getMessage()
+        assert f"{len(unused)} weights of the checkpoint belong to other parts and were not loaded" in line
+        counts = {p: sum(k.split(".")[0] == p for k in unused) for p in ("qformer", "language_model", "query_tokens")}
+        assert all(f"{part} ({n})" in line for part, n in counts.items())
+        hf_logging.set_verbosity_info()  # asked for: transformers' own report, weight by weight
+        load_encoder(ModelConfig(name=str(saved["blip2"])))
+        assert sum(r.count("UNEXPECTED") for r in reports) >= len(unused) // 2
+    finally:
+        hf_logging.set_verbosity(before)
+        hf_logging.get_logger("transformers").removeHandler(handler)
+
+
 def test_registry_checks_kind_type_and_checkpoint(saved: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(EncoderError, match="model.kind is 'clip'.*'dinov2' model"):
         load_encoder(ModelConfig(name=str(saved["dinov2"]), kind="clip"))

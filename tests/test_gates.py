@@ -89,6 +89,30 @@ def test_verdicts_flags_weights_and_recommendation(tmp_path):
     assert report.chosen.head == "flagged"
 
 
+def test_few_groups_makes_a_verdict_inconclusive_and_overlapping_cis_are_a_tie(tmp_path):
+    runs = tmp_path / "runs"
+    # a CI whole above target, but over too few test groups to be trusted: not accepted on it
+    fake_run(runs, "r1", {"few": {"val": 0.99, "test": 0.96, "ci": (0.93, 0.99), "flags": [("few_groups", "warning")]}})
+    # two candidates at target whose test CIs overlap: validation (0.95 vs 0.90) must not pick one of them
+    fake_run(runs, "r2", {"a": {"val": 0.95, "test": 0.95, "ci": (0.91, 0.98)}})
+    fake_run(runs, "r3", {"b": {"val": 0.90, "test": 0.94, "ci": (0.92, 0.97)}})
+    spec = _gates(tmp_path, [{"metric": "auroc", "target": 0.9, "acceptable": 0.8}])
+    report = evaluate_gates(spec, runs)
+    by_head = {v.head: v for v in report.verdicts}
+    few = by_head["few"]
+    assert few.verdict == "inconclusive" and few.levels["auroc"].level == "inconclusive"
+    assert few.levels["auroc"].note.startswith("target by a CI over too few test groups")
+    assert any("few_groups" in r for r in few.reasons)
+    assert by_head["a"].verdict == by_head["b"].verdict == "accept"
+    assert report.chosen is None and [v.head for v in report.tied] == ["a", "b"]
+    assert report.recommendation.startswith("tie: 2 accepted candidates") and "exp/r3/b" in report.recommendation
+    assert report.to_dict()["tied"] == ["exp/r2/a", "exp/r3/b"]
+    # CIs that do not overlap are no tie: the one ranked first (on validation) is adopted
+    fake_run(runs, "r4", {"c": {"val": 0.80, "test": 0.99, "ci": (0.985, 0.995)}})
+    report = evaluate_gates(spec, runs, run_dirs=[runs / "exp" / "r3", runs / "exp" / "r4"])
+    assert report.chosen.head == "b" and report.tied == []
+
+
 def test_no_accepted_candidate_says_why(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs, "r1", {"wide": {"val": 0.9, "test": 0.85, "ci": (0.70, 0.95)}})

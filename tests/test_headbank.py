@@ -122,6 +122,8 @@ def test_grid_refuses_mixed_inputs_and_empty_axes():
     ("multilabel", LossConfig(type="focal", focal_alpha=0.3)),
     ("regression", LossConfig(type="huber")),
     ("regression", LossConfig()),
+    ("regression with missing targets", LossConfig()),
+    ("regression with missing targets", LossConfig(type="huber")),
 ])  # fmt: skip
 def test_member_losses_equal_each_heads_loss(task_type, loss_cfg):
     rng = np.random.default_rng(0)
@@ -130,12 +132,18 @@ def test_member_losses_equal_each_heads_loss(task_type, loss_cfg):
         task, y, out = TASK, rng.integers(0, 3, n), 3
     elif task_type == "binary":
         task, y, out = TaskConfig(type="binary", targets=["y"]), (rng.random(n) < 0.3).astype(np.float32), 1
+    elif task_type == "multilabel":
+        task, y, out = TaskConfig(type="multilabel", targets=["a", "b"]), (rng.random((n, 2)) < 0.3).astype(np.float32), 2
     else:
-        task = TaskConfig(type=task_type, targets=["a", "b"])
-        y = (rng.random((n, 2)) < 0.3).astype(np.float32) if task_type == "multilabel" else rng.normal(size=(n, 2))
-        out = 2
+        masked = task_type.endswith("missing targets")
+        task = TaskConfig(type="regression", targets=["a", "b"], primary_metric="r2/a",
+                          missing_targets="mask" if masked else "refuse")
+        y, out = rng.normal(size=(n, 2)), 2
+        if masked:  # a third of the cells without a value, never a whole row
+            y[rng.random(n) < 0.3, 0] = np.nan
+            y[np.isfinite(y[:, 0]) & (rng.random(n) < 0.4), 1] = np.nan
     loss, _ = build_loss(loss_cfg, task, y)
-    yt = as_target_tensor(y, task_type)
+    yt = as_target_tensor(y, task.type)
     logits = torch.randn(heads, n, out)
     expected = torch.stack([loss(logits[h], yt) for h in range(heads)])
     torch.testing.assert_close(member_losses(loss, logits, yt), expected)

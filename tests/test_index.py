@@ -10,9 +10,11 @@ from contextlib import closing
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from rich.console import Console
 from run_factories import add_fake_segmentation, fake_run
 
+from fmprobe.config import dump_config, parse_config
 from fmprobe.errors import FmprobeError
 from fmprobe.experiments.index import SCHEMA_VERSION, index_path, query, update_index
 from fmprobe.experiments.leaderboard import build_leaderboard, print_leaderboard
@@ -76,6 +78,40 @@ def test_a_missing_runs_folder_is_a_clear_error(tmp_path):
 
 
 # --- parameters, segmentation, grid choice; the schema migration; candidates without the metric -------------
+
+
+def test_leaderboard_files_hold_full_values_and_rows_show_only_keys_that_applied(tmp_path):
+    runs = tmp_path / "runs"
+    checkpoint = "/data/oct-study/pretraining/vjepa2_single_domain_01/checkpoints/best_checkpoint.pt"
+
+    def resolved(**sections) -> dict:  # a config.resolved.yaml as runs write it: every key, defaults included
+        base = {"name": "exp", "data": {"manifest": "m.csv"}, "task": {"type": "binary", "targets": ["y"]},
+                "model": {"kind": "vjepa2-native", "checkpoint": checkpoint}}
+        return yaml.safe_load(dump_config(parse_config({**base, **sections})))
+
+    fake_run(runs, "frozen", {"lin": {"val": 0.9, "test": 0.8, "ci": (0.7, 0.9)}}, config=resolved())
+    for rank in (16, 32):
+        fake_run(runs, f"lora{rank}", {"lin": {"val": 0.8, "test": 0.8, "ci": (0.7, 0.9)}},
+                 config=resolved(adapt={"strategy": "lora", "lora": {"rank": rank, "alpha": 2 * rank}}))
+    for gamma in (1.0, 2.0):
+        fake_run(runs, f"focal{gamma:g}", {"lin": {"val": 0.7, "test": 0.8, "ci": (0.7, 0.9)}},
+                 config=resolved(loss={"type": "focal", "focal_gamma": gamma},
+                                 model={"kind": "vjepa2-native", "checkpoint": checkpoint.replace("01", "02")}))
+    board = build_leaderboard(runs)
+    t = board.table.set_index("run_id")
+    # a frozen run trains no LoRA: its row says so instead of showing the default rank 8 (or unfreeze: lora)
+    assert t["adapt.lora.rank"].tolist() == ["—", "16", "32", "—", "—"] == t.loc[
+        ["frozen", "lora16", "lora32", "focal1", "focal2"], "adapt.lora.rank"].tolist()
+    assert t.loc["lora32", "adapt.strategy"] == "lora" and t.loc["frozen", "adapt.strategy"] == "frozen"
+    assert not {"adapt.unfreeze", "adapt.stage2.epochs", "adapt.device"} & set(board.params)  # one value where used
+    assert t.loc["focal1", "loss.focal_gamma"] == "1.0" and t.loc["lora16", "loss.focal_gamma"] == "—"
+    # files hold the full value; only the terminal shortens it
+    board.to_csv(tmp_path / "lb.csv")
+    csv = pd.read_csv(tmp_path / "lb.csv").set_index("run_id")
+    assert csv.loc["frozen", "model.checkpoint"] == checkpoint
+    assert checkpoint in write_board_report(tmp_path / "lb.html", [board], title="t").read_text()
+    text = _printed(board)
+    assert checkpoint not in text and "…" + checkpoint[-39:] in text
 
 
 def _edit(run_dir, change):

@@ -38,6 +38,9 @@ def test_sweep_experiment_copies_head_settings_and_extracts_every_layer_once(toy
         layer_experiment(exp, [-1], ["linear"])
     with pytest.raises(ConfigError, match="head types"):
         layer_experiment(exp, [0, -1], ["svm"])
+    fitted = layer_experiment(exp, [0, -1], ["knn", "logreg"])  # fitted heads probe depth too
+    assert [h.name for h in fitted.heads] == ["knn@0", "knn@-1", "logreg@0", "logreg@-1"]
+    assert {h.pooling for h in fitted.heads} == {"mean"}
 
 
 def test_layers_command_writes_table_figure_and_page(tmp_path, toy_study):

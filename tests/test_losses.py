@@ -160,3 +160,25 @@ def test_target_shapes_checked():
         as_target_tensor(np.array([0.0, 1.0]), "multiclass")
     with pytest.raises(ValueError, match=r"regression targets must have shape \[N, C\]"):
         as_target_tensor(np.zeros(3), "regression")
+
+
+def test_masked_regression_loss_is_the_plain_loss_on_the_cells_that_hold_a_value():
+    task = TaskConfig(type="regression", targets=["age", "mmse"], primary_metric="r2/age", missing_targets="mask")
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(12, 2)).astype(np.float32)
+    out = torch.randn(12, 2, requires_grad=True)
+    loss, info = build_loss(LossConfig(), task, y)
+    assert info["missing_targets"].startswith("masked") and loss(out, torch.tensor(y)).item() == pytest.approx(
+        torch.nn.functional.mse_loss(out, torch.tensor(y)).item())  # nothing missing: the MSE itself
+    y[[1, 4, 7], 1] = np.nan  # three sessions without MMSE
+    y[2, 0] = np.nan  # one without age
+    value = loss(out, torch.tensor(y))
+    observed = np.isfinite(y)
+    want = ((out.detach().numpy() - np.nan_to_num(y)) ** 2)[observed].mean()
+    assert value.item() == pytest.approx(want, rel=1e-6)
+    value.backward()
+    assert torch.isfinite(out.grad).all() and (out.grad[~torch.tensor(observed)] == 0).all()
+    huber, _ = build_loss(LossConfig(type="huber", huber_delta=0.5), task, y)
+    cells = torch.nn.functional.huber_loss(out[torch.tensor(observed)], torch.tensor(y)[torch.tensor(observed)],
+                                           delta=0.5)
+    assert huber(out, torch.tensor(y)).item() == pytest.approx(cells.item(), rel=1e-6)

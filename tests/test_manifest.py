@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from data_factories import write_csv
+from pydantic import ValidationError
 
 from fmprobe.config import DataConfig, TaskConfig
 from fmprobe.data.manifest import check_targets_vary, load_manifest
@@ -171,7 +172,7 @@ def test_multilabel_each_column_checked(tmp_path):
 def test_regression_must_be_finite(tmp_path):
     rows = [["a", "img/a.png", 1.5, 2], ["b", "img/b.png", "inf", 3]]
     path = _csv(tmp_path, ["sample_id", "path", "age", "size"], rows)
-    task = TaskConfig(type="regression", targets=["age", "size"])
+    task = TaskConfig(type="regression", targets=["age", "size"], primary_metric="r2/age")
     with pytest.raises(ManifestError, match=r"target 'age' is not finite: 1 row\(s\): row 3 \(id 'b'\)"):
         load_manifest(DataConfig(manifest=path), task)
     write_csv(tmp_path / "m.csv", ["sample_id", "path", "age", "size"], [["a", "img/a.png", 1.5, 2]])
@@ -247,7 +248,7 @@ def test_unreadable_manifest(tmp_path):
                      "['normal'], which no row holds)"),
     (TaskConfig(type="multilabel", targets=["label", "other"]), "other", [0, 0, 0],
      "multilabel target 'other' is constant: all 3 rows hold 0"),
-    (TaskConfig(type="regression", targets=["label", "other"]), "other", [41.5] * 3,
+    (TaskConfig(type="regression", targets=["label", "other"], primary_metric="r2/label"), "other", [41.5] * 3,
      "regression target 'other' has zero variance: all 3 rows hold 41.5"),
 ])
 def test_a_target_with_nothing_to_learn_is_refused_by_name_and_value(tmp_path, task, column, rows, expected):
@@ -264,6 +265,25 @@ def test_a_target_with_nothing_to_learn_is_refused_by_name_and_value(tmp_path, t
 def test_targets_that_vary_pass(tmp_path):
     rows = [["a", "img/a.png", 0, 2.0], ["b", "img/b.png", 1, 2.5]]
     path = _csv(tmp_path, ["sample_id", "path", "label", "other"], rows)
-    for task in (BINARY, TaskConfig(type="multiclass", targets=["label"]),
-                 TaskConfig(type="multilabel", targets=["label"]), TaskConfig(type="regression", targets=["label", "other"])):
+    for task in (BINARY, TaskConfig(type="multiclass", targets=["label"]), TaskConfig(type="multilabel", targets=["label"]),
+                 TaskConfig(type="regression", targets=["label", "other"], primary_metric="r2/label")):
         check_targets_vary(load_manifest(DataConfig(manifest=path), task))
+
+
+def test_empty_regression_cells_need_missing_targets_mask_and_every_row_needs_one_value(tmp_path):
+    rows = [["a", "img/a.png", 71.5, 28], ["b", "img/b.png", 64.0, ""], ["c", "img/c.png", "", "NA"],
+            ["d", "img/d.png", "", 24]]
+    path = _csv(tmp_path, ["sample_id", "path", "age", "mmse"], rows)
+    task = TaskConfig(type="regression", targets=["age", "mmse"], primary_metric="r2/age")
+    with pytest.raises(ManifestError, match=r"missing target 'age': 2 row\(s\).*missing_targets: mask"):
+        load_manifest(DataConfig(manifest=path), task)
+    masked = task.model_copy(update={"missing_targets": "mask"})
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(DataConfig(manifest=path), masked)
+    assert _errors(excinfo).count("  - ") == 1  # the empty cells are fine; the row with no value at all is not
+    assert "no target value at all (age, mmse): 1 row(s): row 4 (id 'c')" in _errors(excinfo)
+    write_csv(tmp_path / "m.csv", ["sample_id", "path", "age", "mmse"], [r for r in rows if r[0] != "c"])
+    y = load_manifest(DataConfig(manifest=path), masked).targets()
+    np.testing.assert_array_equal(np.isnan(y), [[False, False], [False, True], [True, False]])
+    with pytest.raises(ValidationError, match="missing_targets: mask applies to regression"):
+        TaskConfig(type="binary", targets=["y"], missing_targets="mask")

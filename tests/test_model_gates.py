@@ -146,7 +146,7 @@ def _sweep(tmp_path, tiny_dinov2_dir, **extra):
     (tmp_path / "gates.yaml").write_text(yaml.safe_dump({"reject_flags": "none", "criteria": criteria}))
     sweep = {"models": ["a.yaml", "b.yaml"], "gates": "gates.yaml",
              "still": {"n_train": 6, "n_test": 4, "steps": 3, "bootstrap": 20},
-             "controls": {"encoders": ["pixel"], "image_size": 32},
+             "controls": ["pixel"],
              "pairs": [{"model": "b.yaml", "a": "0", "b": "-1"}], **extra}  # fmt: skip
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     return tmp_path / "sweep.yaml"
@@ -157,7 +157,9 @@ def test_spatial_sweep_runs_each_step_once_and_reruns_what_a_config_edit_changes
     events: list[str] = []
     report = run_point_sweep(path, on_event=events.append)
     ran = [e for e in events if e.startswith("running:")]
-    assert len(ran) == 4  # a and b still, the pixel control, the pair
+    assert len(ran) == 3  # a and b on still shapes (each with its pixel control), the pair
+    still = json.loads((tmp_path / "out" / "a" / "spatial-still" / "spatial.json").read_text())
+    assert [c["control"] for c in still["controls"]] == ["pixel"] and "pixel" in still["results"][0]["vs"]
     assert report.counts["accept"] == 4  # every (model, point): mask IoU >= 0
     gates = json.loads((tmp_path / "out" / "gates" / "gates.json").read_text())
     assert [m["model"] for m in gates["models"]] == ["a", "b"]  # one checkpoint, two configs: two models (by name)

@@ -7,20 +7,21 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from fmprobe.cli import app
 from fmprobe.diagnostics.align_cli import align_command
 from fmprobe.diagnostics.alignment import linear_cka, rbf_cka
-from fmprobe.diagnostics.alignment_ci import cka_interval, cka_resamples
+from fmprobe.diagnostics.alignment_ci import alignment_interval, cka_resamples, metric_resamples
 from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
 from fmprobe.diagnostics.spatial import coco_average_precision, match_detections
 from fmprobe.diagnostics.spatial_ci import spatial_intervals
 from fmprobe.diagnostics.spatial_run import spatial_command
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.evaluate.bootstrap import interval_levels, resample_weights
-from fmprobe.experiments.gates import Criterion, GatesSpec, criterion_level
+from fmprobe.experiments.gates import Criterion, GatesSpec, control_level, criterion_level
 from fmprobe.experiments.point_gates import gate_points, point_metrics
 
 
@@ -94,28 +95,75 @@ def test_cka_interval_is_bias_corrected_and_narrows_with_samples():
 
     a, b = pair(40)
     point, values = cka_resamples(a, b, n_resamples=300)
-    lo, hi = cka_interval(a, b, n_resamples=300)
+    lo, hi = alignment_interval(a, b, n_resamples=300)
     bias = values.mean() - point
     assert bias > 0  # resamples have fewer distinct samples: CKA drifts up
     assert [lo, hi] == pytest.approx(list(np.quantile(values, interval_levels(0.95, 40)) - bias))
     assert lo < point < hi
     a2, b2 = pair(200)
-    lo2, hi2 = cka_interval(a2, b2, n_resamples=100)
+    lo2, hi2 = alignment_interval(a2, b2, n_resamples=100)
     assert hi2 - lo2 < hi - lo
-    with pytest.raises(FmprobeError, match="no bootstrap CI for 'rsa'"):
-        cka_interval(a, b, "rsa")
+    with pytest.raises(FmprobeError, match="no bootstrap CI for 'debiased_cka'"):
+        alignment_interval(a, b, "debiased_cka")
 
 
-def test_align_command_bootstrap_gives_cka_intervals_only(tmp_path):
+def test_align_command_bootstrap_gives_intervals_to_every_metric_that_has_one(tmp_path):
     rng = np.random.default_rng(5)
     a = rng.normal(size=(40, 6))
     np.save(tmp_path / "a.npy", a)
     np.save(tmp_path / "b.npy", a + rng.normal(size=a.shape))
-    out = align_command(str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), ["linear_cka", "rsa"],
-                        out=tmp_path / "out", bootstrap=100)  # fmt: skip
-    lo, hi = out["intervals"]["linear_cka"]
-    assert lo < out["metrics"]["linear_cka"] < hi and out["intervals"]["rsa"] is None
+    metrics = ["linear_cka", "rsa", "knn_recall", "linear_r2", "debiased_cka"]
+    out = align_command(str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), metrics, out=tmp_path / "out", bootstrap=100)
+    for metric in metrics[:-1]:
+        lo, hi = out["intervals"][metric]
+        assert lo < out["metrics"][metric] < hi, metric
+    assert out["intervals"]["debiased_cka"] is None
     assert json.loads((tmp_path / "out" / "alignment.json").read_text())["ci_level"] == 0.95
+
+
+def test_rsa_resamples_leave_out_the_pairs_of_copies_and_knn_searches_distinct_samples():
+    from scipy.stats import spearmanr
+
+    from fmprobe.diagnostics.alignment import rsa
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(25, 4)), rng.normal(size=(25, 4))
+    point, rsas = metric_resamples(a, b, "rsa", n_resamples=3, seed=9)
+    _, recalls = metric_resamples(a, b, "knn_recall", n_resamples=3, seed=9)
+    assert point == pytest.approx(rsa(a, b))
+    da, db = 1 - np.corrcoef(a), 1 - np.corrcoef(b)
+    unit_a, unit_b = a / np.linalg.norm(a, axis=1)[:, None], b / np.linalg.norm(b, axis=1)[:, None]
+    for w, rsa_value, recall in zip(next(resample_weights(25, n_resamples=3, seed=9)), rsas, recalls):
+        idx = np.repeat(np.arange(25), w.astype(np.int64))
+        pairs = [(p, q) for i, p in enumerate(idx) for q in idx[i + 1 :] if p != q]  # copies' pairs left out
+        expected = spearmanr([da[p, q] for p, q in pairs], [db[p, q] for p, q in pairs]).statistic
+        assert rsa_value == pytest.approx(expected)
+        # recall@10: each drawn sample's neighbours among the distinct other samples, its hit weighted by its draws
+        gallery, counts = np.unique(idx, return_counts=True)
+        hit = {}
+        for g in gallery:
+            others = [h for h in gallery if h != g]
+            near_a = sorted(others, key=lambda h: -unit_a[g] @ unit_a[h])[:10]
+            hit[g] = max(others, key=lambda h: unit_b[g] @ unit_b[h]) in near_a
+        assert recall == pytest.approx(sum(hit[g] * c for g, c in zip(gallery, counts)) / counts.sum())
+
+
+@pytest.mark.parametrize("metric", ["rsa", "knn_recall"])
+def test_rsa_and_recall_intervals_cover_the_value_of_their_sample_size(metric):
+    """Coverage by simulation: samples of 60 from one population; the truth is the metric's mean at N = 60."""
+    from fmprobe.diagnostics.alignment import METRICS
+
+    rng = np.random.default_rng(0)
+    w_a, w_b = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
+
+    def draw():
+        z = rng.normal(size=(60, 4))
+        return z @ w_a + rng.normal(size=(60, 8)), z @ w_b + 1.5 * rng.normal(size=(60, 8))
+
+    truth = np.mean([METRICS[metric](*draw(), DEFAULT, 0) for _ in range(300)])
+    covered = [lo <= truth <= hi for lo, hi in (alignment_interval(*draw(), metric, n_resamples=200, seed=s)
+                                                for s in range(40))]  # fmt: skip
+    assert np.mean(covered) >= 0.8
 
 
 def test_spatial_command_moving_shapes_on_an_image_encoder_stack_frames(tmp_path):
@@ -123,7 +171,7 @@ def test_spatial_command_moving_shapes_on_an_image_encoder_stack_frames(tmp_path
                              out=tmp_path)  # fmt: skip
     row = result["results"][0]
     assert result["frames"] == 2 and row["grid"] == [2, 2, 2]  # 2 frames of 2 x 2 patches of 16 px
-    assert row["n_test_images"] == 6 and set(row["ci"]) == {"box_iou", "mask_iou", "map50"}
+    assert row["n_test_images"] == 6 and set(row["ci"]) <= {"box_iou", "mask_iou", "map50", "direction_accuracy"}
     for m, (lo, hi) in row["ci"].items():
         assert lo <= row[m] + 1e-9 and row[m] - 1e-9 <= hi, m
     assert json.loads((tmp_path / "spatial.json").read_text())["bootstrap"] == 50
@@ -193,8 +241,8 @@ def test_gate_points_refuses_what_points_do_not_have():
 
 def test_gate_points_command_writes_verdicts_table_and_report(tmp_path):
     still = {"7": 0.80, "merger": 0.66}
-    for name, data in {"still": _spatial(None, still), "moving": _spatial(4, still),
-                       "pixel": {**_spatial(None, {"-1": 0.5}), "encoder": "pixel-patch-16"},
+    pixel = {"control": "pixel", **_spatial(None, {"-1": 0.5})["results"][0]}
+    for name, data in {"still": {**_spatial(None, still), "controls": [pixel]}, "moving": _spatial(4, still),
                        "align": _alignment({"7": 0.5, "merger": 0.5})}.items():  # fmt: skip
         (tmp_path / name).mkdir()
         (tmp_path / name / ("alignment.json" if name == "align" else "spatial.json")).write_text(json.dumps(data))
@@ -202,12 +250,13 @@ def test_gate_points_command_writes_verdicts_table_and_report(tmp_path):
     gates.write_text(yaml.safe_dump({"criteria": [c.model_dump() for c in SPEC.criteria]}))
     result = CliRunner().invoke(app, ["gate-points", str(gates), "--spatial", str(tmp_path / "still"), "--spatial",
                                       str(tmp_path / "moving" / "spatial.json"), "--align", str(tmp_path / "align"),
-                                      "--control", str(tmp_path / "pixel"), "--out", str(tmp_path / "out")])  # fmt: skip
+                                      "--out", str(tmp_path / "out")])  # fmt: skip
     assert result.exit_code == 0, result.output
     out = json.loads((tmp_path / "out" / "gates.json").read_text())
     assert out["chosen"] == "org/vlm/7" and [v["verdict"] for v in out["verdicts"]] == ["accept", "accept"]
     html = (tmp_path / "out" / "report.html").read_text()
-    assert 'id="verdicts"' in html and 'id="controls"' in html and "pixel-patch-16" in html
+    controls = html[html.index('<table id="controls">'):]
+    assert 'id="verdicts"' in html and '<td class="l">pixel</td><td class="l">-1</td>' in controls
     assert html.count("data:image/png;base64,") == 4  # still, moving, linear_cka, rsa
     assert "mutual_knn, knn_recall: the k = 10 nearest other samples by cosine similarity" in html  # conventions
     assert (tmp_path / "out" / "points.csv").read_text().startswith("point,metric,mean,ci_lo,ci_hi")
@@ -236,3 +285,82 @@ def test_points_report_lists_every_point_in_the_shared_gates_tables(tmp_path):
         levels = [v.levels[c.name].level for v in report.verdicts if v.label.endswith(f"/{point}")
                   for c in SPEC.criteria]  # fmt: skip
         assert re.findall(r'<span class="lv-(\w+)">\1</span>', row) == levels
+
+
+# ------------------------------------------------------------------------------------------- controls
+
+
+def _with_controls(values: dict[str, float], diffs: dict[str, dict[str, tuple[float, float, float]]]):
+    """A spatial.json whose points carry paired differences to controls: {point: {control: (diff, lo, hi)}}."""
+    spatial = _spatial(None, values)
+    for r in spatial["results"]:
+        r["vs"] = {c: {m: {"diff": d, "lo": lo, "hi": hi, "p_value": 0.01} for m in ("box_iou", "mask_iou", "map50")}
+                   for c, (d, lo, hi) in diffs[r["layer"]].items()}  # fmt: skip
+    return spatial
+
+
+def test_a_criterion_with_controls_passes_only_where_the_point_beats_them_by_the_margin():
+    spec = GatesSpec(criteria=[Criterion(name="iou", metric="still/mask_iou", target=0.9, acceptable=0.6,
+                                         controls=["pixel", "random-weights"], margin=0.05)])  # fmt: skip
+    table = point_metrics([_with_controls({"good": 0.8, "noise": 0.8, "close": 0.8, "low": 0.5}, {
+        "good": {"pixel": (0.10, 0.07, 0.13), "random-weights": (0.20, 0.15, 0.25)},
+        "noise": {"pixel": (0.10, 0.07, 0.13), "random-weights": (0.01, -0.02, 0.04)},  # random weights do as well
+        "close": {"pixel": (0.06, 0.03, 0.09), "random-weights": (0.20, 0.15, 0.25)},  # CI straddles the margin
+        "low": {"pixel": (0.10, 0.07, 0.13), "random-weights": (0.20, 0.15, 0.25)}})])  # fmt: skip
+    assert {"still/mask_iou-vs-pixel", "still/box_iou-vs-random-weights"} <= set(table["metric"])
+    got = {v.head: v for v in gate_points(spec, table, "m").verdicts}
+    assert {p: v.levels["iou"].level for p, v in got.items()} == {"good": "pass", "noise": "fail",
+                                                                   "close": "inconclusive", "low": "fail"}
+    assert {p: v.verdict for p, v in got.items()} == {"good": "accept", "noise": "reject", "close": "inconclusive",
+                                                       "low": "reject"}  # fmt: skip
+    assert got["noise"].levels["iou"].beats["random-weights"]["level"] == "fail"
+    assert any("does not beat random-weights by 0.05" in r for r in got["noise"].reasons)
+    assert got["good"].levels["iou"].beats["pixel"] == {"level": "pass", "point": 0.10, "lo": 0.07, "hi": 0.13,
+                                                        "beats": {}}  # fmt: skip
+    # lower-is-better: beating the control means a difference below -margin
+    lower = Criterion(name="lp", metric="recon/lpips", acceptable=0.35, controls=["pixel"], margin=0.02)
+    assert control_level(lower, -0.05, -0.08, -0.03).level == "pass"
+    assert control_level(lower, -0.05, -0.08, 0.01).level == "inconclusive"
+    assert control_level(lower, 0.0, -0.01, 0.01).level == "fail"
+    with pytest.raises(ValueError, match="name the controls"):
+        Criterion(metric="still/mask_iou", acceptable=0.6, margin=0.05)
+    with pytest.raises(FmprobeError, match="no test metric 'still/mask_iou-vs-pixel'"):
+        gate_points(spec, point_metrics([_spatial(None, {"7": 0.8})]), "m")
+
+
+def test_spatial_controls_are_probed_on_the_same_shapes_and_compared_pairwise(tiny_dinov2_dir, tmp_path):
+    result = spatial_command(str(tiny_dinov2_dir), layers=[0, -1], n_train=6, n_test=4, image_size=32, steps=3,
+                             bootstrap=40, controls=["pixel", "random-weights"], out=tmp_path)  # fmt: skip
+    controls = {(c["control"], c["layer"]): c for c in result["controls"]}
+    assert set(controls) == {("pixel", "-1"), ("random-weights", "0"), ("random-weights", "-1")}
+    assert controls[("pixel", "-1")]["grid"] == [1, 4, 4] and result["encoder"] == str(tiny_dinov2_dir)
+    for row in result["results"]:
+        for control in ("pixel", "random-weights"):
+            other = controls[(control, "-1" if control == "pixel" else row["layer"])]
+            for m, d in row["vs"][control].items():
+                assert d["diff"] == pytest.approx(row[m] - other[m], abs=1e-9) and d["lo"] <= d["diff"] <= d["hi"]
+    # the random-weights rows come from different tokens than the trained model's at the same point
+    assert result["results"][1]["per_image"] != controls[("random-weights", "-1")]["per_image"]
+    with pytest.raises(ConfigError, match="redraws a model's weights"):
+        spatial_command("pixel", n_train=4, n_test=2, image_size=32, steps=1, controls=["random-weights"])
+    with pytest.raises(ConfigError, match="paired bootstrap"):
+        spatial_command("pixel", n_train=4, n_test=2, image_size=32, steps=1, bootstrap=0, controls=["pixel"])
+
+
+def test_random_weights_keep_each_tensors_moments_and_lose_the_weights(tiny_dinov2_dir):
+    from fmprobe.backbones.registry import load_encoder
+    from fmprobe.config import ModelConfig
+    from fmprobe.diagnostics.random_weights import randomise_weights
+
+    trained = load_encoder(ModelConfig(name=str(tiny_dinov2_dir)))
+    before = {k: v.clone() for k, v in trained.named_parameters()}
+    fingerprint = trained.fingerprint()
+    drawn = randomise_weights(load_encoder(ModelConfig(name=str(tiny_dinov2_dir))), seed=3)
+    again = randomise_weights(load_encoder(ModelConfig(name=str(tiny_dinov2_dir))), seed=3)
+    assert drawn.name.endswith("(random-weights)") and drawn.fingerprint() != fingerprint
+    for name, param in drawn.named_parameters():
+        torch.testing.assert_close(param, dict(again.named_parameters())[name])  # seeded
+        if param.numel() > 100 and before[name].std() > 0:  # a constant tensor stays its constant
+            assert not torch.allclose(param, before[name])
+            assert param.mean().item() == pytest.approx(before[name].mean().item(), abs=0.05)
+            assert param.std().item() == pytest.approx(before[name].std().item(), rel=0.2)

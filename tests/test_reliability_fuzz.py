@@ -132,7 +132,7 @@ TASKS = st.sampled_from([
     {"type": "multiclass", "targets": ["y"], "class_names": ["cat", "dog", "1"]},
     {"type": "multilabel", "targets": ["y", "z"]},
     {"type": "regression", "targets": ["y"]},
-    {"type": "regression", "targets": ["y", "z"]},
+    {"type": "regression", "targets": ["y", "z"], "primary_metric": "r2/y"},
 ])
 
 

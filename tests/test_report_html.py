@@ -78,3 +78,18 @@ def test_reports_render_in_headless_chromium(multiclass_run, board_report, tmp_p
         assert dom.count("<img") >= images
         console = [line for line in log.splitlines() if ":CONSOLE" in line]
         assert not console, console
+
+
+def test_multilabel_run_report_shows_detection_where_one_label_alone_is_met(tmp_path):
+    import pandas as pd
+
+    config = base_config(tmp_path, "binary")
+    manifest = pd.read_csv(config["data"]["manifest"])
+    manifest["z"] = (manifest.index // 4) % 2  # a second label, met alone on some rows, beside y on others
+    manifest.to_csv(config["data"]["manifest"], index=False)
+    config["task"] = {"type": "multilabel", "targets": ["y", "z"]}
+    run_dir = run_experiment(parse_config(config), progress=False).run_dir
+    html = (run_dir / "report.html").read_text()
+    table = re.search(r'<table id="single-label-detection">(.*?)</table>', html, re.S)
+    assert table and "only y" in table.group(1) and "only z" in table.group(1)
+    assert re.search(r"\d+/\d+</td><td>[\d.]+ \[[\d.]+, [\d.]+\]", table.group(1))

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fmprobe.cli import app
-from fmprobe.config import parse_config
+from fmprobe.config import load_config, parse_config
 from fmprobe.errors import ConfigError, FmprobeError, LeakageError, ManifestError
 from fmprobe.evaluate.metrics import compute_metrics
 from fmprobe.experiments.run import run_experiment
@@ -118,6 +118,31 @@ def test_balanced_class_weights_are_computed_and_recorded(toy_study):
     # sklearn's balanced: n / (k * n_c) with k = 2 classes, for each side of the label
     assert weights["positive"] == pytest.approx([n / (2 * n_pos)])
     assert weights["negative"] == pytest.approx([n / (2 * (n - n_pos))])
+
+
+def test_balanced_sampler_draws_frozen_probe_batches_class_balanced(toy_study, monkeypatch):
+    """train.balanced_sampler on a frozen probe: every epoch over the cached features draws the classes equally
+    (a permutation would draw them 80/20), with the sampler end-to-end training uses."""
+    from fmprobe.train import sampling, sources
+
+    drawn: list[np.ndarray] = []
+
+    def recording(n, generator, weights):  # noqa: ANN001, ANN202
+        order = sampling.epoch_order(n, generator, weights)
+        drawn.append(order.numpy())
+        return order
+
+    monkeypatch.setattr(sources, "epoch_order", recording)
+    config = toy_study("binary", n=150, weights=[0.8, 0.2], train={"epochs": 3, "balanced_sampler": True})
+    result = run_experiment(parse_config(config), progress=False)
+    preds = pd.read_parquet(result.run_dir / "predictions.parquet")
+    y = preds[(preds["split"] == "train") & (preds["seed"] == 0)]["y/y"].to_numpy().astype(int)
+    assert y.mean() < 0.3 and len(drawn) == 3 * 2  # epochs x seeds, each drawn with replacement
+    positive_share = np.mean([y[order].mean() for order in drawn])
+    assert 0.4 < positive_share < 0.6
+    assert load_config(result.run_dir / "config.resolved.yaml").train.balanced_sampler
+    with pytest.raises(ConfigError, match="moved to train.balanced_sampler"):
+        parse_config({**config, "adapt": {"balanced_sampler": True}})
 
 
 @pytest.mark.parametrize(
@@ -233,6 +258,50 @@ def test_a_target_with_one_class_is_refused_before_any_feature_is_extracted(toy_
     with pytest.raises(ManifestError, match=r"target 'y' has a single class: all 30 rows hold 1"):
         run_experiment(parse_config(config), progress=False)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_regression_targets_with_missing_values_train_and_score_on_their_own_rows(toy_study):
+    """Age for every session, MMSE for some: a masked loss, each target's metrics, CI and baseline on its own
+    rows, and a ranking by one target (never by a mean over targets in different units)."""
+    from sklearn.metrics import r2_score
+
+    from fmprobe.experiments.leaderboard import build_leaderboard
+
+    config = toy_study("regression", n=120, seed=3)
+    manifest = Path(config["data"]["manifest"])
+    df = pd.read_csv(manifest)
+    rng = np.random.default_rng(0)
+    df["z"] = 10 * df["y"].round() + rng.normal(0, 1, len(df)) + 20  # another unit, same signal
+    df.loc[rng.random(len(df)) < 0.45, "z"] = np.nan  # MMSE-like: less than half the sessions lack it
+    df.loc[df["z"].notna() & (rng.random(len(df)) < 0.15), "y"] = np.nan
+    df.to_csv(manifest, index=False)
+    task = {"type": "regression", "targets": ["y", "z"], "primary_metric": "r2/z"}
+    with pytest.raises(ManifestError, match="missing target 'y'.*task.missing_targets: mask"):
+        run_experiment(parse_config({**config, "task": task}), progress=False)
+    with pytest.raises(ConfigError, match="several targets .* never by a mean over targets"):
+        parse_config({**config, "task": {**task, "primary_metric": "r2"}})
+
+    result = run_experiment(parse_config({**config, "task": {**task, "missing_targets": "mask"}}), progress=False)
+    m = result.metrics
+    head = m["heads"]["linear"]
+    assert m["task"]["primary_metric"] == "r2/z" and m["task"]["headline_metrics"][:2] == ["r2/z", "r2/y"]
+    assert head["loss"]["missing_targets"].startswith("masked")
+    preds = pd.read_parquet(result.run_dir / "predictions.parquet")
+    test = preds[preds["split"] == "test"]
+    train = preds[(preds["split"] == "train") & (preds["seed"] == 0)]
+    for target in ("y", "z"):
+        rows = test[test[f"y/{target}"].notna()]
+        assert m["task"]["rows_per_target"][target]["test"] == rows["sample_id"].nunique() < len(test) / 2
+        per_seed = [r2_score(g[f"y/{target}"], g[f"p/{target}"]) for _, g in rows.groupby("seed")]
+        assert head["splits"]["test"]["mean"][f"r2/{target}"] == pytest.approx(np.mean(per_seed))
+        assert head["splits"]["test"]["mean"][f"r2/{target}"] > 0.5  # learnt from its own rows
+        lo, hi = head["test_ci"][f"r2/{target}"]
+        assert lo < head["splits"]["test"]["mean"][f"r2/{target}"] < hi
+        mean_train = train[f"y/{target}"].mean()  # pandas skips the missing values
+        baseline = r2_score(rows.query("seed == 0")[f"y/{target}"], np.full(len(rows) // 2, mean_train))
+        assert m["baseline"]["test"][f"r2/{target}"] == pytest.approx(baseline, rel=1e-4)  # float32 targets
+    board = build_leaderboard(Path(config["runs_dir"]))
+    assert board.metric == "r2/z"
 
 
 def test_a_failed_run_records_its_stage_and_error_and_a_rerun_starts_a_clean_directory(toy_study, tmp_path,

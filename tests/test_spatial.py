@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from fmprobe.backbones.controls import PixelPatchEncoder, RandomTokenEncoder
-from fmprobe.diagnostics.shapes import COLOURS, SHAPES, load_objects, make_shapes, mask_box, write_shapes_dataset
+from fmprobe.diagnostics.shapes import (
+    COLOURS,
+    SHAPES,
+    SampleObjects,
+    load_objects,
+    make_shapes,
+    mask_box,
+    write_shapes_dataset,
+)
 from fmprobe.diagnostics.spatial import box_iou, coco_average_precision, nms, run_spatial_probes
+from fmprobe.diagnostics.spatial_run import spatial_command
 from fmprobe.errors import EncoderError, FmprobeError
 
 
@@ -318,3 +327,49 @@ def test_probes_refuse_mismatched_inputs():
     with pytest.raises(FmprobeError, match="split evenly"):
         run_spatial_probes(tokens[:3].repeat(2, 1), (2, 4, 4), clips.objects[:3], tokens[3:].repeat(2, 1),
                            clips.objects[3:], 32)
+
+
+# ------------------------------------------------------------------------------------------- direction
+
+
+def _clip(start: tuple[float, float], velocity: tuple[float, float], frames: int = 4, r: float = 5.0) -> SampleObjects:
+    centres = np.array(start) + np.arange(frames)[:, None] * np.array(velocity)
+    boxes = np.concatenate([centres - r, centres + r], axis=1)[:, None].astype(np.float32)  # [F, 1, 4]
+    return SampleObjects(shapes=("square",), colours=("red",), boxes=boxes, masks=np.zeros((frames, 1, 2, 2), bool))
+
+
+def test_direction_of_each_object_from_the_probes_boxes_across_frames():
+    from fmprobe.diagnostics.spatial import direction_hits
+
+    clips = [_clip((20, 20), (3, 0)), _clip((40, 40), (0, -3)), _clip((30, 30), (0.1, 0))]  # right, up, still
+    t = 4
+
+    def dets(boxes_per_slice):
+        return [(np.asarray(b, dtype=np.float64).reshape(-1, 4), np.ones(len(b))) for b in boxes_per_slice]
+
+    truth = [dets([c.boxes[j] for j in range(t)]) for c in clips]
+    hits, moved = direction_hits([d for clip in truth for d in clip], clips, t, 64)
+    assert moved.tolist() == [1, 1, 0] and hits.tolist() == [1, 1, 0]  # the still object has no direction
+    # boxes moving the other way, and a clip whose last slice has no detection overlapping the object
+    reversed_ = dets([clips[0].boxes[t - 1 - j] for j in range(t)])
+    missing = dets([clips[1].boxes[j] for j in range(t - 1)] + [np.zeros((0, 4))])
+    hits, moved = direction_hits(reversed_ + missing + truth[2], clips, t, 64)
+    assert moved.tolist() == [1, 1, 0] and hits.tolist() == [0, 0, 0]
+    # off by 40 degrees is still right, by 50 wrong (tolerance 45)
+    for angle, right in ((40, 1), (50, 0)):
+        a = np.radians(angle)
+        shifted = [np.concatenate([c - 5, c + 5]) for c in (np.array([20.0, 20.0]) + j * 3 * np.array([np.cos(a), np.sin(a)])
+                                                             for j in range(t))]
+        assert direction_hits(dets(shifted), clips[:1], t, 64)[0].tolist() == [right]
+
+
+def test_spatial_command_reports_direction_accuracy_with_a_ci_on_moving_shapes(tmp_path):
+    result = spatial_command("pixel", n_train=6, n_test=6, image_size=32, steps=5, frames=4, bootstrap=50,
+                             out=tmp_path)  # fmt: skip
+    row = result["results"][0]
+    assert row["moving_objects"] == sum(row["direction_moved"]) > 0
+    assert row["direction_accuracy"] == pytest.approx(sum(row["direction_hits"]) / row["moving_objects"])
+    lo, hi = row["ci"]["direction_accuracy"]
+    assert 0 <= lo <= row["direction_accuracy"] <= hi <= 1
+    still = spatial_command("pixel", n_train=4, n_test=2, image_size=32, steps=2, bootstrap=10, out=tmp_path / "s")
+    assert "direction_accuracy" not in still["results"][0]

@@ -8,7 +8,7 @@ import pytest
 
 from fmprobe.config import SplitConfig, TaskConfig
 from fmprobe.data.splits import check_leakage, enforce_no_leakage, kfold_splits, make_splits
-from fmprobe.errors import ConfigError, LeakageError
+from fmprobe.errors import ConfigError, FmprobeError, LeakageError
 
 N = 600
 rng = np.random.default_rng(0)
@@ -48,11 +48,11 @@ def test_multilabel_and_regression_splits():
     for name in ("train", "val", "test"):
         np.testing.assert_allclose(y[split == name].mean(0), y.mean(0), atol=0.05)
     r = rng.normal(size=(N, 2))
-    split = make_splits(DF, TaskConfig(type="regression", targets=["u", "v"]), GEN, r)
+    split = make_splits(DF, TaskConfig(type="regression", targets=["u", "v"], primary_metric="r2/u"), GEN, r)
     _assert_grouped(split)
     assert set(split) == {"train", "val", "test"}
     singles = DF.assign(group=DF["sample_id"])  # no grouping: StratifiedKFold, same contract
-    split = make_splits(singles, TaskConfig(type="regression", targets=["u", "v"]), GEN, r)
+    split = make_splits(singles, TaskConfig(type="regression", targets=["u", "v"], primary_metric="r2/u"), GEN, r)
     assert split.value_counts(normalize=True)["test"] == pytest.approx(0.15, abs=0.01)
 
 
@@ -85,3 +85,16 @@ def test_leaking_split_raises_naming_groups():
     assert enforce_no_leakage(df, allow_group_overlap=True) == overlap
     clean = df.assign(split=["train"] * 20 + ["test"] * 20)
     assert enforce_no_leakage(clean, allow_group_overlap=False) == []
+
+
+def test_a_missing_regression_target_is_a_stratum_every_split_shares():
+    singles = DF.assign(group=DF["sample_id"])
+    r = np.random.default_rng(1).normal(size=(N, 2))
+    r[np.random.default_rng(2).random(N) < 0.55, 1] = np.nan  # MMSE-like: less than half of the rows have it
+    task = TaskConfig(type="regression", targets=["age", "mmse"], primary_metric="r2/age", missing_targets="mask")
+    split = make_splits(singles, task, GEN, r)
+    for name in ("train", "val", "test"):
+        assert np.isnan(r[(split == name).to_numpy(), 1]).mean() == pytest.approx(0.55, abs=0.06)
+    r[0, 0] = np.inf
+    with pytest.raises(FmprobeError, match="missing or non-finite"):
+        make_splits(singles, task, GEN, r)

@@ -68,6 +68,29 @@ def test_multilabel_groups_by_combination_with_thresholds():
     assert groups["all"]["exact_match"] == pytest.approx(4 / 6)
     assert groups["all"]["true/gm"] == pytest.approx(4 / 6)
     assert len({tuple(g) for g in groups.values()}) == 1  # one table: every group has the same columns
+    detection = report["single_label_detection"]
+    assert list(detection) == ["only gm", "only wm", "only csf"]
+    assert (detection["only gm"]["n"], detection["only gm"]["detected"]) == (2, 2)
+    assert detection["only gm"]["called_instead"]["pred/wm"] == 0.5
+    assert (detection["only wm"]["n"], detection["only wm"]["detected"]) == (1, 1)
+    assert detection["only csf"]["n"] == 0 and detection["only csf"]["ci"] is None
+
+
+def test_a_label_never_detected_when_it_alone_is_met_is_shown_with_its_ci():
+    """C2 blindness: clips where only C2 is met are never called C2 (0/5), while it is found beside C1, so the
+    table shows 0 detected with a Wilson CI [0, 0.43] (scipy's), C1-only 2/5 and C3-only 3/5."""
+    names = ["c1", "c2", "c3"]
+    y = np.array([[1, 0, 0]] * 5 + [[0, 1, 0]] * 5 + [[0, 0, 1]] * 5 + [[1, 1, 0]] * 3, dtype=float)
+    pred_c1 = [1, 1, 0, 0, 0] + [1, 1, 1, 1, 0] + [0] * 5 + [1, 1, 1]
+    pred_c2 = [0] * 5 + [0] * 5 + [0] * 5 + [1, 1, 0]
+    pred_c3 = [0] * 5 + [0] * 5 + [1, 1, 1, 0, 0] + [0, 0, 0]
+    scores = np.array([pred_c1, pred_c2, pred_c3], dtype=float).T * 0.8 + 0.1
+    detection = subgroup_report("multilabel", y, scores, class_names=names)["single_label_detection"]
+    assert [(d["detected"], d["n"]) for d in detection.values()] == [(2, 5), (0, 5), (3, 5)]
+    assert detection["only c2"]["ci"][0] == 0 and detection["only c2"]["ci"][1] == pytest.approx(0.4345, abs=1e-3)
+    assert detection["only c2"]["called_instead"]["pred/c1"] == 0.8  # called C1 instead
+    lo, hi = detection["only c3"]["ci"]
+    assert lo < 0.6 < hi
 
 
 def test_binary_groups_are_specificity_and_sensitivity_at_the_threshold():

@@ -174,6 +174,25 @@ def test_data_on_an_fsspec_url_runs(tmp_path):
     assert sum(metrics["split"]["sizes"].values()) == len(df)
 
 
+def test_sweep_report_draws_one_label_efficiency_curve_per_backbone_and_head(tmp_path, monkeypatch):
+    import fmprobe.report.efficiency as report_efficiency
+    from run_factories import write_model
+
+    drawn = {}  # protocol -> the series of its last figure: the sweep report's (each run's report comes first)
+    real = report_efficiency.label_curves
+    monkeypatch.setattr(report_efficiency, "label_curves",
+                        lambda series, **kw: drawn.update({kw["protocol"]: dict(series)}) or real(series, **kw))
+    base = base_config(tmp_path, **{"train.label_fractions": [0.5, 1.0]})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**base, "heads": [{"type": "knn"}, {"type": "logreg"}]}))
+    other = write_model(tmp_path / "other", seed=1)
+    result = run_sweep(_sweep(tmp_path, {"model.name": [str(tmp_path / "model"), str(other)]}), workers=1)
+    assert "label-efficiency curves (fraction)" in result.report.read_text()
+    assert sorted(drawn) == ["fraction"]  # no few-shot budgets in this sweep: no empty figure
+    assert sorted(drawn["fraction"]) == ["name=model/knn", "name=model/logreg", "name=other/knn", "name=other/logreg"]
+    for x, mean, lo, hi in drawn["fraction"].values():
+        assert x == [0.5, 1.0] and all(lo_ <= m <= hi_ for m, lo_, hi_ in zip(mean, lo, hi))
+
+
 def test_an_arm_failing_in_training_is_recorded_in_its_run_and_rerun_anew(tmp_path, monkeypatch):
     import fmprobe.experiments.run as run_module
     from fmprobe.experiments.index import run_statuses

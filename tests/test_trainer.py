@@ -159,7 +159,7 @@ def test_grad_accum_matches_full_batch(n, half):
     x = torch.from_numpy(rng.normal(size=(n, 4)).astype(np.float32))
     y = (x.numpy() @ rng.normal(size=(4, 2))).astype(np.float32)
     data = HeadData(x, y)
-    task = TaskConfig(type="regression", targets=["a", "b"])
+    task = TaskConfig(type="regression", targets=["a", "b"], primary_metric="r2/a")
     common = dict(task=task, score_fn=regression_scores, primary="r2", epochs=3, lr=0.1)
     _, full = fit(data, data, batch_size=n, **common)
     _, accum = fit(data, data, batch_size=half, grad_accum=2, **common)

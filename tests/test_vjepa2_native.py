@@ -75,7 +75,7 @@ def test_custom_architecture_and_params_file(tmp_path):
     _write(path, hf)
     params = {"data": {"crop_size": 48, "dataset_fpcs": [2, 3]}, "model": {"model_name": "vit_tiny", "use_rope": True}}
     (tmp_path / "params-pretrain.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(EncoderError, match="not divisible by num_heads"):  # vit_tiny means 3 heads of width 192
+    with pytest.raises(EncoderError, match="contradicts .*vit_tiny: 3 heads"):  # the params file records 3 heads
         load_native_vjepa2(str(path), num_heads=5)
     loaded = load_native_vjepa2(str(path), num_heads=3)
     assert (loaded.config.crop_size, loaded.config.frames_per_clip) == (48, 3)
@@ -100,6 +100,21 @@ def test_heads_default_to_head_dim_64_with_warning(tmp_path):
     assert loaded.config.num_attention_heads == 2
     video = torch.randn(1, 4, 3, 32, 32)
     torch.testing.assert_close(_encode(loaded, video), _encode(hf, video), atol=1e-5, rtol=0)
+
+
+def test_num_heads_is_checked_against_the_width_of_vjepa2s_factories(tmp_path):
+    """Width 768 is ViT-B (12 heads): 16 heads of 48 divide it and would load, computing another function."""
+    hf = _tiny_hf(hidden=768, heads=12, crop=16, patch=8, tubelet=2, frames=2, layers=1)
+    path = tmp_path / "vitb.pt"
+    _write(path, hf)
+    with pytest.raises(EncoderError, match=r"native_num_heads 16 does not fit .*width 768 is vjepa2's 12 heads "
+                                           r"\(vit_base\).*set native_num_heads to 12"):
+        load_native_vjepa2(str(path), crop_size=16, frames_per_clip=2, num_heads=16)
+    video = torch.randn(1, 2, 3, 16, 16)
+    for given in (12, None):  # given and right, or read from the width (no head_dim guess, so no warning)
+        loaded = load_native_vjepa2(str(path), crop_size=16, frames_per_clip=2, num_heads=given)
+        assert loaded.config.num_attention_heads == 12
+        torch.testing.assert_close(_encode(loaded, video), _encode(hf, video), atol=1e-4, rtol=0)
 
 
 def test_missing_sizes_are_an_error(tmp_path):
@@ -146,3 +161,27 @@ def test_wrong_files(tmp_path):
     torch.save({"target_encoder": {}, "args": argparse.Namespace(lr=1)}, pickled)
     with pytest.raises(EncoderError, match="pickled Python objects"):
         load_native_vjepa2(str(pickled), crop_size=32, frames_per_clip=4)
+
+
+def test_checkpoint_and_params_stream_from_an_object_store():
+    """gs:// / s3:// checkpoints (here fsspec's memory://) load like local ones, params-pretrain.yaml beside them."""
+    import uuid
+
+    import fsspec
+
+    hf = _tiny_hf(hidden=96, heads=3, crop=48, patch=12, tubelet=1, frames=3, layers=1)
+    bucket = f"memory://ckpt-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("memory")
+    with fs.open(f"{bucket}/run/best.pt", "wb") as f:
+        torch.save({"target_encoder": native_vjepa2_state(hf)}, f)
+    params = {"data": {"crop_size": 48, "dataset_fpcs": [3]}, "model": {"model_name": "vit_tiny", "use_rope": True}}
+    fs.pipe_file(f"{bucket}/run/params-pretrain.yaml", yaml.safe_dump(params).encode())
+    try:
+        loaded = load_native_vjepa2(f"{bucket}/run/best.pt")  # sizes and heads from the params file in the bucket
+        assert (loaded.config.crop_size, loaded.config.num_attention_heads) == (48, 3)
+        video = torch.randn(1, 3, 3, 48, 48)
+        torch.testing.assert_close(_encode(loaded, video), _encode(hf, video), atol=1e-5, rtol=0)
+        with pytest.raises(EncoderError, match="does not exist"):
+            load_native_vjepa2(f"{bucket}/run/other.pt")
+    finally:
+        fs.rm(bucket, recursive=True)

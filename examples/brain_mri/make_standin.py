@@ -5,7 +5,8 @@
 The volumes are the MNI152 template (shipped by nilearn) made into subjects, in the real study's layout
 (BIDS-like ``sub-XXX/ses-YY/anat/*_T1w.nii.gz`` with a 1-line-per-session manifest grouped by ``subject``):
 - age enlarges the ventricles and thins the cortex (CSF replaces tissue), plus a per-subject atrophy factor;
-- MMSE falls with age and with that atrophy factor, plus noise (so MMSE is partly, not fully, age);
+- MMSE falls with age and with that atrophy factor, plus noise (so MMSE is partly, not fully, age); as in the
+  study it was assessed in fewer sessions than age is known for: the others have an empty ``mmse`` cell;
 - sex changes head size (men ~7% larger, with individual spread);
 - some subjects have a second session two years later: nearly the same image with nearly the same targets, which
   is exactly what leaks when sessions of one subject land on both sides of a split.
@@ -31,6 +32,7 @@ REAL_BLIP2 = "Salesforce/blip2-opt-2.7b"
 REAL_CLIP = "openai/clip-vit-large-patch14-336"
 SUBJECTS = 100
 SECOND_SESSION = 0.3  # share of subjects with a follow-up session
+MMSE_SHARE = 0.45  # share of subjects with MMSE assessed (the study: 1,905 of 4,201 sessions); the rest: empty cells
 SHAPE = (40, 48, 40)  # stand-in grid (x, y, z), RAS
 VOXEL_MM = 4.8
 ARMS = "model.name, model.layers, heads.0.layer, adapt"  # the sweeps' grid key of the encoder arms
@@ -89,6 +91,7 @@ def write_dataset(folder: Path, *, subjects: int = SUBJECTS, seed: int = 0) -> P
     t = _templates()
     affine = np.diag([VOXEL_MM, VOXEL_MM, VOXEL_MM, 1.0])
     affine[:3, 3] = -np.array(SHAPE) / 2 * VOXEL_MM
+    assessed = np.random.default_rng(seed + 1)  # which subjects had MMSE taken (the images stay as they were)
     rows = []
     for s in range(subjects):
         subject = f"sub-{s + 1:03d}"
@@ -96,6 +99,7 @@ def write_dataset(folder: Path, *, subjects: int = SUBJECTS, seed: int = 0) -> P
         scale = (1.07 if male else 1.0) * rng.normal(1.0, 0.025)
         age0, frailty = rng.uniform(55, 90), rng.normal()
         sessions = 2 if rng.random() < SECOND_SESSION else 1
+        has_mmse = assessed.random() < MMSE_SHARE
         for k in range(sessions):
             age = age0 + 2.0 * k + rng.uniform(-0.3, 0.3)
             atrophy = (age - 55) / 35 + 0.25 * frailty
@@ -105,7 +109,8 @@ def write_dataset(folder: Path, *, subjects: int = SUBJECTS, seed: int = 0) -> P
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(_volume(t, atrophy, scale, rng), affine), folder / rel)
             rows.append({"sample_id": f"{subject}_{session}", "path": rel.as_posix(), "subject": subject,
-                         "session": session, "age": round(age, 1), "mmse": mmse, "male": male})  # fmt: skip
+                         "session": session, "age": round(age, 1), "mmse": mmse if has_mmse else None,
+                         "male": male})  # fmt: skip
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest

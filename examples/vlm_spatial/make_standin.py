@@ -1,5 +1,5 @@
-"""Stand-in for the VLM spatial recipe: tiny random VLMs of all four families, the offline DINOv2-S as reference,
-shapes data.
+"""Stand-in for the VLM spatial recipe: tiny random VLMs of all four families, a tiny random LTX-Video VAE, a
+spatially faithful model, shapes data.
 
     python examples/vlm_spatial/make_standin.py [OUT]
 
@@ -11,28 +11,40 @@ as the real checkpoints are: ``qwen2_5_vl`` (3 vision blocks, windowed 0-1 and f
 image_newline, 2 LM layers), ``internvl2`` (remote code shaped like InternVL2's ``internvl_chat``: InternViT with a
 fused qkv on 64-px tiles, pixel shuffle, mlp1, a 2-layer Llama) and ``cogvlm2`` (remote code shaped like CogVLM2:
 EVA2-CLIP on 128 px, 2 x 2 conv + GLU, 2 LM layers with vision experts); and stand-in copies of every YAML of the
-recipe (the four model configs, reference.yaml, gates.yaml, sweep.yaml) pointing at them.
+recipe (the four model configs, vae.yaml, gates.yaml, sweep.yaml, integration.csv) pointing at them.
 
-The reference is ``dinov2-small-offline``: real pretrained DINOv2 ViT-S/14 weights that need no download, so the
-stand-in CKA compares random VLMs with a genuine visual representation. Sizes: Qwen at 112 px (8 x 8 patches,
+The VAE is a tiny random ``AutoencoderKLLTXVideo`` (LTX-Video's architecture) saved in ``models/ltx_video/vae`` as
+the pipeline holds it, at 64 px (8 x 8 latent tokens of 8 channels). LPIPS reads a randomly initialised AlexNet
+written to ``models/alexnet-random.pth`` (a user's machine reads torchvision's ImageNet file): the stand-in's LPIPS
+values exercise the code, not the published metric. A fifth column, ``faithful.yaml``, is a model whose tokens are
+built from the pixels and kept in place (fmprobe.standin.faithful): the one the spatial gates should let through,
+while the random VLMs should not beat their own random-weights control. Sizes: Qwen at 112 px (8 x 8 patches,
 4 x 4 merged), the others at 128 px (LLaVA-NeXT and InternVL2: an 8 x 8 base view and 16 x 16 tiles view of tower
-tokens; CogVLM2: 16 x 16 tower tokens, 8 x 8 after its conv).
+tokens; CogVLM2: 16 x 16 tower tokens, 8 x 8 after its conv), the faithful model at 64 px (8 x 8 tokens).
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import torchvision
+import yaml
+
+from fmprobe.atomic import write_text
 from fmprobe.diagnostics.shapes import write_shapes_dataset
 from fmprobe.standin import models, remote
 from fmprobe.standin.configs import standin_yaml
+from fmprobe.standin.faithful import faithful_model
+from fmprobe.train.seeding import seeded
 
 HERE = Path(__file__).resolve().parent
-REAL_REFERENCE = "facebook/dinov2-large"
-STANDIN_REFERENCE = "dinov2-small-offline"
-N_IMAGES = 48  # the images every model and the reference encode for the alignment
+REAL_VAE = "Lightricks/LTX-Video"
+N_IMAGES = 48  # the images every model and the VAE encode for the alignment
+FAITHFUL = "faithful.yaml"
 
 
 def _views(*points: object) -> list[str]:
@@ -53,10 +65,14 @@ MODELS: dict[str, tuple[str, Callable[[Path], Path], int, list]] = {
 }  # fmt: skip
 # the sweep's options at stand-in sizes (the real ones are in sweep.yaml and the README)
 SWEEP = {
+    "models": [*MODELS, FAITHFUL],
     "still": {"n_train": 32, "n_test": 32, "steps": 50, "bootstrap": 200},
     "moving": {"frames": 3, "n_train": 8, "n_test": 8, "steps": 50, "bootstrap": 200},
-    "align": {"metrics": ["linear_cka", "rsa", "knn_recall"], "bootstrap": 200},
-    "controls": {"encoders": ["pixel", "random"], "image_size": 112},
+    "align.bootstrap": 200,
+    "reconstruct": {"vae": "vae.yaml", "n_train": 32, "n_val": 8, "n_test": 16, "adapter": "mlp", "loss": "pixels",
+                    "epochs": 4, "lr": 1.0e-3, "batch_size": 8, "hidden": 64, "bootstrap": 200,
+                    "lpips_backbone": "models/alexnet-random.pth"},
+    "speed": {"baseline": "config.yaml", "point": "visual.merger", "batch": 2, "repeats": 3, "warmup": 1},
     "pairs": [{"model": "llava_next.yaml", "a": "-2@tiles", "b": "-2@base"},
               {"model": "llava_next.yaml", "a": "model.multi_modal_projector@tiles",
                "b": "model.multi_modal_projector@base"}],
@@ -75,10 +91,22 @@ def main(out: Path) -> dict[str, Path]:
             HERE / config, out / config, replace={real: str(model)},
             set={**common, "model.image_size": size, "model.layers": points, ("heads", 0, "layer"): points[0]},
         )  # fmt: skip
-    written["reference.yaml"] = standin_yaml(HERE / "reference.yaml", out / "reference.yaml",
-                                             replace={REAL_REFERENCE: STANDIN_REFERENCE},
-                                             set={**common, "model.image_size": 112})  # fmt: skip
+    pipeline = out / "models" / "ltx_video"
+    models.ltx_video_vae(pipeline / "vae")
+    written["vae.yaml"] = standin_yaml(HERE / "vae.yaml", out / "vae.yaml", replace={REAL_VAE: str(pipeline)},
+                                       set={**common, "model.image_size": 64})  # fmt: skip
+    faithful = yaml.safe_load((out / "config.yaml").read_text())
+    faithful.pop("heads")
+    faithful.update(name="vlm-spatial-pixel-faithful", model={**faithful_model(64, 8), "layers": [-1]})
+    written[FAITHFUL] = out / FAITHFUL
+    write_text(written[FAITHFUL], yaml.safe_dump(faithful, sort_keys=False))
+    with seeded(0):
+        torch.save(torchvision.models.alexnet().state_dict(), out / "models" / "alexnet-random.pth")
     written["gates.yaml"] = standin_yaml(HERE / "gates.yaml", out / "gates.yaml")
+    shutil.copy(HERE / "integration.csv", out / "integration.csv")
+    with open(out / "integration.csv", "a") as table:
+        table.write(f"{faithful['name']},*,integration,0.2,,\n")
+    written["integration.csv"] = out / "integration.csv"
     written["sweep.yaml"] = standin_yaml(HERE / "sweep.yaml", out / "sweep.yaml", set=SWEEP)
     return written
 

@@ -47,11 +47,47 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
     from fmprobe import distributed
     from fmprobe.config import load_config
     from fmprobe.experiments.run import run_experiment
+    from fmprobe.report.efficiency import print_efficiency
     from fmprobe.report.terminal import print_summary
 
     result = run_experiment(load_config(config), progress=not quiet)
     if distributed.is_main():  # launched as several processes (torchrun / accelerate launch): print once
         print_summary(console, result.metrics, result.run_dir)
+        print_efficiency(console, result.metrics)
+
+
+def _numbers(text: str | None, kind: type, option: str) -> list | None:
+    """``"1,2,4"`` -> [1, 2, 4]; a bad entry is an error naming the option."""
+    if text is None:
+        return None
+    try:
+        return [kind(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated {kind.__name__}s, got '{text}'") from None
+
+
+@app.command()
+@user_errors
+def efficiency(config: Path = typer.Argument(..., help="experiment YAML"),
+               shots: str = typer.Option(None, help="examples per class, e.g. 1,2,4,8,16,32 (default: the config's "
+                                         "train.shots, else these for binary / multiclass tasks)"),
+               fractions: str = typer.Option(None, help="shares of the training groups, e.g. 0.01,0.1,1 (default: "
+                                             "train.label_fractions, else 0.01,0.05,0.1,0.25,0.5,1)"),
+               target: float = typer.Option(None, help="primary-metric value: the fewest labels whose interval's "
+                                            "lower bound reaches it (eval.target)"),
+               episodes: int = typer.Option(None, help="few-shot episodes of fitted heads (train.episodes)"),
+               quiet: bool = typer.Option(False, help="no progress bars")) -> None:
+    """How many labels does it need: the run, then every head on few-shot episodes and nested label fractions."""
+    from fmprobe.experiments.efficiency import efficiency_config
+    from fmprobe.experiments.run import run_experiment
+    from fmprobe.report.efficiency import print_efficiency
+    from fmprobe.report.terminal import print_summary
+
+    exp = efficiency_config(config, shots=_numbers(shots, int, "--shots"),
+                            fractions=_numbers(fractions, float, "--fractions"), target=target, episodes=episodes)
+    result = run_experiment(exp, progress=not quiet)
+    print_summary(console, result.metrics, result.run_dir)
+    print_efficiency(console, result.metrics)
 
 
 @app.command()
@@ -170,7 +206,7 @@ def attention_cmd(config: Path = typer.Argument(None, help="experiment YAML (bac
     """Attention entropy per layer and head, by label group, and heatmaps over the images (or of a run's probes)."""
     import json
 
-    from fmprobe.diagnostics.attention_report import attention_command
+    from fmprobe.diagnostics.attention_command import attention_command
 
     typer.echo(json.dumps(attention_command(config, run=run, samples=samples, out=out), indent=2))
 
@@ -184,16 +220,50 @@ def spatial_cmd(encoder: str = typer.Option("pixel", help="pixel | random | CONF
                 steps: int = typer.Option(300, help="optimisation steps per probe"), seed: int = typer.Option(0),
                 out: Path = typer.Option(Path("fmprobe-spatial"), help="folder for spatial.json"),
                 frames: int = typer.Option(None, help="moving shapes: clips of this many frames"),
-                bootstrap: int = typer.Option(1000, help="resamples of the test samples for CIs; 0: none")) -> None:
+                bootstrap: int = typer.Option(1000, help="resamples of the test samples for CIs; 0: none"),
+                control: list[str] = typer.Option(None, help="probed on the same shapes, each point compared with it "
+                                                             "(paired CI): pixel | random-weights | random")) -> None:
     """Spatial probes (box, mask, detection) on the built-in shapes data, per extraction point."""
     from fmprobe.experiments.layers import parse_layers
     from fmprobe.diagnostics.spatial_run import format_table, spatial_command
 
     result = spatial_command(encoder, layers=parse_layers(layers) if layers else None, n_train=n_train,
                              n_test=n_test, image_size=image_size, steps=steps, seed=seed, out=out, frames=frames,
-                             bootstrap=bootstrap)
+                             bootstrap=bootstrap, controls=control or ())
     typer.echo(format_table(result))
     typer.echo(f"written: {out / 'spatial.json'}")
+
+
+@app.command()
+@user_errors
+def reconstruct(encoder: str = typer.Option(..., help="CONFIG.yaml of the model (its model.layers are the points)"),
+                vae: Path = typer.Option(..., help="CONFIG.yaml of a diffusers VAE (model.image_size; e.g. LTX-Video's)"),
+                layers: str = typer.Option(None, help="comma-separated extraction points (default: model.layers)"),
+                n_train: int = typer.Option(96), n_val: int = typer.Option(16), n_test: int = typer.Option(32),
+                adapter: str = typer.Option("mlp", help="mlp (per token, on the latent grid) | queries (one per "
+                                                        "latent token, cross-attention)"),
+                loss: str = typer.Option("pixels", help="pixels: LPIPS + 0.1 L2 of the decoded image | latents: L2"),
+                epochs: int = typer.Option(50), lr: float = typer.Option(1e-4), batch_size: int = typer.Option(8),
+                hidden: int = typer.Option(512, help="adapter width"), seed: int = typer.Option(0),
+                bootstrap: int = typer.Option(1000, help="resamples of the test images for CIs"),
+                control: list[str] = typer.Option(None, help="pixel | random-weights | random, through the same "
+                                                             "adapter on the same images (paired CI)"),
+                lpips_backbone: Path = typer.Option(None, help="torchvision AlexNet ImageNet state dict for LPIPS "
+                                                                "(default: torch hub's cached alexnet-owt-7be5be79.pth)"),
+                out: Path = typer.Option(Path("fmprobe-reconstruct"), help="folder for reconstruct.json")) -> None:
+    """Adapter from each point's tokens to a VAE's latents, images rendered by its decoder: LPIPS, SSIM, edge F1,
+    spatial IoU and AP@0.5 of the renders with CIs, and a gallery per point."""
+    from fmprobe.diagnostics.reconstruct_run import reconstruct_command
+    from fmprobe.experiments.layers import parse_layers
+
+    result = reconstruct_command(encoder, str(vae), layers=parse_layers(layers) if layers else None, n_train=n_train,
+                                 n_val=n_val, n_test=n_test, adapter=adapter, loss=loss, epochs=epochs, lr=lr,
+                                 batch_size=batch_size, hidden=hidden, seed=seed, bootstrap=bootstrap,
+                                 controls=control or (), lpips_backbone=lpips_backbone, out=out)  # fmt: skip
+    for r in result["results"]:
+        typer.echo(f"{r['layer']:<34} LPIPS {r['lpips']:.3f}  SSIM {r['ssim']:.3f}  edge F1 {r['edge_f1']:.3f}  "
+                   f"spatial IoU {r['spatial_iou']:.3f}  AP@0.5 {r['map50']:.3f}")
+    typer.echo(f"written: {out / 'reconstruct.json'}")
 
 
 @app.command()
@@ -260,21 +330,41 @@ def gate_points_cmd(gates: Path = typer.Argument(..., help="gates YAML (split: t
                                                                  "one or several models)"),
                     align: list[Path] = typer.Option(None, help="alignment.json (a model's points as A, a reference "
                                                                 "as B); one per model"),
-                    control: list[Path] = typer.Option(None, help="spatial.json of a pixel / random control"),
                     pair: list[Path] = typer.Option(None, help="pair.json of fmprobe compare-points"),
                     table: list[Path] = typer.Option(None, help="metric table CSV (model, point, metric, mean, "
                                                                 "ci_lo, ci_hi) of any other measurement"),
+                    reconstruct: list[Path] = typer.Option(None, help="reconstruct.json (recon/... metrics, galleries)"),
+                    speed: list[Path] = typer.Option(None, help="speed.json (speed_ratio to the baseline)"),
                     out: Path = typer.Option(Path("fmprobe-gate-points"), help="folder for gates.json, report")) -> None:
     """A gate verdict per extraction point of one or several models, the decision matrix, and a recommendation."""
     from fmprobe.experiments.gates import print_gates
     from fmprobe.experiments.point_gates import points_command
 
-    report = points_command(gates, spatial, align or (), controls=control or (), pairs=pair or (),
-                            tables=table or (), out=out)  # fmt: skip
+    report = points_command(gates, spatial, align or (), pairs=pair or (), tables=table or (),
+                            reconstructions=reconstruct or (), speeds=speed or (), out=out)
     print_gates(console, report)
     console.print(f"report: {out / 'report.html'}")
     if report.chosen is None:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def speed(model: list[str] = typer.Option(..., help="CONFIG.yaml of a model; every point of its model.layers is timed"),
+          baseline: str = typer.Option(..., help="CONFIG.yaml of the baseline (the study: Qwen2.5-VL)"),
+          baseline_point: str = typer.Option(..., help="the baseline's point the ratios refer to"),
+          batch: int = typer.Option(2), repeats: int = typer.Option(5), warmup: int = typer.Option(1),
+          out: Path = typer.Option(Path("fmprobe-speed"), help="folder for speed.json")) -> None:
+    """Seconds per image of every model and point, and their ratio to the baseline timed in the same run."""
+    from fmprobe.diagnostics.speed import speed_command
+    from fmprobe.experiments.layers import parse_layers
+
+    result = speed_command(model, baseline, parse_layers(baseline_point)[0], batch=batch, repeats=repeats,
+                           warmup=warmup, out=out)  # fmt: skip
+    for r in result["results"]:
+        typer.echo(f"{r['model']:<30} {r['point']:<34} {r['seconds_per_image']:.4f} s/image  "
+                   f"{r['ratio']:.2f}x [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]")
+    typer.echo(f"written: {out / 'speed.json'}")
 
 
 @app.command("spatial-sweep")

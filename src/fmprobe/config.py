@@ -29,6 +29,11 @@ PRIMARY_METRIC: dict[str, str] = {
     "multilabel": "map",
     "regression": "r2",
 }
+# metrics reported per target (regression: ``r2/age``) or per label (multilabel: ``ap/c1``), any of which can rank
+PER_TARGET_METRICS: dict[str, tuple[str, ...]] = {
+    "regression": ("r2", "mae", "rmse", "pearson_r"),
+    "multilabel": ("ap", "auroc", "f1"),
+}
 
 
 class Strict(BaseModel):
@@ -177,11 +182,23 @@ class TaskConfig(Strict):
     type: TaskType
     targets: list[str] = Field(min_length=1)
     class_names: list[str] | None = None  # multiclass: labels in the target column, in order
+    # the metric that picks epochs, heads and leaderboard ranks; regression / multilabel also ``<metric>/<target>``
     primary_metric: str | None = None
+    # regression: ``mask`` lets a target cell be empty; each target then trains and is evaluated on its own rows
+    missing_targets: Literal["refuse", "mask"] = "refuse"
 
     @model_validator(mode="after")
     def _check(self) -> "TaskConfig":
-        valid = METRICS_BY_TASK[self.type]
+        if self.type in ("binary", "multiclass") and len(self.targets) != 1:
+            raise ValueError(f"a {self.type} task takes exactly one target column, got {self.targets}")
+        per_target = [f"{m}/{t}" for m in PER_TARGET_METRICS.get(self.type, ()) for t in self.targets]
+        several = self.type == "regression" and len(self.targets) > 1
+        if several and self.primary_metric in (None, *METRICS_BY_TASK["regression"]):
+            raise ValueError(  # R² of age and R² of MMSE are numbers of different things: rank by one of them
+                f"a regression task with several targets ({', '.join(self.targets)}) ranks and selects by one of them, "
+                f"never by a mean over targets; set primary_metric to one of: {', '.join(per_target)}"
+            )
+        valid = [*METRICS_BY_TASK[self.type], *per_target]
         if self.primary_metric is None:
             self.primary_metric = PRIMARY_METRIC[self.type]
         elif self.primary_metric not in valid:
@@ -189,8 +206,9 @@ class TaskConfig(Strict):
                 f"primary_metric '{self.primary_metric}' is not valid for a {self.type} task; "
                 f"valid choices: {', '.join(valid)}"
             )
-        if self.type in ("binary", "multiclass") and len(self.targets) != 1:
-            raise ValueError(f"a {self.type} task takes exactly one target column, got {self.targets}")
+        if self.missing_targets == "mask" and self.type != "regression":
+            raise ValueError(f"missing_targets: mask applies to regression targets; a {self.type} task needs every "
+                             "target cell (set missing_targets: refuse, or drop the rows without one)")
         return self
 
 
@@ -272,7 +290,7 @@ class ModelConfig(Strict):
 
     name: str = "dinov2-small-offline"  # registry name, local directory, hub id, or architecture (see above)
     kind: Literal["auto", "dinov2", "vjepa2", "vjepa2-native", "videomae", "clip", "siglip", "blip2", "qwen2_vl",
-                  "qwen2_5_vl", "qwen3_vl", "vlm", "timm", "open_clip", "python", "monai"] = "auto"  # fmt: skip
+                  "qwen2_5_vl", "qwen3_vl", "vlm", "vae", "timm", "open_clip", "python", "monai"] = "auto"  # fmt: skip
     checkpoint: str | None = None  # native V-JEPA 2 .pt file (kind: vjepa2-native)
     # Native V-JEPA 2 checkpoints store no config: when no params-pretrain.yaml lies beside the .pt,
     # give the clip length and head count here (crop size: image_size).
@@ -294,6 +312,7 @@ class ModelConfig(Strict):
     prompt: str | None = None
     trust_remote_code: bool = False  # run the checkpoint's own modeling code (InternVL2, CogVLM2): only if you trust it
     layout: VLMLayoutConfig | None = None  # a remote-code VLM fmprobe has no built-in layout for
+    subfolder: str | None = None  # a diffusers VAE inside a pipeline repository (Lightricks/LTX-Video: vae)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -356,8 +375,14 @@ class FeatureConfig(Strict):
     device: str = "cpu"  # where the frozen backbone runs during extraction (cpu, cuda, cuda:1); not in the cache key
 
 
+TRAINED_HEADS = ("linear", "mlp", "attentive")  # trained by SGD through the training core
+FITTED_HEADS = ("knn", "prototype", "logreg")  # fitted in closed form / to convergence on cached pooled features
+DEFAULT_K = (10, 20, 50, 100, 200)  # DINOv2's k-NN evaluation
+DEFAULT_C = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
 class HeadConfig(Strict):
-    type: Literal["linear", "mlp", "attentive"] = "linear"
+    type: Literal["linear", "mlp", "attentive", "knn", "prototype", "logreg"] = "linear"
     name: str | None = None  # defaults to the type
     layer: int | str = -1  # which extracted layer feeds the head
     pooling: Literal["mean", "cls", "cls+mean", "attentive"] = "mean"
@@ -366,11 +391,24 @@ class HeadConfig(Strict):
     num_heads: int = Field(default=8, ge=1)
     num_queries: int = Field(default=1, ge=1)
     query_per_class: bool = False
+    # knn: neighbour counts tried (capped by the labelled training size), the best on validation; vote weights
+    # exp(cosine / temperature), DINOv2's
+    k: list[int] = Field(default_factory=lambda: list(DEFAULT_K), min_length=1)
+    temperature: float = Field(default=0.07, gt=0)
+    # logreg: inverse L2 strengths tried (scikit-learn's C; regression: ridge alpha = 1 / C), the best on validation
+    C: list[float] = Field(default_factory=lambda: list(DEFAULT_C), min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> "HeadConfig":
-        if (self.type == "attentive") != (self.pooling == "attentive"):
+        if self.type in FITTED_HEADS:
+            if self.pooling == "attentive":
+                raise ValueError(f"head type '{self.type}' is fitted on pooled vectors: pooling must be mean, cls or "
+                                 "cls+mean, not attentive")  # fmt: skip
+        elif (self.type == "attentive") != (self.pooling == "attentive"):
             raise ValueError("head type 'attentive' goes with pooling 'attentive' and only with it")
+        for key, values in (("k", self.k), ("C", self.C)):
+            if len(set(values)) != len(values) or min(values) <= 0:
+                raise ValueError(f"{key} needs distinct positive values, got {values}")
         if self.name is None:
             self.name = self.type
         return self
@@ -418,6 +456,25 @@ class TrainConfig(Strict):
     early_stopping: EarlyStoppingConfig | None = None
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     grid: GridConfig | None = None  # frozen probes: lr x weight_decay members per head, best on validation
+    # draw training batches class-balanced (with replacement) instead of a permutation: frozen probes on cached
+    # features and end-to-end training alike (multilabel: a sample counts toward its rarest positive label)
+    balanced_sampler: bool = False
+    # label efficiency (frozen probes, given or generated splits): K labelled examples per class, each from its own
+    # group (patient), drawn from the training split in `episodes` episodes (`trained_episodes` for heads trained by
+    # SGD); and nested shares of the training groups, one draw per seed
+    shots: list[int] | None = Field(default=None, min_length=1)
+    episodes: int = Field(default=100, ge=1)
+    trained_episodes: int = Field(default=10, ge=1)
+    label_fractions: list[float] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.shots is not None and (len(set(self.shots)) != len(self.shots) or min(self.shots) < 1):
+            raise ValueError(f"train.shots needs distinct positive counts of examples per class, got {self.shots}")
+        fractions = self.label_fractions
+        if fractions is not None and (len(set(fractions)) != len(fractions) or not all(0 < f <= 1 for f in fractions)):
+            raise ValueError(f"train.label_fractions needs distinct shares in (0, 1], got {fractions}")
+        return self
 
 
 class SplitConfig(Strict):
@@ -444,6 +501,7 @@ class EvalConfig(Strict):
     tiny_class: int = Field(default=5, ge=0)  # flag a class with fewer positives than this in a split
     min_groups: int = Field(default=10, ge=0)  # flag a test split with fewer groups (patients, videos) than this
     overfit_gap: float = Field(default=0.2, ge=0)
+    target: float | None = None  # label efficiency: the fewest labels whose interval clears this primary-metric value
 
 
 class ParamGroupConfig(Strict):
@@ -503,12 +561,19 @@ class AdaptConfig(Strict):
     layer_decay: float = Field(default=1.0, gt=0, le=1)  # lr x decay^(depth from the top) per block
     stage2: StageTwoConfig = Field(default_factory=StageTwoConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
-    balanced_sampler: bool = False
     tta: TTAConfig = Field(default_factory=TTAConfig)
     gradient_checkpointing: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; bf16/fp16 need a GPU
     device: str = "cpu"
     drop_path: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "balanced_sampler" in data:
+            raise ValueError("adapt.balanced_sampler moved to train.balanced_sampler (it applies to frozen probes "
+                             "too); set it there")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "AdaptConfig":
@@ -516,21 +581,49 @@ class AdaptConfig(Strict):
         fields = type(self).model_fields
         given = {k for k in self.model_fields_set - {"strategy"}
                  if getattr(self, k) != fields[k].get_default(call_default_factory=True)}
-        if self.strategy == "frozen":
-            if given:
-                raise ValueError(f"adapt keys {', '.join(sorted(given))} need an end-to-end strategy (lora, partial, staged); "
-                                 "strategy is frozen")
-            return self
-        trains = "lora" if self.strategy == "lora" else "partial" if self.strategy == "partial" else self.unfreeze
-        # staged: stage 1 trains the head as train: says, stage 2 with stage2's groups
-        wrong = {"unfreeze", "stage2"} if self.strategy != "staged" else {"unfreeze_at_epoch", "head", "adapters",
-                                                                             "backbone"}
-        wrong |= {"lora", "adapters"} if trains != "lora" else {"partial_blocks"}
-        bad = sorted(given & wrong)
+        bad = sorted(given & unused_adapt_keys(self.strategy, self.unfreeze))
+        if bad and self.strategy == "frozen":
+            raise ValueError(f"adapt keys {', '.join(bad)} need an end-to-end strategy (lora, partial, staged); "
+                             "strategy is frozen")
         if bad:
-            raise ValueError(f"adapt keys {', '.join(bad)} do not apply to strategy {self.strategy}"
-                             + (f" (stage 2 trains {trains})" if self.strategy == "staged" else "") + "; remove them")
+            trains = f" (stage 2 trains {self.unfreeze})" if self.strategy == "staged" else ""
+            raise ValueError(f"adapt keys {', '.join(bad)} do not apply to strategy {self.strategy}{trains}; remove them")
         return self
+
+
+def unused_adapt_keys(strategy: str, unfreeze: str) -> set[str]:
+    """The ``adapt`` keys that have no effect under ``strategy`` (staged: with stage 2 training ``unfreeze``):
+    refused when set, and shown as not applying in leaderboards."""
+    if strategy == "frozen":
+        return set(AdaptConfig.model_fields) - {"strategy"}
+    trains = unfreeze if strategy == "staged" else strategy
+    # staged: stage 1 trains the head as train: says, stage 2 with stage2's groups
+    unused = {"unfreeze", "stage2"} if strategy != "staged" else {"unfreeze_at_epoch", "head", "adapters", "backbone"}
+    return unused | ({"lora", "adapters"} if trains != "lora" else {"partial_blocks"})
+
+
+def unused_loss_keys(loss_type: str, task_type: str) -> set[str]:
+    """The ``loss`` keys that have no effect for this loss on this task (``type: auto`` resolved by the task)."""
+    kind = {"multiclass": "ce", "binary": "bce", "multilabel": "bce", "regression": "mse"}[task_type] \
+        if loss_type == "auto" else loss_type
+    used = {"type"}
+    used |= {"class_weights"} if task_type != "regression" else set()
+    used |= {"pos_weight"} if kind in ("bce", "focal") and task_type != "multiclass" else set()
+    used |= {"focal_gamma"} if kind == "focal" else set()
+    used |= {"focal_alpha"} if kind == "focal" and task_type != "multiclass" else set()
+    used |= {"label_smoothing"} if kind in ("ce", "bce") else set()
+    used |= {"huber_delta"} if kind == "huber" else set()
+    return set(LossConfig.model_fields) - used
+
+
+def unused_keys(config: dict[str, Any]) -> set[str]:
+    """Dotted sections of a resolved config (``config.resolved.yaml``) that did not apply to its run: adapt keys
+    its strategy ignores, loss keys its loss ignores. A leaderboard shows what applied, not these defaults."""
+    adapt, loss, task = config.get("adapt") or {}, config.get("loss") or {}, config.get("task") or {}
+    keys = {f"adapt.{k}" for k in unused_adapt_keys(adapt.get("strategy", "frozen"), adapt.get("unfreeze", "lora"))}
+    if task.get("type") in METRICS_BY_TASK:
+        keys |= {f"loss.{k}" for k in unused_loss_keys(loss.get("type", "auto"), task["type"])}
+    return keys
 
 
 class SegmentationConfig(Strict):

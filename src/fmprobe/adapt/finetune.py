@@ -31,7 +31,7 @@ from fmprobe.adapt.members import EndToEndMembers
 from fmprobe.adapt.mixup import enabled
 from fmprobe.adapt.model import AdaptModel, Standardise
 from fmprobe.adapt.param_groups import count
-from fmprobe.adapt.pixels import PixelBatches
+from fmprobe.adapt.pixels import PixelBatches, pixel_inputs
 from fmprobe.adapt.setup import prepare
 from fmprobe.atomic import atomic_path, write_json
 from fmprobe.backbones.base import Encoder
@@ -45,7 +45,7 @@ from fmprobe.features.store import FeatureSet
 from fmprobe.heads import build_head
 from fmprobe.probes.frozen import train_heads
 from fmprobe.probes.inputs import head_inputs
-from fmprobe.probes.targets import FitTargets
+from fmprobe.probes.targets import TARGETS_NOTE, FitTargets
 from fmprobe.train.core import FitPlan, StopRule, fit
 from fmprobe.train.heads import stop_rule
 from fmprobe.train.losses import as_target_tensor, build_loss
@@ -87,10 +87,15 @@ def adapt_heads(
         seg = JointSegmentation(exp, features, df, split_ids, encoder.input_spec, run_dir)
 
     results = ProbeResults()
-    fitting = FitTargets.for_task(task, targets, results)
+    fitting = FitTargets.for_task(task, targets)
+    if task.type == "regression":
+        results.standardisation["targets"] = TARGETS_NOTE
     stage1 = None
+    moving = pixel_inputs(exp)
+    results.training_inputs = [{"stage": "all epochs", **moving}]
     if cfg.strategy == "staged":
         stage1 = train_heads(exp, task, features, split_ids, targets, run_dir / "checkpoints" / "stage1")
+        results.training_inputs = [{**stage1.training_inputs[0], "stage": 1}, {"stage": 2, **moving}]
     report: dict[str, Any] = {"strategy": cfg.strategy, "heads": {}}
     for head_cfg in exp.heads:
         standardise = None

@@ -1,7 +1,7 @@
 """The batch source of end-to-end training: pixels read, preprocessed and augmented per epoch.
 
 Training batches follow the epoch's order (a permutation, or class-balanced draws with
-``adapt.balanced_sampler``) from ``data_generator(seed)``; each epoch gets a fresh augmentation draw
+``train.balanced_sampler``) from ``data_generator(seed)``; each epoch gets a fresh augmentation draw
 (``MediaDataset`` seeds crops by (seed, index)); mixup/CutMix mix pixels and targets per batch; with several
 processes each takes its shard of every global batch (``adapt.data_parallel``). A sample that fails to read
 honours ``data.on_error`` (raise, or skip and record). Evaluation reads each split once per call, with
@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fmprobe.adapt.data_parallel import DataParallel
-from fmprobe.adapt.mixup import apply_mix, draw_mix, soft_targets
+from fmprobe.adapt.mixup import apply_mix, draw_mix, enabled, soft_targets
 from fmprobe.adapt.tta import tta_scores
 from fmprobe.config import DataConfig, Experiment
 from fmprobe.data.dataset import MediaDataset, collate_samples
@@ -45,7 +45,7 @@ class PixelBatches:
         self.spec = parallel.model.encoder.input_spec
         self.eval_data = _eval_data(exp.data, exp.adapt.tta.clips)
         self.y_train = parallel.y_train
-        self.weights = balanced_weights(fit_targets["train"], task_type) if exp.adapt.balanced_sampler else None
+        self.weights = balanced_weights(fit_targets["train"], task_type) if exp.train.balanced_sampler else None
         self.order, self.mix_rng = data_generator(seed), np.random.default_rng(seed)
         self.skipped: list[list[str]] = []
 
@@ -114,6 +114,16 @@ class PixelBatches:
                 out.append(tta_scores(model, batch["pixels"].to(self.device), self.exp.adapt.tta,
                                       lambda z: to_scores(z.float().cpu(), self.task_type)))  # fmt: skip
         return torch.cat(self.parallel.gather_eval(out))[None], "scores"
+
+
+def pixel_inputs(exp: Experiment) -> dict[str, Any]:
+    """What end-to-end training trains on (recorded in metrics.json beside the curves): pixels through the moving
+    backbone, with the augmentation (``data.augment``), mixing and sampling in force."""
+    mix = exp.adapt.mix
+    return {"inputs": "pixels read and encoded every epoch by the backbone as it trains",
+            "augmentation": exp.data.augment.model_dump(),
+            "mix": mix.model_dump() if enabled(mix) else None,
+            "sampling": "class-balanced draws" if exp.train.balanced_sampler else "a permutation per epoch"}
 
 
 def _eval_data(data: DataConfig, clips: int) -> DataConfig:

@@ -18,6 +18,7 @@ asked, are ``[B, heads, Q, K]`` per block, keyed ``"0"``..``str(num_blocks - 1)`
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import cached_file
+from transformers.utils import logging as hf_logging
 
 from fmprobe.backbones.base import Encoder, EncoderOutput, InputSpec, LayerRef
 from fmprobe.backbones.hooks import record_outputs
@@ -45,6 +47,7 @@ _VOLATILE_CONFIG_KEYS = {
     "transformers_version", "architectures", "output_attentions", "output_hidden_states", "return_dict",
 }  # fmt: skip
 _INT_RE = re.compile(r"^-?\d+$")
+logger = logging.getLogger(__name__)
 
 
 def torch_dtype(model: ModelConfig) -> torch.dtype:
@@ -98,9 +101,15 @@ def _three(value: Any, key: str, where: str) -> tuple[float, float, float]:
 
 
 def load_pretrained(cls: type[PreTrainedModel], source: str, model: ModelConfig, **kwargs: Any) -> PreTrainedModel:
-    """``cls.from_pretrained`` that refuses a checkpoint leaving any weight at its random initialisation."""
+    """``cls.from_pretrained`` that refuses a checkpoint leaving any weight at its random initialisation.
+
+    Loading a tower from a full checkpoint (BLIP-2's vision model beside its Q-Former and language model, CLIP's
+    beside its text tower) leaves the other parts' weights unused by design: instead of transformers' load report
+    (a line per weight, hundreds of them) one line says how many and what they belong to. Asked for with
+    ``TRANSFORMERS_VERBOSITY=info`` (or ``debug``), transformers' full report is shown as well."""
     try:
-        hf_model, info = cls.from_pretrained(source, dtype=torch_dtype(model), output_loading_info=True, **kwargs)
+        with _load_report_summarised():
+            hf_model, info = cls.from_pretrained(source, dtype=torch_dtype(model), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise EncoderError(f"cannot load {cls.__name__} from '{source}': {err}") from None
     missing = sorted(info.get("missing_keys") or [])
@@ -111,7 +120,36 @@ def load_pretrained(cls: type[PreTrainedModel], source: str, model: ModelConfig,
             f"'{source}' does not hold the weights of a {cls.__name__}: missing {len(missing)} ({shown}), "
             f"shape-mismatched {len(mismatched)}; check model.name / model.kind point at the right checkpoint"
         )
+    unused = sorted(info.get("unexpected_keys") or [])
+    if unused:
+        logger.warning(unused_weights_summary(cls.__name__, source, unused))
     return hf_model
+
+
+def unused_weights_summary(loaded: str, source: str, keys: list[str]) -> str:
+    """One line for the checkpoint weights a model did not load: how many, grouped by the module they belong to."""
+    parts: dict[str, int] = {}
+    for key in keys:
+        top = key.split(".", 1)[0]
+        parts[top] = parts.get(top, 0) + 1
+    listed = ", ".join(f"{name} ({n})" for name, n in sorted(parts.items(), key=lambda item: (-item[1], item[0])))
+    return (f"{loaded} loaded from '{source}'; {len(keys)} weights of the checkpoint belong to other parts and were "
+            f"not loaded: {listed} (TRANSFORMERS_VERBOSITY=info lists them)")
+
+
+@contextmanager
+def _load_report_summarised() -> Iterator[None]:
+    """Silence transformers' per-weight load report unless its verbosity asks for info."""
+    if hf_logging.get_verbosity() <= logging.INFO:
+        yield
+        return
+    report = hf_logging.get_logger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report.setLevel(level)
 
 
 class HFVisionEncoder(Encoder):

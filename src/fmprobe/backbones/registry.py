@@ -66,7 +66,12 @@ def load_encoder(model: ModelConfig) -> Encoder:
 
         return load_monai(model)
     source = str(_offline_dir()) if model.name == OFFLINE_DINOV2 else _expand(model.name)
-    config = _config_json(source)
+    config = _config_json(source, model.subfolder)
+    if "_diffusers_version" in config:
+        return _load_vae(source, model, config)
+    if model.subfolder is not None:
+        raise EncoderError(f"model.subfolder '{model.subfolder}' picks a diffusers VAE inside a pipeline repository; "
+                           f"'{model.name}' is a transformers model: remove it")  # fmt: skip
     model_type = REMOTE if _is_remote(config) else str(config["model_type"])
     kind = "vlm" if model_type == REMOTE else MODEL_TYPES.get(model_type)
     if kind is None:
@@ -123,6 +128,15 @@ def _build(kind: str, model_type: str, source: str, model: ModelConfig) -> Encod
     return QwenVisionEncoder(source, model)
 
 
+def _load_vae(source: str, model: ModelConfig, config: dict) -> Encoder:
+    if model.kind not in ("auto", "vae"):
+        raise EncoderError(f"model.kind is '{model.kind}' but '{model.name}' is a diffusers "
+                           f"'{config.get('_class_name')}'; set model.kind: vae or auto")  # fmt: skip
+    from fmprobe.backbones.vae import load_vae
+
+    return load_vae(source, model, config)
+
+
 def _load_native_vjepa2(model: ModelConfig) -> Encoder:
     assert model.checkpoint is not None  # ModelConfig requires it for this kind
     from fmprobe.backbones.hf_vision import torch_dtype
@@ -149,9 +163,15 @@ def _expand(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def _config_json(source: str) -> dict:
-    """The source's config.json (local directory or hub id), with a ``model_type`` or remote code."""
+def _config_json(source: str, subfolder: str | None = None) -> dict:
+    """The source's config.json (local directory or hub id; in ``subfolder`` for a diffusers pipeline's VAE), with a
+    ``model_type``, remote code, or a diffusers ``_class_name``."""
     path = Path(source)
+    if subfolder and path.is_dir():
+        if not (path / subfolder).is_dir():
+            raise EncoderError(f"model.subfolder '{subfolder}': '{source}' has no such folder; give the folder inside "
+                               "the pipeline that holds the VAE's config.json (Lightricks/LTX-Video: vae)")  # fmt: skip
+        path = path / subfolder
     if path.exists() and not path.is_dir():
         raise EncoderError(
             f"model.name '{source}' is a file; give the model's directory (with config.json), a hub id, or "
@@ -165,13 +185,13 @@ def _config_json(source: str) -> dict:
     if not path.exists() and not _could_be_hub_id(source):
         raise EncoderError(_unknown_model(source, "the name cannot be a hub id (those read 'name' or 'namespace/name')"))
     try:
-        config_path = cached_file(source, "config.json")
+        config_path = cached_file(source, "config.json", subfolder=subfolder or "")
     except (OSError, ValueError) as err:
         hub_says = (str(err).strip().splitlines() or [type(err).__name__])[0]  # its first sentence says why
         raise EncoderError(_unknown_model(source, f"the Hugging Face hub did not provide it ({hub_says})")) from None
     with open(config_path) as f:
         config = json.load(f)
-    if "model_type" not in config and "auto_map" not in config:
+    if "model_type" not in config and "auto_map" not in config and "_diffusers_version" not in config:
         raise EncoderError(
             f"{config_path} has no 'model_type', so its family is unknown; re-save the model with save_pretrained"
         )

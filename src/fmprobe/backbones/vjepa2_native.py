@@ -12,9 +12,11 @@ Choices, and why:
   was saved (e.g. released checkpoints that keep just ``encoder``).
 - Only the encoder is loaded. ``VJEPA2Model`` always builds a predictor; here it is a minimal one
   (1 layer) left at random init. Use ``model.encoder`` or ``skip_predictor=True``, never the predictor.
-- The number of heads cannot be read from weights. Order: the ``num_heads`` argument, the
-  ``model_name`` in the ``params-pretrain.yaml`` vjepa2 writes next to its checkpoints, the released
-  V-JEPA 2 widths (1024/1280/1408 -> 16/16/22), else head_dim 64 (with a warning).
+- The number of heads cannot be read from weights. Order: the ``model_name`` in the ``params-pretrain.yaml``
+  vjepa2 writes next to its checkpoints, the ``num_heads`` argument, the released V-JEPA 2 widths
+  (1024/1280/1408 -> 16/16/22), vjepa2's other factory widths (192/384/768 -> 3/6/12), else head_dim 64 (with a
+  warning). A ``num_heads`` that contradicts the model name or the factories of the checkpoint's width is refused:
+  it divides the width, loads, and computes another function.
 - ``crop_size``/``frames_per_clip`` come from the arguments, else from ``params-pretrain.yaml``
   (``data.crop_size``, max of ``data.dataset_fpcs``), else an error. ``crop_size`` matters: the RoPE
   grid of ``VJEPA2Model`` is ``crop_size // patch_size``, so inputs must be ``crop_size`` square.
@@ -26,6 +28,7 @@ Choices, and why:
 from __future__ import annotations
 
 import pickle
+import posixpath
 import re
 import warnings
 from pathlib import Path
@@ -33,6 +36,8 @@ from typing import Any
 
 import torch
 import yaml
+from fsspec import AbstractFileSystem
+from fsspec.core import url_to_fs
 from transformers import VJEPA2Config, VJEPA2Model
 
 from fmprobe.errors import EncoderError
@@ -46,6 +51,11 @@ _HEADS_BY_MODEL_NAME = {
     "vit_tiny": 3, "vit_small": 6, "vit_base": 12, "vit_large": 16, "vit_large_rope": 16,
     "vit_huge": 16, "vit_huge_rope": 16, "vit_giant": 16, "vit_giant_rope": 16,
     "vit_giant_xformers": 22, "vit_giant_xformers_rope": 22, "vit_gigantic": 16, "vit_gigantic_xformers": 26,
+}  # fmt: skip
+_WIDTH_BY_MODEL_NAME = {
+    "vit_tiny": 192, "vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_large_rope": 1024,
+    "vit_huge": 1280, "vit_huge_rope": 1280, "vit_giant": 1408, "vit_giant_rope": 1408,
+    "vit_giant_xformers": 1408, "vit_giant_xformers_rope": 1408, "vit_gigantic": 1664, "vit_gigantic_xformers": 1664,
 }  # fmt: skip
 _HEADS_BY_RELEASED_WIDTH = {1024: 16, 1280: 16, 1408: 22}  # V-JEPA 2 ViT-L, ViT-H, ViT-g
 
@@ -73,10 +83,11 @@ def load_native_vjepa2(
     num_heads: int | None = None,
 ) -> VJEPA2Model:
     """Build a ``VJEPA2Model`` (eval mode) whose encoder holds the checkpoint's weights."""
-    path = Path(checkpoint_path).expanduser()
-    checkpoint = _read_checkpoint(path)
+    path = checkpoint_path if "://" in checkpoint_path else str(Path(checkpoint_path).expanduser())
+    fs, inside = url_to_fs(path)
+    checkpoint = _read_checkpoint(fs, inside, path)
     state = _encoder_state(checkpoint, path)
-    params = _read_params(path)
+    params = _read_params(fs, posixpath.join(posixpath.dirname(inside), PARAMS_FILE))
     _refuse_unsupported(state, params, path)
 
     patch = state["patch_embed.proj.weight"]
@@ -147,11 +158,14 @@ def load_native_vjepa2(
     return hf_model.eval()
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+def _read_checkpoint(fs: AbstractFileSystem, inside: str, path: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` (a local file or any fsspec URL: ``gs://``, ``s3://`` with the filesystem's own
+    credentials from the environment), read without running pickled code."""
+    if not fs.isfile(inside):
         raise EncoderError(f"V-JEPA 2 checkpoint '{path}' does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with fs.open(inside, "rb") as f:
+            checkpoint = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # any other unpickling error: not a checkpoint
             raise EncoderError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
@@ -167,7 +181,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _encoder_state(checkpoint: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+def _encoder_state(checkpoint: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
     for key in CHECKPOINT_KEYS:
         if isinstance(checkpoint.get(key), dict):
             state = {}
@@ -187,18 +201,17 @@ def _encoder_state(checkpoint: dict[str, Any], path: Path) -> dict[str, torch.Te
     )
 
 
-def _read_params(path: Path) -> dict[str, Any]:
-    params_path = path.parent / PARAMS_FILE
-    if not params_path.is_file():
+def _read_params(fs: AbstractFileSystem, params_path: str) -> dict[str, Any]:
+    if not fs.isfile(params_path):
         return {}
     try:
-        params = yaml.safe_load(params_path.read_text())
+        params = yaml.safe_load(fs.cat_file(params_path).decode())
     except (OSError, yaml.YAMLError) as err:
         raise EncoderError(f"cannot read the training parameters '{params_path}': {err}") from None
     return params if isinstance(params, dict) else {}
 
 
-def _refuse_unsupported(state: dict[str, torch.Tensor], params: dict[str, Any], path: Path) -> None:
+def _refuse_unsupported(state: dict[str, torch.Tensor], params: dict[str, Any], path: str) -> None:
     model = params.get("model") or {}
     if any(k.endswith("mlp.fc3.weight") for k in state) or model.get("use_silu"):
         raise EncoderError(
@@ -218,11 +231,37 @@ def _refuse_unsupported(state: dict[str, torch.Tensor], params: dict[str, Any], 
     state.pop("pos_embed", None)
 
 
-def _num_heads(hidden: int, num_heads: int | None, model_name: str | None, path: Path) -> int:
-    if num_heads is None and model_name in _HEADS_BY_MODEL_NAME:
-        num_heads = _HEADS_BY_MODEL_NAME[model_name]
+def _factory_heads(hidden: int) -> dict[int, list[str]]:
+    """The head counts vjepa2's encoder factories pair with this width, each with the factories that do."""
+    heads: dict[int, list[str]] = {}
+    for name, width in _WIDTH_BY_MODEL_NAME.items():
+        if width == hidden:
+            heads.setdefault(_HEADS_BY_MODEL_NAME[name], []).append(name)
+    return heads
+
+
+def _num_heads(hidden: int, num_heads: int | None, model_name: str | None, path: str) -> int:
+    """The head count, checked against what records it: weights cannot (a fused qkv is ``[3 D, D]`` for any head
+    count), but ``params-pretrain.yaml``'s model name fixes it, and vjepa2's factories fix it for their widths (768
+    is ViT-B: 12 heads). A given ``num_heads`` that merely divides the width would load without error and compute
+    another function, so a conflict is refused."""
+    if model_name in _HEADS_BY_MODEL_NAME:
+        recorded = _HEADS_BY_MODEL_NAME[model_name]
+        if num_heads is not None and num_heads != recorded:
+            raise EncoderError(f"{path}: native_num_heads {num_heads} contradicts the checkpoint's {PARAMS_FILE} "
+                               f"(model_name {model_name}: {recorded} heads); remove native_num_heads")
+        num_heads = recorded
+    factories = _factory_heads(hidden)
+    if num_heads is not None and factories and num_heads not in factories:
+        known = "; ".join(f"{h} heads ({', '.join(names)})" for h, names in sorted(factories.items()))
+        raise EncoderError(
+            f"{path}: native_num_heads {num_heads} does not fit the checkpoint: width {hidden} is vjepa2's {known}, "
+            f"so {num_heads} heads of {hidden // num_heads} would attend differently from how it was trained; "
+            f"set native_num_heads to {' or '.join(map(str, sorted(factories)))} (or leave it out)")
     if num_heads is None and hidden in _HEADS_BY_RELEASED_WIDTH:
         num_heads = _HEADS_BY_RELEASED_WIDTH[hidden]
+    if num_heads is None and len(factories) == 1:
+        num_heads = next(iter(factories))
     if num_heads is None:
         if hidden % 64:
             raise EncoderError(f"{path}: cannot infer the number of heads for width {hidden}; pass num_heads")
@@ -243,7 +282,7 @@ def _mlp_ratio(hidden: int, mlp_hidden: int) -> float:
     return ratio if int(hidden * ratio) == mlp_hidden else (mlp_hidden + 0.5) / hidden
 
 
-def _to_hf_keys(state: dict[str, torch.Tensor], hidden: int, path: Path) -> dict[str, torch.Tensor]:
+def _to_hf_keys(state: dict[str, torch.Tensor], hidden: int, path: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for name, tensor in state.items():

@@ -41,7 +41,8 @@ class Manifest:
 
     def targets(self, df_subset: pd.DataFrame | None = None) -> np.ndarray:
         """Targets as in CONTRACTS: binary [N] float 0/1, multiclass [N] int64 index into
-        ``class_names``, multilabel [N, C] float 0/1, regression [N, C] float."""
+        ``class_names``, multilabel [N, C] float 0/1, regression [N, C] float (NaN: no value, with
+        ``task.missing_targets: mask``)."""
         df = self.df if df_subset is None else df_subset
         cols = self.task.targets
         if self.task.type == "multiclass":
@@ -94,8 +95,13 @@ def load_manifest(data: DataConfig, task: TaskConfig) -> Manifest:
         if task.type == "multiclass":
             out[col], class_names, found = _class_targets(raw[col], task.class_names, where)
         else:
-            out[col], found = _numeric_targets(raw[col], col, task.type, where)
+            out[col], found = _numeric_targets(raw[col], col, task.type, where,
+                                               allow_missing=task.missing_targets == "mask")  # fmt: skip
         problems.extend(found)
+    if task.missing_targets == "mask":  # every row must give at least one target something to learn from
+        none = out[task.targets].isna().all(axis=1)
+        if none.any():
+            problems.append(f"no target value at all ({', '.join(task.targets)}): {where(none)}; drop these rows")
 
     if group_col:
         groups = _text(raw[group_col])
@@ -139,11 +145,15 @@ def check_targets_vary(manifest: Manifest) -> None:
     task, df = manifest.task, manifest.df
     problems = []
     for col in task.targets:
-        values = df[col].unique()
+        values = df[col].dropna().unique()  # missing regression targets (task.missing_targets: mask) are no value
         if len(values) > 1:
             continue
+        if len(values) == 0:
+            problems.append(f"regression target '{col}' has no value in any of the {len(df)} rows")
+            continue
         value = repr(values[0]) if isinstance(values[0], str) else f"{float(values[0]):g}"
-        every = f"all {len(df)} rows hold {value}"
+        valued = int(df[col].notna().sum())
+        every = f"all {valued} rows hold {value}" if valued == len(df) else f"all {valued} rows with a value hold {value}"
         if task.type == "binary":
             problems.append(f"target '{col}' has a single class: {every}; a binary target needs rows of 0 and 1")
         elif task.type == "multiclass":
@@ -267,14 +277,17 @@ def _check_ids(ids: pd.Series, rows: np.ndarray) -> list[str]:
 
 
 def _numeric_targets(
-    column: pd.Series, name: str, task_type: str, where: _Where
+    column: pd.Series, name: str, task_type: str, where: _Where, *, allow_missing: bool = False
 ) -> tuple[pd.Series, list[str]]:
+    """Target values (NaN where empty: allowed only with ``task.missing_targets: mask``) and the problems found."""
     text = _text(column)
     missing = text.str.strip().str.lower().isin(MISSING_TEXT)
     values = pd.to_numeric(text.where(~missing), errors="coerce").astype(float)
     problems = []
-    if missing.any():
-        problems.append(f"missing target '{name}': {where(missing)}")
+    if missing.any() and not allow_missing:
+        hint = "; a regression target may be left empty with task.missing_targets: mask" if task_type == "regression" \
+            else ""
+        problems.append(f"missing target '{name}': {where(missing)}{hint}")
     not_number = values.isna() & ~missing
     if not_number.any():
         problems.append(f"target '{name}' is not a number: {where(not_number, values=text)}")

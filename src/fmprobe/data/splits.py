@@ -78,11 +78,15 @@ def kfold_splits(
 
 def stratification_key(task_type: str, y: np.ndarray, *, n_folds: int, n_rows: int) -> np.ndarray:
     """One stratum label per row: class (binary/multiclass), label combination (multilabel),
-    quantile-bin combination (regression); combinations rarer than ``n_folds`` are merged into one stratum."""
+    quantile-bin combination (regression; a missing value is a bin of its own); combinations rarer than
+    ``n_folds`` are merged into one stratum."""
     y = np.asarray(y)
     if len(y) != n_rows:
         raise FmprobeError(f"got {len(y)} targets for {n_rows} manifest rows")
-    bad = np.flatnonzero(~np.isfinite(y.astype(np.float64)).reshape(n_rows, -1).all(axis=1))
+    values = y.astype(np.float64).reshape(n_rows, -1)
+    # a missing regression target (task.missing_targets: mask) is its own stratum: every split gets its share
+    allowed = np.isnan(values) if task_type == "regression" else np.zeros(values.shape, dtype=bool)
+    bad = np.flatnonzero(~(np.isfinite(values) | allowed).all(axis=1))
     if bad.size:
         raise FmprobeError(f"{bad.size} rows have missing or non-finite targets (first rows {bad[:5].tolist()})")
     if task_type in ("binary", "multiclass"):

@@ -6,15 +6,18 @@ A and B each name a representation on the command line as one of:
   side's samples in the same order (no sample ids);
 - ``CONFIG.yaml[:LAYER[:POOLING]]`` — the experiment's cached features (extracted first if the cache lacks
   them), every sample of its manifest that was not skipped; LAYER is one of its ``model.layers`` (default:
-  all of them), POOLING ``mean`` (default), ``cls`` or ``cls+mean``;
+  all of them), POOLING ``mean`` (default), ``cls``, ``cls+mean``, ``flat`` (the stored tokens flattened, so the
+  layout counts: ``[N, tokens * D]``) or ``channels`` (every channel its own representation: its values at every
+  token, ``[N, tokens]``, named ``<layer>/c<k>`` — a VAE's latent channels, for heatmaps of points x channels);
+  ``flat`` and ``channels`` need ``features.store_tokens: true`` (``features.token_grid`` bounds their size);
 - ``STORE_DIR[:LAYER[:POOLING]]`` — one feature-cache entry (``<features.cache_dir>/<key>``, the folder
   holding ``config.json`` and ``shard-*``), every sample stored in it.
 
 When both sides carry sample ids, rows are matched by id (the samples both hold, in A's order). Every
 array is float64 before any metric sees it. With one layer per side the result is one value per metric
 (default: every metric) and a bar chart; with several layers on either side it is a layer x layer matrix
-per metric (default: linear CKA) and a heatmap each. ``bootstrap`` > 0 adds percentile CIs over the samples
-for the metrics that allow one (diagnostics.alignment_ci: linear and RBF CKA). ``alignment.json`` records the
+per metric (default: linear CKA) and a heatmap each. ``bootstrap`` > 0 adds CIs over the samples for the metrics
+that allow one (diagnostics.alignment_ci: linear and RBF CKA, RSA, recall@k, mutual kNN, linear R^2). ``alignment.json`` records the
 conventions the values depend on (k, RBF bandwidth rule, RSA dissimilarity and rank correlation, ...; see
 diagnostics.alignment_conventions) next to them.
 """
@@ -31,12 +34,12 @@ import numpy as np
 from fmprobe.atomic import write_json
 from fmprobe.diagnostics import plots
 from fmprobe.diagnostics.alignment import METRICS, align, layer_alignment_matrix, load_representation
-from fmprobe.diagnostics.alignment_ci import BOOTSTRAPPABLE, cka_interval
+from fmprobe.diagnostics.alignment_ci import BOOTSTRAPPABLE, alignment_interval
 from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.features.store import FeatureSet, FeatureStore
 
-POOLINGS = ("mean", "cls", "cls+mean")
+POOLINGS = ("mean", "cls", "cls+mean", "flat", "channels")
 MATRIX_DEFAULT = ("linear_cka",)
 
 
@@ -91,7 +94,7 @@ def load_side(spec: str, *, progress: bool = False) -> Representation:
     names = [layer] if layer is not None else features.layers
     if len(features) == 0:
         raise FmprobeError(f"representation '{spec}': no sample has features (all were skipped)")
-    arrays = {name: np.asarray(features.pooled(name, pooling), dtype=np.float64) for name in names}
+    arrays = {key: value for name in names for key, value in _pooled(features, name, pooling).items()}
     return Representation(f"{path}" + (f":{layer}" if layer else "") + (f":{pooling}" if len(fields) > 1 else ""),
                           arrays, list(features.sample_ids), model)
 
@@ -103,6 +106,16 @@ def _config_features(path: Path, progress: bool) -> tuple[FeatureSet, str]:
 
     exp = load_config(path)
     return extract_features(exp, load_manifest(exp.data, exp.task), progress=progress), exp.name
+
+
+def _pooled(features: FeatureSet, layer: str, pooling: str) -> dict[str, np.ndarray]:
+    """One layer's representation(s), float64 ``[N, D]``, named."""
+    if pooling not in ("flat", "channels"):
+        return {layer: np.asarray(features.pooled(layer, pooling), dtype=np.float64)}
+    tokens = np.asarray(features.tokens(layer), dtype=np.float64)  # [N, tokens, D]
+    if pooling == "flat":
+        return {layer: tokens.reshape(len(tokens), -1)}
+    return {f"{layer}/c{k}": tokens[:, :, k] for k in range(tokens.shape[2])}
 
 
 def store_features(root: Path) -> FeatureSet:
@@ -167,7 +180,7 @@ def align_command(
     def interval(x: np.ndarray, y: np.ndarray, metric: str) -> list[float] | None:
         if not bootstrap or metric not in BOOTSTRAPPABLE:
             return None
-        return cka_interval(x, y, metric, n_resamples=bootstrap, ci=ci, seed=seed, conventions=conventions)
+        return alignment_interval(x, y, metric, n_resamples=bootstrap, ci=ci, seed=seed, conventions=conventions)
 
     if len(a.layers) == 1 and len(b.layers) == 1:
         chosen = list(metrics) if metrics else list(METRICS)

@@ -333,12 +333,19 @@ def linear_r2(a: np.ndarray, b: np.ndarray, seed: int = 0, test_size: float = DE
     (alpha from ``RIDGE_ALPHAS`` by efficient leave-one-out), then report sklearn ``r2_score`` on the held-out
     part with ``multioutput='variance_weighted'`` (B's dimensions weighted by their variance). Asymmetric.
     """
+    y_te, predicted = linear_map_predictions(a, b, seed=seed, test_size=test_size)
+    return float(r2_score(y_te, predicted, multioutput="variance_weighted"))
+
+
+def linear_map_predictions(a: np.ndarray, b: np.ndarray, *, seed: int = 0, test_size: float = DEFAULT.r2_test_fraction
+                           ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The held-out rows of B and the ridge map's predictions of them (see :func:`linear_r2`)."""
     x, y = _pair(a, b, min_n=10)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, random_state=seed)
     if np.all(np.ptp(y_te, axis=0) == 0):
         raise FmprobeError("representation B is constant on the held-out samples; R^2 undefined")
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS)).fit(x_tr, y_tr)
-    return float(r2_score(y_te, model.predict(x_te), multioutput="variance_weighted"))
+    return y_te, model.predict(x_te)
 
 
 # ---------------------------------------------------------------------------------------------- entry points

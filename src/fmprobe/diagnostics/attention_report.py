@@ -77,6 +77,20 @@ def _patch_map(attn: np.ndarray, prefix: int) -> np.ndarray:
     return rows[:, prefix:]
 
 
+def encode_attention(encoder: Any, clip: torch.Tensor, requested: list[int | str] | None = None
+                     ) -> tuple[torch.Tensor, Any, list[str], dict[str, np.ndarray]]:  # fmt: skip
+    """One clip ``[T, 3, H, W]`` (a 3D encoder's volume ``[1, x, y, z]``) through ``encoder`` with attention maps on:
+    the input as encoded (a video clip or volume, or an image encoder's frames), the encoder output, its blocks in
+    order and their maps ``[B, heads, Q, K]``."""
+    x = clip if encoder.input_spec.kind == "image" else clip[None]
+    with torch.inference_mode():
+        output = encoder.encode(x, requested or _blocks_to_request(encoder), attentions=True)
+    if not output.attentions:
+        raise FmprobeError(f"{encoder.name} returned no attention maps")
+    blocks = sorted(output.attentions, key=int)
+    return x, output, blocks, {k: output.attentions[k].float().cpu().numpy() for k in blocks}
+
+
 def backbone_attention(exp: Experiment, *, samples: int = 8, out: str | Path = "fmprobe-attention") -> dict[str, Any]:
     """Attention entropy per block and head, grouped by labels, and heatmaps of the first ``samples`` samples."""
     from fmprobe.backbones.registry import load_encoder
@@ -105,13 +119,7 @@ def backbone_attention(exp: Experiment, *, samples: int = 8, out: str | Path = "
             skipped.append([item["sample_id"], item["error"]])
             continue
         clip = item["pixels"][0]  # first clip [T, 3, H, W] (a 3D encoder's volume [1, x, y, z])
-        x = clip if spec.kind == "image" else clip[None]
-        with torch.inference_mode():
-            output = encoder.encode(x, requested, attentions=True)
-        if not output.attentions:
-            raise FmprobeError(f"{encoder.name} returned no attention maps")
-        blocks = sorted(output.attentions, key=int)
-        maps = {k: output.attentions[k].float().cpu().numpy() for k in blocks}
+        x, output, blocks, maps = encode_attention(encoder, clip, requested)
         entropies.append(np.stack([attention_entropy(maps[k], reduce="sample").mean(axis=0) for k in blocks]))
         key = str(requested[-1])
         prefix, grid = output.prefix[key].shape[1], output.grid[key]
@@ -170,28 +178,17 @@ def _safe(sample_id: str) -> str:
 
 def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None) -> dict[str, Any]:
     """Entropy and maps of every attentive head of a finished run, on its test split."""
-    import pandas as pd
-
-    from fmprobe.data.manifest import load_manifest
     from fmprobe.evaluate.task import ResolvedTask
     from fmprobe.features.extract import extract_features
     from fmprobe.heads import build_head
 
     run_dir = Path(run_dir)
-    for name in ("config.resolved.yaml", "metrics.json", "predictions.parquet"):
-        if not (run_dir / name).exists():
-            raise FmprobeError(f"'{run_dir}' is not a finished run directory: {name} is missing")
-    exp = load_config(run_dir / "config.resolved.yaml")
+    exp, metrics, manifest, rows = test_rows(run_dir)
     heads = [h for h in exp.heads if h.type == "attentive"]
     if not heads:
         raise ConfigError(f"run '{run_dir}' has no attentive head (heads: {[h.name for h in exp.heads]})")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     class_names = metrics["task"]["class_names"]
-    preds = pd.read_parquet(run_dir / "predictions.parquet", columns=["sample_id", "split", "head", "seed"])
-    first = preds[(preds["head"] == heads[0].name) & (preds["seed"] == exp.train.seeds[0])]
-    test_ids = first.loc[first["split"] == "test", "sample_id"].astype(str).tolist()
-    manifest = load_manifest(exp.data, exp.task)
-    rows = manifest.df.set_index("sample_id").loc[test_ids].reset_index()
+    test_ids = rows["sample_id"].astype(str).tolist()
     labels, grouping_base = _labels(exp, manifest.targets(rows), class_names)
     features = extract_features(exp, manifest, progress=False).subset(test_ids)
     out = Path(out) if out is not None else run_dir / "attention"
@@ -242,6 +239,24 @@ def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None) -> d
     return result
 
 
+def test_rows(run_dir: Path) -> tuple[Experiment, dict[str, Any], Any, Any]:
+    """A finished run's config, metrics.json, manifest and the manifest rows of its test split (in its order)."""
+    import pandas as pd
+
+    from fmprobe.data.manifest import load_manifest
+
+    for name in ("config.resolved.yaml", "metrics.json", "predictions.parquet"):
+        if not (run_dir / name).exists():
+            raise FmprobeError(f"'{run_dir}' is not a finished run directory: {name} is missing")
+    exp = load_config(run_dir / "config.resolved.yaml")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    preds = pd.read_parquet(run_dir / "predictions.parquet", columns=["sample_id", "split", "head", "seed"])
+    first = preds[(preds["head"] == exp.heads[0].name) & (preds["seed"] == exp.train.seeds[0])]
+    test_ids = first.loc[first["split"] == "test", "sample_id"].astype(str).tolist()
+    manifest = load_manifest(exp.data, exp.task)
+    return exp, metrics, manifest, manifest.df.set_index("sample_id").loc[test_ids].reset_index()
+
+
 def _query_names(cfg: Any, n: int, exp: Experiment, class_names: list[str] | None) -> list[str]:
     if cfg.query_per_class:
         names = class_names if exp.task.type == "multiclass" else exp.task.targets
@@ -249,13 +264,3 @@ def _query_names(cfg: Any, n: int, exp: Experiment, class_names: list[str] | Non
             return list(names)
     return [f"q{i}" for i in range(n)]
 
-
-def attention_command(
-    config: str | Path | None = None, *, run: str | Path | None = None, samples: int = 8, out: str | Path | None = None
-) -> dict[str, Any]:
-    """Backbone attention of CONFIG, or the attentive probes of RUN; exactly one of them."""
-    if (config is None) == (run is None):
-        raise ConfigError("give either an experiment CONFIG (backbone attention) or --run RUN_DIR (attentive probes)")
-    if run is not None:
-        return pooler_attention(run, out=out)
-    return backbone_attention(load_config(config), samples=samples, out=out or "fmprobe-attention")

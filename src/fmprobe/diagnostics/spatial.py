@@ -49,6 +49,8 @@ WEIGHT_DECAY = 1e-2
 SCORE_THRESHOLD = 0.05
 NMS_IOU = 0.5
 MAX_DETECTIONS = 100
+MIN_MOTION = 0.02  # an object must move this share of the image between the first and last slice to have a direction
+DIRECTION_TOLERANCE = 45.0  # degrees between the probe's and the true motion for a right direction
 _LOG_SIZE_LIMIT = 4.0  # box sizes are predicted as exp(<= 4) cells, so a bad start cannot overflow
 
 
@@ -303,8 +305,8 @@ def _centre_targets(
 
 def _detection_probe(
     x_tr: torch.Tensor, y_tr: _Frames, x_te: torch.Tensor, y_te: _Frames, h: int, w: int, cells: Cells, steps: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The decoded test detections matched per image (for class-agnostic COCO AP@0.5)."""
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
+    """The decoded test detections per image, and those matched per image (for class-agnostic COCO AP@0.5)."""
     objectness, regression = _centre_targets(y_tr, h, w, cells)
     pos_weight = (objectness.numel() - objectness.sum()) / objectness.sum()
     probe = nn.Linear(x_tr.shape[-1], 5)
@@ -324,7 +326,43 @@ def _detection_probe(
         kept = np.flatnonzero(s >= SCORE_THRESHOLD)
         kept = kept[nms(b[kept], s[kept])][:MAX_DETECTIONS]
         detections.append((b[kept], s[kept]))
-    return match_detections(detections, y_te.boxes)
+    return detections, match_detections(detections, y_te.boxes)
+
+
+def direction_hits(detections: Sequence[tuple[np.ndarray, np.ndarray]], objects: Sequence[SampleObjects], t: int,
+                   image_size: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Per clip: how many of its moving objects the detection probe gives the right direction, and how many moved.
+
+    An object's true motion is its box centre's displacement from the first to the last temporal slice (the middle
+    frame of each, as the probes are scored); objects that moved less than ``MIN_MOTION`` of the image are left out
+    (no direction to tell). The probe's motion is the displacement between its boxes that overlap the object most in
+    those two slices; it is right when the angle to the true motion is under ``DIRECTION_TOLERANCE`` degrees (so
+    chance is 1/4 for a random direction). An object no detection overlaps in either slice counts as wrong.
+    """
+    hits, moved = np.zeros(len(objects), dtype=np.int64), np.zeros(len(objects), dtype=np.int64)
+    for i, objs in enumerate(objects):
+        per_slice = objs.boxes.shape[0] // t
+        first, last = per_slice // 2, (t - 1) * per_slice + per_slice // 2
+        truth = _centres(objs.boxes[last]) - _centres(objs.boxes[first])
+        for k in np.flatnonzero(np.linalg.norm(truth, axis=1) >= MIN_MOTION * image_size):
+            moved[i] += 1
+            ends = []
+            for j, f in ((0, first), (t - 1, last)):
+                boxes = detections[i * t + j][0]
+                overlap = box_iou(boxes, objs.boxes[f, k])[:, 0] if len(boxes) else np.zeros(0)
+                ends.append(_centres(boxes[int(np.argmax(overlap))][None])[0] if overlap.size and overlap.max() > 0
+                            else None)  # fmt: skip
+            if ends[0] is None or ends[1] is None:
+                continue
+            guess = ends[1] - ends[0]
+            norm = np.linalg.norm(guess) * np.linalg.norm(truth[k])
+            hits[i] += bool(norm > 0 and guess @ truth[k] / norm > np.cos(np.radians(DIRECTION_TOLERANCE)))
+    return hits, moved
+
+
+def _centres(boxes: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes, dtype=np.float64)
+    return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -359,7 +397,9 @@ def run_spatial_probes(
     Returns ``box_iou``, ``mask_iou``, ``map50`` and the priors ``box_iou_prior`` / ``mask_iou_prior``, the
     image counts, and ``per_image`` lists (one entry per test image or clip slice, sample-major): box and mask
     IoU, ``ap_matches`` (the detections' scores and true-positive flags) and ``n_gt`` (ground-truth boxes), from
-    which diagnostics.spatial_ci bootstraps CIs.
+    which diagnostics.spatial_ci bootstraps CIs. Clips (t > 1) with moving objects add ``direction_accuracy`` (the
+    share of moving objects whose direction the detection probe's boxes get right, :func:`direction_hits`) and
+    its per-clip counts ``direction_hits`` / ``direction_moved``.
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     t, h, w = grid
@@ -379,10 +419,16 @@ def run_spatial_probes(
     with seeded(seed):  # the probes' initialisation and their minibatch draws
         box_ious, box_prior = _box_probe(x_tr_t, y_tr, x_te_t, y_te, cells, size, steps)
         mask_ious, mask_prior = _mask_probe(x_tr_t, y_tr, x_te_t, y_te, h, w, size, steps)
-        matches = _detection_probe(x_tr_t, y_tr, x_te_t, y_te, h, w, cells, steps)
+        detections, matches = _detection_probe(x_tr_t, y_tr, x_te_t, y_te, h, w, cells, steps)
     n_gt = [len(b) for b in y_te.boxes]
     map50 = matched_average_precision(matches, n_gt)
-    return {
+    direction = {}
+    if t > 1:
+        hits, moved = direction_hits(detections, ann_test, t, size[0])
+        if moved.sum():
+            direction = {"direction_accuracy": float(hits.sum() / moved.sum()), "moving_objects": int(moved.sum()),
+                         "direction_hits": hits.tolist(), "direction_moved": moved.tolist()}  # fmt: skip
+    return {**direction,
         "box_iou": float(box_ious.mean()),
         "box_iou_prior": box_prior,
         "mask_iou": float(mask_ious.mean()),

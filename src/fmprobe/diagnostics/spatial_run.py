@@ -17,6 +17,7 @@ layers of a VLM (``model.language_model.layers.0``), with a view for tiled VLMs 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,17 @@ import numpy as np
 import torch
 
 from fmprobe.atomic import write_json
-from fmprobe.backbones.base import Encoder
+from fmprobe.backbones.base import Encoder, InputSpec
 from fmprobe.config import ModelConfig, load_config
 from fmprobe.devices import config_device
 from fmprobe.diagnostics.shapes import make_shapes
 from fmprobe.diagnostics.spatial import STEPS, run_spatial_probes
-from fmprobe.diagnostics.spatial_ci import spatial_intervals
+from fmprobe.diagnostics.random_weights import CONTROL, randomise_weights
+from fmprobe.diagnostics.spatial_ci import paired_differences, ratio_interval, spatial_intervals
 from fmprobe.diagnostics.spatial_pairs import PAIRED_METRICS
 from fmprobe.errors import ConfigError
 
+CONTROLS = ("pixel", CONTROL, "random")
 CONTROL_SIZE = 112
 CONTROL_PATCH = 16
 VIDEO_FRAMES = 8  # clip length for a video encoder that accepts any
@@ -99,41 +102,84 @@ def encode_all(encoder: Encoder, images: np.ndarray, layers: list) -> tuple[dict
 def spatial_command(
     encoder: str = "pixel", *, layers: list[int | str] | None = None, n_train: int = 96, n_test: int = 32,
     image_size: int | None = None, steps: int = STEPS, seed: int = 0, out: str | Path = "fmprobe-spatial",
-    frames: int | None = None, bootstrap: int = 1000, ci: float = 0.95,
+    frames: int | None = None, bootstrap: int = 1000, ci: float = 0.95, controls: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Probe every extraction point; write ``spatial.json`` to ``out``; return it.
 
     ``frames``: moving shapes, clips of this many frames (a video encoder's own clip length by default).
-    ``bootstrap``: resamples of the test samples for each score's CI (0: no CI)."""
+    ``bootstrap``: resamples of the test samples for each score's CI (0: no CI).
+    ``controls``: probed on the same shapes — ``pixel`` (flattened pixel patches of the model's patch size),
+    ``random-weights`` (the model with its weights redrawn, at every point) or ``random`` (noise tokens); each point
+    gets ``vs[control]``: its score minus the control's (the same point for random-weights) with a paired CI."""
     if n_train < 2 or n_test < 1:
         raise ConfigError(f"need at least 2 training and 1 test images, got --n-train {n_train} --n-test {n_test}")
     if bootstrap < 0 or (frames is not None and frames < 1):
         raise ConfigError(f"--bootstrap must be >= 0 and --frames >= 1, got {bootstrap} and {frames}")
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:
+        raise ConfigError(f"unknown control(s) {unknown}; choose from {', '.join(CONTROLS)}")
+    if controls and not bootstrap:
+        raise ConfigError("controls are compared with paired bootstrap CIs; give --bootstrap > 0")
+    if CONTROL in controls and encoder in ("pixel", "random"):
+        raise ConfigError(f"the {CONTROL} control redraws a model's weights; --encoder {encoder} has none")
     model, points, label = build_encoder(encoder, layers, image_size)
-    spec = model.input_spec
+    name, spec = model.name, model.input_spec
     if spec.image_size[0] != spec.image_size[1]:
-        raise ConfigError(f"{model.name} takes {spec.image_size} input; the shapes data is square")
+        raise ConfigError(f"{name} takes {spec.image_size} input; the shapes data is square")
     size = spec.image_size[0]
     if spec.kind == "video":
         if frames is not None and spec.num_frames and frames != spec.num_frames:
-            raise ConfigError(f"{model.name} takes clips of {spec.num_frames} frames; got --frames {frames}")
+            raise ConfigError(f"{name} takes clips of {spec.num_frames} frames; got --frames {frames}")
         frames = frames or spec.num_frames or VIDEO_FRAMES
     data = make_shapes(n_train + n_test, size=size, seed=seed, video_frames=frames)
-    tokens, grids = encode_all(model, data.images, points)
-    rows = []
-    for key in tokens:
-        r = run_spatial_probes(tokens[key][:n_train], grids[key], data.objects[:n_train], tokens[key][n_train:],
-                               data.objects[n_train:], size, seed=seed, steps=steps)
-        per_image = r.pop("per_image")
-        if bootstrap:
-            r["ci"] = spatial_intervals(per_image, grids[key][0], n_resamples=bootstrap, ci=ci, seed=seed)
-        r["per_image"] = {m: per_image[m] for m in PAIRED_METRICS}  # for paired comparisons of points
-        rows.append({"layer": key, "grid": list(grids[key]), "dim": int(tokens[key].shape[-1]), **r})
-    result = {"encoder": model.name, "model": label, "image_size": size, "frames": frames, "n_train": n_train,
-              "n_test": n_test, "steps": steps, "seed": seed, "bootstrap": bootstrap, "ci_level": ci if bootstrap else None,
-              "results": rows}
+
+    def probe(encoder_: Encoder, keys: list) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Per point: its result row and its full per-image scores."""
+        tokens, grids = encode_all(encoder_, data.images, keys)
+        done = []
+        for key in tokens:
+            r = run_spatial_probes(tokens[key][:n_train], grids[key], data.objects[:n_train], tokens[key][n_train:],
+                                   data.objects[n_train:], size, seed=seed, steps=steps)
+            per_image = r.pop("per_image")
+            if bootstrap:
+                r["ci"] = spatial_intervals(per_image, grids[key][0], n_resamples=bootstrap, ci=ci, seed=seed)
+                if "direction_accuracy" in r:
+                    r["ci"]["direction_accuracy"] = ratio_interval(r["direction_hits"], r["direction_moved"],
+                                                                   n_resamples=bootstrap, ci=ci, seed=seed)
+            r["per_image"] = {m: per_image[m] for m in PAIRED_METRICS}  # for paired comparisons of points
+            done.append(({"layer": key, "grid": list(grids[key]), "dim": int(tokens[key].shape[-1]), **r}, per_image))
+        return done
+
+    measured = probe(model, points)
+    control_rows = []
+    for control in controls:
+        if control == CONTROL:
+            randomise_weights(model, seed)  # in place: the trained model's tokens are already probed
+            probed = probe(model, points)
+        else:
+            probed = probe(_control_encoder(control, spec, size), [-1])
+        for (row, per_image), (_, own) in zip(measured, probed if control == CONTROL else probed * len(measured)):
+            row.setdefault("vs", {})[control] = paired_differences(per_image, own, row["grid"][0], n_resamples=bootstrap,
+                                                                   ci=ci, seed=seed)  # fmt: skip
+        control_rows += [{"control": control, **row} for row, _ in probed]
+    result = {"encoder": name, "model": label,
+              "image_size": size, "frames": frames, "n_train": n_train, "n_test": n_test, "steps": steps, "seed": seed,
+              "bootstrap": bootstrap, "ci_level": ci if bootstrap else None, "results": [r for r, _ in measured],
+              "controls": control_rows}  # fmt: skip
     write_json(Path(out) / "spatial.json", result)
     return result
+
+
+def _control_encoder(control: str, spec: InputSpec, size: int) -> Encoder:
+    """Pixel patches of the model's own patch size (its tower's grid), or noise tokens, at the model's input size."""
+    from fmprobe.backbones.controls import PixelPatchEncoder, RandomTokenEncoder
+
+    if size % spec.patch_size:
+        raise ConfigError(f"the {control} control cuts {size}-px images into the model's {spec.patch_size}-px patches, "
+                          "which do not tile them")  # fmt: skip
+    if control == "pixel":
+        return PixelPatchEncoder(spec.patch_size, size)
+    return RandomTokenEncoder(patch=spec.patch_size, image_size=size)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ def trivial_scores(task_type: str, y_train: Any, n_test: int, *, n_classes: int 
         y_train, _ = check_inputs("binary", y_train, np.zeros(len(y_train)))
         return np.full(n_test, y_train.mean())
     y_train, _ = check_inputs(task_type, y_train, np.zeros_like(y_train, dtype=np.float64))
-    return np.tile(y_train.mean(axis=0), (n_test, 1))
+    return np.tile(np.nanmean(y_train, axis=0), (n_test, 1))  # regression: each target's mean over its own rows
 
 
 def baseline_metrics(

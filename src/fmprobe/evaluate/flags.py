@@ -125,7 +125,7 @@ def constant_output(task_type: str, y_score: Any, *, y_true: Any = None, rel_tol
     if task_type == "regression":
         scale = np.ones(s.shape[1])
         if y_true is not None:
-            y_std = np.asarray(y_true, dtype=np.float64).reshape(len(s), -1).std(axis=0)
+            y_std = np.nanstd(np.asarray(y_true, dtype=np.float64).reshape(len(s), -1), axis=0)  # NaN: no value
             scale = np.where(y_std > 0, y_std, 1.0)
         spread = s.std(axis=0) / scale
     else:
@@ -367,6 +367,18 @@ def group_overlap(overlap: Sequence[tuple[str, Sequence[str]]], *, allowed: bool
                 f"{len(overlap)} groups appear in more than one split ({shown})"
                 + (" — allowed by split.allow_group_overlap" if allowed else ""),
                 {"n_groups": len(overlap), "groups": [[g, list(s)] for g, s in list(overlap)[:100]]})
+
+
+def solver_not_converged(fits: Mapping[str, Mapping[str, Any]]) -> Flag | None:
+    """A fitted logistic regression whose L-BFGS stopped at its iteration limit before its gradient reached the
+    tolerance: its chosen weights are not the optimum the method defines (``not_converged`` is the trained heads'
+    counterpart). ``fits``: member -> its selection record (``converged`` / ``iterations`` at the chosen C)."""
+    stuck = {m: int(f["iterations"]) for m, f in fits.items() if f.get("converged") is False}
+    if not stuck:
+        return None
+    return Flag("solver_not_converged", "warning",
+                f"logistic regression did not converge at the chosen C for {len(stuck)} of {len(fits)} fits "
+                f"(e.g. {next(iter(stuck))}); its scores are those of an unfinished solver", {"iterations": stuck})
 
 
 def compute_flags(

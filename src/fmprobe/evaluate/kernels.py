@@ -1,7 +1,8 @@
 """The task metric kernels, one definition for every use: rows of weights, rows of scores, or both.
 
 A *row* is one way of scoring the same N samples: a bootstrap resample (the samples' draw counts as weights,
-scores shared) or a member of a HeadBank (its own scores, unit weights). Every kernel takes ``y`` shared by all
+scores shared), a member of a HeadBank (its own scores, unit weights), or both (a label-efficiency repeat on a
+resample, with its own decision thresholds). Every kernel takes ``y`` shared by all
 rows, scores ``s`` either shared ``[N, ...]`` or per row ``[R, N, ...]``, and weights ``w [R, N]`` or None (unit
 weights), and returns one value per row. With unit weights the values equal scikit-learn's (tested); with
 multiplicity weights they equal scikit-learn on the repeated samples. A metric undefined for a row (AUROC with
@@ -95,49 +96,66 @@ def f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     return div(2 * tp, 2 * tp + fp + fn)
 
 
-def binary(y: np.ndarray, s: np.ndarray, w: np.ndarray | None, thr: float) -> dict[str, np.ndarray]:
+RANKED = ("auroc", "ap", "auroc_ovr", "map", "macro_auroc")  # need the sort of every row's scores (the costly part)
+
+
+def ranked(metric: str) -> bool:
+    """Whether ``metric`` (e.g. ``auroc``, ``ap/label``) is one of the ranking metrics."""
+    return metric.split("/")[0] in RANKED
+
+
+def binary(y: np.ndarray, s: np.ndarray, w: np.ndarray | None, thr: float | np.ndarray,
+           rank: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+    """``thr``: one decision threshold, or one per row ``[R, 1]``; ``rank`` False leaves out AUROC and AP."""
     tp, fp, fn, tn = counts(y, (s >= thr).astype(np.int64), w)
-    auroc, ap = ranking(y, s, w)
-    return {
-        "auroc": auroc,
-        "ap": ap,
+    out = dict(zip(("auroc", "ap"), ranking(y, s, w))) if rank else {}
+    out.update({
         "f1": f1(tp, fp, fn),
         "accuracy": div(tp + tn, tp + fp + fn + tn),
         "balanced_accuracy": nanmean(np.stack([div(tp, tp + fn), div(tn, tn + fp)], axis=1), axis=1),
-    }
+    })  # fmt: skip
+    return out
 
 
-def multiclass(y: np.ndarray, p: np.ndarray, w: np.ndarray | None, names: list[str]) -> dict[str, np.ndarray]:
+def multiclass(y: np.ndarray, p: np.ndarray, w: np.ndarray | None, names: list[str],
+               rank: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+    """``rank`` False leaves out the one-vs-rest AUROC."""
     k, n = p.shape[-1], len(y)
     rows = _rows(p, w, 2)
     code = np.broadcast_to(y * k + p.argmax(axis=-1), (rows, n)) + (k * k) * np.arange(rows)[:, None]
     weights = None if w is None else np.asarray(w, dtype=np.float64).ravel()
     cm = np.bincount(code.ravel(), weights=weights, minlength=rows * k * k).reshape(rows, k, k).astype(np.float64)
-    aucs = np.stack([ranking((y == c).astype(np.int64), p[..., c], w)[0] for c in range(k)], axis=1)
+    aucs = np.stack([ranking((y == c).astype(np.int64), p[..., c], w)[0] for c in range(k)], axis=1) if rank else None
     return multiclass_metrics(cm, aucs, names)
 
 
-def multiclass_metrics(cm: np.ndarray, aucs: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-    """Multiclass metrics of R confusion matrices ``[R, k, k]`` (true x predicted) and one-vs-rest AUROCs ``[R, k]``."""
+def multiclass_metrics(cm: np.ndarray, aucs: np.ndarray | None, names: list[str]) -> dict[str, np.ndarray]:
+    """Multiclass metrics of R confusion matrices ``[R, k, k]`` (true x predicted) and one-vs-rest AUROCs ``[R, k]``
+    (None: no ``auroc_ovr``)."""
     support, predicted, diag = cm.sum(axis=2), cm.sum(axis=1), np.einsum("rkk->rk", cm)
     per_class_f1 = div(2 * diag, support + predicted)
     out = {
         "balanced_accuracy": nanmean(div(diag, support), axis=1),
         "accuracy": div(diag.sum(axis=1), support.sum(axis=1)),
         "macro_f1": nanmean(per_class_f1, axis=1),
-        "auroc_ovr": aucs.mean(axis=1),  # NaN when a class is absent, as compute_metrics
     }
+    if aucs is not None:
+        out["auroc_ovr"] = aucs.mean(axis=1)  # NaN when a class is absent, as compute_metrics
     out.update({f"f1/{n}": per_class_f1[:, c] for c, n in enumerate(names)})
     return out
 
 
 def multilabel(y: np.ndarray, s: np.ndarray, w: np.ndarray | None, names: list[str],
-               thr: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
+               thr: np.ndarray, rank: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+    """``thr``: decision thresholds per label ``[C]``, or per row and label ``[R, C]``; ``rank`` False leaves out
+    AP and AUROC."""
+    label_f1 = np.stack([f1(*counts(y[:, c], (s[..., c] >= thr[..., c, None]).astype(np.int64), w)[:3])
+                         for c in range(len(names))], axis=1)  # fmt: skip
+    if not rank:
+        return {"macro_f1": nanmean(label_f1, axis=1), **{f"f1/{n}": label_f1[:, c] for c, n in enumerate(names)}}
     per_label = [ranking(y[:, c], s[..., c], w) for c in range(len(names))]
     auc = np.stack([r[0] for r in per_label], axis=1)
     ap = np.stack([r[1] for r in per_label], axis=1)
-    label_f1 = np.stack([f1(*counts(y[:, c], (s[..., c] >= thr[c]).astype(np.int64), w)[:3])
-                         for c in range(len(names))], axis=1)  # fmt: skip
     out = {"map": nanmean(ap, axis=1), "macro_auroc": nanmean(auc, axis=1), "macro_f1": nanmean(label_f1, axis=1)}
     for c, n in enumerate(names):
         out[f"ap/{n}"], out[f"auroc/{n}"], out[f"f1/{n}"] = ap[:, c], auc[:, c], label_f1[:, c]
@@ -145,25 +163,31 @@ def multilabel(y: np.ndarray, s: np.ndarray, w: np.ndarray | None, names: list[s
 
 
 def regression(y: np.ndarray, s: np.ndarray, w: np.ndarray | None, names: list[str]) -> dict[str, np.ndarray]:
-    """R², MAE, RMSE and Pearson r per target, averaged over targets. R² is undefined for a (nearly) constant
-    target, r also for a (nearly) constant output (variance below 1e-12 of the mean square)."""
+    """R², MAE, RMSE and Pearson r per target, averaged over targets. Each target is scored on the rows where it has
+    a value (NaN in ``y``: none, ``task.missing_targets: mask``), its weights those rows' weights. R² is undefined
+    for a (nearly) constant target or one without rows, r also for a (nearly) constant output (variance below
+    1e-12 of the mean square)."""
     rows = _rows(s, w, 2)
-    wr = _weights(w, rows, len(y))[:, :, None]  # [R, N, 1]
-    sw = wr.sum(axis=1)  # [R, 1]
-    yc = y - y.mean(axis=0)  # centre once for numerical stability
+    observed = ~np.isnan(y)  # [N, C]
+    wr = _weights(w, rows, len(y))[:, :, None] * observed  # [R, N, C]: a target's own rows only
+    sw = wr.sum(axis=1)  # [R, C]
+    y0 = np.where(observed, y, 0.0)
+    centre = div(y0.sum(axis=0), observed.sum(axis=0).astype(np.float64))
+    yc = np.where(observed, y0 - np.nan_to_num(centre), 0.0)  # centre once for numerical stability
     sc = s - s.mean(axis=-2, keepdims=True)
-    err = s - y
+    err = s - y0
 
-    def mean(v: np.ndarray) -> np.ndarray:  # weighted mean over samples: [R, C]
-        return (wr * v).sum(axis=1) / sw
+    def mean(v: np.ndarray) -> np.ndarray:  # weighted mean over a target's rows: [R, C]
+        return div((wr * v).sum(axis=1), sw)
 
     my, ms = mean(yc), mean(sc)
     scale_y, scale_s = mean(yc**2), mean(sc**2)
     var_y, var_s = scale_y - my**2, scale_s - ms**2
     mse = mean(err**2)
-    y_ok = var_y > 1e-12 * np.maximum(scale_y, 1e-300)
-    ok = y_ok & (var_s > 1e-12 * np.maximum(scale_s, 1e-300))
-    r2 = np.where(y_ok, 1 - mse / np.where(var_y > 0, var_y, 1), np.nan)
+    with np.errstate(invalid="ignore"):
+        y_ok = var_y > 1e-12 * np.maximum(scale_y, 1e-300)
+        ok = y_ok & (var_s > 1e-12 * np.maximum(scale_s, 1e-300))
+    r2 = np.where(y_ok, 1 - mse / np.where(y_ok, var_y, 1), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(ok, (mean(yc * sc) - my * ms) / np.sqrt(np.abs(var_y * var_s)), np.nan)
     mae, rmse = mean(np.abs(err)), np.sqrt(mse)

@@ -1,7 +1,8 @@
 """Metrics by task type, every value computed by scikit-learn (Pearson r by scipy).
 
 A metric that is not defined on the given data (AUROC with one class present, R² of a constant
-target, ...) is NaN and named, with the reason, under the key ``"undefined"``; nothing is imputed.
+target, ...) is NaN and named, with the reason, under the key ``"undefined"``; nothing is imputed. A regression
+target may lack a value in some rows (NaN, ``task.missing_targets: mask``): it is scored on the rows that have one.
 Shapes follow CONTRACTS.md: binary ``[N]``, multiclass ``[N]`` int + ``[N, K]`` probs,
 multilabel ``[N, C]`` 0/1 + ``[N, C]`` probs, regression ``[N, C]``.
 """
@@ -30,15 +31,20 @@ from fmprobe.config import METRICS_BY_TASK
 from fmprobe.errors import FmprobeError
 
 # The one definition of metric direction: errors, losses, calibration error and costs are lower-is-better.
-LOWER_IS_BETTER = frozenset({"mae", "rmse", "loss", "ece", "trainable_params", "total_params", "wall_seconds"})
+LOWER_IS_BETTER = frozenset({"mae", "rmse", "loss", "ece", "trainable_params", "total_params", "wall_seconds",
+                             "lpips", "speed_ratio"})
+# prefixes naming where a metric was measured (segmentation decoder; spatial probes on still / moving shapes;
+# reconstructions): the direction is the name's after the prefix
+MEASURED_ON = ("seg", "still", "moving", "recon")
 
 
 def lower_is_better(metric: str) -> bool:
-    """Direction of a metric name; per-class keys (``mae/<t>``) follow their base name, segmentation keys
-    (``seg/miou``) the name after their prefix."""
+    """Direction of a metric name; per-class keys (``mae/<t>``) follow their base name, keys with a prefix of
+    ``MEASURED_ON`` (``seg/miou``, ``recon/lpips``) the name after it, a paired difference to a control
+    (``recon/lpips-vs-pixel``) its metric's."""
     parts = metric.split("/")
-    base = parts[1] if parts[0] == "seg" and len(parts) > 1 else parts[0]
-    return base in LOWER_IS_BETTER
+    base = parts[1] if parts[0] in MEASURED_ON and len(parts) > 1 else parts[0]
+    return base.split("-vs-")[0] in LOWER_IS_BETTER
 
 
 def higher_is_better(metric: str) -> bool:
@@ -101,9 +107,9 @@ def check_inputs(task_type: str, y_true: Any, y_score: Any) -> tuple[np.ndarray,
     if len(y_true) == 0:
         raise FmprobeError("no samples to evaluate (empty y_true)")
     _check_finite(y_score, "model outputs (y_score)")
-    if task_type == "regression":
+    if task_type == "regression":  # NaN: a target without a value in that row (task.missing_targets: mask)
         y_true = y_true.astype(np.float64)
-        _check_finite(y_true, "regression targets (y_true)")
+        _check_finite(np.nan_to_num(y_true, nan=0.0, posinf=np.inf, neginf=-np.inf), "regression targets (y_true)")
     elif task_type == "multiclass":
         k = y_score.shape[1]
         if not np.issubdtype(y_true.dtype, np.integer):
@@ -200,31 +206,39 @@ def _multilabel(
 
 
 def _regression(y: np.ndarray, s: np.ndarray, names: list[str], undefined: dict[str, str]) -> dict[str, Any]:
-    constant = np.ptp(y, axis=0) == 0
-    r2 = np.full(y.shape[1], np.nan)
-    if (~constant).any():
-        r2[~constant] = r2_score(y[:, ~constant], s[:, ~constant], multioutput="raw_values", force_finite=False)
-    mae = mean_absolute_error(y, s, multioutput="raw_values")
-    rmse = root_mean_squared_error(y, s, multioutput="raw_values")
-    r = np.array([_pearson(y[:, c], s[:, c], f"pearson_r/{n}", undefined) for c, n in enumerate(names)])
-    # sklearn's uniform average over targets; NaN when any target is constant (its R² is undefined)
-    r2_mean = float("nan") if constant.any() else r2_score(y, s, multioutput="uniform_average", force_finite=False)
-    out: dict[str, Any] = {
-        "r2": float(r2_mean),
-        "mae": float(mean_absolute_error(y, s)),
-        "rmse": float(root_mean_squared_error(y, s)),
-        "pearson_r": float(np.mean(r)),
-    }
-    if constant.any():
-        undefined["r2"] = f"targets constant in y_true: {[n for n, c in zip(names, constant) if c]}"
+    """Every metric per target on the rows where it has a value (NaN: none); the headline values are their means
+    over targets (sklearn's uniform average when nothing is missing)."""
+    per: dict[str, list[float]] = {"r2": [], "mae": [], "rmse": [], "pearson_r": []}
+    for c, n in enumerate(names):
+        for key, value in _one_target(y[:, c], s[:, c], n, undefined).items():
+            per[key].append(value)
+    out: dict[str, Any] = {key: float(np.mean(values)) for key, values in per.items()}
+    unscored = [n for n, v in zip(names, per["r2"]) if np.isnan(v)]
+    if unscored:
+        undefined["r2"] = f"R² undefined for targets {unscored} (constant or without values in y_true)"
     if np.isnan(out["pearson_r"]):
         undefined["pearson_r"] = "Pearson r undefined for some target"
     for c, n in enumerate(names):
-        out[f"r2/{n}"], out[f"mae/{n}"], out[f"rmse/{n}"], out[f"pearson_r/{n}"] = (
-            float(r2[c]), float(mae[c]), float(rmse[c]), float(r[c]))
-        if constant[c]:
-            undefined[f"r2/{n}"] = "target constant in y_true"
+        for key in per:
+            out[f"{key}/{n}"] = float(per[key][c])
     return out
+
+
+def _one_target(y: np.ndarray, s: np.ndarray, name: str, undefined: dict[str, str]) -> dict[str, float]:
+    """R², MAE, RMSE and Pearson r of one target on its observed rows (NaN in ``y``: no value)."""
+    rows = ~np.isnan(y)
+    if not rows.any():
+        for key in ("r2", "mae", "rmse", "pearson_r"):
+            undefined[f"{key}/{name}"] = "target has no value in y_true"
+        return dict.fromkeys(("r2", "mae", "rmse", "pearson_r"), float("nan"))
+    y, s = y[rows], s[rows]
+    r2 = float("nan")
+    if np.ptp(y) == 0:
+        undefined[f"r2/{name}"] = "target constant in y_true"
+    else:
+        r2 = float(r2_score(y, s, force_finite=False))
+    return {"r2": r2, "mae": float(mean_absolute_error(y, s)), "rmse": float(root_mean_squared_error(y, s)),
+            "pearson_r": _pearson(y, s, f"pearson_r/{name}", undefined)}
 
 
 def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:

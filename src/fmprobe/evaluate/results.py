@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,11 +25,15 @@ class SplitData:
 
 @dataclass
 class HeadRun:
-    """One head trained with one seed: its curves, what was selected, and its scores per split."""
+    """One head trained (or fitted) with one seed: its curves, what was selected, and its scores per split.
+
+    A trained head selects its best epoch (``best_epoch``, with ``curves``); a fitted head (knn, prototype, logreg)
+    has no epochs (``best_epoch`` None, no curves) and records in ``selected`` the hyperparameter chosen on
+    validation and the validation primary metric of every value tried."""
 
     head: str
     seed: int
-    best_epoch: int
+    best_epoch: int | None
     best_val_score: float
     stopped_early: bool
     curves: list[dict]
@@ -40,6 +45,7 @@ class HeadRun:
     fold: int | None = None  # split.mode kfold: which train/val fold (the test set is the same for all)
     data: SplitData | None = None  # the fold's samples; None = the run's one split
     total_params: int | None = None  # backbone + head (+ adapters); set by experiments.params.record_parameters
+    selected: dict[str, Any] | None = None  # fitted heads: {"k": 20, "validation": {"10": 0.81, ...}} (or "C")
     last_epoch: int | None = None  # the last epoch training allowed (numbered as best_epoch); None: unknown
 
     @property
@@ -83,10 +89,26 @@ class SegResults:
 
 
 @dataclass
+class EfficiencyPoint:
+    """One head at one label budget: K labelled examples per class (``protocol`` "shots", repeated over episodes)
+    or a share of the training groups (``protocol`` "fraction", repeated over seeds). Each run's ``data`` holds
+    its labelled training subset (validation and test are the run's own). ``missing`` says why the budget could
+    not be fitted (a class without enough groups, a share too small to hold every class); then ``runs`` is empty."""
+
+    protocol: str
+    value: float
+    head: str
+    runs: list[HeadRun]
+    missing: str | None = None
+
+
+@dataclass
 class ProbeResults:
     runs: list[HeadRun] = field(default_factory=list)
     standardisation: dict[str, str] = field(default_factory=dict)
     segmentation: SegResults | None = None  # the auxiliary segmentation decoders, when configured
+    training_inputs: list[dict] = field(default_factory=list)  # what each stage trained on (inputs, augmentation)
+    efficiency: list[EfficiencyPoint] = field(default_factory=list)  # train.shots / train.label_fractions
 
 
 def predictions_table(

@@ -9,7 +9,9 @@
   matrix normalised per true class (which class the model predicts when this one is true);
   multilabel: ``all``, ``exactly one label``, then every label combination present (``none``, ``a``,
   ``a+b``, ...), with ``exact_match`` (the whole combination right) and per label the true and predicted
-  positive rates.
+  positive rates; ``single_label_detection``: per label, the samples where it alone is met, how many of them the
+  model detects it in (at the threshold) with a Wilson 95% CI over samples, and what it calls there instead
+  (a label never detected when it alone is met is blind to it, whatever its AP).
 - multiclass also: ``confusion_normalised`` (rows: true class) and ``top_confusions`` (largest off-diagonal
   rates first).
 Regression has no label groups; callers skip it.
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix
 
 from fmprobe.errors import FmprobeError
@@ -103,4 +106,25 @@ def _multilabel(y: np.ndarray, pred: np.ndarray, names: list[str]) -> dict[str, 
     for combo in sorted(combos, key=lambda c: (sum(c), [-v for v in c])):
         label = "+".join(n for n, v in zip(names, combo) if v) or "none"
         groups[label] = stats((y == np.array(combo)).all(axis=1))
-    return {"kind": "label combination", "groups": groups, "label_order": names}
+    return {"kind": "label combination", "groups": groups, "label_order": names,
+            "single_label_detection": _single_label_detection(y, pred, names)}
+
+
+def _single_label_detection(y: np.ndarray, pred: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per label, on the samples where only it is met: detections / n with a Wilson 95% CI (samples treated as
+    independent: several from one video make it narrower than it should be), and the rate of every other label
+    called there."""
+    out = {}
+    for j, name in enumerate(names):
+        only = np.zeros(len(names), dtype=bool)
+        only[j] = True
+        rows = (y == only).all(axis=1)
+        n, detected = int(rows.sum()), int(pred[rows, j].sum())
+        ci = binomtest(detected, n).proportion_ci(method="wilson") if n else None
+        out[f"only {name}"] = {
+            "n": n, "detected": detected, "rate": detected / n if n else float("nan"),
+            "ci": [float(ci.low), float(ci.high)] if ci is not None else None,
+            "called_instead": {f"pred/{o}": float(np.mean(pred[rows, k])) if n else float("nan")
+                               for k, o in enumerate(names) if k != j},
+        }
+    return out

@@ -7,17 +7,17 @@ resamples, of groups when there are groups, applied to every member; ``bootstrap
 resamples each CI rests on. The head reported as the result is the one with the best mean validation primary
 metric; test is never used to choose anything. The segmentation decoders' block, the grid selection and the
 wall time join here too. Each head's configuration identity and test-output hash are recorded
-(``prediction_hashes``): the runs index compares them across every finished run (``experiments.twins``).
+(``prediction_hashes``): the runs index compares them across every finished run (``experiments.twins``). With
+``train.shots`` / ``train.label_fractions`` the label-efficiency block (``evaluate.efficiency``) joins too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fmprobe.config import METRICS_BY_TASK, Experiment
+from fmprobe.config import FITTED_HEADS, METRICS_BY_TASK, PER_TARGET_METRICS, Experiment
 from fmprobe.evaluate.baselines import baseline_metrics, chance_level
 from fmprobe.evaluate.bootstrap import METHOD, MemberMean, bootstrap_metrics, member_summary, scalar_metrics
 from fmprobe.evaluate.flags import (
@@ -28,14 +28,20 @@ from fmprobe.evaluate.flags import (
     missing_from_resamples,
     not_converged,
     prediction_hash,
+    solver_not_converged,
     undefined_metric,
 )
+from fmprobe.evaluate.efficiency import summarise_efficiency
 from fmprobe.evaluate.task import TaskMetric
 from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults, SplitData
 from fmprobe.evaluate.segmentation import summarise_segmentation
 from fmprobe.evaluate.subgroups import subgroup_report
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import calibration
+
+
+FITTED_SEEDS = ("deterministic: fitted on the same labelled rows, every seed gives the same fit (sd 0); a seed only "
+                "matters where it draws the labelled rows (few-shot episodes, label fractions)")
 
 
 def _seed_mean_test_scores(runs: list[HeadRun]) -> np.ndarray:
@@ -127,15 +133,22 @@ def summarise_run(
                                              n_resamples=exp.eval.bootstrap)  # fmt: skip
         flags += [f for f in (undefined_metric(undefined, test_ci.used, missing=missing),
                               not_converged({r.member: (r.best_epoch, r.last_epoch) for r in runs})) if f is not None]
+        fitted = cfg.type in FITTED_HEADS
+        if fitted:
+            flag = solver_not_converged({r.member: r.selected or {} for r in runs})
+            if flag is not None:
+                flags.append(flag)
         entry: dict[str, Any] = {
             "type": cfg.type, "pooling": cfg.pooling, "layer": cfg.layer,
             "trainable_params": runs[0].trainable_params,
             "total_params": runs[0].total_params,
             "loss": runs[0].loss_info,
             "members": [r.member for r in runs],
-            "selected_epochs": {r.member: r.best_epoch for r in runs},
-            "epochs_allowed": {r.member: r.last_epoch for r in runs},
-            "stopped_early": {r.member: r.stopped_early for r in runs},
+            "selected_epochs": None if fitted else {r.member: r.best_epoch for r in runs},
+            "epochs_allowed": None if fitted else {r.member: r.last_epoch for r in runs},
+            "stopped_early": None if fitted else {r.member: r.stopped_early for r in runs},
+            "selected": {r.member: r.selected for r in runs if r.selected} if fitted else None,
+            "seeds_note": FITTED_SEEDS if fitted else None,
             "thresholds": {r.member: r.thresholds for r in runs} if runs[0].thresholds is not None else None,
             "splits": splits,
             "test_ci": {k: [lo, hi] for k, (_, lo, hi) in test_ci.items()},
@@ -162,7 +175,7 @@ def summarise_run(
         "task": {"type": task.type, "targets": list(task.targets),
                  "class_names": None if task.class_names is None else list(task.class_names),
                  "primary_metric": primary,
-                 "headline_metrics": [primary] + [m for m in METRICS_BY_TASK[task.type] if m != primary]},
+                 "headline_metrics": headline_metrics(task)},
         "split": split_info,
         "seeds": exp.train.seeds,
         "folds": split_info.get("folds"),  # kfold: every (fold, seed) member is scored on the same test set
@@ -177,7 +190,9 @@ def summarise_run(
         "selection": {
             "best_head": best,
             "rule": f"by the highest mean validation {primary} over seeds",
-            "epochs": f"Each seed's checkpoint is its best validation-{primary} epoch.",
+            "epochs": f"Each seed's checkpoint is its best validation-{primary} epoch."
+                      + (f" Fitted heads (knn, prototype, logreg) have no epochs: their k / C is chosen on validation "
+                         f"{primary} (ties: the smaller)." if any(h.type in FITTED_HEADS for h in exp.heads) else ""),
             "thresholds": ("Decision thresholds tuned on validation "
                            f"({exp.eval.thresholds}) and applied unchanged to test."
                            if task.type in ("binary", "multilabel") else ""),
@@ -190,11 +205,63 @@ def summarise_run(
     }
     if results.segmentation is not None:
         metrics["segmentation"] = _segmentation(exp, results, split, heads)
+    if results.efficiency:
+        metrics["efficiency"] = summarise_efficiency(exp, task, results.efficiency, targets["test"], test_groups,
+                                                     baseline)  # fmt: skip
     if grid is not None:
         metrics["selection"]["grid"] = grid
     if wall_seconds is not None:
         metrics["wall_seconds"] = round(wall_seconds, 2)
+    if task.type == "regression":
+        metrics["task"]["rows_per_target"] = rows_per_target(task, split.targets)
+    if results.training_inputs:
+        metrics["training_inputs"] = {"stages": results.training_inputs,
+                                      "curve_notes": curve_notes(task, exp, results.training_inputs)}
     return metrics
+
+
+def curve_notes(task: ResolvedTask, exp: Experiment, stages: list[dict[str, Any]]) -> list[str]:
+    """What a reader of the training curves must know to read them: what each stage trained on (so a jump at a
+    stage boundary is explained where it shows) and what the train metric is."""
+    notes = []
+    drawn = [_drawn(s.get("augmentation")) for s in stages]
+    if len(stages) > 1 and not drawn[0] and any(drawn[1:]):
+        notes.append(
+            "Stage 1 fits the head on cached features of un-augmented inputs; stage 2 trains on pixels with "
+            f"{next(d for d in drawn if d)} (data.augment), which the head never saw: its training loss can jump at "
+            "the stage boundary while the validation loss (un-augmented inputs) stays flat. Without augmentation "
+            "stage 2 continues where stage 1 ended.")
+    if task.type == "regression" and exp.loss.type in ("auto", "mse"):
+        notes.append(
+            f"train_{task.primary} is the {task.primary} of the outputs each training epoch produced (dropout and "
+            "augmentation on). Heads fit targets z-scored with the training mean and std; R² does not change "
+            "under that map, and for z-scored targets the mean squared error over the training set is 1 − R² (the "
+            "loss averages it over the targets), so train R² and train_loss mirror each other (exactly for one "
+            "target, on a pass over every training sample).")
+    return notes
+
+
+def _drawn(augmentation: dict[str, Any] | None) -> str:
+    """What a training draw changes, in words ("" when nothing)."""
+    aug = augmentation or {}
+    parts = [f"random crops after a x{aug['crop_scale']:g} resize" if (aug.get("crop_scale") or 1) != 1 else "",
+             "horizontal flips" if aug.get("hflip") else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def headline_metrics(task: ResolvedTask) -> list[str]:
+    """The metrics a report leads with: the primary, then the task's others. Several regression targets are in
+    different units (years, MMSE points): their headlines are per target, never means over targets."""
+    if task.type == "regression" and len(task.targets) > 1:
+        per_target = [f"{m}/{t}" for t in task.targets for m in PER_TARGET_METRICS["regression"]]
+        return [task.primary] + [m for m in per_target if m != task.primary]
+    return [task.primary] + [m for m in METRICS_BY_TASK[task.type] if m != task.primary]
+
+
+def rows_per_target(task: ResolvedTask, targets: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """Per regression target and split, the rows with a value: what its metrics, CIs and baselines rest on."""
+    return {name: {part: int(np.isfinite(np.asarray(y, dtype=np.float64).reshape(len(y), -1)[:, c]).sum())
+                   for part, y in targets.items()} for c, name in enumerate(task.targets)}
 
 
 def _undefined_on_test(runs: list[HeadRun], metric_for: Any, y_test: np.ndarray, means: dict[str, float]

@@ -37,26 +37,46 @@ class TaskMetric:
         y, s = check_inputs(self.task_type, y_true, y_score)
         return self._kernel(y, s, np.atleast_2d(np.asarray(weights, dtype=np.float64)))
 
-    def stacked(self, y_true: Any, scores: Any) -> dict[str, np.ndarray]:
-        """``{metric: [H]}`` for H members' scores ``[H, N, ...]`` on the same samples, in one vectorised call."""
+    def stacked(self, y_true: Any, scores: Any, *, rank: bool = True) -> dict[str, np.ndarray]:
+        """``{metric: [H]}`` for H members' scores ``[H, N, ...]`` on the same samples, in one vectorised call
+        (``rank`` False: all but the ranking metrics, ``kernels.RANKED``)."""
+        return self._kernel(*self._checked(y_true, scores), None, rank=rank)
+
+    def _checked(self, y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Targets ``[N, ...]`` and per-row scores ``[R, N, ...]`` after the input checks of every row at once."""
         s = np.asarray(scores, dtype=np.float64)
         if len(s) == 0:
             raise FmprobeError("stacked metrics need at least one member's scores")
         # the per-member input checks, all members at once: the targets repeated once per member
         y_all, s_all = check_inputs(self.task_type, np.concatenate([np.asarray(y_true)] * len(s)),
                                     s.reshape(len(s) * s.shape[1], *s.shape[2:]))  # fmt: skip
-        return self._kernel(y_all[: len(y_all) // len(s)], s_all.reshape(len(s), -1, *s_all.shape[1:]), None)
+        return y_all[: len(y_all) // len(s)], s_all.reshape(len(s), -1, *s_all.shape[1:])
 
-    def _kernel(self, y: np.ndarray, s: np.ndarray, w: np.ndarray | None) -> dict[str, np.ndarray]:
+    def rows(self, y_true: Any, scores: Any, weights: np.ndarray, thresholds: np.ndarray | None = None, *,
+             which: np.ndarray | None = None, rank: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+        """``{metric: [R]}`` for R rows of sample weights ``[R, N]``, row i scoring the set of scores ``which[i]`` of
+        ``scores [E, N, ...]`` (default: set i) with its (binary, multilabel) decision thresholds ``[E]`` /
+        ``[E, C]`` (None: this metric's own). Each set is checked once, however many rows use it. ``rank`` False
+        leaves out the ranking metrics (``kernels.RANKED``), which sort every row."""
+        y, s = self._checked(y_true, scores)
+        which = np.arange(len(s)) if which is None else np.asarray(which)
+        thr = None if thresholds is None else np.asarray(thresholds, dtype=np.float64).reshape(len(s), -1)[which]
+        return self._kernel(y, s[which], np.asarray(weights, dtype=np.float64), thr, rank)
+
+    def _kernel(self, y: np.ndarray, s: np.ndarray, w: np.ndarray | None, thr: np.ndarray | None = None,
+                rank: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+        """``thr``: per-row decision thresholds ``[R, C]`` instead of this metric's own."""
         width = s.shape[-1]
         if self.task_type == "binary":
-            return kernels.binary(y, s, w, float(label_thresholds(self.thresholds, 1)[0]))
+            return kernels.binary(y, s, w, float(label_thresholds(self.thresholds, 1)[0]) if thr is None else thr,
+                                  rank)  # fmt: skip
         if self.task_type == "multiclass":
-            return kernels.multiclass(y, s, w, output_names(self.class_names, width, "class_names"))
+            return kernels.multiclass(y, s, w, output_names(self.class_names, width, "class_names"), rank)
         if self.task_type == "multilabel":
             names = self.class_names if self.class_names is not None else self.target_names
             names = output_names(names, width, "class_names")
-            return kernels.multilabel(y, s, w, names, label_thresholds(self.thresholds, len(names)))
+            return kernels.multilabel(y, s, w, names, label_thresholds(self.thresholds, len(names)) if thr is None
+                                      else thr, rank)  # fmt: skip
         return kernels.regression(y, s, w, output_names(self.target_names, width, "target_names"))
 
 

@@ -23,11 +23,16 @@ test CI; where there is none (val, ece, trainable_params, total_params, wall_sec
 - ``fail``          hi < acceptable, or point < fail (confidently not acceptable, or clearly poor)
 - ``inconclusive``  otherwise: the CI straddles the acceptable level
 
+A candidate flagged ``few_groups`` has a test CI over too few groups (patients, videos) to be trusted: every
+test-CI level of it is ``inconclusive`` (what the CI alone would say is kept in ``Level.note``), so it is never
+accepted on that CI.
+
 Verdict of a candidate: ``reject`` if a must-pass criterion fails or a rejecting flag is raised;
 ``inconclusive`` if a must-pass criterion is inconclusive (more test data or seeds would decide it);
 ``accept`` otherwise. Score: the weighted mean over all criteria of target 1, pass 2/3, inconclusive 1/3,
-fail 0. Recommendation: the accepted candidate with the highest score (ties: the higher validation value
-of the first criterion's metric); if none is accepted, say why.
+fail 0. Recommendation: the accepted candidate with the highest score. Accepted candidates sharing the highest
+score whose test CIs of the deciding criterion (the first one) overlap are a tie, reported as one: no candidate
+is recommended over the others (``fmprobe compare`` or more data can separate them); if none is accepted, say why.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from fmprobe.experiments.index import metric_table
 from fmprobe.experiments.leaderboard import RUN_QUANTITIES, better_high
 
 POINTS = {"target": 1.0, "pass": 2 / 3, "inconclusive": 1 / 3, "fail": 0.0}
+FEW_GROUPS = "few_groups"  # the flag saying a test CI rests on too few groups to be trusted
 
 
 class Criterion(Strict):
@@ -58,8 +64,12 @@ class Criterion(Strict):
     acceptable: float
     fail: float | None = None
     must_pass: bool = True
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, ge=0)  # 0: judged and shown, not scored
     direction: Literal["auto", "higher", "lower"] = "auto"
+    # extraction points: the criterion passes only where the point also beats each control (its paired difference
+    # ``<metric>-vs-<control>``) by ``margin``, decided with the difference's CI
+    controls: list[str] = Field(default_factory=list)
+    margin: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "Criterion":
@@ -74,6 +84,9 @@ class Criterion(Strict):
         if self.fail is not None and sign * (self.acceptable - self.fail) < 0:
             raise ValueError(f"{self.name}: acceptable {self.acceptable} must be {word} fail {self.fail} "
                              f"({self.metric} is {'higher' if high else 'lower'}-is-better)")
+        if self.margin and not self.controls:
+            raise ValueError(f"{self.name}: margin {self.margin} is what the point must beat its controls by; "
+                             "name the controls (e.g. controls: [pixel, random-weights])")  # fmt: skip
         return self
 
     @property
@@ -81,16 +94,33 @@ class Criterion(Strict):
         return better_high(self.metric) if self.direction == "auto" else self.direction == "higher"
 
 
+class OutcomeRule(Strict):
+    """The study's outcome table over several models (each at its best point), read from one criterion: one model
+    passes every must-pass -> proceed; several -> the ``select`` best by weighted score; none, but one passes
+    ``criterion`` -> investigate; none beats ``hybrid_below`` on it -> pivot to a hybrid; none beats
+    ``major_pivot_below`` -> major pivot (see experiments.decision)."""
+
+    criterion: str  # the criterion the pivots read (the study: spatial IoU)
+    hybrid_below: float
+    major_pivot_below: float
+    select: int = Field(default=2, ge=1)
+
+
 class GatesSpec(Strict):
     experiment: str | None = None
     reject_flags: Literal["error", "none"] | list[str] = "error"
     criteria: list[Criterion] = Field(min_length=1)
+    outcome: OutcomeRule | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "GatesSpec":
         names = [c.name for c in self.criteria]
         if len(set(names)) != len(names):
             raise ValueError(f"criteria need distinct names, got {names}; set 'name' on each")
+        if self.outcome is not None and self.outcome.criterion not in names:
+            raise ValueError(f"outcome.criterion '{self.outcome.criterion}' is not a criterion ({', '.join(names)})")
+        if not sum(c.weight for c in self.criteria) > 0:
+            raise ValueError("every criterion has weight 0; give at least one a weight > 0 for the score")
         return self
 
 
@@ -100,6 +130,8 @@ class Level:
     point: float
     lo: float
     hi: float
+    note: str = ""  # why the level is not what the interval alone says (few_groups)
+    beats: dict[str, dict[str, Any]] = field(default_factory=dict)  # control -> level, point, lo, hi of the difference
 
 
 @dataclass
@@ -113,6 +145,7 @@ class Verdict:
     levels: dict[str, Level]
     reasons: list[str]
     tiebreak: float = float("nan")
+    weighted: dict[str, float] = field(default_factory=dict)  # score, lo, hi: see weighted_score
 
     @property
     def label(self) -> str:
@@ -126,15 +159,18 @@ class GateReport:
     recommendation: str
     chosen: Verdict | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    tied: list[Verdict] = field(default_factory=list)  # accepted candidates no criterion separates
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "recommendation": self.recommendation,
             "chosen": self.chosen.label if self.chosen else None,
+            "tied": [v.label for v in self.tied],
             "counts": self.counts,
             "criteria": [c.model_dump() for c in self.spec.criteria],
             "verdicts": [{"candidate": v.label, "run_dir": v.run_dir, "verdict": v.verdict, "score": v.score,
-                          "levels": {k: vars(lv) for k, lv in v.levels.items()}, "reasons": v.reasons}
+                          "weighted": v.weighted, "levels": {k: vars(lv) for k, lv in v.levels.items()},
+                          "reasons": v.reasons}
                          for v in self.verdicts],
         }
 
@@ -168,6 +204,46 @@ def criterion_level(c: Criterion, point: float, lo: float, hi: float) -> Level:
     return Level(level, point, lo, hi)
 
 
+RANK = {"fail": 0, "inconclusive": 1, "pass": 2, "target": 3}
+
+
+def utility(c: Criterion, value: float) -> float:
+    """A criterion's value on [0, 1]: 0 at ``fail``, 1 at ``target``, linear between, clipped (mirrored when lower is
+    better); without them ``acceptable`` stands in, so a criterion with neither is a step at ``acceptable``."""
+    if value != value:
+        return 0.0
+    low = c.fail if c.fail is not None else c.acceptable
+    high = c.target if c.target is not None else c.acceptable
+    sign = 1.0 if c.higher else -1.0
+    if low == high:
+        return float(sign * (value - high) >= 0)
+    return float(np.clip((value - low) / (high - low), 0.0, 1.0))
+
+
+def weighted_score(spec: GatesSpec, levels: dict[str, Level]) -> dict[str, float]:
+    """The weighted mean of the criteria's utilities (the study's weighted score), with the range it takes when every
+    criterion moves within its own CI: ``lo`` from each pessimistic end, ``hi`` from each optimistic end. That range
+    covers the score whenever every criterion's interval covers its value (so at least 1 - sum of their alphas)."""
+    total = sum(c.weight for c in spec.criteria)
+    ends = {"score": [], "lo": [], "hi": []}
+    for c in spec.criteria:
+        lv = levels[c.name]
+        worst, best = (lv.lo, lv.hi) if c.higher else (lv.hi, lv.lo)
+        for key, value in (("score", lv.point), ("lo", worst), ("hi", best)):
+            ends[key].append(c.weight * utility(c, value))
+    return {key: float(sum(v) / total) for key, v in ends.items()}
+
+
+def control_level(c: Criterion, diff: float, lo: float, hi: float) -> Level:
+    """Does the point beat a control by ``c.margin``? ``pass`` when the difference's pessimistic CI end clears the
+    margin, ``fail`` when its optimistic end does not, ``inconclusive`` otherwise (no CI: the point decides)."""
+    if any(v != v for v in (lo, hi)):
+        lo = hi = diff
+    worst, best = (lo, hi) if c.higher else (-hi, -lo)  # flipped to higher-is-better
+    level = "fail" if diff != diff or best <= c.margin else "pass" if worst > c.margin else "inconclusive"
+    return Level(level, diff, lo, hi)
+
+
 def _rejecting_flags(spec: GatesSpec, flags: list[str], error_flags: int) -> list[str]:
     if spec.reject_flags == "none":
         return []
@@ -179,6 +255,10 @@ def _rejecting_flags(spec: GatesSpec, flags: list[str], error_flags: int) -> lis
 
 def evaluate_gates(spec: GatesSpec, runs_dir: str | Path, *, run_dirs: Iterable[str | Path] | None = None) -> GateReport:
     """A verdict for every (run, head) under ``runs_dir`` (or among ``run_dirs``) and one recommendation."""
+    with_controls = [c.name for c in spec.criteria if c.controls]
+    if with_controls:
+        raise ConfigError(f"criteria {with_controls} name controls, which are measured per extraction point; "
+                          "use them with gate-points (fmprobe spatial --controls ...)")  # fmt: skip
     cands = load_candidates(runs_dir, experiment=spec.experiment, run_dirs=run_dirs)
     if cands.empty:
         raise FmprobeError(f"no candidate to gate under {runs_dir}")
@@ -196,15 +276,30 @@ def judge(spec: GatesSpec, cands: pd.DataFrame, values: pd.DataFrame) -> GateRep
     verdicts = []
     for c in cands.itertuples(index=False):
         levels: dict[str, Level] = {}
+        control_reasons = []
         for crit in spec.criteria:
             point, lo, hi = _value(crit, c, values)
             levels[crit.name] = criterion_level(crit, point, lo, hi)
-        reasons = _rejecting_flags(spec, c.flags, c.error_flags)
+            for control in crit.controls:
+                diff = _value(crit.model_copy(update={"metric": f"{crit.metric}-vs-{control}"}), c, values)
+                beat = control_level(crit, *diff)
+                levels[crit.name].beats[control] = vars(beat)
+                if RANK[beat.level] < RANK[levels[crit.name].level]:
+                    levels[crit.name].level = beat.level
+                if beat.level != "pass":
+                    control_reasons.append(f"'{crit.name}' {'does not beat' if beat.level == 'fail' else 'not surely above'}"
+                                           f" {control} by {crit.margin:g} (difference {diff[0]:.3f} "
+                                           f"[{diff[1]:.3f}, {diff[2]:.3f}])")  # fmt: skip
+            if FEW_GROUPS in c.flags and crit.split == "test" and crit.metric not in RUN_QUANTITIES:
+                level = levels[crit.name]
+                level.note = f"{level.level} by a CI over too few test groups ({FEW_GROUPS}): not trusted"
+                level.level = "inconclusive"
+        reasons = _rejecting_flags(spec, c.flags, c.error_flags) + control_reasons
         must = [crit for crit in spec.criteria if crit.must_pass]
         failed = [crit.name for crit in must if levels[crit.name].level == "fail"]
         open_ = [crit.name for crit in must if levels[crit.name].level == "inconclusive"]
         reasons += [f"must-pass '{n}' failed" for n in failed]
-        reasons += [f"must-pass '{n}' inconclusive (CI straddles acceptable)" for n in open_]
+        reasons += [f"must-pass '{n}' inconclusive ({levels[n].note or 'CI straddles acceptable'})" for n in open_]
         reasons += [f"should-pass '{crit.name}' {levels[crit.name].level}" for crit in spec.criteria
                     if not crit.must_pass and levels[crit.name].level in ("fail", "inconclusive")]
         verdict = "reject" if failed or _rejecting_flags(spec, c.flags, c.error_flags) else (
@@ -214,11 +309,13 @@ def judge(spec: GatesSpec, cands: pd.DataFrame, values: pd.DataFrame) -> GateRep
         first = spec.criteria[0]
         tie = _lookup(values, (c.run_dir, c.head, "val", first.metric))
         verdicts.append(Verdict(c.run_dir, c.experiment, c.run_id, c.head, verdict, score, levels, reasons,
-                                tiebreak=(tie if first.higher else -tie) if tie == tie else -np.inf))
+                                tiebreak=(tie if first.higher else -tie) if tie == tie else -np.inf,
+                                weighted=weighted_score(spec, levels)))  # fmt: skip
     order = {"accept": 0, "inconclusive": 1, "reject": 2}
     verdicts.sort(key=lambda v: (order[v.verdict], -v.score, -v.tiebreak, v.label))
     counts = {k: sum(v.verdict == k for v in verdicts) for k in order}
-    return GateReport(spec, verdicts, *_recommend(verdicts, counts), counts=counts)
+    recommendation, chosen, tied = _recommend(verdicts, counts, spec.criteria[0])
+    return GateReport(spec, verdicts, recommendation, chosen, counts=counts, tied=tied)
 
 
 def _lookup(values: pd.DataFrame, key: tuple) -> float:
@@ -250,18 +347,32 @@ def _value(crit: Criterion, cand: Any, values: pd.DataFrame) -> tuple[float, flo
     return float(row["mean"]), float(lo), float(hi)
 
 
-def _recommend(verdicts: list[Verdict], counts: dict[str, int]) -> tuple[str, Verdict | None]:
+def _recommend(verdicts: list[Verdict], counts: dict[str, int], deciding: Criterion
+               ) -> tuple[str, Verdict | None, list[Verdict]]:  # fmt: skip
     accepted = [v for v in verdicts if v.verdict == "accept"]
     tally = f"{counts['accept']} accepted, {counts['inconclusive']} inconclusive, {counts['reject']} rejected"
     if accepted:
         best = accepted[0]
-        return f"adopt {best.label} (score {best.score:.2f}; {tally})", best
+        tied = [v for v in accepted if v.score == best.score and _overlap(v.levels[deciding.name],
+                                                                           best.levels[deciding.name])]
+        if len(tied) > 1:
+            shown = ", ".join(f"{v.label} [{v.levels[deciding.name].lo:.3g}, {v.levels[deciding.name].hi:.3g}]"
+                              for v in tied)
+            return (f"tie: {len(tied)} accepted candidates share the best score ({best.score:.2f}) and their CIs of "
+                    f"'{deciding.name}' ({deciding.metric}) overlap: {shown}; none is shown better than the others — "
+                    f"compare them (fmprobe compare) or add test data ({tally})"), None, tied
+        return f"adopt {best.label} (score {best.score:.2f}; {tally})", best, []
     if counts["inconclusive"]:
         best = next(v for v in verdicts if v.verdict == "inconclusive")
         return (f"no decision yet: no candidate passes every must-pass criterion with its CI; "
                 f"{best.label} is closest (score {best.score:.2f}) — more test data or seeds would narrow the CI "
-                f"({tally})"), None
-    return f"reject all: every candidate fails a must-pass criterion or raises a rejecting flag ({tally})", None
+                f"({tally})"), None, []
+    return f"reject all: every candidate fails a must-pass criterion or raises a rejecting flag ({tally})", None, []
+
+
+def _overlap(a: Level, b: Level) -> bool:
+    """Whether two intervals share a value (without an interval a candidate is its point)."""
+    return max(a.lo, b.lo) <= min(a.hi, b.hi)
 
 
 def gate_command(gates: str | Path, runs_dir: str | Path, *, run_dirs: Iterable[str | Path] | None = None) -> GateReport:
@@ -282,8 +393,11 @@ def print_gates(console, report: GateReport) -> None:  # noqa: ANN001 (rich Cons
     table.add_column("reasons")
     colours = {"accept": "green", "inconclusive": "yellow", "reject": "red"}
     for v in report.verdicts:
-        cells = [f"{lv.level} {fmt(lv.point)} [{fmt(lv.lo)}, {fmt(lv.hi)}]" for lv in v.levels.values()]
+        cells = [f"{lv.level}{'*' if lv.note else ''} {fmt(lv.point)} [{fmt(lv.lo)}, {fmt(lv.hi)}]"
+                 for lv in v.levels.values()]
         table.add_row(v.label, f"[{colours[v.verdict]}]{v.verdict}[/]", f"{v.score:.2f}", *cells,
                       "; ".join(v.reasons) or "—")
     console.print(table)
+    if any(lv.note for v in report.verdicts for lv in v.levels.values()):
+        console.print(f"* not what the CI alone says: that CI rests on too few test groups ({FEW_GROUPS})")
     console.print(f"[bold]recommendation:[/] {report.recommendation}")

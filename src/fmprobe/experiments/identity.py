@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from fmprobe.config import Experiment
+from fmprobe.config import FITTED_HEADS, Experiment
 
 _NOT_IDENTITY: dict[str, Any] = {
     "runs_dir": True,
@@ -36,7 +36,11 @@ def config_hash(exp: Experiment) -> str:
 
 # 2: a head's identity is what changes its predictions: not its name, the experiment's name, evaluation settings,
 # the other extracted layers, whether tokens are stored, or (frozen) the separate segmentation decoder.
-IDENTITY_VERSION = 2
+# 3: nor the label-efficiency protocol, nor (fitted heads: knn, prototype, logreg) the SGD settings.
+IDENTITY_VERSION = 3
+
+# train: keys of the label-efficiency protocol, which refits heads on subsets but never changes the run's own fits
+EFFICIENCY_KEYS = ("shots", "episodes", "trained_episodes", "label_fractions")
 
 
 def head_hash(exp: Experiment, head: str) -> str:
@@ -44,7 +48,10 @@ def head_hash(exp: Experiment, head: str) -> str:
     the experiment's name, the evaluation settings (which read predictions, never change them), the other
     extracted layers and whether tokens are stored (the head reads its own layer's features either way), and
     for frozen runs the segmentation decoder (trained apart, on its own). The same head re-run by
-    ``fmprobe layers`` or under another name is then the same configuration: equal outputs reproduce it."""
+    ``fmprobe layers`` or under another name is then the same configuration: equal outputs reproduce it.
+    Left out too: the label-efficiency protocol (its refits on labelled subsets leave the run's predictions as
+    they are) and, for a fitted head (no SGD), the train settings and, for knn and prototype, the loss, so a sweep
+    over learning rates does not flag their (rightly) unchanged predictions."""
     data = identity(exp)
     for key in ("name", "eval", "heads"):
         data.pop(key)
@@ -55,6 +62,12 @@ def head_hash(exp: Experiment, head: str) -> str:
     if exp.adapt.strategy == "frozen":
         data.pop("segmentation")
         data["data"].pop("mask_column")
+    for key in EFFICIENCY_KEYS:
+        data["train"].pop(key)
+    if cfg.type in FITTED_HEADS:
+        data.pop("train")
+        if cfg.type != "logreg":
+            data.pop("loss")
     return _hash(data)
 
 

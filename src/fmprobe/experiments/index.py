@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from fmprobe.config import parse_config
+from fmprobe.config import parse_config, unused_keys
 from fmprobe.errors import FmprobeError
 from fmprobe.experiments.identity import IDENTITY_VERSION, head_identities
 from fmprobe.experiments.status import read_status
@@ -329,18 +329,43 @@ def metric_table(runs_dir: str | Path, run_dirs: Iterable[str]) -> pd.DataFrame:
 
 
 def varying_params(runs_dir: str | Path, run_dirs: Iterable[str]) -> pd.DataFrame:
-    """Config keys whose value differs between the given runs (run_dir x key, values as YAML-ish text)."""
+    """Config keys whose value differs between the given runs (run_dir x key, values as YAML-ish text, in full).
+
+    A key that did not apply to a run (``config.unused_keys``: a frozen run's ``adapt.lora.rank``, a BCE run's
+    ``loss.focal_gamma``) is shown as ``NOT_APPLIED``, not as its default; a key is a column when the runs it
+    applied to differ in it (a key that applied to one run, or with one value, is in their config files)."""
     dirs = list(run_dirs)
     if len(dirs) < 2:
         return pd.DataFrame(index=pd.Index(dirs, name="run_dir"))
     marks = ", ".join("?" * len(dirs))
     long = query(runs_dir, f"SELECT * FROM params WHERE run_dir IN ({marks})", tuple(dirs))
     wide = long.pivot(index="run_dir", columns="key", values="value")
+    for run_dir, row in wide.iterrows():
+        unused = unused_keys(_nested({k: json.loads(v) for k, v in row.items() if isinstance(v, str)}))
+        wide.loc[run_dir, [c for c in wide.columns if _under(c, unused)]] = None
     ignore = {"name", "runs_dir"}
-    keep = [c for c in wide.columns if c not in ignore and wide[c].nunique(dropna=False) > 1]
-    return wide[keep].map(lambda v: "—" if v is None or v != v else _short(json.loads(v)))
+    keep = [c for c in wide.columns if c not in ignore and wide[c].dropna().nunique() > 1]
+    return wide[keep].map(lambda v: NOT_APPLIED if v is None or v != v else _text(json.loads(v)))
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return text if len(text) <= 40 else "…" + text[-39:]
+NOT_APPLIED = "—"
+
+
+def _under(key: str, sections: set[str]) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in sections)
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config back into sections (enough for ``config.unused_keys``)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)

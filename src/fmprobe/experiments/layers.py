@@ -14,12 +14,12 @@ from typing import Any
 import pandas as pd
 
 from fmprobe.atomic import atomic_path, write_json, write_text
-from fmprobe.config import Experiment, HeadConfig
+from fmprobe.config import FITTED_HEADS, TRAINED_HEADS, Experiment, HeadConfig
 from fmprobe.diagnostics import plots
 from fmprobe.errors import ConfigError
 from fmprobe.experiments.run import run_experiment
 
-HEAD_TYPES = ("linear", "mlp", "attentive")
+HEAD_TYPES = TRAINED_HEADS + FITTED_HEADS
 
 
 def parse_layers(text: str) -> list[int | str]:

@@ -22,7 +22,7 @@ from fmprobe.errors import FmprobeError
 from fmprobe.evaluate.metrics import higher_is_better
 from fmprobe.experiments.index import SEG_MIOU, candidates, metric_table, run_statuses, varying_params
 from fmprobe.experiments.status import short_error
-from fmprobe.report.terminal import SEG_NOTE, fmt, head_label, params_cell, seg_cell
+from fmprobe.report.terminal import SEG_NOTE, fmt, head_label, params_cell, seg_cell, shorten
 
 # Non-metric quantities a gate or a leaderboard can read, all better when smaller.
 RUN_QUANTITIES = ("trainable_params", "total_params", "wall_seconds")
@@ -154,7 +154,7 @@ def print_leaderboard(console, board: Leaderboard) -> None:  # noqa: ANN001 (ric
         table.add_row(
             str(row["rank"]), f"{row['experiment']}/{row['run_id']}",
             head_label(row) + (" *" if row["selected"] else ""),
-            *[str(board.table.loc[row["rank"] - 1, p]) for p in board.params],
+            *[shorten(str(board.table.loc[row["rank"] - 1, p])) for p in board.params],
             fmt(row["val_mean"]), f"{fmt(row['test_mean'])} ± {fmt(row['test_sd'])}", ci, fmt(row["baseline"]),
             *([seg_cell(row)] if seg else []), str(row["n_seeds"]),
             params_cell(row["trainable_params"], row["total_params"]), fmt(row["wall_seconds"], 1),

@@ -11,8 +11,11 @@ each encoder. Their numbers come from the diagnostics' output files, not from ru
 - ``fmprobe align`` (``alignment.json``, the points as A's layers against a reference model as B, matched to a
   model by A's label): one metric per computed alignment metric (``linear_cka``, ``rsa``, ``knn_recall``,
   ...), named ``<metric>@<layer>`` when B has several layers; CIs where ``--bootstrap`` gave them;
-- metric tables (CSV with the columns ``model, point, metric, mean, ci_lo, ci_hi``): any other per-point
-  measurement (a reconstruction score, a direction accuracy, ...). A criterion reads a metric by its name, so a new
+- ``fmprobe reconstruct`` (``reconstruct.json``): ``recon/lpips``, ``recon/ssim``, ``recon/edge_f1``,
+  ``recon/spatial_iou``, ``recon/map50`` with CIs and paired differences to the controls; ``fmprobe speed``
+  (``speed.json``): ``speed_ratio`` to the baseline with its CI;
+- metric tables (CSV with the columns ``model, point, metric, mean, ci_lo, ci_hi``; point ``*`` for a score of the
+  whole model, such as a user-given integration complexity): any other per-point measurement. A criterion reads a metric by its name, so a new
   measurement is a new table and a new criterion — a new row of the decision matrix — and a new model is new
   files — a new column.
 
@@ -33,12 +36,15 @@ import pandas as pd
 from fmprobe.atomic import atomic_path, write_json
 from fmprobe.diagnostics.outputs import data_kind, model_of, read_output
 from fmprobe.errors import ConfigError, FmprobeError
+from fmprobe.experiments.decision import decide
 from fmprobe.experiments.gates import GateReport, GatesSpec, judge, load_gates
 from fmprobe.experiments.leaderboard import RUN_QUANTITIES
 
 SPATIAL_METRICS = ("box_iou", "mask_iou", "map50")
+RECON_METRICS = ("lpips", "ssim", "edge_f1", "spatial_iou", "map50")
 COLUMNS = ["point", "metric", "mean", "ci_lo", "ci_hi", "model"]
 TABLE_COLUMNS = ["model", "point", "metric", "mean", "ci_lo", "ci_hi"]
+ALL_POINTS = "*"  # a metric table's point for a score of the whole model
 
 
 def _ci(row: dict[str, Any], metric: str) -> tuple[float, float]:
@@ -47,9 +53,23 @@ def _ci(row: dict[str, Any], metric: str) -> tuple[float, float]:
 
 
 def spatial_rows(spatial: dict[str, Any]) -> list[dict[str, Any]]:
-    kind = data_kind(spatial)
-    return [{"point": r["layer"], "metric": f"{kind}/{m}", "mean": float(r[m]),
-             **dict(zip(("ci_lo", "ci_hi"), _ci(r, m)))} for r in spatial["results"] for m in SPATIAL_METRICS]
+    """Per point: its scores (``still/box_iou``, ...), any direction accuracy, and its paired differences to the
+    controls probed with it (``still/box_iou-vs-pixel``, ...)."""
+    return result_rows(spatial["results"], data_kind(spatial), [*SPATIAL_METRICS, "direction_accuracy"])
+
+
+def result_rows(results: list[dict[str, Any]], prefix: str, metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of a diagnostics file's per-point results: ``<prefix>/<metric>`` with its CI, and every paired difference
+    to a control (``vs``) as ``<prefix>/<metric>-vs-<control>``."""
+    rows = []
+    for r in results:
+        for m in (m for m in metrics if m in r):
+            rows.append({"point": r["layer"], "metric": f"{prefix}/{m}", "mean": float(r[m]),
+                         **dict(zip(("ci_lo", "ci_hi"), _ci(r, m)))})  # fmt: skip
+        for control, diffs in (r.get("vs") or {}).items():
+            rows += [{"point": r["layer"], "metric": f"{prefix}/{m}-vs-{control}", "mean": d["diff"], "ci_lo": d["lo"],
+                      "ci_hi": d["hi"]} for m, d in diffs.items() if m in metrics]  # fmt: skip
+    return rows
 
 
 def alignment_rows(alignment: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,10 +109,24 @@ def point_metrics(spatial: Sequence[dict[str, Any]], alignment: dict[str, Any] |
     return table.astype({"ci_lo": float, "ci_hi": float})
 
 
+def reconstruction_table(reconstruct: dict[str, Any]) -> pd.DataFrame:
+    """A reconstruct.json's points as a metric table: ``recon/<metric>`` with CIs and paired control differences."""
+    rows = result_rows(reconstruct["results"], "recon", RECON_METRICS)
+    return pd.DataFrame(rows, columns=COLUMNS[:-1]).assign(model=reconstruct["model"])[COLUMNS]
+
+
+def speed_table(speed: dict[str, Any]) -> pd.DataFrame:
+    """A speed.json as a metric table: ``speed_ratio`` (seconds relative to the baseline's point) with its CI."""
+    rows = [{"model": r["model"], "point": r["point"], "metric": "speed_ratio", "mean": r["ratio"], "ci_lo": r["ci"][0],
+             "ci_hi": r["ci"][1]} for r in speed["results"]]  # fmt: skip
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)[COLUMNS]
+
+
 def model_metrics(spatial: Sequence[dict[str, Any]], alignments: Sequence[dict[str, Any]] = (),
                   tables: Sequence[pd.DataFrame] = ()) -> pd.DataFrame:  # fmt: skip
     """Long table of every model's points: spatial files grouped by encoder, each alignment with the model its A side
-    names (a lone alignment goes with a lone model), then the rows of any metric tables."""
+    names (a lone alignment goes with a lone model), then the rows of any metric tables (reconstructions, speed,
+    user-given scores, ...)."""
     models: dict[str, list[dict[str, Any]]] = {}
     for s in spatial:
         models.setdefault(model_of(s), []).append(s)
@@ -106,17 +140,27 @@ def model_metrics(spatial: Sequence[dict[str, Any]], alignments: Sequence[dict[s
             raise FmprobeError(f"two alignments for model '{model}'; give one per model")
         matched[model] = a
     parts = [point_metrics(files, matched.get(model)) for model, files in models.items()]
+    points = {model: list(dict.fromkeys(part["point"])) for model, part in zip(models, parts)}
     for table in tables:
         unknown = sorted(set(table["model"]) - set(models))
         if unknown:
             raise FmprobeError(f"a metric table has rows for models {unknown} that no spatial.json measured "
                                f"({', '.join(models)})")  # fmt: skip
-        parts.append(table[COLUMNS])
+        parts.append(_every_point(table[COLUMNS], points))
     return pd.concat(parts, ignore_index=True).astype({"ci_lo": float, "ci_hi": float})
 
 
+def _every_point(table: pd.DataFrame, points: dict[str, list[str]]) -> pd.DataFrame:
+    """A row whose point is ``*`` (a score of the whole model, e.g. its integration complexity) stands for each of
+    the model's points."""
+    whole = table["point"] == ALL_POINTS
+    spread = [row._replace(point=p) for row in table[whole].itertuples(index=False) for p in points[row.model]]
+    return pd.concat([table[~whole], pd.DataFrame(spread, columns=table.columns)], ignore_index=True)
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
-    """A metric table (CSV: model, point, metric, mean, ci_lo, ci_hi; empty CIs where there are none)."""
+    """A metric table (CSV: model, point, metric, mean, ci_lo, ci_hi; empty CIs where there are none; point ``*``:
+    every point of the model)."""
     try:
         table = pd.read_csv(Path(path).expanduser(), dtype={"model": str, "point": str, "metric": str})
     except OSError as err:
@@ -155,32 +199,44 @@ def model_summary(report: GateReport) -> list[dict[str, Any]]:
     best: dict[str, Any] = {}
     for v in report.verdicts:
         best.setdefault(v.run_dir, v)
-    return [{"model": m, "point": v.head, "verdict": v.verdict, "score": v.score,
+    return [{"model": m, "point": v.head, "verdict": v.verdict, "score": v.score, "weighted": v.weighted,
              "levels": {k: vars(lv) for k, lv in v.levels.items()}} for m, v in best.items()]  # fmt: skip
 
 
 def points_command(
     gates: str | Path, spatial: Sequence[str | Path], align: Sequence[str | Path] = (), *,
-    controls: Sequence[str | Path] = (), pairs: Sequence[str | Path] = (), tables: Sequence[str | Path] = (),
-    out: str | Path = "fmprobe-gate-points",
+    pairs: Sequence[str | Path] = (), tables: Sequence[str | Path] = (), reconstructions: Sequence[str | Path] = (),
+    speeds: Sequence[str | Path] = (), heatmaps: Sequence[str | Path] = (), out: str | Path = "fmprobe-gate-points",
 ) -> GateReport:
     """Gate the points; write ``points.csv``, ``gates.json``, the figures and ``report.html`` to ``out``.
 
-    ``pairs``: pair.json files of `fmprobe compare-points` (paired differences between two points), shown as such."""
+    ``pairs``: pair.json files of `fmprobe compare-points` (paired differences between two points), shown as such;
+    ``reconstructions``: reconstruct.json files (``recon/...`` metrics, galleries in the report); ``speeds``:
+    speed.json files (``speed_ratio``); ``heatmaps``: alignment.json files shown as figures only (a model's points
+    against every channel of a VAE's latents)."""
     from fmprobe.report.points import write_points_report
 
     spatial_results = [read_output(p, "spatial.json") for p in spatial]
     alignments = [read_output(p, "alignment.json") for p in align]
-    control_results = [read_output(p, "spatial.json") for p in controls]
     pair_results = [read_output(p, "pair.json") for p in pairs]
-    table = model_metrics(spatial_results, alignments, [read_table(t) for t in tables])
+    recon_results = [{**read_output(p, "reconstruct.json"), "folder": str(_folder(p))} for p in reconstructions]
+    metric_tables = [*(reconstruction_table(r) for r in recon_results),
+                     *(speed_table(read_output(p, "speed.json")) for p in speeds), *(read_table(t) for t in tables)]
+    table = model_metrics(spatial_results, alignments, metric_tables)
     report = gate_models(load_gates(gates), table)
     summary = model_summary(report)
+    outcome = decide(report.spec, summary)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "gates.json", {**report.to_dict(), "models": summary})
+    write_json(out / "gates.json", {**report.to_dict(), "models": summary, "outcome": outcome})
     with atomic_path(out / "points.csv") as tmp:
         table.to_csv(tmp, index=False)
-    write_points_report(out / "report.html", report, table, spatial_results, alignments, control_results,
-                        pairs=pair_results, summary=summary)  # fmt: skip
+    write_points_report(out / "report.html", report, table, spatial_results, alignments, pairs=pair_results,
+                        summary=summary, outcome=outcome, reconstructions=recon_results,
+                        heatmaps=[read_output(p, "alignment.json") for p in heatmaps])  # fmt: skip
     return report
+
+
+def _folder(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_dir() else path.parent

@@ -7,15 +7,19 @@ A sweep file (paths relative to it)::
     gates: gates.yaml
     still: {n_train: 512, n_test: 256, steps: 300, bootstrap: 1000}        # fmprobe spatial on still shapes
     moving: {frames: 8, n_train: 128, n_test: 64, steps: 300, bootstrap: 1000}  # optional: moving shapes
-    reference: reference.yaml                                               # optional: fmprobe align MODEL reference
-    align: {metrics: [linear_cka, rsa, knn_recall], bootstrap: 1000}
-    controls: {encoders: [pixel, random], image_size: 448}                  # optional floors
+    reference: vae.yaml                                                     # optional: fmprobe align MODEL reference
+    align: {metrics: [linear_cka, rsa, knn_recall, linear_r2], bootstrap: 1000, reference_view: "-1:flat",
+            heatmap: "-1:channels"}                                         # optional: the reference's layer:pooling
+    controls: [pixel, random-weights]                                       # probed with each model (paired)
+    reconstruct: {vae: vae.yaml, epochs: 50, ...}                           # optional: fmprobe reconstruct per model
+    speed: {baseline: qwen2_5_vl.yaml, point: visual.merger}                # optional: fmprobe speed, one run
     pairs: [{model: llava_next.yaml, a: "-2@tiles", b: "-2@base"}]          # optional paired point comparisons
     tables: []                                                              # optional metric tables (CSV)
     out: out
 
 Each step writes into ``out`` (``<model>/spatial-still``, ``<model>/spatial-moving``, ``<model>/align``,
-``controls/<encoder>``, ``pairs/<model>-<a>-vs-<b>``) with a ``step.json`` of its settings (the options and the
+``<model>/align-heatmap`` (the points against every channel of the reference: figures only), ``<model>/reconstruct``,
+``speed``, ``pairs/<model>-<a>-vs-<b>``) with a ``step.json`` of its settings (the options and the
 content of the YAMLs it read); a step whose ``step.json`` matches is skipped, so a killed sweep resumes and an
 edited config reruns exactly what it changed. Then ``gate-points`` over everything writes ``out/gates``.
 """
@@ -26,7 +30,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -51,11 +55,36 @@ class SpatialOptions(Strict):
 class AlignOptions(Strict):
     metrics: list[str] = Field(default_factory=lambda: ["linear_cka"])
     bootstrap: int = Field(default=1000, ge=0)
+    reference_view: str | None = None  # LAYER[:POOLING] of the reference (e.g. "-1:flat": a VAE's latents, layout kept)
+    heatmap: str | None = None  # LAYER:POOLING of a second, figures-only alignment (e.g. "-1:channels")
 
 
-class ControlOptions(Strict):
-    encoders: list[str] = Field(default_factory=lambda: ["pixel", "random"])
-    image_size: int = Field(ge=16)
+class ReconstructOptions(Strict):
+    """fmprobe reconstruct's options (diagnostics.reconstruct_run), run on every model with the sweep's controls."""
+
+    vae: str  # experiment YAML of the diffusers VAE (the generator's: LTX-Video's)
+    n_train: int = Field(default=96, ge=2)
+    n_val: int = Field(default=16, ge=2)
+    n_test: int = Field(default=32, ge=2)
+    adapter: Literal["mlp", "queries"] = "mlp"
+    loss: Literal["pixels", "latents"] = "pixels"
+    epochs: int = Field(default=50, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    hidden: int = Field(default=512, ge=1)
+    bootstrap: int = Field(default=1000, ge=1)
+    seed: int = 0
+    lpips_backbone: str | None = None  # torchvision AlexNet state dict (default: torch hub's cached file)
+
+
+class SpeedOptions(Strict):
+    """fmprobe speed: every model's points timed in one run against ``baseline`` (one of models) at ``point``."""
+
+    baseline: str
+    point: int | str
+    batch: int = Field(default=2, ge=1)
+    repeats: int = Field(default=5, ge=2)
+    warmup: int = Field(default=1, ge=0)
 
 
 class PairSpec(Strict):
@@ -71,7 +100,9 @@ class PointSweep(Strict):
     moving: SpatialOptions | None = None
     reference: str | None = None
     align: AlignOptions = Field(default_factory=AlignOptions)
-    controls: ControlOptions | None = None
+    controls: list[Literal["pixel", "random-weights", "random"]] = Field(default_factory=list)
+    reconstruct: ReconstructOptions | None = None
+    speed: SpeedOptions | None = None
     pairs: list[PairSpec] = Field(default_factory=list)
     tables: list[str] = Field(default_factory=list)
     out: str = "out"
@@ -96,6 +127,13 @@ def load_point_sweep(path: str | Path) -> tuple[PointSweep, Path]:
     unknown = [p.model for p in spec.pairs if p.model not in spec.models]
     if unknown:
         raise ConfigError(f"sweep '{path}': pairs name models {unknown} that are not among models {spec.models}")
+    if spec.speed is not None and spec.speed.baseline not in spec.models:
+        raise ConfigError(f"sweep '{path}': speed.baseline '{spec.speed.baseline}' is not among models {spec.models}; "
+                          "the baseline is timed in the same run as the others")  # fmt: skip
+    views = [v for v in (spec.align.reference_view, spec.align.heatmap) if v is not None]
+    if views and spec.reference is None:
+        raise ConfigError(f"sweep '{path}': align.reference_view / align.heatmap choose the reference's layer and "
+                          "pooling; name the reference")  # fmt: skip
     return spec, path.resolve().parent
 
 
@@ -122,8 +160,10 @@ def run_point_sweep(path: str | Path, *, on_event: Callable[[str], None] = lambd
     """Run every step of the sweep that is not done yet, then gate every (model, point); return the gate report."""
     from fmprobe.config import load_config
     from fmprobe.diagnostics.align_cli import align_command
+    from fmprobe.diagnostics.reconstruct_run import reconstruct_command
     from fmprobe.diagnostics.spatial_pairs import pair_command
     from fmprobe.diagnostics.spatial_run import spatial_command
+    from fmprobe.diagnostics.speed import speed_command
     from fmprobe.experiments.point_gates import points_command
 
     spec, base = load_point_sweep(path)
@@ -134,29 +174,43 @@ def run_point_sweep(path: str | Path, *, on_event: Callable[[str], None] = lambd
     folders = {m: Path(m).stem for m in spec.models}
     if len(set(folders.values())) != len(folders):
         raise ConfigError(f"models {spec.models} share a file name; their outputs would collide under {out}")
-    spatial, aligns, controls, pairs = [], [], [], []
+    spatial, aligns, heatmaps, recons, pairs = [], [], [], [], []
     kinds = [("still", spec.still)] + ([("moving", spec.moving)] if spec.moving else [])
     for m, config in configs.items():
         digest = _file_digest(config)
         for kind, options in kinds:
             folder = out / folders[m] / f"spatial-{kind}"
-            settings = {"step": "spatial", "config": digest, **options.model_dump()}
+            settings = {"step": "spatial", "config": digest, "controls": spec.controls, **options.model_dump()}
             spatial.append(_step(folder, settings, lambda c=config, o=options, f=folder: spatial_command(
-                str(c), **o.model_dump(), out=f), on_event))  # fmt: skip
+                str(c), **o.model_dump(), controls=spec.controls, out=f), on_event))  # fmt: skip
         if spec.reference is not None:
             reference = base / spec.reference
-            folder = out / folders[m] / "align"
             settings = {"step": "align", "config": digest, "reference": _file_digest(reference),
                         **spec.align.model_dump()}  # fmt: skip
-            aligns.append(_step(folder, settings, lambda c=config, r=reference, f=folder: align_command(
-                str(c), str(r), spec.align.metrics, out=f, bootstrap=spec.align.bootstrap), on_event))  # fmt: skip
-    for encoder in spec.controls.encoders if spec.controls else ():
-        for kind, options in kinds:
-            folder = out / "controls" / f"{encoder}-{kind}"
-            settings = {"step": "control", "encoder": encoder, "image_size": spec.controls.image_size,
-                        **options.model_dump()}  # fmt: skip
-            controls.append(_step(folder, settings, lambda e=encoder, o=options, f=folder: spatial_command(
-                e, image_size=spec.controls.image_size, **o.model_dump(), out=f), on_event))  # fmt: skip
+            views = [("align", spec.align.reference_view, spec.align.metrics, aligns)]
+            if spec.align.heatmap is not None:
+                views.append(("align-heatmap", spec.align.heatmap, ["linear_cka"], heatmaps))
+            for name, view, metrics, found in views:
+                side, folder = f"{reference}:{view}" if view else str(reference), out / folders[m] / name
+                found.append(_step(folder, settings, lambda c=config, r=side, k=metrics, f=folder: align_command(
+                    str(c), r, k, out=f, bootstrap=spec.align.bootstrap), on_event))  # fmt: skip
+        if spec.reconstruct is not None:
+            options = spec.reconstruct
+            folder = out / folders[m] / "reconstruct"
+            settings = {"step": "reconstruct", "config": digest, "vae": _file_digest(base / options.vae),
+                        "controls": spec.controls, **options.model_dump()}  # fmt: skip
+            recons.append(_step(folder, settings, lambda c=config, f=folder: reconstruct_command(
+                str(c), str(base / options.vae), **options.model_dump(exclude={"vae", "lpips_backbone"}),
+                lpips_backbone=_path(base, options.lpips_backbone), controls=spec.controls, out=f), on_event))
+    speeds = []
+    if spec.speed is not None:
+        timing = spec.speed
+        folder = out / "speed"
+        settings = {"step": "speed", "configs": {m: _file_digest(c) for m, c in configs.items()},
+                    **timing.model_dump()}  # fmt: skip
+        speeds.append(_step(folder, settings, lambda: speed_command(
+            [str(c) for c in configs.values()], str(configs[timing.baseline]), timing.point, batch=timing.batch,
+            repeats=timing.repeats, warmup=timing.warmup, out=folder), on_event))  # fmt: skip
     for pair in spec.pairs:
         source = out / folders[pair.model] / "spatial-still"
         folder = out / "pairs" / f"{folders[pair.model]}-{_safe(pair.a)}-vs-{_safe(pair.b)}"
@@ -164,10 +218,14 @@ def run_point_sweep(path: str | Path, *, on_event: Callable[[str], None] = lambd
         pairs.append(_step(folder, settings, lambda s=source, p=pair, f=folder: pair_command(
             s, p.a, p.b, out=f), on_event))  # fmt: skip
     on_event(f"gating the points of {len(configs)} models: {out / 'gates'}")
-    report = points_command(base / spec.gates, spatial, aligns, controls=controls, pairs=pairs,
-                            tables=[base / t for t in spec.tables], out=out / "gates")  # fmt: skip
+    report = points_command(base / spec.gates, spatial, aligns, pairs=pairs, tables=[base / t for t in spec.tables],
+                            reconstructions=recons, speeds=speeds, heatmaps=heatmaps, out=out / "gates")  # fmt: skip
     on_event(f"report: {out / 'gates' / 'report.html'}")
     return report
+
+
+def _path(base: Path, path: str | None) -> Path | None:
+    return None if path is None else base / Path(path).expanduser()
 
 
 def _safe(point: str) -> str:

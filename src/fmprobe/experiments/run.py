@@ -3,8 +3,10 @@
 A run directory is never overwritten:
 ``runs/<experiment>/<run_id>/`` holds config.resolved.yaml, env.json, predictions.parquet,
 metrics.json, curves.parquet, checkpoints/, report.html and status.json (``experiments.status``: finished, or
-failed with the stage and the error). A finished run is compared with every other finished run of the runs
-folder by the index (``experiments.twins``), which flags identical outputs in both runs' files.
+failed with the stage and the error), and efficiency.parquet with the label-efficiency protocol (one row per head,
+budget and repeat; the repeats' predictions and checkpoints are not kept). A finished run is compared with every
+other finished run of the runs folder by the index (``experiments.twins``), which flags identical outputs in both
+runs' files.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.evaluate.results import SPLITS, ProbeResults, SegResults, SplitData, predictions_table
 from fmprobe.evaluate.summary import summarise_run
 from fmprobe.evaluate.task import ResolvedTask
+from fmprobe.experiments.efficiency import check_efficiency, efficiency_points, efficiency_table, wanted
 from fmprobe.experiments.environment import environment_info
 from fmprobe.experiments.identity import IDENTITY_VERSION, config_hash, head_identities
 from fmprobe.experiments.index import update_index
@@ -38,6 +41,7 @@ from fmprobe.experiments.splitting import resolve_folds
 from fmprobe.experiments.status import describe_error, write_status
 from fmprobe.features.extract import extract_features
 from fmprobe.features.store import FeatureSet
+from fmprobe.probes.fitted import check_fitted
 from fmprobe.probes.frozen import train_heads
 from fmprobe.probes.grid import check_grid, select_members
 from fmprobe.probes.segmentation import check_segmentation, segment_frozen
@@ -107,6 +111,8 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         raise ConfigError("split.mode kfold runs frozen probes only; use split.mode generate with adapt strategies")
     check_segmentation(exp)
     check_grid(exp)
+    check_fitted(exp)
+    check_efficiency(exp)
     backbone_params, encoder = backbone_parameters(exp)  # frozen: memoised; the encoder if it had to be loaded
 
     # From here on the run has a directory; a failure is recorded in it (status.json) before it propagates.
@@ -124,6 +130,8 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         results = _train(exp, task, features, folds, data, extracted, run_dir)
         if not distributed.is_main():  # process 0 alone writes the run
             return distributed.broadcast_object(None)
+        if wanted(exp):  # every head again on labelled subsets of the training split
+            results.efficiency = efficiency_points(exp, task, features, split, results)
         stage.name = "evaluate"
         grid_record = None
         if exp.train.grid is not None:  # per head, the member with the best mean validation score over seeds
@@ -165,6 +173,7 @@ def _train(exp: Experiment, task: ResolvedTask, features: FeatureSet, folds: lis
         results.runs += part.runs
         results.standardisation.update(part.standardisation)
         results.segmentation = part.segmentation
+        results.training_inputs = part.training_inputs
     if exp.adapt.strategy == "frozen":  # several processes: each trained its share of the members
         results = gather_members(exp, results)
     return results
@@ -184,6 +193,9 @@ def _write_outputs(run_dir: Path, exp: Experiment, task: ResolvedTask, results: 
         curves.to_parquet(tmp, index=False)
     if results.segmentation is not None:
         write_segmentation_outputs(run_dir, results.segmentation)
+    if "efficiency" in metrics:
+        with atomic_path(run_dir / "efficiency.parquet") as tmp:
+            pd.DataFrame(efficiency_table(metrics)).to_parquet(tmp, index=False)
     write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp),
                                                       **distributed.describe()))
     write_run_report(run_dir, exp, metrics, curves)

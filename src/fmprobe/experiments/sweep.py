@@ -337,6 +337,7 @@ def run_sweep(
 def write_sweep_report(dest: Path, runs_dir: Path, name: str, points: list[SweepPoint], gates_path: Path | None
                        ) -> Path:  # fmt: skip
     """The sweep's leaderboards (one per primary metric), its gate verdicts (also as gates.json) and failed arms."""
+    from fmprobe.experiments.efficiency import wanted
     from fmprobe.experiments.gates import evaluate_gates, load_gates
     from fmprobe.experiments.leaderboard import boards_by_primary_metric
     from fmprobe.report.sweep import write_board_report
@@ -348,7 +349,9 @@ def write_sweep_report(dest: Path, runs_dir: Path, name: str, points: list[Sweep
         verdicts = evaluate_gates(load_gates(gates_path), runs_dir, run_dirs=run_dirs)
         write_json(dest.parent / "gates.json", verdicts.to_dict())
     failed = [{"values": _label(p), "error": p.error} for p in points if p.status == "failed"]
-    return write_board_report(dest, boards, verdicts, title=f"sweep {name}", failed=failed)
+    curves = [(_short_label(p), json.loads((p.run_dir / "metrics.json").read_text())) for p in points
+              if p.run_dir is not None and wanted(p.exp)]  # fmt: skip
+    return write_board_report(dest, boards, verdicts, title=f"sweep {name}", failed=failed, efficiency=curves)
 
 
 def sweep_record(spec: SweepSpec, points: Iterable[SweepPoint]) -> dict[str, Any]:
@@ -360,6 +363,11 @@ def sweep_record(spec: SweepSpec, points: Iterable[SweepPoint]) -> dict[str, Any
                   "run_dir": str(p.run_dir) if p.run_dir else None, "status": p.status, "error": p.error}
                  for p in points],
     }
+
+
+def _short_label(point: SweepPoint) -> str:
+    """The point's grid values, file paths by their name (a curve's legend)."""
+    return ", ".join(f"{k.split('.')[-1]}={Path(str(v)).name if '/' in str(v) else v}" for k, v in point.values.items())
 
 
 def _label(point: SweepPoint) -> str:

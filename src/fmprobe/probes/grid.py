@@ -1,7 +1,8 @@
 """``train.grid``: every head config x learning rate x weight decay, the best member per head on validation.
 
 Per seed (and fold) the members whose heads read the same input train together in one HeadBank
-(``probes.frozen``). Per head config the member with the best validation primary metric, averaged over seeds
+(``probes.frozen``). Fitted heads (knn, prototype, logreg) are not trained by SGD and take no part: they keep
+their own k / C chosen on validation. Per head config the member with the best validation primary metric, averaged over seeds
 (and folds), is reported as that head; choosing per seed would let each seed's noise pick its own winner. Test
 never enters the choice. Every member's checkpoints are kept under ``checkpoints/<head>/lr<lr>/wd<wd>/seed<k>``;
 metrics.json's ``selection.grid`` records the choice and the validation scores of all members; predictions.parquet
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fmprobe.config import Experiment, HeadConfig
+from fmprobe.config import FITTED_HEADS, Experiment, HeadConfig
 from fmprobe.errors import ConfigError
 from fmprobe.evaluate.bootstrap import scalar_metrics
 from fmprobe.evaluate.results import HeadRun, ProbeResults, SplitData
@@ -49,6 +50,9 @@ def select_members(exp: Experiment, task: ResolvedTask, results: ProbeResults, s
     chosen_runs: list[HeadRun] = []
     record: dict[str, Any] = {}
     for head in exp.heads:
+        if head.type in FITTED_HEADS:  # not a grid member: its own k / C was chosen on validation
+            chosen_runs += [r for r in results.runs if r.head == head.name]
+            continue
         members = []
         for m in grid_members(exp, head):
             runs = [r for r in results.runs if r.head == m.name]

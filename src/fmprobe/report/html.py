@@ -10,6 +10,7 @@ import pandas as pd
 from fmprobe import __version__
 from fmprobe.atomic import write_text
 from fmprobe.config import Experiment, dump_config
+from fmprobe.report.efficiency import run_section
 from fmprobe.report.plots import confusion_matrix_plot, metric_bars, reliability_diagram, training_curves
 from fmprobe.report.terminal import fmt, headline_rows, params_text
 from fmprobe.report.templating import render
@@ -62,12 +63,14 @@ def _confusion(metrics: dict[str, Any], predictions: pd.DataFrame | None) -> str
 def render_run_report(exp: Experiment, metrics: dict[str, Any], curves: pd.DataFrame, run_id: str,
                       predictions: pd.DataFrame | None = None) -> str:
     primary = metrics["task"]["primary_metric"]
-    curve_imgs = {h: training_curves(curves, h, primary) for h in metrics["heads"] if len(curves)}
+    curve_imgs = {h: training_curves(curves, h, primary) for h in metrics["heads"]
+                  if len(curves) and (curves["head"] == h).any()}  # fitted heads have no epochs
     return render(
         "run.html",
         m=metrics, rows=headline_rows(metrics), bars=_per_class_bars(metrics), curves=curve_imgs,
         reliability=_reliability(metrics), confusion=_confusion(metrics, predictions),
         fmt=fmt, params=params_text, config_yaml=dump_config(exp), run_id=run_id, version=__version__,
+        efficiency=run_section(metrics),
         model_name=exp.model.checkpoint if exp.model.kind == "vjepa2-native" else exp.model.name,
     )
 

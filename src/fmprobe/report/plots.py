@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 
 import matplotlib
 
@@ -130,4 +131,29 @@ def forest_plot(labels: list[str], points: list[float], lows: list[float], highs
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_xlabel(f"test {metric} (point and CI; red: baseline)")
     ax.set_ylim(-0.7, n - 0.3 + (0.8 if levels else 0))
+    return _to_base64(fig)
+
+
+def label_curves(series: dict[str, tuple[list[float], list[float], list[float], list[float]]], *, protocol: str,
+                 metric: str, baseline: float | None, target: float | None, title: str) -> str:
+    """Label-efficiency curves: per series (a head, or a run's head), the mean over repeats against the label
+    budget with its interval as a band; budgets that could not be drawn are gaps. ``series``: label -> (budgets,
+    means, lows, highs); x is K per class (log 2) or the share of training groups (log)."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for label, (x, mean, lo, hi) in series.items():
+        line = ax.plot(x, mean, "o-", ms=4, label=label)[0]
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+    if baseline is not None and not math.isnan(baseline):
+        ax.axhline(baseline, ls="--", lw=1, color="#e45756", label="baseline")
+    if target is not None:
+        ax.axhline(target, ls=":", lw=1.2, color="#54a24b", label=f"target {target:g}")
+    ax.set_xscale("log", base=2 if protocol == "shots" else 10)
+    budgets = sorted({v for x, *_ in series.values() for v in x})
+    if budgets:
+        ax.set_xticks(budgets, [f"{v:g}" if protocol == "shots" else f"{v:.0%}" for v in budgets], fontsize=8)
+        ax.minorticks_off()
+    ax.set_xlabel("labelled examples per class (K)" if protocol == "shots" else "share of training groups labelled")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
     return _to_base64(fig)

@@ -1,5 +1,6 @@
 """The sweep (or leaderboard) report: one self-contained HTML file with the leaderboard, a forest plot of
-every candidate's test CI and, when gates are given, the verdict of each candidate and the recommendation."""
+every candidate's test CI, the label-efficiency curves of the runs that have them (one per run and head) and, when
+gates are given, the verdict of each candidate and the recommendation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from fmprobe import __version__
 from fmprobe.atomic import write_text
+from fmprobe.report.efficiency import sweep_section
 from fmprobe.report.plots import forest_plot
 from fmprobe.report.terminal import SEG_NOTE, fmt, head_label, params_cell, seg_cell
 from fmprobe.report.templating import render
@@ -19,12 +21,14 @@ from fmprobe.report.templating import render
 
 
 def render_board_report(boards: Sequence[Any], gates: Any | None, *, title: str,
-                        dest_dir: Path | None = None, failed: Sequence[dict[str, Any]] = ()) -> str:
+                        dest_dir: Path | None = None, failed: Sequence[dict[str, Any]] = (),
+                        efficiency: Sequence[tuple[str, dict[str, Any]]] = ()) -> str:  # fmt: skip
     """One leaderboard per primary metric (a sweep over tasks mixes them); ``dest_dir``: where the file will live,
-    so links to each run's report.html are relative."""
+    so links to each run's report.html are relative; ``efficiency``: (label, metrics) of runs whose label-efficiency
+    curves are drawn together."""
     sections = [_board_section(board, gates, dest_dir) for board in boards]
     return render("sweep.html", title=title, sections=sections, gates=gates, failed=failed, fmt=fmt,
-                  version=__version__)
+                  version=__version__, efficiency=sweep_section(efficiency))
 
 
 def _board_section(board: Any, gates: Any | None, dest_dir: Path | None) -> dict[str, Any]:
@@ -51,8 +55,10 @@ def _board_section(board: Any, gates: Any | None, dest_dir: Path | None) -> dict
 
 
 def write_board_report(dest: Path, boards: Sequence[Any], gates: Any | None = None, *, title: str,
-                       failed: Sequence[dict[str, Any]] = ()) -> Path:
+                       failed: Sequence[dict[str, Any]] = (), efficiency: Sequence[tuple[str, dict[str, Any]]] = ()
+                       ) -> Path:  # fmt: skip
     """Leaderboards (and gate verdicts) as one HTML file: a sweep's report, or ``fmprobe leaderboard --html``."""
     dest = Path(dest)
-    write_text(dest, render_board_report(boards, gates, title=title, dest_dir=dest.parent.resolve(), failed=failed))
+    write_text(dest, render_board_report(boards, gates, title=title, dest_dir=dest.parent.resolve(), failed=failed,
+                                         efficiency=efficiency))  # fmt: skip
     return dest

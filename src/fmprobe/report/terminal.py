@@ -20,6 +20,12 @@ def fmt(value: Any, digits: int = 3) -> str:
     return "nan" if v != v else f"{v:.{digits}f}"
 
 
+def shorten(text: str, width: int = 40) -> str:
+    """A long cell for the terminal: its end (where paths and ids differ), marked by a leading ellipsis. Files
+    (CSV, HTML, JSON) always hold the full value."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
 def headline_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (head, metric) for the task's headline metrics, test split."""
     rows = []
@@ -80,6 +86,23 @@ def grid_lines(metrics: dict[str, Any]) -> list[str]:
         for head, g in grid["heads"].items())]
 
 
+def fitted_lines(metrics: dict[str, Any]) -> list[str]:
+    """knn / logreg: the k or C each head chose on validation (every seed fits the same, so one value unless they
+    differ), with its validation score and how many values were tried."""
+    parts = []
+    for head, h in metrics["heads"].items():
+        chosen: dict[str, str] = {}  # the value as shown -> "k 20 (0.83)"
+        tried = 0
+        for selected in (h.get("selected") or {}).values():
+            name = "k" if "k" in selected else "C"
+            value, tried = selected[name], len(selected["validation"])
+            chosen.setdefault(f"{value:g}", f"{name} {value:g} ({fmt(selected['validation'][str(value)])})")
+        if chosen:
+            parts.append(f"{head} → {' / '.join(chosen.values())} of {tried}")
+    primary = metrics["task"]["primary_metric"]
+    return [f"fitted heads, chosen on validation {primary}: " + "; ".join(parts)] if parts else []
+
+
 def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> None:
     task = metrics["task"]
     split = metrics["split"]
@@ -100,7 +123,7 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
                       fmt(r["baseline"]), flags, style=style)
     console.print(table)
     console.print(f"* selected on validation ({metrics['selection']['rule']}); test evaluated once per seed.")
-    for line in parameter_lines(metrics) + grid_lines(metrics):
+    for line in parameter_lines(metrics) + grid_lines(metrics) + fitted_lines(metrics):
         console.print(line)
     for flag in metrics["flags"]:
         colour = {"error": "red", "warning": "yellow"}.get(flag["severity"], "cyan")

@@ -254,3 +254,38 @@ def internvl(folder: str | Path, *, tile: int = 64, patch: int = 8, layers: int 
                  "crop_to_patches": True, "min_patches": 1, "max_patches": max_tiles,
                  "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}  # fmt: skip
     return _vlm(_built(transformers.InternVLForConditionalGeneration, config, seed), folder, processor)
+
+
+# ------------------------------------------------------------------------------------------------ VAEs
+
+
+def ltx_video_vae(folder: str | Path, *, latent_channels: int = 8, channels: tuple[int, int] = (16, 32),
+                  patch: int = 4, timestep_conditioning: bool = False, seed: int = 0) -> Path:  # fmt: skip
+    """A diffusers ``AutoencoderKLLTXVideo`` (the LTX-Video VAE's architecture) with two small blocks: spatial
+    compression ``patch * 2`` (8 by default), one latent frame per image."""
+    import diffusers
+
+    with seeded(seed):
+        model = diffusers.AutoencoderKLLTXVideo(
+            latent_channels=latent_channels, block_out_channels=channels, decoder_block_out_channels=channels,
+            down_block_types=("LTXVideoDownBlock3D",) * 2, layers_per_block=(1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, False),
+            decoder_spatio_temporal_scaling=(True, False), decoder_inject_noise=(False,) * 3,
+            downsample_type=("conv", "conv"), upsample_residual=(False, False), upsample_factor=(1, 1),
+            patch_size=patch, timestep_conditioning=timestep_conditioning,
+        )  # fmt: skip
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def autoencoder_kl(folder: str | Path, *, latent_channels: int = 4, seed: int = 0) -> Path:
+    """A diffusers ``AutoencoderKL`` (Stable Diffusion's image VAE) with two small blocks: spatial compression 2."""
+    import diffusers
+
+    with seeded(seed):
+        model = diffusers.AutoencoderKL(
+            block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels, norm_num_groups=4,
+        )  # fmt: skip
+    model.save_pretrained(folder)
+    return Path(folder)

@@ -13,6 +13,8 @@ Weighting, recorded in ``info`` so the run writes what was actually used:
 - ``pos_weight`` (BCE and sigmoid focal only): multiplies the positive term; "auto" is n_neg / n_pos per label.
   When both are set the weights multiply.
 - ``label_smoothing``: torch's for CE; BCE targets become y * (1 - s) + s / 2.
+- regression with ``task.missing_targets: mask``: MSE / Huber over the target cells that hold a value
+  (:class:`ObservedLoss`), so each target trains on its own rows.
 
 A key that does not apply to the task or loss type (e.g. class_weights on regression) raises ConfigError
 naming the key rather than being ignored. Non-default ``focal_*`` / ``huber_delta`` count as set.
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from fmprobe.config import LossConfig, TaskConfig
+from fmprobe.config import LossConfig, TaskConfig, unused_loss_keys
 from fmprobe.errors import ConfigError
 
 _AUTO = {"multiclass": "ce", "binary": "bce", "multilabel": "bce", "regression": "mse"}
@@ -110,6 +112,33 @@ class SoftmaxFocalLoss(nn.Module):
         return -((1 - logp.exp()) ** self.gamma) * logp
 
 
+class ObservedLoss(nn.Module):
+    """MSE or Huber over the regression target cells that hold a value (NaN: none, ``task.missing_targets: mask``),
+    averaged over those cells: each target learns from its own rows. Equal to ``nn.MSELoss`` / ``nn.HuberLoss``
+    when nothing is missing (tested)."""
+
+    def __init__(self, kind: str, *, delta: float = 1.0):
+        super().__init__()
+        if kind not in ("mse", "huber"):
+            raise ValueError(f"ObservedLoss takes mse or huber, got {kind!r}")
+        self.kind, self.delta = kind, delta
+
+    def forward(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        values, observed = self.elementwise(outputs, y)
+        return values.sum() / observed.sum().clamp_min(1)
+
+    def elementwise(self, outputs: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-cell losses of outputs ``[..., B, C]`` (0 where the target is missing) and the observed cells
+        ``[B, C]``; no gradient reaches an output whose target is missing."""
+        observed = ~torch.isnan(y)
+        target = torch.where(observed, y, torch.zeros_like(y)).expand_as(outputs)
+        if self.kind == "mse":
+            values = F.mse_loss(outputs, target, reduction="none")
+        else:
+            values = F.huber_loss(outputs, target, reduction="none", delta=self.delta)
+        return values * observed, observed
+
+
 def member_losses(loss: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each member's loss ``[H]`` on outputs ``[H, B, ...]`` against the targets ``y`` they share.
 
@@ -131,11 +160,34 @@ def member_losses(loss: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> tor
         values = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(n), weight=loss.weight,
                                  label_smoothing=loss.label_smoothing, reduction="none").view(n, -1)  # fmt: skip
         return values.mean(1) if loss.weight is None else values.sum(1) / loss.weight[y].sum()
+    if isinstance(loss, ObservedLoss):
+        values, observed = loss.elementwise(logits, y)
+        return values.flatten(1).sum(1) / observed.sum().clamp_min(1)
     if isinstance(loss, nn.MSELoss):
         return F.mse_loss(logits, y.expand_as(logits), reduction="none").flatten(1).mean(1)
     if isinstance(loss, nn.HuberLoss):
         return F.huber_loss(logits, y.expand_as(logits), reduction="none", delta=loss.delta).flatten(1).mean(1)
     raise TypeError(f"member_losses does not know the loss {type(loss).__name__}")
+
+
+def element_weights(loss: nn.Module, y: np.ndarray) -> np.ndarray:
+    """The weight ``loss`` gives each target, for fits that take sample weights in a sum of losses (scikit-learn's
+    ``class_weight``): ``[N]`` per sample for cross-entropy (its class's weight), ``[N, C]`` per element for the
+    sigmoid losses (class weights, times ``pos_weight`` on positives); ones where nothing is weighted."""
+    y = np.asarray(y)
+    if isinstance(loss, nn.CrossEntropyLoss):
+        if loss.weight is None:
+            return np.ones(len(y))
+        return loss.weight.double().numpy()[y.astype(np.int64)]
+    if isinstance(loss, SigmoidLoss):
+        y2 = y.reshape(len(y), -1).astype(np.float64)
+        w = np.ones_like(y2)
+        if loss.pos_w is not None:
+            w = y2 * loss.pos_w.double().numpy() + (1 - y2) * loss.neg_w.double().numpy()
+        if loss.pos_weight is not None:
+            w = w * np.where(y2 == 1, loss.pos_weight.double().numpy(), 1.0)
+        return w
+    raise TypeError(f"element_weights does not know the loss {type(loss).__name__}")
 
 
 def as_target_tensor(y: np.ndarray, task_type: str) -> torch.Tensor:
@@ -162,10 +214,14 @@ def build_loss(
     kind = _AUTO[task.type] if cfg.type == "auto" else cfg.type
     _check_applicable(cfg, kind, task.type)
     info: dict[str, Any] = {"type": kind, "class_weights": None, "pos_weight": None}
+    if kind == "huber":
+        info["huber_delta"] = cfg.huber_delta
+    if task.missing_targets == "mask":  # regression only (config): each target on the rows that have it
+        info["missing_targets"] = "masked: the mean over the target cells that hold a value"
+        return ObservedLoss(kind, delta=cfg.huber_delta), info
     if kind == "mse":
         return nn.MSELoss(), info
     if kind == "huber":
-        info["huber_delta"] = cfg.huber_delta
         return nn.HuberLoss(delta=cfg.huber_delta), info
     y = np.asarray(y_train)
     if task.type == "multiclass":
@@ -211,22 +267,23 @@ def _check_applicable(cfg: LossConfig, kind: str, task_type: str) -> None:
         raise ConfigError(
             f"loss.type '{kind}' is not valid for a {task_type} task; valid choices: auto, {', '.join(valid)}"
         )
-    if task_type == "regression" and _is_set(cfg, "class_weights"):
-        raise ConfigError("loss.class_weights is not valid for a regression task; remove it")
-    if _is_set(cfg, "pos_weight") and (kind not in ("bce", "focal") or task_type == "multiclass"):
-        raise ConfigError(
-            f"loss.pos_weight applies only to bce/focal on binary or multilabel tasks, not {kind} on {task_type}; "
-            + ("use loss.class_weights for multiclass" if task_type == "multiclass" else "remove it")
-        )
-    if cfg.label_smoothing > 0 and kind not in ("ce", "bce"):
-        raise ConfigError(f"loss.label_smoothing applies only to ce and bce losses, not {kind}; remove it")
-    if _is_set(cfg, "huber_delta") and kind != "huber":
-        raise ConfigError(f"loss.huber_delta applies only to the huber loss, not {kind}; remove it")
-    if _is_set(cfg, "focal_gamma") and kind != "focal":
-        raise ConfigError(f"loss.focal_gamma applies only to the focal loss, not {kind}; remove it")
-    if _is_set(cfg, "focal_alpha") and (kind != "focal" or task_type == "multiclass"):
-        hint = "; multiclass focal takes loss.class_weights as alpha" if task_type == "multiclass" else ""
-        raise ConfigError(f"loss.focal_alpha applies only to sigmoid focal loss (binary/multilabel){hint}; remove it")
+    for key in sorted(unused_loss_keys(kind, task_type)):  # the one definition of which key applies where
+        if _is_set(cfg, key):
+            raise ConfigError(_NOT_APPLICABLE[key](kind, task_type))
+
+
+_NOT_APPLICABLE = {  # why a set loss key does not apply, and what to do
+    "class_weights": lambda kind, task: f"loss.class_weights is not valid for a {task} task; remove it",
+    "pos_weight": lambda kind, task: (
+        f"loss.pos_weight applies only to bce/focal on binary or multilabel tasks, not {kind} on {task}; "
+        + ("use loss.class_weights for multiclass" if task == "multiclass" else "remove it")),
+    "label_smoothing": lambda kind, task: f"loss.label_smoothing applies only to ce and bce losses, not {kind}; remove it",
+    "huber_delta": lambda kind, task: f"loss.huber_delta applies only to the huber loss, not {kind}; remove it",
+    "focal_gamma": lambda kind, task: f"loss.focal_gamma applies only to the focal loss, not {kind}; remove it",
+    "focal_alpha": lambda kind, task: (
+        "loss.focal_alpha applies only to sigmoid focal loss (binary/multilabel)"
+        + ("; multiclass focal takes loss.class_weights as alpha" if task == "multiclass" else "") + "; remove it"),
+}
 
 
 def _multiclass_weights(

@@ -15,7 +15,7 @@ def balanced_weights(y: np.ndarray, task_type: str) -> np.ndarray:
     class), so rare labels are drawn as often as common ones.
     """
     if task_type == "regression":
-        raise ConfigError("adapt.balanced_sampler needs classes; a regression task has none: remove it")
+        raise ConfigError("train.balanced_sampler needs classes; a regression task has none: remove it")
     if task_type in ("binary", "multiclass"):
         classes = np.asarray(y).astype(np.int64).reshape(-1)
         counts = np.bincount(classes)
