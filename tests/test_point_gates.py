@@ -315,8 +315,7 @@ def test_a_criterion_with_controls_passes_only_where_the_point_beats_them_by_the
                                                        "low": "reject"}  # fmt: skip
     assert got["noise"].levels["iou"].beats["random-weights"]["level"] == "fail"
     assert any("does not beat random-weights by 0.05" in r for r in got["noise"].reasons)
-    assert got["good"].levels["iou"].beats["pixel"] == {"level": "pass", "point": 0.10, "lo": 0.07, "hi": 0.13,
-                                                        "beats": {}}  # fmt: skip
+    assert got["good"].levels["iou"].beats["pixel"] == {"level": "pass", "point": 0.10, "lo": 0.07, "hi": 0.13}
     # lower-is-better: beating the control means a difference below -margin
     lower = Criterion(name="lp", metric="recon/lpips", acceptable=0.35, controls=["pixel"], margin=0.02)
     assert control_level(lower, -0.05, -0.08, -0.03).level == "pass"

@@ -283,7 +283,7 @@ def judge(spec: GatesSpec, cands: pd.DataFrame, values: pd.DataFrame) -> GateRep
             for control in crit.controls:
                 diff = _value(crit.model_copy(update={"metric": f"{crit.metric}-vs-{control}"}), c, values)
                 beat = control_level(crit, *diff)
-                levels[crit.name].beats[control] = vars(beat)
+                levels[crit.name].beats[control] = {k: getattr(beat, k) for k in ('level', 'point', 'lo', 'hi')}
                 if RANK[beat.level] < RANK[levels[crit.name].level]:
                     levels[crit.name].level = beat.level
                 if beat.level != "pass":
