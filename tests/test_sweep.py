@@ -172,3 +172,40 @@ def test_data_on_an_fsspec_url_runs(tmp_path):
     result = run_sweep(_sweep(tmp_path, {"train.lr": [0.05]}), workers=1)
     metrics = json.loads((result.points[0].run_dir / "metrics.json").read_text())
     assert sum(metrics["split"]["sizes"].values()) == len(df)
+
+
+def test_arms_trained_together_match_each_arm_run_alone_bit_for_bit(tmp_path, monkeypatch):
+    """Arms differing in head type and learning rate (each with a second head on another input) train in one
+    process and one HeadBank pass per input and seed; every run's metrics, predictions and curves equal its run
+    alone, to the bit, early stopping included."""
+    import pandas as pd
+
+    import fmprobe.experiments.run as run_module
+    from fmprobe.experiments.run import run_experiment
+
+    write_base(tmp_path)
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["train"]["early_stopping"] = {"patience": 1}
+    base["heads"].append({"type": "mlp", "name": "wide", "hidden": 24, "pooling": "cls"})
+    base["train"]["epochs"] = 5
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    grid = {"heads.0.type": ["linear", "mlp"], "train.lr": [0.01, 0.2]}
+    batches = []
+    real = run_module.train_arms
+    monkeypatch.setattr(run_module, "train_arms", lambda exps, *a: batches.append(len(exps)) or real(exps, *a))
+    result = run_sweep(_sweep(tmp_path, grid), workers=1)
+    assert batches == [4] and [p.status for p in result.points] == ["ran"] * 4  # one batch of every arm
+
+    alone_dir = tmp_path / "alone"
+    for point in result.points:  # in the sweep's order: each run sees the same earlier runs
+        alone = run_experiment(point.exp.model_copy(update={"runs_dir": str(alone_dir)}), progress=False).run_dir
+        together = point.run_dir
+        a, b = (json.loads((d / "metrics.json").read_text()) for d in (alone, together))
+        a.pop("wall_seconds"), b.pop("wall_seconds")
+        assert a == b, point.values
+        for table in ("predictions.parquet", "curves.parquet"):
+            pd.testing.assert_frame_equal(pd.read_parquet(alone / table), pd.read_parquet(together / table),
+                                          check_exact=True)
+    heads = [h for p in result.points for h in json.loads((p.run_dir / "metrics.json").read_text())["heads"].values()]
+    stopped = [v for h in heads for v in h["stopped_early"].values()]
+    assert any(stopped) and not all(stopped)  # members stopped while others of their bank trained on

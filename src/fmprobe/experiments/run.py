@@ -29,7 +29,8 @@ from fmprobe.experiments.parallel import fold_share, gather_members
 from fmprobe.experiments.params import backbone_parameters, record_parameters
 from fmprobe.experiments.splitting import resolve_folds
 from fmprobe.features.extract import extract_features
-from fmprobe.probes.frozen import train_heads
+from fmprobe.features.store import FeatureSet
+from fmprobe.probes.frozen import train_arms, train_heads
 from fmprobe.probes.grid import check_grid, select_members
 from fmprobe.probes.segmentation import check_segmentation, segment_frozen
 from fmprobe.report.html import write_run_report
@@ -67,11 +68,21 @@ def _split_data(df: pd.DataFrame, manifest: Manifest) -> SplitData:
                      targets={s: manifest.targets(rows[s]) for s in SPLITS})
 
 
-def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
-    started = time.perf_counter()
-    # launched by torchrun / accelerate: join the other processes (fmprobe.distributed); else nothing changes
-    distributed.init(cuda=exp.adapt.strategy != "frozen" and exp.adapt.device.startswith("cuda"))
-    progress = progress and distributed.is_main()
+@dataclass
+class RunInputs:
+    """What a run reads before it trains: the manifest, its folds, the cached features and each fold's split data.
+    Runs on the same data, task, split and features read the same inputs (a sweep prepares them once)."""
+
+    manifest: Manifest
+    folds: list[tuple[pd.DataFrame, dict]]  # (manifest rows with their split, split info) per fold
+    features: FeatureSet
+    data: list[SplitData]  # per fold, the extracted samples
+    backbone_params: int | None
+
+
+def prepare_inputs(exp: Experiment, *, progress: bool = True) -> RunInputs:
+    """Manifest, splits and cached features (extracting what is missing), after every check that needs no
+    extraction."""
     manifest = load_manifest(exp.data, exp.task)
     check_targets_vary(manifest)  # before any extraction
     folds = resolve_folds(manifest, exp.task, exp.split)
@@ -83,39 +94,87 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     features = extract_features(exp, manifest, encoder, progress=progress)
     extracted = set(features.sample_ids)
     data = [_split_data(df[df["sample_id"].isin(extracted)], manifest) for df, _ in folds]
-    split, split_info = data[0], folds[0][1]
+    return RunInputs(manifest, folds, features, data, backbone_params)
+
+
+def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
+    started = time.perf_counter()
+    # launched by torchrun / accelerate: join the other processes (fmprobe.distributed); else nothing changes
+    distributed.init(cuda=exp.adapt.strategy != "frozen" and exp.adapt.device.startswith("cuda"))
+    progress = progress and distributed.is_main()
+    inputs = prepare_inputs(exp, progress=progress)
+    features, folds, data = inputs.features, inputs.folds, inputs.data
+    extracted = set(features.sample_ids)
 
     run_dir = distributed.broadcast_object(new_run_dir(exp) if distributed.is_main() else None)
     if distributed.is_main():
         write_text(run_dir / "config.resolved.yaml", dump_config(exp))
-    task = ResolvedTask.from_config(exp.task, manifest.class_names)
+    task = ResolvedTask.from_config(exp.task, inputs.manifest.class_names)
     results = ProbeResults()
     for k, fold in enumerate(data):
         if exp.adapt.strategy == "frozen":
-            ckpt = run_dir / "checkpoints" / (f"fold{k}" if len(data) > 1 else "")
-            part = train_heads(fold_share(exp, k), task, features, fold.ids, fold.targets, ckpt)
+            part = train_heads(fold_share(exp, k), task, features, fold.ids, fold.targets,
+                               fold_checkpoints(run_dir, k, len(data)))  # fmt: skip
             if exp.segmentation is not None and distributed.is_main():  # its own probe on the same cached tokens
-                part.segmentation = segment_frozen(exp, features, folds[0][0], fold.ids, ckpt)
+                part.segmentation = segment_frozen(exp, features, folds[0][0], fold.ids,
+                                                   fold_checkpoints(run_dir, k, len(data)))  # fmt: skip
         else:  # end to end on pixels (staged: stage 1 on these cached features); writes adaptation.json
             from fmprobe.adapt.finetune import adapt_heads  # peft and friends: imported only when needed
 
             part = adapt_heads(exp, task, features, folds[0][0][folds[0][0]["sample_id"].isin(extracted)], fold.ids,
                                fold.targets, run_dir)
-        if len(data) > 1:
-            for r in part.runs:
-                r.fold, r.data = k, fold
-        results.runs += part.runs
-        results.standardisation.update(part.standardisation)
-        results.segmentation = part.segmentation
+        add_fold(results, part, k, data)
     if exp.adapt.strategy == "frozen":  # several processes: each trained its share of the members
         results = gather_members(exp, results)
     if not distributed.is_main():  # process 0 alone writes the run
         return distributed.broadcast_object(None)
+    result = write_run(exp, task, inputs, results, run_dir, started)
+    return distributed.broadcast_object(result)
+
+
+def run_arms(exps: list[Experiment]) -> list[RunResult]:
+    """Runs of one ``probes.frozen.shared_training`` key (arms of a sweep) in one process: their inputs prepared
+    once, their heads trained together (``probes.frozen.train_arms``), each run directory written, in order, as
+    ``run_experiment`` writes it, with the same metrics bit for bit (each arm sees the arms before it, as runs one
+    after the other would). An arm's ``wall_seconds`` counts from the start of the shared work."""
+    started = time.perf_counter()
+    inputs = prepare_inputs(exps[0], progress=False)
+    task = ResolvedTask.from_config(exps[0].task, inputs.manifest.class_names)
+    run_dirs = [new_run_dir(exp) for exp in exps]
+    for exp, run_dir in zip(exps, run_dirs):
+        write_text(run_dir / "config.resolved.yaml", dump_config(exp))
+    results = [ProbeResults() for _ in exps]
+    for k, fold in enumerate(inputs.data):
+        parts = train_arms(exps, task, inputs.features, fold.ids, fold.targets,
+                           [fold_checkpoints(run_dir, k, len(inputs.data)) for run_dir in run_dirs])  # fmt: skip
+        for arm, part in zip(results, parts):
+            add_fold(arm, part, k, inputs.data)
+    return [write_run(exp, task, inputs, arm, run_dir, started) for exp, arm, run_dir in zip(exps, results, run_dirs)]
+
+
+def fold_checkpoints(run_dir: Path, fold: int, n_folds: int) -> Path:
+    return run_dir / "checkpoints" / (f"fold{fold}" if n_folds > 1 else "")
+
+
+def add_fold(results: ProbeResults, part: ProbeResults, fold: int, data: list[SplitData]) -> None:
+    """Append one fold's results (tagged with their fold when there are several)."""
+    if len(data) > 1:
+        for r in part.runs:
+            r.fold, r.data = fold, data[fold]
+    results.runs += part.runs
+    results.standardisation.update(part.standardisation)
+    results.segmentation = part.segmentation
+
+
+def write_run(exp: Experiment, task: ResolvedTask, inputs: RunInputs, results: ProbeResults, run_dir: Path,
+              started: float) -> RunResult:  # fmt: skip
+    """Grid selection, predictions, curves, metrics.json (last) and the report of a trained run."""
+    split, split_info, folds = inputs.data[0], inputs.folds[0][1], inputs.folds
     grid_record = None
     if exp.train.grid is not None:  # per head, the member with the best mean validation score over seeds
         results, grid_record = select_members(exp, task, results, split)
-    record_parameters(exp, results, run_dir, backbone_params)
-    if len(data) > 1:
+    record_parameters(exp, results, run_dir, inputs.backbone_params)
+    if len(inputs.data) > 1:
         split_info = {**split_info, "fold": None, "fold_sizes": [info["sizes"] for _, info in folds]}
     preds = predictions_table(results, split, task.score_names, list(task.targets))
     with atomic_path(run_dir / "predictions.parquet") as tmp:
@@ -130,8 +189,8 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         write_segmentation_outputs(run_dir, results.segmentation)
 
     metrics = summarise_run(
-        exp, task, results, split, split_info=split_info, skipped=features.skipped, config_hash=config_hash(exp),
-        head_identities=head_identities(exp),
+        exp, task, results, split, split_info=split_info, skipped=inputs.features.skipped,
+        config_hash=config_hash(exp), head_identities=head_identities(exp),
         other_runs=previous_prediction_hashes(Path(exp.runs_dir).expanduser(), run_dir),
         grid=grid_record, wall_seconds=time.perf_counter() - started,
     )  # fmt: skip
@@ -141,7 +200,7 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     # metrics.json last: its presence is what marks a run finished (sweeps skip it, the index lists it).
     write_json(run_dir / "metrics.json", metrics)
     log_run(exp, run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
-    return distributed.broadcast_object(RunResult(run_dir=run_dir, metrics=metrics))
+    return RunResult(run_dir=run_dir, metrics=metrics)
 
 
 def write_segmentation_outputs(run_dir: Path, seg: SegResults) -> None:

@@ -4,11 +4,15 @@ Selection discipline: the best epoch and the decision thresholds are chosen on v
 validation and test are then predicted once with the chosen weights. Each seed changes head init, data
 order and sampling; every seed's predictions are kept. With ``train.grid`` every head trains as several
 members (learning rate x weight decay), and the heads reading the same input share one HeadBank per seed.
+A sweep's arms that differ only in their heads train together (``train_arms``), each with its own results.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +25,7 @@ from fmprobe.evaluate.thresholds import tune_thresholds
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads.bank import BankMember
 from fmprobe.probes.grid import grid_members
-from fmprobe.probes.inputs import head_tensors
+from fmprobe.probes.inputs import STANDARDISED, head_tensors
 from fmprobe.probes.targets import FitTargets
 from fmprobe.train.core import Fit
 from fmprobe.train.heads import fit_heads, predict_scores
@@ -40,26 +44,80 @@ def member_groups(exp: Experiment) -> list[list[BankMember]]:
     return list(by_input.values())
 
 
+# What arms may differ in and still train together: their heads and each head's learning rate and weight decay
+# (evaluation settings and names only shape each arm's own record).
+_ARM_SETTINGS: dict[str, Any] = {"name": True, "heads": True, "eval": True, "runs_dir": True, "tracking": True,
+                                 "train": {"lr", "weight_decay"}}  # fmt: skip
+
+
+def shared_training(exp: Experiment) -> str | None:
+    """Runs with the same key train their heads together in :func:`train_arms` and get the results each gets alone;
+    None for a run that trains alone (adaptation, a segmentation probe, ``train.grid``'s fused banks, dropout,
+    whose masks would come from one shared stream)."""
+    if (exp.adapt.strategy != "frozen" or exp.segmentation is not None or exp.train.grid is not None
+            or any(h.dropout > 0 for h in exp.heads)):  # fmt: skip
+        return None
+    return json.dumps(exp.model_dump(mode="json", exclude=_ARM_SETTINGS), sort_keys=True)
+
+
 def train_heads(exp: Experiment, task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
                 targets: dict[str, np.ndarray], checkpoint_root: Path | None = None) -> ProbeResults:  # fmt: skip
     """One HeadRun per member and seed (a grid member is named ``<head>/lr<lr>/wd<wd>``)."""
-    results = ProbeResults()
-    fitting = FitTargets.for_task(task, targets, results)
-    for members in member_groups(exp):
-        inputs = head_tensors(features, split_ids, members[0].head, list(dict.fromkeys(m.head.name for m in members)),
-                              results)  # fmt: skip
+    groups = [([(0, m) for m in members], len(members) > 1) for members in member_groups(exp)]
+    return _train_groups([exp], groups, task, features, split_ids, targets, [checkpoint_root])[0]
+
+
+def train_arms(exps: list[Experiment], task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
+               targets: dict[str, np.ndarray], checkpoint_roots: list[Path | None]) -> list[ProbeResults]:  # fmt: skip
+    """Each run's results exactly as :func:`train_heads` gives them for that run alone, for runs (arms of a sweep)
+    with one :func:`shared_training` key: per input (layer and pooling) and seed, one HeadBank of every arm's
+    heads trains in one pass of the training loop. The bank is unfused, so each head keeps its own kernels, loss
+    and AdamW groups (the rounding of its run alone) while the arms share the batches, the loop and the
+    validation passes."""
+    keys = {shared_training(e) for e in exps}
+    if None in keys or len(keys) != 1:
+        raise ValueError("train_arms trains arms with one shared_training key; train the others with train_heads")
+    by_input: dict[tuple[str, str], list[tuple[int, BankMember]]] = {}
+    for i, exp in enumerate(exps):
+        for [member] in member_groups(exp):
+            by_input.setdefault((str(member.head.layer), member.head.pooling), []).append((i, member))
+    results = _train_groups(exps, [(g, False) for g in by_input.values()], task, features, split_ids, targets,
+                            checkpoint_roots)  # fmt: skip
+    for exp, part in zip(exps, results):  # the order of train_heads: head by head, seeds in order
+        order = {h.name: j for j, h in enumerate(exp.heads)}
+        part.runs.sort(key=lambda r: order[r.head])
+    return results
+
+
+def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, BankMember]], bool]],
+                  task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
+                  targets: dict[str, np.ndarray], checkpoint_roots: list[Path | None]) -> list[ProbeResults]:  # fmt: skip
+    """Per group of (arm, member) reading one input, and per seed, one HeadBank (fused or not) of the members;
+    each arm's HeadRuns in its own ProbeResults. The training settings other than lr / weight decay are the
+    first arm's (the same for all: ``shared_training``)."""
+    exp = exps[0]
+    results = [ProbeResults() for _ in exps]
+    fitting = [FitTargets.for_task(task, targets, r) for r in results][0]  # each arm records it; one serves all
+    for group, fuse in groups:
         loss, loss_info = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
+        inputs = head_tensors(features, split_ids, group[0][1].head)
+        if group[0][1].head.pooling != "attentive":
+            for i, member in group:
+                results[i].standardisation[member.head.name] = STANDARDISED
+        unique = len(exps) > 1  # bank members need distinct names across arms
+        bank_members = [replace(m, name=f"{i}:{m.name}") if unique else m for i, m in group]
         for seed in exp.train.seeds:
-            fitted, bank = fit_heads(members, HeadData(inputs["train"], fitting.targets["train"]),
+            fitted, bank = fit_heads(bank_members, HeadData(inputs["train"], fitting.targets["train"]),
                                      HeadData(inputs["val"], fitting.targets["val"]), in_dim=inputs["train"].shape[-1],
                                      out_dim=task.out_dim, task_type=task.type, loss=loss, cfg=exp.train, seed=seed,
-                                     scorer=fitting.scorer(task, loss))  # fmt: skip
+                                     scorer=fitting.scorer(task, loss), fuse=fuse)  # fmt: skip
             scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
-            for h, member in enumerate(members):
+            for h, (i, member) in enumerate(group):
                 trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)
-                results.runs.append(head_run(exp, task, member.name, seed, fitted.fits[h],
-                                             {s: scores[s][h] for s in SPLITS}, targets["val"], loss_info=loss_info,
-                                             trainable=trainable, checkpoint_root=checkpoint_root))  # fmt: skip
+                results[i].runs.append(head_run(exps[i], task, member.name, seed, fitted.fits[h],
+                                                {s: scores[s][h] for s in SPLITS}, targets["val"],
+                                                loss_info=loss_info, trainable=trainable,
+                                                checkpoint_root=checkpoint_roots[i]))  # fmt: skip
     return results
 
 
