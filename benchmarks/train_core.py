@@ -4,8 +4,9 @@ Same model (a linear probe on 768-d cached features, 3 labels), same in-memory b
 optimizer (torch AdamW, warmup + cosine), same epochs. Two comparisons, interleaved in this one process:
 
 - ``train only``: the core without a validation scorer vs a loop of forward / loss / backward / step;
-- ``with validation``: the core as fmprobe uses it (validation loss and task metrics every epoch, best-state
-  tracking, curves) vs the bare loop plus a validation forward, loss and the same task metric call per epoch.
+- ``with validation``: the core as fmprobe uses it (validation loss and task metrics every epoch, the training
+  split's metric from the epoch's own outputs, best-state tracking, curves) vs the bare loop plus the same
+  per-epoch work written by hand: the training outputs' metric, a validation forward, loss and metric call.
 
 Both sides share the machine, so each repeat runs them in turn; the figures are medians of the repeats.
 Last line: ``train_core_efficiency=<bare seconds / core seconds, with validation>`` (goal >= 0.90).
@@ -60,12 +61,18 @@ def bare(train: HeadData, val: HeadData, loss: torch.nn.Module, metric: TaskMetr
         order = data_generator(0)
         for _ in range(EPOCHS):
             head.train()
+            seen, kept = [], []
             for idx in torch.randperm(N_TRAIN, generator=order).split(BATCH):
                 opt.zero_grad(set_to_none=True)
-                loss(head(train.x[idx]), y_train[idx]).backward()
+                logits = head(train.x[idx])
+                loss(logits, y_train[idx]).backward()
                 opt.step()
                 schedule.step()
+                if metric is not None:  # the training curve's metric, from the epoch's own outputs
+                    seen.append(idx)
+                    kept.append(logits.detach())
             if metric is not None:
+                metric.stacked(train.y[torch.cat(seen).numpy()], to_scores(torch.cat(kept), "multilabel")[None].numpy())
                 head.eval()
                 with torch.no_grad():
                     logits = head(val.x)

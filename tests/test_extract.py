@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -256,6 +257,82 @@ def test_on_error_skip_records_reasons(tmp_path, images):
         extract_features(exp, manifest(images), TinyViT(), progress=False)
 
 
+class SlowViT(TinyViT):
+    """A TinyViT whose forward pass takes at least ``seconds`` (a sleep: it leaves the CPU to the other stages)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def encode(self, pixels, layers, attentions=False):
+        time.sleep(self.seconds)
+        return super().encode(pixels, layers, attentions)
+
+
+def test_reading_and_writing_overlap_the_forward_pass(tmp_path, images, monkeypatch):
+    """Reading (0.1 s a sample: 0.2 s a batch) and shard writes (0.2 s each) take as long as the forward pass
+    (0.2 s a batch), yet the encoder waits only for the first batch and never for a write."""
+    import fmprobe.data.dataset as dataset
+    from fmprobe.features.store import FeatureStore
+
+    real_read, real_write = dataset.read_media, FeatureStore.write_shard
+    threads = {"read": set(), "write": set()}
+
+    def slow(stage, seconds, real):
+        def run(*args, **kwargs):
+            threads[stage].add(threading.current_thread())
+            time.sleep(seconds)
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(dataset, "read_media", slow("read", 0.1, real_read))
+    monkeypatch.setattr(FeatureStore, "write_shard", slow("write", 0.2, real_write))
+    result = run_extraction(make_exp(tmp_path / "cache"), manifest(images), SlowViT(0.2), progress=False)
+    assert threading.main_thread() not in threads["read"] | threads["write"]  # both run beside the encoder
+    stages = result.stages
+    assert result.extracted == 10 and stages.read >= 1.0 and stages.write >= 0.6 and stages.forward >= 1.0
+    assert stages.input_wait < 0.5 * stages.read, stages  # sequential reading would make it wait ~1.0 s
+    assert stages.write_wait < 0.5 * stages.write, stages
+    assert min(stages.preprocess, stages.pooling, stages.buffer) > 0
+
+
+def test_extraction_measures_its_throughput_after_the_first_batches(tmp_path, images):
+    rates = []
+    result = run_extraction(make_exp(tmp_path / "cache"), manifest(images), SlowViT(0.05), progress=False,
+                            on_batch=rates.append)
+    assert [(r.done, r.total) for r in rates] == [(2, 10), (4, 10), (6, 10), (8, 10), (10, 10)]
+    assert [r.samples_per_second is None for r in rates] == [True, True, False, False, False]  # warm-up: 2 batches
+    assert result.samples_per_second == rates[-1].samples_per_second
+    assert 0 < result.samples_per_second <= 2 / 0.05  # a batch of 2 takes at least the 0.05 s forward pass
+    cached = run_extraction(make_exp(tmp_path / "cache"), manifest(images), TinyViT(), progress=False)
+    assert cached.samples_per_second is None and cached.extracted == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_overlapped_pipeline_stores_the_bits_of_a_plain_sequential_loop(tmp_path, images, workers):
+    """Prefetching, worker processes, pinned buffers and background shard writes change when things happen, not
+    what is computed: every stored array equals, bit for bit, encode_batch run batch after batch on the samples
+    read and preprocessed in manifest order, and a second extraction into a fresh cache stores the same bits."""
+    from fmprobe.data.readers import read_media
+    from fmprobe.data.transforms import Preprocess
+
+    exp = make_exp(tmp_path / "a")
+    exp.data.num_workers = workers
+    encoder = TinyViT().eval()
+    preprocess = Preprocess(encoder.input_spec, exp.data, train=False)
+    pixels = torch.stack([preprocess(read_media(p, exp.data, sample_id=s)) for s, p in zip(images.sample_id,
+                                                                                           images.path)])
+    with torch.inference_mode():
+        batches = [encode_batch(encoder, x, [-1], exp.features)[0] for x in pixels.split(2)]
+    expected = {name: np.concatenate([b[name] for b in batches]) for name in ("L0.mean", "L0.cls", "L0.tokens")}
+    first = extract_features(exp, manifest(images), TinyViT(), progress=False)
+    second = extract_features(exp.model_copy(update={"features": exp.features.model_copy(
+        update={"cache_dir": str(tmp_path / "b")})}), manifest(images), TinyViT(), progress=False)
+    for fs in (first, second):
+        for name, array in zip(("L0.mean", "L0.cls", "L0.tokens"), _arrays(fs)):
+            assert array.dtype == expected[name].dtype and array.tobytes() == expected[name].tobytes(), name
+
+
 # --- killed and concurrent runs, in real subprocesses ------------------------------------------------
 
 CHILD = """
@@ -293,11 +370,13 @@ def _child(df: pd.DataFrame, cache: Path, **args) -> subprocess.Popen:
 
 def test_resume_after_a_kill_extracts_only_the_missing_samples(tmp_path):
     images = write_images(tmp_path / "img", 12)
-    killed = _child(images, tmp_path / "cache", kill_after=4)  # dies while encoding batch 5: 2 shards done
+    killed = _child(images, tmp_path / "cache", kill_after=4)  # dies while encoding batch 5
     killed.communicate(timeout=120)
     assert killed.returncode == 9
     store = next((tmp_path / "cache").glob("*/config.json")).parent
-    assert len(list(store.glob("shard-*"))) == 2
+    # shards are written in the background: the two units encoded before the kill may not both be committed
+    done = sum(len(json.loads((s / "meta.json").read_text())["sample_ids"]) for s in store.glob("shard-*"))
+    assert done in (0, 4, 8)
     partial = store / "tmp-0123"
     partial.mkdir()
     (partial / "L0.tokens.npy").write_bytes(b"\x93NUMPY half a shard")
@@ -305,7 +384,7 @@ def test_resume_after_a_kill_extracts_only_the_missing_samples(tmp_path):
     exp = make_exp(tmp_path / "cache")
     encoder = TinyViT()
     resumed = extract_features(exp, manifest(images), encoder, progress=False)
-    assert encoder.seen == 4 and not partial.exists()
+    assert encoder.seen == 12 - done and not partial.exists()
     clean = extract_features(make_exp(tmp_path / "clean"), manifest(images), TinyViT(), progress=False)
     assert resumed.sample_ids == clean.sample_ids
     for a, b in zip(_arrays(resumed), _arrays(clean)):
@@ -316,7 +395,7 @@ def _check_consistent(tmp_path: Path, images: pd.DataFrame) -> None:
     store = next((tmp_path / "cache").glob("*/config.json")).parent
     assert not list(store.glob("tmp-*"))
     metas = [json.loads((s / "meta.json").read_text()) for s in sorted(store.glob("shard-*"))]
-    assert sorted({sid for m in metas for sid in m["sample_ids"]}) == images.sample_id.tolist()
+    assert sorted(sid for m in metas for sid in m["sample_ids"]) == images.sample_id.tolist()  # each stored once
     encoder = TinyViT()
     served = extract_features(make_exp(tmp_path / "cache"), manifest(images), encoder, progress=False)
     clean = extract_features(make_exp(tmp_path / "clean"), manifest(images), TinyViT(), progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from fmprobe.backbones.base import InputSpec
 from fmprobe.config import parse_config
 from fmprobe.errors import ConfigError, EncoderError
 from fmprobe.features import fingerprint as fp_module
+from fmprobe.features.claims import WorkClaims
 from fmprobe.features.fingerprint import FingerprintMemo, fingerprint_paths
 from fmprobe.features.keys import cache_key, check_cacheable, describe
 from fmprobe.features.store import FeatureStore
@@ -158,6 +160,66 @@ def test_concurrent_writers_get_distinct_shards(tmp_path):
     keys = [(f"s{100 * i + j}", f"fps{100 * i + j}") for i in range(4) for j in range(20)]
     fs = FeatureStore(root, _description()).feature_set(keys)
     np.testing.assert_array_equal(fs.pooled(-1)[:, 0], [int(k[0][1:]) for k in keys])
+
+
+def test_writer_commits_in_the_background_then_calls_back_and_raises_write_errors(tmp_path, monkeypatch):
+    store = FeatureStore(tmp_path / "k", _description())
+    seen = []
+
+    def shards_when_called(label):
+        return lambda: seen.append((label, sorted(p.name for p in (tmp_path / "k").glob("shard-*"))))
+
+    with store.writer(4) as writer:
+        ids = [f"s{i}" for i in range(6)]
+        writer.add(ids[:4], [f"fp{s}" for s in ids[:4]], _batch(ids[:4]), GRIDS)  # fills shard 1: handed over
+        writer.after_commit(shards_when_called("first 4"))
+        writer.add(ids[4:], [f"fp{s}" for s in ids[4:]], _batch(ids[4:]), GRIDS)  # buffered
+        writer.after_commit(shards_when_called("all 6"))
+        assert seen in ([], [("first 4", ["shard-000001"])])  # shard 2 is not written before the writer is left
+    assert seen == [("first 4", ["shard-000001"]), ("all 6", ["shard-000001", "shard-000002"])]
+    assert writer.committed == 6
+
+    def broken(arrays, meta):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "write_shard", broken)
+    with pytest.raises(OSError, match="disk full"):
+        with store.writer(2) as writer:
+            writer.add(["s7"], ["fps7"], _batch(["s7"]), GRIDS)
+
+
+# --- claims: extractions on one store split the work --------------------------------------------------
+
+
+def _keys(n: int) -> list[tuple[str, str]]:
+    return [(f"s{i}", f"fps{i}") for i in range(n)]
+
+
+def test_claims_split_the_pending_samples_and_pass_over_stored_ones(tmp_path):
+    root = tmp_path / "k"
+    _fill(FeatureStore(root, _description()), ["s0", "s1"], shard_size=8)  # stored before
+    a = WorkClaims(FeatureStore(root, _description()), _keys(10), batch_size=4)
+    b = WorkClaims(FeatureStore(root, _description()), _keys(10), batch_size=4)  # another process (its own locks)
+    first, second = a.take(), b.take()
+    assert first.positions == [2, 3, 4, 5] and second.positions == [6, 7, 8, 9] and a.done_elsewhere == 2
+    assert a.take() is None and a.waiting_on == [f"pid {os.getpid()} on {socket.gethostname()}"]  # b holds the rest
+    _fill(FeatureStore(root, _description()), [f"s{i}" for i in second.positions], shard_size=8)
+    b.release(second)
+    assert a.take() is None and a.waiting_on == []  # all stored or its own: nothing to wait for
+    a.release(first)
+    assert not list((root / "claims").iterdir())
+
+
+def test_a_dead_claimants_batch_is_taken_over_at_once(tmp_path):
+    root = tmp_path / "k"
+    dead = WorkClaims(FeatureStore(root, _description()), _keys(6), batch_size=4)
+    batch = dead.take()
+    alive = WorkClaims(FeatureStore(root, _description()), _keys(6), batch_size=4)
+    assert alive.take().positions == [4, 5]  # passes over the live claim
+    assert alive.take() is None and alive.waiting_on == [f"pid {os.getpid()} on {socket.gethostname()}"]
+    batch.lock.release()  # what the operating system does when the claimant dies; its claim file stays
+    assert alive.take().positions == [0, 1, 2, 3]  # the whole batch, as the dead process had it
+    assert not (root / "claims" / f"{batch.name}.json").exists()
 
 
 # --- fingerprints --------------------------------------------------------------------------------------

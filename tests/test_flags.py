@@ -19,6 +19,7 @@ from fmprobe.evaluate.flags import (
     majority_collapse,
     overfit_gap,
     prediction_hash,
+    reproduced,
     tiny_class,
 )
 
@@ -112,12 +113,12 @@ def test_identical_predictions_across_different_configs():
     # the other run wrote the same predictions in another row order
     theirs = prediction_hash(probs[order], sample_ids=[ids[i] for i in order])
     assert mine == theirs
-    flags = compute_flags("multiclass", rng.integers(0, 3, 50), probs, eval_cfg=EvalConfig(bootstrap=0),
-                          config_hash="cfgA", sample_ids=ids,
-                          other_runs={"run-b": ("cfgB", theirs), "run-c": ("cfgA", theirs),
-                                      "run-d": ("cfgD", prediction_hash(probs[::-1], sample_ids=ids))})
-    dup = [f for f in flags if f.name == "identical_predictions"]
-    assert len(dup) == 1 and dup[0].details["identical"] == ["run-b"]  # same config (run-c) is not suspicious
+    others = {"run-b": ("cfgB", theirs), "run-c": ("cfgA", theirs),
+              "run-d": ("cfgD", prediction_hash(probs[::-1], sample_ids=ids))}
+    dup = identical_predictions("cfgA", mine, others)
+    assert dup.severity == "error" and dup.details["identical"] == ["run-b"]  # same config (run-c) is not suspicious
+    same = reproduced("cfgA", mine, others)  # a reproduction with the same configuration: info, not an error
+    assert same.severity == "info" and same.details["identical"] == ["run-c"]
     # near-identical outputs that round differently are caught by the array comparison
     near = identical_predictions("cfgA", mine, {}, y_score=probs,
                                  other_scores={"run-e": ("cfgE", probs + 4e-7), "run-f": ("cfgF", probs + 1e-3)})

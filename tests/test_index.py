@@ -190,3 +190,46 @@ def test_board_report_draws_a_point_that_rounding_puts_a_hair_outside_its_ci(tmp
     fake_run(runs, "r1", {"lin": {"val": 0.9, "test": 0.8, "ci": (0.8 + 1e-16 * 2, 0.9)}})
     html = write_board_report(tmp_path / "lb.html", [build_leaderboard(runs)], title="t").read_text()
     assert 'id="forest"' in html
+
+
+def test_runs_that_never_saw_each_other_are_flagged_on_both_sides_by_the_index(toy_study, tmp_path):
+    """Two runs finishing together (a parallel sweep) each compared themselves with nothing: the index compares
+    every finished run, flags both in metrics.json, report.html and the leaderboard, and drops the flag with the
+    twin."""
+    from fmprobe.config import parse_config
+    from fmprobe.experiments.run import run_experiment
+
+    first = run_experiment(parse_config(toy_study("binary", n=45, train={"epochs": 2})), progress=False).run_dir
+    twin = first.parent / "20990101-000000-twin"  # the same outputs under another configuration, written unseen
+    shutil.copytree(first, twin)
+    m = json.loads((twin / "metrics.json").read_text())
+    m["prediction_hashes"]["linear"][0] = "another-configuration"
+    m["config_hash"] = "another-run"
+    (twin / "metrics.json").write_text(json.dumps(m))
+    assert "identical_predictions" not in (first / "metrics.json").read_text()
+
+    board = build_leaderboard(tmp_path / "runs")
+    assert all("identical_predictions" in row for row in board.table["flags"]) and len(board.table) == 2
+    for run, other in ((first, twin), (twin, first)):
+        metrics = json.loads((run / "metrics.json").read_text())
+        flag = next(f for f in metrics["heads"]["linear"]["flags"] if f["name"] == "identical_predictions")
+        assert flag["severity"] == "error" and flag["details"]["identical"] == [f"toy/{other.name}/linear"]
+        assert "identical_predictions" in (run / "report.html").read_text()
+    update_index(tmp_path / "runs")  # nothing changed: nothing rewritten, no flag twice
+    assert json.loads((first / "metrics.json").read_text())["flags"].count(flag | {"head": "linear"}) <= 1
+
+    shutil.rmtree(twin)
+    update_index(tmp_path / "runs")
+    assert "identical_predictions" not in (first / "metrics.json").read_text()
+    assert "identical_predictions" not in (first / "report.html").read_text()
+
+
+def test_a_run_whose_outputs_cannot_be_compared_keeps_the_twin_flag_it_has(tmp_path):
+    """A run from an older fmprobe (no recorded output hash, a config this version cannot read) is not judged: the
+    index leaves its identical-outputs flag as recorded rather than dropping it unseen."""
+    heads = {"lin": {"val": 0.9, "test": 0.8, "ci": (0.7, 0.9), "flags": [("identical_predictions", "error")]}}
+    run = fake_run(tmp_path / "runs", "old", heads)
+    before = (run / "metrics.json").read_text()
+    update_index(tmp_path / "runs")
+    assert (run / "metrics.json").read_text() == before
+    assert build_leaderboard(tmp_path / "runs").table["flags"].tolist() == [["identical_predictions"]]

@@ -67,3 +67,26 @@ def test_layers_command_writes_table_figure_and_page(tmp_path, toy_study):
     assert "data:image/png;base64," in page and "<td>attentive</td><td>-1</td>" in page
     assert "Subgroups on test" in (run_dir / "report.html").read_text()
     assert "best on validation" in result.stdout
+
+
+def test_a_layer_sweep_reproducing_a_run_s_head_is_info_not_an_error(tmp_path, toy_study):
+    """`fmprobe layers` re-trains the config's own head at its own layer: the same configuration, so equal outputs
+    are a reproduction (info), while the other layers' heads are no twins at all."""
+    from fmprobe.experiments.run import run_experiment
+
+    cfg = toy_study("binary", n=45, train={"epochs": 3}, eval={"bootstrap": 50},
+                    heads=[{"type": "linear", "pooling": "cls+mean"}])
+    first = run_experiment(parse_config(cfg), progress=False)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["layers", str(path), "--layers", "0,-1", "--heads", "linear", "--quiet"])
+    assert result.exit_code == 0, result.output
+    run_dir = next((tmp_path / "runs" / "toy-layers").iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    last = {f["name"]: f for f in metrics["heads"]["linear@-1"]["flags"]}
+    assert "identical_predictions" not in last and last["reproduced"]["severity"] == "info"
+    assert last["reproduced"]["details"]["identical"] == [f"toy/{first.run_dir.name}/linear"]
+    assert not {"identical_predictions", "reproduced"} & {f["name"] for f in metrics["heads"]["linear@0"]["flags"]}
+    original = json.loads((first.run_dir / "metrics.json").read_text())
+    assert [f["severity"] for f in original["heads"]["linear"]["flags"] if f["name"] == "reproduced"] == ["info"]
+    assert "reproduced" not in pd.read_csv(run_dir / "layers.csv")["flags"].fillna("").str.cat()  # info is no flag

@@ -19,7 +19,7 @@ from fmprobe.diagnostics.spatial import coco_average_precision, match_detections
 from fmprobe.diagnostics.spatial_ci import spatial_intervals
 from fmprobe.diagnostics.spatial_run import spatial_command
 from fmprobe.errors import ConfigError, FmprobeError
-from fmprobe.evaluate.bootstrap import resample_weights
+from fmprobe.evaluate.bootstrap import interval_levels, resample_weights
 from fmprobe.experiments.gates import Criterion, GatesSpec, criterion_level
 from fmprobe.experiments.point_gates import gate_points, point_metrics
 
@@ -58,7 +58,7 @@ def test_spatial_ap_of_a_resample_is_coco_ap_of_the_repeated_images():
         idx = np.repeat(np.arange(12), w.astype(np.int64))
         assert all(w[2 * k] == w[2 * k + 1] for k in range(6))
         direct.append(coco_average_precision([dets[i] for i in idx], [gts[i] for i in idx]))
-    np.testing.assert_allclose(np.quantile(direct, [0.025, 0.975]), lo_hi["map50"], atol=1e-12)
+    np.testing.assert_allclose(np.quantile(direct, interval_levels(0.95, 6)), lo_hi["map50"], atol=1e-12)
 
 
 def test_spatial_intervals_refuse_misaligned_inputs():
@@ -97,7 +97,7 @@ def test_cka_interval_is_bias_corrected_and_narrows_with_samples():
     lo, hi = cka_interval(a, b, n_resamples=300)
     bias = values.mean() - point
     assert bias > 0  # resamples have fewer distinct samples: CKA drifts up
-    assert [lo, hi] == pytest.approx(list(np.quantile(values, [0.025, 0.975]) - bias))
+    assert [lo, hi] == pytest.approx(list(np.quantile(values, interval_levels(0.95, 40)) - bias))
     assert lo < point < hi
     a2, b2 = pair(200)
     lo2, hi2 = cka_interval(a2, b2, n_resamples=100)

@@ -81,6 +81,29 @@ def test_zero_byte_and_truncated_png(tmp_path):
     assert exc.value.sample_id == "c" and exc.value.path.endswith("cut.png")
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"not a png at all", r"named '\.png' but holds no image \(it starts with b'not a png at all'\); replace it"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n", r"Git LFS pointer.*git lfs pull"),
+    ],
+)
+def test_a_png_that_holds_no_image_says_what_to_fix(tmp_path, content, says):
+    (tmp_path / "x.png").write_bytes(content)
+    with pytest.raises(ReaderError, match=says) as exc:
+        read_media(str(tmp_path / "x.png"), cfg(), sample_id="s")
+    assert "BytesIO" not in str(exc.value) and str(exc.value).startswith("sample 's', file '")
+
+
+def test_a_mask_that_holds_no_image_says_what_to_fix(tmp_path):
+    from fmprobe.data.masks import read_mask
+
+    (tmp_path / "m.png").write_bytes(b"<html>404</html>")
+    with pytest.raises(ReaderError, match=r"file '.*m.png': the file is named '\.png' but holds no image") as exc:
+        read_mask(str(tmp_path / "m.png"), "s")
+    assert "BytesIO" not in str(exc.value)
+
+
 def test_unknown_extension_lists_supported(tmp_path):
     (tmp_path / "x.gif2").write_bytes(b"abc")
     with pytest.raises(ReaderError, match=r"extension '.gif2' with data.kind: image; supported: .png, .jpg"):

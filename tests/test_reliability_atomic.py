@@ -122,9 +122,9 @@ def test_a_shard_that_fails_mid_write_is_never_visible(tmp_path, monkeypatch):
     store = FeatureStore(tmp_path, description)
 
     def write(ids: list[str]) -> None:
-        writer = store.writer(len(ids))
-        writer.add(ids, ["fp"] * len(ids), {"L0.mean": np.ones((len(ids), 4), np.float32),
-                                             "L0.cls": np.zeros((len(ids), 4), np.float32)}, {"-1": (1, 2, 2)})
+        with store.writer(len(ids)) as writer:  # shards are written in the background: leaving it waits for them
+            writer.add(ids, ["fp"] * len(ids), {"L0.mean": np.ones((len(ids), 4), np.float32),
+                                                 "L0.cls": np.zeros((len(ids), 4), np.float32)}, {"-1": (1, 2, 2)})
 
     write(["a", "b"])
     real_save, calls = store_module._save, []

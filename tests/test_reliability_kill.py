@@ -193,7 +193,7 @@ def test_two_processes_extracting_into_one_cache_stay_consistent(base, reference
     outputs = [(tmp_path / f"{i}.log").read_text() for i in range(2)]
     assert [w.exitcode for w in workers] == [0, 0], outputs
     assert all(fi.summary_value(out, "samples") == str(fi.N_IMAGES) for out in outputs)
-    assert set(fi.committed_rows(cache)) == set(reference["ids"])
+    assert sorted(fi.committed_rows(cache)) == sorted(reference["ids"]), "a sample is missing or stored twice"
     ids, arrays, encoded = fi.stored_features(config)
     assert encoded == 0 and ids == reference["ids"]
     for name, array in arrays.items():
@@ -201,6 +201,31 @@ def test_two_processes_extracting_into_one_cache_stay_consistent(base, reference
     resumed = fi.run_cli(["extract", str(config)], tmp_path / "after.log")  # a later open sweeps the dead temp shard
     assert int(fi.summary_value(resumed.output, "extracted")) == 0 and not fi.partial_shards(cache)
     assert killed.killed
+
+
+def test_two_extractions_on_one_cache_split_the_work(base, reference, tmp_path):
+    """Two `fmprobe extract` started together on one cache claim the missing samples unit by unit: each sample is
+    encoded and stored once, both processes do part of the work, and the features are the reference's bits."""
+    config = fresh_project(base, tmp_path / "w")
+    ctx = fi._ctx()
+    delay = 0.1  # per batch: 2 s of work, so the second process starts well before the first could finish alone
+    workers = [ctx.Process(target=fi._victim, args=(["extract", str(config)], str(tmp_path / f"{i}.log"), delay, 0.0))
+               for i in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    outputs = [(tmp_path / f"{i}.log").read_text() for i in range(2)]
+    assert [w.exitcode for w in workers] == [0, 0], outputs
+    extracted = [int(fi.summary_value(out, "extracted")) for out in outputs]
+    cached = [int(fi.summary_value(out, "cached")) for out in outputs]
+    assert sum(extracted) == fi.N_IMAGES and min(extracted) > 0, extracted
+    assert [e + c for e, c in zip(extracted, cached)] == [fi.N_IMAGES] * 2
+    assert sorted(fi.committed_rows(tmp_path / "w" / "cache")) == sorted(reference["ids"]), "a sample stored twice"
+    ids, arrays, encoded = fi.stored_features(config)
+    assert encoded == 0 and ids == reference["ids"]
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(array, reference["arrays"][name], err_msg=name)
 
 
 # --- fmprobe sweep ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from fmprobe.config import parse_config
 from fmprobe.data.manifest import load_manifest
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.features import remote
+from fmprobe.features.claims import WorkClaims
 from fmprobe.features.extract import run_extraction
 from fmprobe.features.keys import check_cacheable
 from fmprobe.features.remote import RemoteFeatureStore, local_cache_dir, open_store
@@ -165,6 +166,19 @@ def test_concurrent_writers_keep_every_shard_and_agree_on_duplicates(url):
     _fill(later, ["s0"], tag=0.75)  # a newer copy never replaces the one already served
     assert later.scan().rows[("s0", "fps0")] == (earliest, 0)
     assert later.feature_set(_keys(["s0"])).pooled(-1)[0, 0] == served[0]
+
+
+def test_claims_on_a_remote_store_reach_the_processes_of_one_machine_only(url, mirror_home, monkeypatch):
+    keys = _keys([f"s{i}" for i in range(8)])
+    here = WorkClaims(open_store(url, "k", DESCRIPTION), keys, batch_size=4)
+    same_machine = WorkClaims(open_store(url, "k", DESCRIPTION), keys, batch_size=4)
+    first = here.take()
+    assert (first.positions, same_machine.take().positions) == ([0, 1, 2, 3], [4, 5, 6, 7])
+    _fill(open_store(url, "k", DESCRIPTION), [k[0] for k in keys[:4]], shard_size=4)  # `here` commits its batch
+    here.release(first)
+    monkeypatch.setenv("FMPROBE_CACHE", str(mirror_home / "machine-b"))  # its claims live in another mirror
+    other_machine = WorkClaims(open_store(url, "k", DESCRIPTION), keys, batch_size=4)
+    assert other_machine.take().positions == [4, 5, 6, 7]  # committed work is seen, claims are not: duplicate work
 
 
 def test_cache_url_needs_a_known_filesystem():

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fmprobe.cli import app
 from fmprobe.config import parse_config
-from fmprobe.errors import ConfigError, LeakageError, ManifestError
+from fmprobe.errors import ConfigError, FmprobeError, LeakageError, ManifestError
 from fmprobe.evaluate.metrics import compute_metrics
 from fmprobe.experiments.run import run_experiment
 
@@ -86,17 +86,25 @@ def test_two_configs_with_the_same_predictions_are_flagged(toy_study, tiny_dinov
     import shutil
 
     first = toy_study("binary")
-    run_experiment(parse_config(first), progress=False)
-    # An evaluation setting reads predictions and never changes them: no flag.
+    first_dir = run_experiment(parse_config(first), progress=False).run_dir
+    # An evaluation setting reads predictions and never changes them: a reproduction (info), not an error.
     eval_only = {**first, "eval": {**first["eval"], "tiny_class": 3}}
     metrics = run_experiment(parse_config(eval_only), progress=False).metrics
     assert "identical_predictions" not in {f["name"] for f in metrics["flags"]}
+    assert [f["severity"] for f in metrics["flags"] if f["name"] == "reproduced"] == ["info"]
     # A "different backbone" that is the same weights under another path is what the flag exists for.
     copy = shutil.copytree(tiny_dinov2_dir, tmp_path / "other-backbone")
     other_model = {**first, "model": {**first["model"], "name": str(copy)}}
-    metrics = run_experiment(parse_config(other_model), progress=False).metrics
-    flags = [f for f in metrics["flags"] if f["name"] == "identical_predictions"]
+    result = run_experiment(parse_config(other_model), progress=False)
+    flags = [f for f in result.metrics["flags"] if f["name"] == "identical_predictions"]
     assert flags and flags[0]["severity"] == "error"
+    assert f"{first_dir.parent.name}/{first_dir.name}/linear" in flags[0]["details"]["identical"]
+    # ... on both sides: the earlier run learns about its later twin, in metrics.json and in its report
+    earlier = json.loads((first_dir / "metrics.json").read_text())
+    twin = next(f for f in earlier["heads"]["linear"]["flags"] if f["name"] == "identical_predictions")
+    assert f"{result.run_dir.parent.name}/{result.run_dir.name}/linear" in twin["details"]["identical"]
+    assert any(f["name"] == "identical_predictions" and f["head"] == "linear" for f in earlier["flags"])
+    assert "identical_predictions" in (first_dir / "report.html").read_text()
 
 
 def test_balanced_class_weights_are_computed_and_recorded(toy_study):
@@ -162,7 +170,7 @@ def test_compare_runs_pairs_the_same_test_samples_and_refuses_different_ones(toy
     assert result["metric"] == "auroc" and result["n_test"] > 0 and result["resampled"] == "groups"
     assert result["lo"] <= result["diff"] <= result["hi"] and 0 < result["p_value"] <= 1
     same = compare_runs(run_a, run_a, n_resamples=300)
-    assert same["diff"] == 0 and same["p_value"] == 1
+    assert same["diff"] == 0 and same["p_value"] == 1 and same["identical_outputs"]
     other_split = {**base, "split": {"mode": "generate", "seed": 7}}
     run_c = run_experiment(parse_config(other_split), progress=False).run_dir
     with pytest.raises(FmprobeError, match="different test samples"):
@@ -170,6 +178,29 @@ def test_compare_runs_pairs_the_same_test_samples_and_refuses_different_ones(toy
     runner = CliRunner()
     out = runner.invoke(app, ["compare", str(run_a), str(run_b), "--resamples", "200"])
     assert out.exit_code == 0 and '"p_value"' in out.output
+
+
+def test_compare_scores_each_head_as_its_table_does_and_says_when_outputs_are_identical(toy_study, tmp_path):
+    from fmprobe.experiments.compare_runs import compare_runs
+
+    config = toy_study("binary", heads=[{"type": "linear", "pooling": "mean"},
+                                        {"type": "mlp", "pooling": "mean", "hidden": 8}], train={"seeds": [0, 1, 2]})
+    run = run_experiment(parse_config(config), progress=False)
+    result = compare_runs(run.run_dir, run.run_dir, head_a="linear", head_b="mlp", n_resamples=300)
+    table = {h: run.metrics["heads"][h]["splits"]["test"]["mean"]["auroc"] for h in ("linear", "mlp")}
+    # one definition of a head's test score: the mean over seeds of each seed's AUROC, as the table shows it
+    assert result["a"]["value"] == pytest.approx(table["linear"], abs=1e-12)
+    assert result["b"]["value"] == pytest.approx(table["mlp"], abs=1e-12)
+    assert result["diff"] == pytest.approx(table["linear"] - table["mlp"], abs=1e-12)
+    assert result["a"]["members"] == 3 and not result["identical_outputs"]
+    assert "mean over the members" in result["definition"]
+    out = CliRunner().invoke(app, ["compare", str(run.run_dir), str(run.run_dir), "--head-a", "linear", "--head-b",
+                                   "mlp", "--resamples", "100", "--json", str(tmp_path / "cmp.json")])
+    assert out.exit_code == 0, out.output
+    assert f"auroc {table['linear']:.3f}" in out.output and f"auroc {table['mlp']:.3f}" in out.output
+    assert json.loads((tmp_path / "cmp.json").read_text())["a"]["value"] == pytest.approx(table["linear"])
+    same = CliRunner().invoke(app, ["compare", str(run.run_dir), str(run.run_dir), "--resamples", "100"])
+    assert "identical outputs" in same.output
 
 
 def test_kfold_rotates_validation_and_scores_every_fold_on_one_test_set(toy_study):
@@ -202,3 +233,50 @@ def test_a_target_with_one_class_is_refused_before_any_feature_is_extracted(toy_
     with pytest.raises(ManifestError, match=r"target 'y' has a single class: all 30 rows hold 1"):
         run_experiment(parse_config(config), progress=False)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_failed_run_records_its_stage_and_error_and_a_rerun_starts_a_clean_directory(toy_study, tmp_path,
+                                                                                       monkeypatch):
+    import fmprobe.experiments.run as run_module
+    from fmprobe.experiments.index import run_statuses
+    from fmprobe.experiments.leaderboard import build_leaderboard
+
+    config = toy_study("binary", train={"epochs": 2})
+    real = run_module.train_heads
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the GPU fell off the bus")
+
+    monkeypatch.setattr(run_module, "train_heads", broken)
+    with pytest.raises(RuntimeError, match="fell off the bus") as err:
+        run_experiment(parse_config(config), progress=False)
+    failed_dir = next((tmp_path / "runs" / "toy").iterdir())
+    assert any(str(failed_dir) in note for note in err.value.__notes__)
+    status = json.loads((failed_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["stage"] == "train" and status["time"]
+    assert "RuntimeError: the GPU fell off the bus" in status["error"]
+    assert not (failed_dir / "metrics.json").exists()
+    with pytest.raises(FmprobeError, match=r"no finished run.*\nfailed: toy/.* at train: RuntimeError: the GPU"):
+        build_leaderboard(tmp_path / "runs")
+
+    monkeypatch.setattr(run_module, "train_heads", real)
+    rerun = run_experiment(parse_config(config), progress=False).run_dir
+    assert rerun != failed_dir and sorted(p.name for p in failed_dir.iterdir()) == ["config.resolved.yaml",
+                                                                                     "status.json"]
+    assert json.loads((rerun / "status.json").read_text())["status"] == "finished"
+    states = run_statuses(tmp_path / "runs").set_index("run_id")
+    assert states.loc[failed_dir.name, ["status", "stage"]].tolist() == ["failed", "train"]
+    assert states.loc[rerun.name, "status"] == "finished"
+    board = build_leaderboard(tmp_path / "runs")
+    assert board.table["run_id"].tolist() == [rerun.name]
+    assert board.failed == [{"run": f"toy/{failed_dir.name}", "stage": "train",
+                             "error": "RuntimeError: the GPU fell off the bus"}]
+
+
+def test_heads_stopped_at_their_last_allowed_epoch_are_flagged_not_converged(toy_study):
+    """The training loop's last allowed epoch reaches metrics.json: with one epoch, every seed's best is its last."""
+    metrics = run_experiment(parse_config(toy_study("binary", n=45, train={"epochs": 1})), progress=False).metrics
+    head = metrics["heads"]["linear"]
+    flag = next(f for f in head["flags"] if f["name"] == "not_converged")
+    assert flag["details"]["members"] == {"0": {"best_epoch": 1, "epochs": 1}, "1": {"best_epoch": 1, "epochs": 1}}
+    assert head["epochs_allowed"] == {"0": 1, "1": 1} and "epoch 1 of 1" in flag["message"]

@@ -209,3 +209,57 @@ def test_arms_trained_together_match_each_arm_run_alone_bit_for_bit(tmp_path, mo
     curves = [pd.read_parquet(p.run_dir / "curves.parquet") for p in result.points]
     epochs = {n for c in curves for n in c.groupby(["head", "seed"]).size()}
     assert len(epochs) > 1  # members stopped at different epochs: some sat out while others of their bank trained
+
+
+def test_an_arm_failing_in_training_is_recorded_in_its_run_and_rerun_anew(tmp_path, monkeypatch):
+    from fmprobe.experiments.index import run_statuses
+
+    import fmprobe.probes.frozen as frozen
+
+    write_base(tmp_path)
+    real = frozen.fit_heads
+
+    def fails_at_high_lr(members, *args, **kwargs):  # the arms train together first, then alone
+        if any(m.lr > 0.04 for m in members):
+            raise RuntimeError("diverged")
+        return real(members, *args, **kwargs)
+
+    monkeypatch.setattr(frozen, "fit_heads", fails_at_high_lr)
+    path = _sweep(tmp_path, {"train.lr": [0.01, 0.05]})
+    with pytest.raises(FmprobeError, match="1 of 2 sweep runs failed"):
+        run_sweep(path, workers=1)
+    states = run_statuses(tmp_path / "runs")
+    assert sorted(states["status"]) == ["failed", "finished"]
+    failed = states[states["status"] == "failed"].iloc[0]
+    assert failed["stage"] == "train" and "RuntimeError: diverged" in failed["error"]
+    record = json.loads((tmp_path / "runs" / "_sweeps" / "sweep" / "sweep.json").read_text())
+    error = next(r["error"] for r in record["runs"] if r["status"] == "failed")
+    assert failed["run_dir"] in error  # the sweep names the failed run's directory
+
+    monkeypatch.setattr(frozen, "fit_heads", real)
+    again = run_sweep(path, workers=1)
+    assert sorted(p.status for p in again.points) == ["done", "ran"]  # the failed arm runs again, in a new directory
+    rerun = next(p.run_dir for p in again.points if p.status == "ran")
+    assert str(rerun) != failed["run_dir"]
+    assert json.loads((rerun / "status.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow  # two spawned workers: ~1 min on 2 busy cores
+def test_a_parallel_sweep_flags_both_arms_that_are_one_backbone_under_two_names(tmp_path):
+    """Two arms finishing together used to compare themselves with nothing; both must carry the flag, in their
+    files, the leaderboard and the sweep report."""
+    from fmprobe.experiments.leaderboard import build_leaderboard
+
+    write_base(tmp_path)
+    shutil.copytree(tmp_path / "model", tmp_path / "model-copy")
+    names = [str(tmp_path / "model"), str(tmp_path / "model-copy")]
+    result = run_sweep(_sweep(tmp_path, {"model.name": names}, workers=2))
+    assert [p.status for p in result.points] == ["ran", "ran"]
+    for point, other in zip(result.points, reversed(result.points)):
+        metrics = json.loads((point.run_dir / "metrics.json").read_text())
+        flag = next(f for f in metrics["heads"]["linear"]["flags"] if f["name"] == "identical_predictions")
+        assert flag["details"]["identical"] == [f"tiny/{other.run_dir.name}/linear"]
+        assert "identical_predictions" in (point.run_dir / "report.html").read_text()
+    board = build_leaderboard(tmp_path / "runs")
+    assert all("identical_predictions" in flags for flags in board.table["flags"])
+    assert result.report.read_text().count("identical_predictions") >= 2

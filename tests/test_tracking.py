@@ -10,7 +10,7 @@ from run_factories import base_config, fake_run
 
 from fmprobe.config import parse_config
 from fmprobe.errors import ConfigError
-from fmprobe.tracking.records import epoch_series, summary_metrics
+from fmprobe.tracking.records import epoch_series, summary_metrics, tags
 
 
 @pytest.mark.parametrize("package", ["mlflow", "wandb"])
@@ -34,6 +34,9 @@ def test_summary_and_epoch_series(tmp_path):
     assert summary["test/lin/auroc"] == 0.8 and summary["test/lin/auroc/ci_lo"] == 0.7
     assert "test/lin/auroc/ci_hi" not in summary  # not finite: left out rather than logged as NaN
     assert summary["selected/auroc"] == 0.8 and summary["wall_seconds"] == 4.0
+    metrics["flags"] = [{"name": "reproduced", "severity": "info", "head": "lin"},
+                        {"name": "tiny_class", "severity": "warning", "head": "lin"}]  # fmt: skip
+    assert tags(metrics, run)["fmprobe.flags"] == "tiny_class"  # info casts no doubt, as in every flags column
     curves = pd.DataFrame({"head": ["lin", "lin"], "seed": [0, 0], "epoch": [0, 1], "val_loss": [0.7, 0.5],
                            "val_f1/a+b": [0.1, 0.2]})
     assert epoch_series(curves) == [("lin/seed0/val_loss", 0, 0.7), ("lin/seed0/val_f1/a_b", 0, 0.1),

@@ -89,14 +89,23 @@ def compare(run_a: Path = typer.Argument(..., help="run directory A"),
             metric: str = typer.Option(None, help="default: the task's primary metric"),
             head_a: str = typer.Option(None, help="default: run A's selected head"),
             head_b: str = typer.Option(None, help="default: run B's selected head"),
-            resamples: int = typer.Option(2000, help="bootstrap resamples")) -> None:
-    """Paired bootstrap of metric(A) - metric(B) on the same test samples: difference, CI, p-value (JSON)."""
+            resamples: int = typer.Option(2000, help="bootstrap resamples"),
+            json_out: Path = typer.Option(None, "--json", help="also write the result as JSON")) -> None:
+    """Paired bootstrap of metric(A) - metric(B) on the same test samples: A's and B's scores (as the run tables
+    show them), the difference, its CI and p-value."""
     import json
 
+    from fmprobe.atomic import write_json
     from fmprobe.experiments.compare_runs import compare_runs
+    from fmprobe.report.terminal import comparison_lines
 
     result = compare_runs(run_a, run_b, head_a=head_a, head_b=head_b, metric=metric, n_resamples=resamples)
+    for line in comparison_lines(result):
+        console.print(line, highlight=False)
     console.print_json(json.dumps(result))
+    if json_out:
+        write_json(json_out, result)
+        console.print(f"written: {json_out}")
 
 
 @app.command()

@@ -221,5 +221,6 @@ def _fit_one(
         stopped_early=result.stopped_early, curves=curves, scores=scores,
         thresholds=None if thresholds is None else [float(t) for t in np.atleast_1d(thresholds)],
         loss_info=loss_info, trainable_params=prepared.trainable, checkpoint_dir=ckpt_dir,
+        last_epoch=result.last_epoch,
     )  # fmt: skip
     return run, info

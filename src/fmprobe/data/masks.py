@@ -9,18 +9,19 @@ for a clip (the mask of the clip's center frame). It goes through the same resiz
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from fmprobe.backbones.base import InputSpec
 from fmprobe.config import DataConfig
-from fmprobe.data.dataset import MediaDataset, collate_samples
+from fmprobe.data.dataset import MediaDataset, collate_samples, stage_seconds
 from fmprobe.data.readers import read_media
+from fmprobe.data.readers.image import open_image
 from fmprobe.data.readers.source import Source, extension
 from fmprobe.data.transforms import Geometry, Preprocess
 from fmprobe.errors import ReaderError
@@ -41,7 +42,7 @@ def read_mask(url: str, sample_id: str) -> np.ndarray:
         if ext == ".npy":
             array = np.load(io.BytesIO(raw), allow_pickle=False)
         else:
-            image = Image.open(io.BytesIO(raw))
+            image = open_image(src, raw)
             if image.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N"):
                 raise src.error(f"mask is a {image.mode} image; save the class indices as a single-channel "
                                 "(L or P) PNG or a .npy")  # fmt: skip
@@ -87,8 +88,10 @@ class MaskedMediaDataset(MediaDataset):
         sample_id, path, mask_url = self.sample_ids[index], self.paths[index], self.masks[index]
         rng = np.random.default_rng([self.seed, index])  # the same draws as MediaDataset: same pixels
         generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        start, read_end = time.perf_counter(), None
         try:
             media = read_media(path, self.data_cfg, sample_id=sample_id, rng=rng, clip_start=self.clip_starts[index])
+            read_end = time.perf_counter()
             geometry = self.preprocess.geometry(media.shape[-2:], generator)
             pixels = self.preprocess(media, geometry=geometry)
             mask = None
@@ -98,8 +101,10 @@ class MaskedMediaDataset(MediaDataset):
         except ReaderError as err:
             if err.sample_id is None:
                 err = ReaderError(err.reason, sample_id=sample_id, path=path)
-            return {"index": index, "sample_id": sample_id, "pixels": torch.empty(0), "mask": None, "error": str(err)}
-        return {"index": index, "sample_id": sample_id, "pixels": pixels, "mask": mask, "error": None}
+            return {"index": index, "sample_id": sample_id, "pixels": torch.empty(0), "mask": None, "error": str(err),
+                    "seconds": stage_seconds(start, read_end)}  # fmt: skip
+        return {"index": index, "sample_id": sample_id, "pixels": pixels, "mask": mask, "error": None,
+                "seconds": stage_seconds(start, read_end)}  # fmt: skip
 
 
 def collate_with_masks(items: list[dict[str, Any]]) -> dict[str, Any]:

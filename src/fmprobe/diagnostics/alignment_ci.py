@@ -17,7 +17,7 @@ import numpy as np
 from fmprobe.diagnostics.alignment import _center_gram, _sq_distances, rbf_sigma
 from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.bootstrap import resample_weights
+from fmprobe.evaluate.bootstrap import interval_levels, resample_weights
 
 BOOTSTRAPPABLE = ("linear_cka", "rbf_cka")
 
@@ -71,7 +71,8 @@ def cka_interval(
     A resample holds only ~63 % distinct samples, and CKA's small-sample upward bias grows as samples get
     fewer, so the resamples sit above the estimate. The percentile interval is therefore shifted down by the
     bootstrap estimate of the bias, mean(resamples) - estimate (Efron & Tibshirani 1993, ch. 10); without it
-    the pessimistic end a gate reads would be optimistic.
+    the pessimistic end a gate reads would be optimistic. The quantile levels are those of every fmprobe CI
+    (``evaluate.bootstrap.interval_levels``, over the samples drawn).
     """
     if not 0 < ci < 1:
         raise FmprobeError(f"ci must be in (0, 1), got {ci}")
@@ -79,6 +80,5 @@ def cka_interval(
     valid = values[np.isfinite(values)]
     if valid.size == 0 or not np.isfinite(point):
         return [float("nan"), float("nan")]
-    alpha = (1 - ci) / 2
     bias = float(valid.mean()) - point
-    return [float(v) - bias for v in np.quantile(valid, [alpha, 1 - alpha])]
+    return [float(v) - bias for v in np.quantile(valid, interval_levels(ci, len(a)))]

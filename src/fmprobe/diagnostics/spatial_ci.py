@@ -16,7 +16,7 @@ import numpy as np
 
 from fmprobe.diagnostics.spatial import matched_average_precision
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.bootstrap import resample_weights
+from fmprobe.evaluate.bootstrap import interval, resample_weights
 
 METRICS = ("box_iou", "mask_iou", "map50")
 
@@ -25,7 +25,8 @@ def spatial_intervals(
     per_image: Mapping[str, Any], slices_per_sample: int, *, n_resamples: int = 1000, ci: float = 0.95,
     seed: int = 0,
 ) -> dict[str, list[float]]:
-    """``{metric: [lo, hi]}`` percentile CIs from ``run_spatial_probes``' ``per_image`` (sample-major slices)."""
+    """``{metric: [lo, hi]}`` from ``run_spatial_probes``' ``per_image`` (sample-major slices): the interval every
+    fmprobe CI is (``evaluate.bootstrap.interval``, over the samples drawn)."""
     if not 0 < ci < 1:
         raise FmprobeError(f"ci must be in (0, 1), got {ci}")
     if n_resamples < 1:
@@ -47,5 +48,7 @@ def spatial_intervals(
             draws["box_iou"].append(float(box[idx].mean()))
             draws["mask_iou"].append(float(mask[idx].mean()))
             draws["map50"].append(matched_average_precision([matches[i] for i in idx], n_gt[idx]))
-    alpha = (1 - ci) / 2
-    return {k: [float(v) for v in np.quantile(d, [alpha, 1 - alpha])] for k, d in draws.items()}
+    points = {"box_iou": float(box.mean()), "mask_iou": float(mask.mean()),
+              "map50": matched_average_precision(matches, n_gt)}  # fmt: skip
+    units = m // slices_per_sample
+    return {k: list(interval(np.asarray(d), points[k], ci=ci, units=units)[1:]) for k, d in draws.items()}

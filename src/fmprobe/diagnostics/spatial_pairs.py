@@ -51,9 +51,8 @@ def compare_points(spatial: dict[str, Any], a: str, b: str, *, n_resamples: int 
         score_a, score_b = (np.asarray(rows[p]["per_image"][metric], dtype=np.float64) for p in (a, b))
         if score_a.shape != score_b.shape:
             raise FmprobeError(f"'{a}' and '{b}' were scored on different test images ({len(score_a)} vs {len(score_b)})")
-        diff = paired_bootstrap(MeanScore(), np.zeros(len(score_a)), score_a, score_b, groups=groups,
-                                n_resamples=n_resamples, ci=ci, seed=seed)  # fmt: skip
-        result["metrics"][metric] = {"a": float(score_a.mean()), "b": float(score_b.mean()), **diff}
+        result["metrics"][metric] = paired_bootstrap(MeanScore(), np.zeros(len(score_a)), score_a, score_b,
+                                                     groups=groups, n_resamples=n_resamples, ci=ci, seed=seed)
     return result
 
 

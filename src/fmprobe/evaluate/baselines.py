@@ -4,7 +4,11 @@ The trivial predictor is fitted on train (class priors / label prevalences / tar
 on test with the same ``compute_metrics``, so it meets exactly the same metric definitions as the model:
 multiclass -> train class priors for every sample (predicts the majority class; AUROC-ovr 0.5);
 binary/multilabel -> train prevalence as a constant score (AUROC 0.5, AP = test prevalence);
-regression -> train mean (R² <= 0 on test). ``chance_balanced_accuracy`` is 1/K for classification.
+regression -> train mean (R² <= 0 on test).
+
+Chance level, one definition (``chance_level``): balanced accuracy averages recall over the classes *present in
+test*, so no predictor that ignores the image can expect more than 1 / (classes present in test) — the trivial
+predictor scores exactly that. A class declared but absent from test does not lower it; it is named instead.
 """
 
 from __future__ import annotations
@@ -48,8 +52,25 @@ def baseline_metrics(
     scores = trivial_scores(task_type, y_train, len(y_test), n_classes=n_classes)
     out = compute_metrics(task_type, y_test, scores, class_names=class_names, target_names=target_names,
                           thresholds=thresholds)
-    if task_type == "multiclass":
-        out["chance_balanced_accuracy"] = 1 / n_classes
-    elif task_type == "binary":
-        out["chance_balanced_accuracy"] = 0.5
+    if task_type in ("binary", "multiclass"):
+        out["chance_balanced_accuracy"] = chance_level(task_type, y_test, class_names)["balanced_accuracy"]
     return out
+
+
+def chance_level(task_type: str, y_test: Any, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Balanced accuracy of chance on ``y_test`` (binary / multiclass): 1 / the classes present in test, with
+    how many are present and declared and which declared ones are absent (see the module docstring)."""
+    y = np.asarray(y_test).astype(np.int64).ravel()
+    if task_type == "binary":
+        names = ["negative", "positive"]
+    else:
+        names = list(class_names) if class_names is not None else [str(c) for c in range(int(y.max()) + 1)]
+    present = sorted(set(y.tolist()))
+    return {
+        "balanced_accuracy": 1 / len(present),
+        "classes_present": len(present),
+        "classes_declared": len(names),
+        "absent_from_test": [n for c, n in enumerate(names) if c not in present],
+        "rule": "1 / the classes present in test: balanced accuracy averages recall over those classes, and a "
+                "predictor that ignores the image cannot expect more",
+    }

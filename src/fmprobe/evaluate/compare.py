@@ -1,7 +1,8 @@
 """Paired comparison of two models on the same test samples.
 
 Both models are scored on the same resamples, so sample difficulty cancels and the interval of the
-difference is much narrower than two separate CIs would suggest.
+difference is much narrower than two separate CIs would suggest. A "model" may be a head's members (seeds,
+folds): its score is then their mean metric, as everywhere else (``bootstrap.MemberMean``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import numpy as np
 import pandas as pd
 
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.bootstrap import MetricFn, evaluate_weighted, resample_weights, scalar_metrics
+from fmprobe.evaluate.bootstrap import (
+    MetricFn,
+    evaluate_weighted,
+    interval,
+    n_units,
+    p_value,
+    resample_weights,
+    scalar_metrics,
+)
 
 
 def paired_bootstrap(
@@ -28,11 +37,12 @@ def paired_bootstrap(
     ci: float = 0.95,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``metric(a) - metric(b)`` with a percentile CI and a two-sided bootstrap p-value.
+    """``metric(a) - metric(b)`` with its interval and a two-sided bootstrap p-value.
 
-    ``metric`` names the key when ``metric_fn`` returns a dict. The p-value is
-    ``2 * min(P*(d <= 0), P*(d >= 0))`` over resamples (with +1 smoothing): it is below alpha exactly
-    when 0 lies outside the (1 - alpha) percentile interval, so its error rate is that interval's.
+    ``metric`` names the key when ``metric_fn`` returns a dict; with a :class:`MemberMean` metric, ``score_a``
+    and ``score_b`` are each model's members' scores and the difference is between the two head scores. The
+    interval is ``bootstrap.interval``'s (the same as every other CI) and the p-value ``bootstrap.p_value``:
+    below alpha exactly when 0 lies outside the (1 - alpha) interval, so its error rate is that interval's.
     Resamples where the metric is undefined for either model are dropped (``n_dropped``).
     """
     if n_resamples < 1:
@@ -46,17 +56,11 @@ def paired_bootstrap(
         diffs.append(evaluate_weighted(metric_fn, y_true, score_a, w)[key]
                      - evaluate_weighted(metric_fn, y_true, score_b, w)[key])
     d = np.concatenate(diffs)
-    d = d[~np.isnan(d)]
-    n_dropped = n_resamples - d.size
-    if d.size == 0 or np.isnan(point):
-        return {"diff": float(point), "lo": float("nan"), "hi": float("nan"), "p_value": float("nan"),
-                "n_dropped": n_dropped}
-    alpha = (1 - ci) / 2
-    lo, hi = np.quantile(d, [alpha, 1 - alpha])
-    p_le = (np.count_nonzero(d <= 0) + 1) / (d.size + 1)
-    p_ge = (np.count_nonzero(d >= 0) + 1) / (d.size + 1)
-    return {"diff": float(point), "lo": float(lo), "hi": float(hi), "p_value": float(min(1.0, 2 * min(p_le, p_ge))),
-            "n_dropped": n_dropped}
+    units = n_units(len(y_true), groups)
+    _, lo, hi = interval(d, point, ci=ci, units=units)
+    return {"a": point_a[key], "b": point_b[key], "diff": float(point), "lo": lo, "hi": hi,
+            "p_value": float("nan") if np.isnan(point) else p_value(d, units=units),
+            "n_dropped": int(np.isnan(d).sum())}
 
 
 def _key(point: dict[str, float], metric: str | None) -> str:

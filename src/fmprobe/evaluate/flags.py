@@ -2,7 +2,10 @@
 
 Each check returns a :class:`Flag` or None; :func:`compute_flags` runs every check whose inputs are given.
 Severity ``error`` means the number is misleading as reported (collapse, leak, a config that had no
-effect); ``warning`` means it needs care (wide CI over the baseline, overfitting, tiny classes).
+effect); ``warning`` means it needs care (wide CI over the baseline, overfitting, tiny classes, a metric
+undefined on test, training that had not converged); ``info`` is a fact worth knowing that casts no doubt
+(a run reproduced exactly by another with the same configuration). The checks across runs
+(``identical_predictions``, ``reproduced``) are made by the runs index, which sees every finished run.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import numpy as np
 
 from fmprobe.config import EvalConfig
 from fmprobe.errors import FmprobeError
-from fmprobe.evaluate.bootstrap import bootstrap_metrics
+from fmprobe.evaluate.baselines import chance_level
+from fmprobe.evaluate.bootstrap import bootstrap_metrics, resample_weights
 from fmprobe.evaluate.task import TaskMetric
 from fmprobe.evaluate.metrics import check_inputs, higher_is_better, output_names
 from fmprobe.evaluate.thresholds import apply_thresholds
@@ -25,7 +29,7 @@ from fmprobe.evaluate.thresholds import apply_thresholds
 @dataclass(frozen=True)
 class Flag:
     name: str
-    severity: Literal["error", "warning"]
+    severity: Literal["error", "warning", "info"]
     message: str
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -51,8 +55,9 @@ def majority_collapse(
 
     binary/multiclass: ``error`` when the most predicted class takes more than ``max_share`` of the
     predictions while its true share is at most ``max_share``; ``warning`` when (only) the balanced-accuracy
-    CI reaches down to chance, 1/K over the classes present (bootstrapped here unless ``ba_interval`` is
-    given). multilabel: the same share test per label (a label predicted constant is the extreme case).
+    CI reaches down to chance (``baselines.chance_level``: 1 / the classes present in test). Pass the reported
+    CI as ``ba_interval`` so the flag quotes the number the table shows; without it, it is bootstrapped here.
+    multilabel: the same share test per label (a label predicted constant is the extreme case).
     """
     if task_type == "regression":
         return None
@@ -74,9 +79,9 @@ def majority_collapse(
     k = 2 if task_type == "binary" else s.shape[1]
     names = ["negative", "positive"] if task_type == "binary" else output_names(class_names, k, "class_names")
     hit = _share_collapse(y, pred, k, max_share)
-    n_present = len(np.unique(y))
-    chance = 1 / n_present
-    if n_present < 2:  # balanced accuracy over one class says nothing about chance
+    level = chance_level(task_type, y, names)
+    chance = level["balanced_accuracy"]
+    if level["classes_present"] < 2:  # balanced accuracy over one class says nothing about chance
         ba_interval = None
     elif ba_interval is None and n_resamples > 0:
         boot = bootstrap_metrics(TaskMetric(task_type, thresholds=thresholds), y, s, groups=groups,
@@ -85,7 +90,8 @@ def majority_collapse(
     near_chance = ba_interval is not None and not np.isnan(ba_interval[1]) and ba_interval[1] <= chance
     if not hit and not near_chance:
         return None
-    details: dict[str, Any] = {"max_share": max_share, "chance_balanced_accuracy": chance}
+    details: dict[str, Any] = {"max_share": max_share, "chance_balanced_accuracy": chance,
+                               "classes_present": level["classes_present"]}
     parts = []
     if hit:
         details.update(hit, class_name=names[hit["class"]])
@@ -94,7 +100,7 @@ def majority_collapse(
     if near_chance:
         details["balanced_accuracy_interval"] = [float(v) for v in ba_interval]
         parts.append(f"the balanced-accuracy CI [{ba_interval[1]:.3f}, {ba_interval[2]:.3f}] "
-                     f"reaches chance ({chance:.3f})")
+                     f"reaches chance ({chance:.3f} = 1/{level['classes_present']} classes present in test)")
     return Flag("majority_collapse", "error" if hit else "warning", "; ".join(parts), details)
 
 
@@ -208,6 +214,19 @@ def identical_predictions(
                 "effect on the predictions", {"identical": same, "near_identical": sorted(near), "atol": atol})
 
 
+def reproduced(config_hash: str, output_hash: str, other_runs: Mapping[str, tuple[str, str]]) -> Flag | None:
+    """Outputs equal to those of runs with the same configuration: a reproduction, which is expected (``info``).
+
+    ``other_runs`` as for :func:`identical_predictions`; the configuration hash is the head's identity (what
+    changes its predictions), so a head re-run under another name or beside other layers counts as the same.
+    """
+    same = sorted(rid for rid, (cfg, out) in other_runs.items() if cfg == config_hash and out == output_hash)
+    if not same:
+        return None
+    return Flag("reproduced", "info", f"reproduced exactly (same configuration, same test outputs): {same[:10]}",
+                {"identical": same})
+
+
 def overfit_gap(metric: str, train_value: float, val_value: float, threshold: float) -> Flag | None:
     """Train beats validation by more than ``threshold`` at the selected epoch.
 
@@ -256,8 +275,12 @@ def tiny_class(
 
 
 def few_groups(groups: Sequence[Any], min_groups: int) -> Flag | None:
-    """Too few independent units (patients, videos) in the evaluated split: the group bootstrap can only recombine
-    those few, so its CI is far narrower than the real uncertainty (two groups give three distinct resamples)."""
+    """Too few independent units (patients, videos) in the evaluated split for its CI to hold its level.
+
+    The group bootstrap can only recombine those few units. The expanded interval (``evaluate.bootstrap``)
+    corrects for it down to 10 groups — measured coverage of a 95% CI: 92% at 10 groups of 20 samples, 87%
+    at 5 (a plain percentile interval: 86-87% at 10) — so ``eval.min_groups`` defaults to 10.
+    """
     n = len(set(groups))
     if n >= min_groups:
         return None
@@ -265,6 +288,74 @@ def few_groups(groups: Sequence[Any], min_groups: int) -> Flag | None:
                 f"the test split has only {n} groups: its bootstrap CI recombines {n} units and understates the "
                 f"uncertainty (eval.min_groups is {min_groups}); use a larger test split or split.mode: kfold",
                 {"n_groups": n, "min_groups": min_groups})
+
+
+def undefined_metric(
+    undefined: Mapping[str, str], used: Mapping[str, float | None], *, missing: Mapping[str, float] | None = None
+) -> Flag | None:
+    """Metrics that cannot be computed on test, and CIs that rest on only part of the resamples.
+
+    ``undefined``: metric -> reason (``compute_metrics``' ``undefined``, e.g. a class absent from test) for the
+    metrics no member defines on test; ``used``: metric -> share of bootstrap resamples its CI rests on (the
+    others lack a class, so the CI is conditioned on it being present); ``missing``: class or label -> share of
+    resamples without it. ``warning``: the number, or its CI, means less than it seems.
+    """
+    partial = {k: v for k, v in used.items() if v is not None and v < 1 and k not in undefined}
+    if not undefined and not partial:
+        return None
+    parts = []
+    if undefined:
+        parts.append("undefined on test: " + "; ".join(f"{k} ({why})" for k, why in list(undefined.items())[:6]))
+    if partial:
+        shown = sorted(partial.items(), key=lambda kv: kv[1])[:6]
+        parts.append("CIs resting on part of the bootstrap resamples (conditioned on every class being drawn): "
+                     + ", ".join(f"{k} {v:.0%}" for k, v in shown))
+        absent = {c: v for c, v in (missing or {}).items() if v > 0}
+        if absent:
+            parts.append("resamples without " + ", ".join(f"'{c}': {v:.0%}" for c, v in
+                                                          sorted(absent.items(), key=lambda kv: -kv[1])[:6]))
+    return Flag("undefined_metric", "warning", "; ".join(parts),
+                {"undefined": dict(undefined), "ci_used": partial,
+                 "missing_from_resamples": {c: v for c, v in (missing or {}).items() if v > 0}})
+
+
+def missing_from_resamples(task_type: str, y_true: Any, *, class_names: Sequence[str] | None = None,
+                           groups: Sequence[Any] | None = None, n_resamples: int, seed: int = 0) -> dict[str, float]:
+    """Per class (multilabel: per label's positives and negatives), the share of bootstrap resamples without it:
+    the same resamples as the CIs (same ``seed``)."""
+    if task_type == "regression" or n_resamples == 0:
+        return {}
+    y = np.asarray(y_true)
+    if task_type == "multilabel":
+        y = y.reshape(len(y), -1).astype(bool)
+        labels = output_names(class_names, y.shape[1], "class_names")
+        columns = np.concatenate([y, ~y], axis=1)
+        names = [f"{n} positives" for n in labels] + [f"{n} negatives" for n in labels]
+    else:
+        y = y.reshape(-1).astype(np.int64)
+        if task_type == "binary":
+            names = ["negative", "positive"]
+        else:
+            names = [str(c) for c in (class_names if class_names is not None else range(int(y.max()) + 1))]
+        columns = y[:, None] == np.arange(len(names))[None, :]
+    absent = np.zeros(len(names))
+    for w in resample_weights(len(y), groups=groups, n_resamples=n_resamples, seed=seed):
+        absent += ((w @ columns.astype(np.float64)) == 0).sum(axis=0)
+    return {n: float(a / n_resamples) for n, a in zip(names, absent)}
+
+
+def not_converged(selected: Mapping[str, tuple[int, int | None]]) -> Flag | None:
+    """Members whose checkpoint is their last allowed epoch: validation was still improving when training
+    ended, so more epochs may give a better model. ``selected``: member -> (best epoch, last allowed epoch)."""
+    last = {m: (best, allowed) for m, (best, allowed) in selected.items() if allowed is not None and best >= allowed}
+    if not last:
+        return None
+    listing = ", ".join(f"{m} (epoch {b} of {a})" for m, (b, a) in last.items())
+    return Flag("not_converged", "warning",
+                f"{len(last)} of {len(selected)} members chose their last allowed epoch: {listing}; validation was "
+                "still improving when training ended — raise the epochs (train.epochs; adapt.stage2.epochs for "
+                "staged) or the learning rate",
+                {"members": {m: {"best_epoch": b, "epochs": a} for m, (b, a) in last.items()}})
 
 
 def group_overlap(overlap: Sequence[tuple[str, Sequence[str]]], *, allowed: bool) -> Flag | None:
@@ -296,18 +387,14 @@ def compute_flags(
     y_by_split: Mapping[str, Any] | None = None,
     overlap: Sequence[tuple[str, Sequence[str]]] | None = None,
     allow_group_overlap: bool = False,
-    config_hash: str | None = None,
-    sample_ids: Sequence[str] | None = None,
-    other_runs: Mapping[str, tuple[str, str]] | None = None,
-    other_scores: Mapping[str, tuple[str, Any]] | None = None,
     max_share: float = 0.9,
     seed: int = 0,
 ) -> list[Flag]:
     """Every flag whose inputs are given, for one run's evaluation split (``y_true``/``y_score``).
 
     below_baseline needs primary_metric + model_interval + baseline_value; overfit_gap needs
-    primary_metric + train_value + val_value; identical_predictions needs config_hash + other_runs
-    (output hashes made by ``prediction_hash`` with the same ``sample_ids``) and/or other_scores.
+    primary_metric + train_value + val_value. The checks that need more than one run's outputs
+    (identical_predictions, reproduced) are the runs index's (``experiments.twins``).
     """
     cfg = eval_cfg or EvalConfig()
     flags = [
@@ -326,8 +413,4 @@ def compute_flags(
         flags.append(group_overlap(overlap, allowed=allow_group_overlap))
     if groups is not None and cfg.min_groups > 0:
         flags.append(few_groups(groups, cfg.min_groups))
-    if config_hash is not None and (other_runs is not None or other_scores is not None):
-        output_hash = prediction_hash(y_score, sample_ids=sample_ids)
-        flags.append(identical_predictions(config_hash, output_hash, other_runs or {},
-                                           y_score=y_score, other_scores=other_scores))
     return [f for f in flags if f is not None]

@@ -40,6 +40,7 @@ class HeadRun:
     fold: int | None = None  # split.mode kfold: which train/val fold (the test set is the same for all)
     data: SplitData | None = None  # the fold's samples; None = the run's one split
     total_params: int | None = None  # backbone + head (+ adapters); set by experiments.params.record_parameters
+    last_epoch: int | None = None  # the last epoch training allowed (numbered as best_epoch); None: unknown
 
     @property
     def member(self) -> str:

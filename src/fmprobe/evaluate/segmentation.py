@@ -8,12 +8,12 @@ Keeping the counts per sample makes a bootstrap resample one matrix product: ``W
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fmprobe.evaluate.bootstrap import resample_weights
+from fmprobe.evaluate.bootstrap import BootstrapResult, MemberMean, bootstrap_metrics, member_summary
 from fmprobe.evaluate.results import SegCounts, SegResults
 
 MIOU_DEFINITION = (
@@ -59,31 +59,25 @@ def seg_metrics(inter: np.ndarray, union: np.ndarray, class_names: list[str]) ->
     return {"miou": float(_miou(iou)), **{f"iou/{name}": float(v) for name, v in zip(class_names, iou)}}
 
 
+@dataclass(frozen=True)
+class SegMetric:
+    """``seg_metrics`` as a bootstrap metric: called with (sample ids, ``SegCounts``), resampled by weights."""
+
+    class_names: tuple[str, ...]
+
+    def __call__(self, ids: Any, counts: SegCounts) -> dict[str, float]:
+        return seg_metrics(counts.inter, counts.union, list(self.class_names))
+
+    def weighted(self, ids: Any, counts: SegCounts, weights: np.ndarray) -> dict[str, np.ndarray]:
+        iou = class_iou(counts.inter, counts.union, weights)
+        return {"miou": _miou(iou), **{f"iou/{name}": iou[:, c] for c, name in enumerate(self.class_names)}}
+
+
 def seed_mean_ci(counts: list[SegCounts], class_names: list[str], *, groups: list[str] | None, n_resamples: int,
-                 ci: float, seed: int = 0) -> dict[str, tuple[float, float, float]]:  # fmt: skip
-    """(point, lo, hi) of the mean-over-seeds metrics; each (group) resample is shared by all seeds."""
-    points = [seg_metrics(c.inter, c.union, class_names) for c in counts]
-    point = {k: float(np.nanmean([p[k] for p in points])) if any(p[k] == p[k] for p in points) else float("nan")
-             for k in points[0]}  # fmt: skip
-    if n_resamples == 0:
-        return {k: (v, float("nan"), float("nan")) for k, v in point.items()}
-    draws: list[np.ndarray] = []  # [b, 1 + K]: miou, then per-class IoU
-    for w in resample_weights(len(counts[0].ids), groups=groups, n_resamples=n_resamples, seed=seed):
-        per_seed = []
-        for c in counts:
-            iou = class_iou(c.inter, c.union, w)
-            per_seed.append(np.concatenate([_miou(iou)[:, None], iou], axis=1))
-        with warnings.catch_warnings():  # all-NaN columns (a class never present) stay NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            draws.append(np.nanmean(np.stack(per_seed), axis=0))
-    stacked = np.concatenate(draws)
-    alpha = (1 - ci) / 2
-    out = {}
-    for j, key in enumerate(["miou"] + [f"iou/{n}" for n in class_names]):
-        d = stacked[:, j][~np.isnan(stacked[:, j])]
-        lo, hi = np.quantile(d, [alpha, 1 - alpha]) if d.size else (np.nan, np.nan)
-        out[key] = (point[key], float(lo), float(hi))
-    return out
+                 ci: float, seed: int = 0) -> BootstrapResult:  # fmt: skip
+    """(point, lo, hi) of the mean-over-seeds metrics: the CI every head score has (``bootstrap.MemberMean``)."""
+    return bootstrap_metrics(MemberMean((SegMetric(tuple(class_names)),)), counts[0].ids, counts, groups=groups,
+                             n_resamples=n_resamples, ci=ci, seed=seed)  # fmt: skip
 
 
 def location_prior(train_masks: np.ndarray, num_classes: int) -> np.ndarray:
@@ -101,12 +95,7 @@ def summarise_segmentation(seg: SegResults, class_names: list[str], *, test_grou
         splits = {}
         for split in runs[0].counts:
             per_seed = [seg_metrics(r.counts[split].inter, r.counts[split].union, class_names) for r in runs]
-            keys = list(per_seed[0])
-            values = {k: [p[k] for p in per_seed] for k in keys}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean = {k: float(np.nanmean(v)) for k, v in values.items()}
-                sd = {k: float(np.nanstd(v, ddof=1)) if len(v) > 1 else float("nan") for k, v in values.items()}
+            values, mean, sd = member_summary(per_seed)
             splits[split] = {"per_seed": values, "mean": mean, "sd": sd}
         test = [r.counts["test"] for r in runs]
         groups = None if test_groups is None else [test_groups[i] for i in test[0].ids]
@@ -118,6 +107,7 @@ def summarise_segmentation(seg: SegResults, class_names: list[str], *, test_grou
             "trainable_params": runs[0].trainable_params,
             "splits": splits,
             "test_ci": {k: [lo, hi] for k, (_, lo, hi) in test_ci.items()},
+            "test_ci_used": test_ci.used,
         }
     return {
         "path": seg.path,

@@ -1,11 +1,13 @@
 """metrics.json for a run, assembled in this one place: every number with its split, seeds, CI, baseline and flags.
 
-Per head: metrics per split and seed, mean and sd over seeds, and on test a percentile bootstrap CI of
-the seed-mean metric (the same resamples, of groups when there are groups, applied to every seed).
-The head reported as the result is the one with the best mean validation primary metric; test is never
-used to choose anything. The segmentation decoders' block, the grid selection and the wall time join here too;
-what other runs predicted (for ``identical_predictions``) and each head's configuration identity are given by
-the caller, which knows the runs folder.
+A head's score on a split is one number, the mean over its members (seeds, folds) of each member's metric
+(``bootstrap.MemberMean``): the table, the leaderboard, the gates, the flags and ``fmprobe compare`` all read
+it. Per head: metrics per split and member, their mean and sd, and on test the CI of that mean (the same
+resamples, of groups when there are groups, applied to every member; ``bootstrap.interval``) with the share of
+resamples each CI rests on. The head reported as the result is the one with the best mean validation primary
+metric; test is never used to choose anything. The segmentation decoders' block, the grid selection and the
+wall time join here too. Each head's configuration identity and test-output hash are recorded
+(``prediction_hashes``): the runs index compares them across every finished run (``experiments.twins``).
 """
 
 from __future__ import annotations
@@ -16,57 +18,24 @@ from typing import Any
 import numpy as np
 
 from fmprobe.config import METRICS_BY_TASK, Experiment
-from fmprobe.evaluate.baselines import baseline_metrics
-from fmprobe.evaluate.bootstrap import resample_weights, scalar_metrics
+from fmprobe.evaluate.baselines import baseline_metrics, chance_level
+from fmprobe.evaluate.bootstrap import METHOD, MemberMean, bootstrap_metrics, member_summary, scalar_metrics
+from fmprobe.evaluate.flags import (
+    Flag,
+    compute_flags,
+    constant_output,
+    majority_collapse,
+    missing_from_resamples,
+    not_converged,
+    prediction_hash,
+    undefined_metric,
+)
 from fmprobe.evaluate.task import TaskMetric
-from fmprobe.evaluate.flags import Flag, compute_flags, prediction_hash
 from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults, SplitData
 from fmprobe.evaluate.segmentation import summarise_segmentation
 from fmprobe.evaluate.subgroups import subgroup_report
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import calibration
-
-
-def seed_mean_bootstrap(
-    metrics: Sequence[TaskMetric],
-    y_true: np.ndarray,
-    scores: Sequence[np.ndarray],
-    *,
-    groups: Sequence[str] | None,
-    n_resamples: int,
-    ci: float,
-    seed: int = 0,
-) -> dict[str, tuple[float, float, float]]:
-    """(point, lo, hi) of the mean-over-seeds metric; each resample is shared by all seeds."""
-    points = [scalar_metrics(m(y_true, s)) for m, s in zip(metrics, scores)]
-    names = list(points[0])
-    point = {k: float(np.nanmean([p[k] for p in points])) for k in names}
-    if n_resamples == 0:
-        return {k: (v, float("nan"), float("nan")) for k, v in point.items()}
-    draws: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for w in resample_weights(len(y_true), groups=groups, n_resamples=n_resamples, seed=seed):
-        per_seed = [m.weighted(y_true, s, w) for m, s in zip(metrics, scores)]
-        for k in names:
-            with np.errstate(all="ignore"):
-                stacked = np.stack([np.asarray(d[k], dtype=np.float64) for d in per_seed])
-            draws[k].append(np.mean(stacked, axis=0))
-    alpha = (1 - ci) / 2
-    out = {}
-    for k in names:
-        d = np.concatenate(draws[k])
-        d = d[~np.isnan(d)]
-        lo, hi = np.quantile(d, [alpha, 1 - alpha]) if d.size else (np.nan, np.nan)
-        out[k] = (point[k], float(lo), float(hi))
-    return out
-
-
-def _mean_sd(per_seed: list[dict[str, float]]) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float]]:
-    keys = list(per_seed[0])
-    values = {k: [p[k] for p in per_seed] for k in keys}
-    with np.errstate(all="ignore"):
-        mean = {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in values.items()}
-        sd = {k: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan") for k, v in values.items()}
-    return values, mean, sd
 
 
 def _seed_mean_test_scores(runs: list[HeadRun]) -> np.ndarray:
@@ -80,6 +49,10 @@ def prediction_hashes(task: ResolvedTask, results: ProbeResults, test_ids: list[
             for h in heads}  # fmt: skip
 
 
+SCORE_DEFINITION = ("mean over the members (seeds, folds) of each member's metric; test CI: bootstrap of that "
+                    "mean, each resample shared by all members")
+
+
 def summarise_run(
     exp: Experiment,
     task: ResolvedTask,
@@ -90,12 +63,13 @@ def summarise_run(
     skipped: list,
     config_hash: str,
     head_identities: dict[str, str],
-    other_runs: dict[str, tuple[str, str]],
+    identity_version: int,
     grid: dict[str, Any] | None = None,
     wall_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """The whole metrics.json. ``head_identities``: each head's configuration identity; ``other_runs``:
-    ``{run/head: (configuration identity, test output hash)}`` of earlier runs."""
+    """The whole metrics.json. ``head_identities``: each head's configuration identity (what changes its
+    predictions; ``identity_version`` names how it was made), recorded with its test-output hash for the
+    runs index."""
     targets, groups, test_ids = split.targets, split.groups, split.ids["test"]
     primary = task.primary
     label_names = task.label_names
@@ -108,7 +82,7 @@ def summarise_run(
                                                class_names=label_names, target_names=list(task.targets)))
     head_names = [h.name for h in exp.heads]
     hashes = prediction_hashes(task, results, test_ids)
-    earlier = other_runs
+    missing: dict[str, float] | None = None  # per class, the share of resamples without it (computed once)
 
     heads: dict[str, Any] = {}
     all_flags: list[dict[str, Any]] = []
@@ -119,32 +93,40 @@ def summarise_run(
             # Folds differ in train/val samples; test is the same for every member.
             per_seed = [scalar_metrics(metric_for(r)((r.data.targets if r.data else targets)[part], r.scores[part]))
                         for r in runs]
-            values, mean, sd = _mean_sd(per_seed)
+            values, mean, sd = member_summary(per_seed)
             splits[part] = {"per_seed": values, "mean": mean, "sd": sd}
-        test_ci = seed_mean_bootstrap([metric_for(r) for r in runs], targets["test"], [r.scores["test"] for r in runs],
-                                      groups=test_groups, n_resamples=exp.eval.bootstrap, ci=exp.eval.ci)
-        others = {k: v for k, v in earlier.items()}
-        others.update({f"this run/{h}": (head_identities[h], hashes[h]) for h in head_names if h != cfg.name})
+        test_ci = bootstrap_metrics(MemberMean(tuple(metric_for(r) for r in runs)), targets["test"],
+                                    [r.scores["test"] for r in runs], groups=test_groups,
+                                    n_resamples=exp.eval.bootstrap, ci=exp.eval.ci)  # fmt: skip
         mean_test = _seed_mean_test_scores(runs)
+        mean_thresholds = None if runs[0].thresholds is None else np.mean([r.thresholds for r in runs], axis=0)
         flags: list[Flag] = compute_flags(
             task.type, targets["test"], mean_test,
-            eval_cfg=exp.eval, class_names=label_names,
-            thresholds=None if runs[0].thresholds is None else np.mean([r.thresholds for r in runs], axis=0),
+            eval_cfg=exp.eval, class_names=label_names, thresholds=mean_thresholds,
             groups=test_groups, primary_metric=primary,
             model_interval=test_ci[primary], baseline_value=baseline[primary],
+            ba_interval=test_ci.get("balanced_accuracy"),  # the reported CI: one CI per number
             train_value=splits["train"]["mean"][primary], val_value=splits["val"]["mean"][primary],
             y_by_split=targets, overlap=split_info["group_overlap"],
             allow_group_overlap=split_info["allow_group_overlap"],
-            config_hash=head_identities[cfg.name], sample_ids=test_ids, other_runs=others,
         )
-        # A collapsed seed is hidden by the seed mean: check each seed's outputs too.
+        # A collapsed seed is hidden by the seed mean: check each seed's outputs too (their predictions only;
+        # the head's score and its CI are checked above).
         names = {f.name for f in flags}
         for r in runs:
-            for f in compute_flags(task.type, targets["test"], r.scores["test"], eval_cfg=exp.eval,
-                                   class_names=label_names, thresholds=r.thresholds, groups=test_groups):
-                if f.name not in names:
+            for f in (majority_collapse(task.type, targets["test"], r.scores["test"], thresholds=r.thresholds,
+                                        class_names=label_names, n_resamples=0),
+                      constant_output(task.type, r.scores["test"],
+                                      y_true=targets["test"] if task.type == "regression" else None)):
+                if f is not None and f.name not in names:
                     flags.append(Flag(f.name, f.severity, f"{r.member}: {f.message}", f.details))
                     names.add(f.name)
+        undefined = _undefined_on_test(runs, metric_for, targets["test"], splits["test"]["mean"])
+        if missing is None and any(v is not None and v < 1 for v in test_ci.used.values()):
+            missing = missing_from_resamples(task.type, targets["test"], class_names=label_names, groups=test_groups,
+                                             n_resamples=exp.eval.bootstrap)  # fmt: skip
+        flags += [f for f in (undefined_metric(undefined, test_ci.used, missing=missing),
+                              not_converged({r.member: (r.best_epoch, r.last_epoch) for r in runs})) if f is not None]
         entry: dict[str, Any] = {
             "type": cfg.type, "pooling": cfg.pooling, "layer": cfg.layer,
             "trainable_params": runs[0].trainable_params,
@@ -152,16 +134,17 @@ def summarise_run(
             "loss": runs[0].loss_info,
             "members": [r.member for r in runs],
             "selected_epochs": {r.member: r.best_epoch for r in runs},
+            "epochs_allowed": {r.member: r.last_epoch for r in runs},
             "stopped_early": {r.member: r.stopped_early for r in runs},
             "thresholds": {r.member: r.thresholds for r in runs} if runs[0].thresholds is not None else None,
             "splits": splits,
             "test_ci": {k: [lo, hi] for k, (_, lo, hi) in test_ci.items()},
+            "test_ci_used": test_ci.used,
             "flags": [f.to_dict() for f in flags],
         }
         if task.type != "regression":
             entry["subgroups"] = subgroup_report(  # test split, seed-mean scores, seed-mean thresholds
-                task.type, targets["test"], mean_test, class_names=label_names,
-                thresholds=None if runs[0].thresholds is None else np.mean([r.thresholds for r in runs], axis=0))
+                task.type, targets["test"], mean_test, class_names=label_names, thresholds=mean_thresholds)
             entry["calibration_test"] = {
                 r.member: calibration(task.type, targets["test"], r.scores["test"], class_names=label_names)
                 for r in runs
@@ -170,6 +153,9 @@ def summarise_run(
         all_flags += [{"head": cfg.name, **f.to_dict()} for f in flags]
 
     best = max(head_names, key=lambda h: _orderable(heads[h]["splits"]["val"]["mean"][primary], task))
+    baseline_block: dict[str, Any] = {"test": baseline, "description": _baseline_description(task.type)}
+    if task.type in ("binary", "multiclass"):
+        baseline_block["chance"] = chance_level(task.type, targets["test"], label_names)
     metrics = {
         "experiment": exp.name,
         "config_hash": config_hash,
@@ -181,10 +167,13 @@ def summarise_run(
         "seeds": exp.train.seeds,
         "folds": split_info.get("folds"),  # kfold: every (fold, seed) member is scored on the same test set
         "ci_level": exp.eval.ci,
+        "score_definition": SCORE_DEFINITION,
         "bootstrap": {"resamples": exp.eval.bootstrap, "unit": "group" if test_groups is not None else "sample",
-                      "statistic": "mean over seeds (and folds), each resample shared by all of them", "method": "percentile"},
-        "baseline": {"test": baseline,
-                     "description": _baseline_description(task.type)},
+                      "statistic": "mean over seeds (and folds), each resample shared by all of them",
+                      "method": METHOD,
+                      "undefined": "resamples where a metric is undefined are left out of its CI; heads[*]."
+                                   "test_ci_used holds the share each CI rests on"},
+        "baseline": baseline_block,
         "selection": {
             "best_head": best,
             "rule": f"by the highest mean validation {primary} over seeds",
@@ -196,6 +185,7 @@ def summarise_run(
         "heads": heads,
         "flags": all_flags,
         "prediction_hashes": {h: [head_identities[h], hashes[h]] for h in head_names},
+        "identity_version": identity_version,
         "skipped": [list(s) for s in skipped],
     }
     if results.segmentation is not None:
@@ -205,6 +195,15 @@ def summarise_run(
     if wall_seconds is not None:
         metrics["wall_seconds"] = round(wall_seconds, 2)
     return metrics
+
+
+def _undefined_on_test(runs: list[HeadRun], metric_for: Any, y_test: np.ndarray, means: dict[str, float]
+                       ) -> dict[str, str]:  # fmt: skip
+    """Metric -> why it is undefined on test (``compute_metrics``' reason), for the metrics no member defines."""
+    if not any(np.isnan(v) for v in means.values()):
+        return {}
+    reasons = metric_for(runs[0])(y_test, runs[0].scores["test"])["undefined"]
+    return {k: reasons.get(k, "undefined for every member") for k, v in means.items() if np.isnan(v)}
 
 
 def _segmentation(exp: Experiment, results: ProbeResults, split: SplitData, heads: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +229,8 @@ def _orderable(value: float, task: ResolvedTask) -> float:
 def _baseline_description(task_type: str) -> str:
     return {
         "binary": "constant score = training prevalence (AUROC 0.5; AP = test prevalence).",
-        "multiclass": "training class priors for every sample (predicts the majority class; balanced accuracy = 1/K).",
+        "multiclass": "training class priors for every sample (predicts the majority class; balanced accuracy = "
+                      "1 / the classes present in test, the chance level: see baseline.chance).",
         "multilabel": "constant score per label = training prevalence (mAP = test prevalence, AUROC 0.5).",
         "regression": "training mean for every sample (R² ≤ 0).",
     }[task_type]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from fmprobe.config import Experiment
@@ -35,30 +34,29 @@ def config_hash(exp: Experiment) -> str:
     return _hash(identity(exp))
 
 
+# 2: a head's identity is what changes its predictions: not its name, the experiment's name, evaluation settings,
+# the other extracted layers, whether tokens are stored, or (frozen) the separate segmentation decoder.
+IDENTITY_VERSION = 2
+
+
 def head_hash(exp: Experiment, head: str) -> str:
-    """Identity of what one head's predictions depend on: everything but the other heads, the
-    experiment's name and the evaluation settings (which read predictions, never change them)."""
+    """Identity of what one head's predictions depend on. Left out: the other heads and the head's own name,
+    the experiment's name, the evaluation settings (which read predictions, never change them), the other
+    extracted layers and whether tokens are stored (the head reads its own layer's features either way), and
+    for frozen runs the segmentation decoder (trained apart, on its own). The same head re-run by
+    ``fmprobe layers`` or under another name is then the same configuration: equal outputs reproduce it."""
     data = identity(exp)
-    data.pop("name")
-    data.pop("eval")
-    data["heads"] = [h for h in data["heads"] if h["name"] == head]
+    for key in ("name", "eval", "heads"):
+        data.pop(key)
+    cfg = next(h for h in exp.heads if h.name == head)
+    data["head"] = cfg.model_dump(mode="json", exclude={"name"})
+    data["model"]["layers"] = [cfg.layer]
+    data["features"].pop("store_tokens")
+    if exp.adapt.strategy == "frozen":
+        data.pop("segmentation")
+        data["data"].pop("mask_column")
     return _hash(data)
 
 
 def head_identities(exp: Experiment) -> dict[str, str]:
     return {h.name: head_hash(exp, h.name) for h in exp.heads}
-
-
-def previous_prediction_hashes(runs_dir: Path, exclude: Path) -> dict[str, tuple[str, str]]:
-    """{run/head: (head config hash, test output hash)} of every earlier run under ``runs_dir``."""
-    out: dict[str, tuple[str, str]] = {}
-    for path in sorted(runs_dir.glob("*/*/metrics.json")):
-        if path.parent == exclude:
-            continue
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        for head, (cfg, out_hash) in m.get("prediction_hashes", {}).items():
-            out[f"{path.parent.parent.name}/{path.parent.name}/{head}"] = (cfg, out_hash)
-    return out

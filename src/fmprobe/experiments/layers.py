@@ -75,7 +75,7 @@ def layer_table(metrics: dict[str, Any], layers: list[int | str], head_types: li
                 "head_type": head_type, "layer": str(layer), "position": depth, "metric": primary,
                 "test_mean": h["splits"]["test"]["mean"][primary], "test_sd": h["splits"]["test"]["sd"][primary],
                 "ci_low": ci[0], "ci_high": ci[1], "val_mean": h["splits"]["val"]["mean"][primary],
-                "flags": ",".join(sorted({f["name"] for f in h["flags"]})),
+                "flags": ",".join(sorted({f["name"] for f in h["flags"] if f["severity"] != "info"})),
             })
     return pd.DataFrame(rows)
 

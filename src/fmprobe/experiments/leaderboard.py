@@ -4,7 +4,8 @@ Ranked on the validation mean of the metric, never on test: test (mean ± sd, CI
 for each candidate, but choosing by it would make the winner's test number optimistic. Config keys
 that differ between the listed runs are added as columns, so a sweep's grid shows next to its results.
 Candidates without the metric are not ranked and are listed as such (``Leaderboard.missing``); a run with a
-segmentation decoder adds its test mIoU as a column, and ``seg/miou`` can be the ranked metric itself.
+segmentation decoder adds its test mIoU as a column, and ``seg/miou`` can be the ranked metric itself. Runs that
+failed are listed under the table with their stage and error (``Leaderboard.failed``), never ranked.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pandas as pd
 from fmprobe.atomic import atomic_path
 from fmprobe.errors import FmprobeError
 from fmprobe.evaluate.metrics import higher_is_better
-from fmprobe.experiments.index import SEG_MIOU, candidates, metric_table, varying_params
+from fmprobe.experiments.index import SEG_MIOU, candidates, metric_table, run_statuses, varying_params
+from fmprobe.experiments.status import short_error
 from fmprobe.report.terminal import SEG_NOTE, fmt, head_label, params_cell, seg_cell
 
 # Non-metric quantities a gate or a leaderboard can read, all better when smaller.
@@ -42,6 +44,7 @@ class Leaderboard:
     ci_level: float | None
     params: list[str]  # the varying config keys shown
     missing: list[str] = field(default_factory=list)  # candidates (experiment/run/head) without the metric
+    failed: list[dict[str, str]] = field(default_factory=list)  # failed runs: {"run", "stage", "error"}
 
     @property
     def shows_segmentation(self) -> bool:
@@ -66,9 +69,11 @@ def build_leaderboard(
     run_dirs: Iterable[str | Path] | None = None,
     metric: str | None = None,
 ) -> Leaderboard:
+    failed = failed_runs(runs_dir, experiment=experiment, run_dirs=run_dirs)
     cands = candidates(runs_dir, experiment=experiment, run_dirs=run_dirs)
     if cands.empty:
-        raise FmprobeError(f"no finished run under {runs_dir}" + (f" for experiment '{experiment}'" if experiment else ""))
+        raise FmprobeError(f"no finished run under {runs_dir}" + (f" for experiment '{experiment}'" if experiment else "")
+                           + "".join(f"\nfailed: {f['run']} at {f['stage']}: {f['error']}" for f in failed))
     if metric is None:
         primaries = sorted(set(cands["primary_metric"]))
         if len(primaries) > 1:
@@ -117,7 +122,15 @@ def build_leaderboard(
     extra = [c for c in ("grid_member", *SEG_COLUMNS) if c in table and table[c].notna().any()]
     levels = set(cands["ci_level"])
     return Leaderboard(table[[*COLUMNS, *extra, *params.columns, "run_dir"]].reset_index(drop=True), metric,
-                       levels.pop() if len(levels) == 1 else None, list(params.columns), missing)
+                       levels.pop() if len(levels) == 1 else None, list(params.columns), missing, failed)
+
+
+def failed_runs(runs_dir: str | Path, *, experiment: str | None = None,
+                run_dirs: Iterable[str | Path] | None = None) -> list[dict[str, str]]:
+    """The failed runs (of ``experiment`` / among ``run_dirs``): experiment/run id, stage, the error's last line."""
+    df = run_statuses(runs_dir, experiment=experiment, run_dirs=run_dirs)
+    return [{"run": f"{r.experiment}/{r.run_id}", "stage": r.stage or "?", "error": short_error(r.error)}
+            for r in df[df["status"] == "failed"].itertuples()]
 
 
 def _metric_names(values: pd.DataFrame) -> str:
@@ -154,3 +167,5 @@ def print_leaderboard(console, board: Leaderboard) -> None:  # noqa: ANN001 (ric
     if board.missing:
         console.print(f"[yellow]not ranked: {len(board.missing)} candidate(s) have no {board.metric} on val and "
                       f"test: {', '.join(board.missing)}[/]")
+    for f in board.failed:
+        console.print(f"[red]failed: {f['run']} at {f['stage']}: {f['error']}[/]", highlight=False)

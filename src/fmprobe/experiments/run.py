@@ -2,12 +2,20 @@
 
 A run directory is never overwritten:
 ``runs/<experiment>/<run_id>/`` holds config.resolved.yaml, env.json, predictions.parquet,
-metrics.json, curves.parquet, checkpoints/ and report.html.
+metrics.json, curves.parquet, checkpoints/, report.html and status.json (``experiments.status``: finished, or
+failed with the stage and the error). A finished run is compared with every other finished run of the runs
+folder by the index (``experiments.twins``), which flags identical outputs in both runs' files.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,17 +25,20 @@ import pandas as pd
 
 from fmprobe import distributed
 from fmprobe.atomic import atomic_path, write_json, write_text
+from fmprobe.backbones.base import Encoder
 from fmprobe.config import Experiment, dump_config
 from fmprobe.data.manifest import Manifest, check_targets_vary, load_manifest
-from fmprobe.errors import ConfigError
+from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.evaluate.results import SPLITS, ProbeResults, SegResults, SplitData, predictions_table
 from fmprobe.evaluate.summary import summarise_run
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.experiments.environment import environment_info
-from fmprobe.experiments.identity import config_hash, head_identities, previous_prediction_hashes
+from fmprobe.experiments.identity import IDENTITY_VERSION, config_hash, head_identities
+from fmprobe.experiments.index import update_index
 from fmprobe.experiments.parallel import fold_share, gather_members
 from fmprobe.experiments.params import backbone_parameters, record_parameters
 from fmprobe.experiments.splitting import resolve_folds
+from fmprobe.experiments.status import describe_error, write_status
 from fmprobe.features.extract import extract_features
 from fmprobe.features.store import FeatureSet
 from fmprobe.probes.frozen import train_arms, train_heads
@@ -68,21 +79,40 @@ def _split_data(df: pd.DataFrame, manifest: Manifest) -> SplitData:
                      targets={s: manifest.targets(rows[s]) for s in SPLITS})
 
 
+class _Stage:
+    """Which stage a run is in; on any exception, the run directory's status.json records it as failed there."""
+
+    def __init__(self, run_dir: Path, digest: str):
+        self.run_dir, self.digest, self.name = run_dir, digest, "start"
+
+    @contextmanager
+    def recorded(self) -> Iterator[_Stage]:
+        try:
+            yield self
+        except BaseException as err:  # interrupted runs too: they did not finish
+            if distributed.is_main():
+                write_status(self.run_dir, "failed", config_hash=self.digest, stage=self.name,
+                             error=describe_error(err))
+                err.add_note(f"run directory: {self.run_dir} (status.json records the failure; a rerun starts a "
+                             "new directory)")
+            raise
+
+
 @dataclass
 class RunInputs:
-    """What a run reads before it trains: the manifest, its folds, the cached features and each fold's split data.
-    Runs on the same data, task, split and features read the same inputs (a sweep prepares them once)."""
+    """What a run reads: the manifest, its folds, the cached features and each fold's split data. Runs on the same
+    data, task, split and features read the same inputs (a sweep's arms load them once: ``run_arms``)."""
 
     manifest: Manifest
     folds: list[tuple[pd.DataFrame, dict]]  # (manifest rows with their split, split info) per fold
-    features: FeatureSet
-    data: list[SplitData]  # per fold, the extracted samples
     backbone_params: int | None
+    features: FeatureSet | None = None
+    data: list[SplitData] | None = None  # per fold, the extracted samples
 
 
-def prepare_inputs(exp: Experiment, *, progress: bool = True) -> RunInputs:
-    """Manifest, splits and cached features (extracting what is missing), after every check that needs no
-    extraction."""
+def checked_inputs(exp: Experiment) -> tuple[RunInputs, Encoder | None]:
+    """Manifest and splits, after every check that needs no extraction; the encoder if counting its parameters
+    loaded it."""
     manifest = load_manifest(exp.data, exp.task)
     check_targets_vary(manifest)  # before any extraction
     folds = resolve_folds(manifest, exp.task, exp.split)
@@ -91,10 +121,14 @@ def prepare_inputs(exp: Experiment, *, progress: bool = True) -> RunInputs:
     check_segmentation(exp)
     check_grid(exp)
     backbone_params, encoder = backbone_parameters(exp)  # frozen: memoised; the encoder if it had to be loaded
-    features = extract_features(exp, manifest, encoder, progress=progress)
-    extracted = set(features.sample_ids)
-    data = [_split_data(df[df["sample_id"].isin(extracted)], manifest) for df, _ in folds]
-    return RunInputs(manifest, folds, features, data, backbone_params)
+    return RunInputs(manifest, folds, backbone_params), encoder
+
+
+def load_features(exp: Experiment, inputs: RunInputs, encoder: Encoder | None, progress: bool) -> None:
+    """The cached features (extracting what is missing) and each fold's split data, into ``inputs``."""
+    inputs.features = extract_features(exp, inputs.manifest, encoder, progress=progress)
+    extracted = set(inputs.features.sample_ids)
+    inputs.data = [_split_data(df[df["sample_id"].isin(extracted)], inputs.manifest) for df, _ in inputs.folds]
 
 
 def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
@@ -102,14 +136,76 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
     # launched by torchrun / accelerate: join the other processes (fmprobe.distributed); else nothing changes
     distributed.init(cuda=exp.adapt.strategy != "frozen" and exp.adapt.device.startswith("cuda"))
     progress = progress and distributed.is_main()
-    inputs = prepare_inputs(exp, progress=progress)
-    features, folds, data = inputs.features, inputs.folds, inputs.data
-    extracted = set(features.sample_ids)
+    inputs, encoder = checked_inputs(exp)
 
+    # From here on the run has a directory; a failure is recorded in it (status.json) before it propagates.
     run_dir = distributed.broadcast_object(new_run_dir(exp) if distributed.is_main() else None)
-    if distributed.is_main():
-        write_text(run_dir / "config.resolved.yaml", dump_config(exp))
-    task = ResolvedTask.from_config(exp.task, inputs.manifest.class_names)
+    with _Stage(run_dir, config_hash(exp)).recorded() as stage:
+        if distributed.is_main():
+            write_text(run_dir / "config.resolved.yaml", dump_config(exp))
+        stage.name = "extract"
+        load_features(exp, inputs, encoder, progress)
+        stage.name = "train"
+        task = ResolvedTask.from_config(exp.task, inputs.manifest.class_names)
+        results = _train(exp, task, inputs, run_dir)
+        if not distributed.is_main():  # process 0 alone writes the run
+            return distributed.broadcast_object(None)
+        metrics = _finish(exp, task, inputs, results, stage, started)
+    return distributed.broadcast_object(RunResult(run_dir=run_dir, metrics=check_twins(exp, run_dir, metrics)))
+
+
+def run_arms(exps: list[Experiment]) -> list[RunResult | Exception]:
+    """Runs of one ``probes.frozen.shared_training`` key (arms of a sweep) in one process: their inputs loaded
+    once, their heads trained together (``probes.frozen.train_arms``), then each run finished, in order, as
+    ``run_experiment`` finishes it, with the same metrics bit for bit (each arm is compared with the arms before
+    it, as runs one after the other would be). An arm's ``wall_seconds`` counts from the start of the shared work.
+
+    A failure of the shared work raises before any run directory exists (checkpoints wait in a staging folder),
+    so the caller can run the arms alone and each record its own outcome; a failure while finishing an arm is
+    recorded in its run and returned in its place."""
+    started = time.perf_counter()
+    inputs, encoder = checked_inputs(exps[0])
+    load_features(exps[0], inputs, encoder, progress=False)
+    assert inputs.features is not None and inputs.data is not None
+    task = ResolvedTask.from_config(exps[0].task, inputs.manifest.class_names)
+    staging = Path(exps[0].runs_dir).expanduser() / exps[0].name / f".arms-{uuid.uuid4().hex}"
+    try:
+        results = [ProbeResults() for _ in exps]
+        for k, fold in enumerate(inputs.data):
+            roots = [fold_checkpoints(staging / str(i), k, len(inputs.data)) for i in range(len(exps))]
+            parts = train_arms(exps, task, inputs.features, fold.ids, fold.targets, roots)
+            for arm, part in zip(results, parts):
+                add_fold(arm, part, k, inputs.data)
+        out: list[RunResult | Exception] = []
+        for i, (exp, arm) in enumerate(zip(exps, results)):
+            stage = _Stage(new_run_dir(exp), config_hash(exp))
+            try:
+                with stage.recorded():
+                    write_text(stage.run_dir / "config.resolved.yaml", dump_config(exp))
+                    _adopt_checkpoints(arm, staging / str(i), stage.run_dir)
+                    metrics = _finish(exp, task, inputs, arm, stage, started)
+                out.append(RunResult(run_dir=stage.run_dir, metrics=check_twins(exp, stage.run_dir, metrics)))
+            except Exception as err:  # recorded in its run; the other arms go on
+                out.append(err)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _adopt_checkpoints(results: ProbeResults, staged: Path, run_dir: Path) -> None:
+    """Move an arm's checkpoints from the staging folder into its run directory."""
+    if (staged / "checkpoints").exists():
+        (staged / "checkpoints").rename(run_dir / "checkpoints")
+    for run in results.runs:
+        if run.checkpoint_dir is not None:
+            run.checkpoint_dir = run_dir / run.checkpoint_dir.relative_to(staged)
+
+
+def _train(exp: Experiment, task: ResolvedTask, inputs: RunInputs, run_dir: Path) -> ProbeResults:
+    """Every head x seed (x fold), frozen on the cached features or end to end on pixels."""
+    features, folds, data = inputs.features, inputs.folds, inputs.data
+    assert features is not None and data is not None
+    extracted = set(features.sample_ids)
     results = ProbeResults()
     for k, fold in enumerate(data):
         if exp.adapt.strategy == "frozen":
@@ -126,30 +222,7 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         add_fold(results, part, k, data)
     if exp.adapt.strategy == "frozen":  # several processes: each trained its share of the members
         results = gather_members(exp, results)
-    if not distributed.is_main():  # process 0 alone writes the run
-        return distributed.broadcast_object(None)
-    result = write_run(exp, task, inputs, results, run_dir, started)
-    return distributed.broadcast_object(result)
-
-
-def run_arms(exps: list[Experiment]) -> list[RunResult]:
-    """Runs of one ``probes.frozen.shared_training`` key (arms of a sweep) in one process: their inputs prepared
-    once, their heads trained together (``probes.frozen.train_arms``), each run directory written, in order, as
-    ``run_experiment`` writes it, with the same metrics bit for bit (each arm sees the arms before it, as runs one
-    after the other would). An arm's ``wall_seconds`` counts from the start of the shared work."""
-    started = time.perf_counter()
-    inputs = prepare_inputs(exps[0], progress=False)
-    task = ResolvedTask.from_config(exps[0].task, inputs.manifest.class_names)
-    run_dirs = [new_run_dir(exp) for exp in exps]
-    for exp, run_dir in zip(exps, run_dirs):
-        write_text(run_dir / "config.resolved.yaml", dump_config(exp))
-    results = [ProbeResults() for _ in exps]
-    for k, fold in enumerate(inputs.data):
-        parts = train_arms(exps, task, inputs.features, fold.ids, fold.targets,
-                           [fold_checkpoints(run_dir, k, len(inputs.data)) for run_dir in run_dirs])  # fmt: skip
-        for arm, part in zip(results, parts):
-            add_fold(arm, part, k, inputs.data)
-    return [write_run(exp, task, inputs, arm, run_dir, started) for exp, arm, run_dir in zip(exps, results, run_dirs)]
+    return results
 
 
 def fold_checkpoints(run_dir: Path, fold: int, n_folds: int) -> Path:
@@ -166,16 +239,34 @@ def add_fold(results: ProbeResults, part: ProbeResults, fold: int, data: list[Sp
     results.segmentation = part.segmentation
 
 
-def write_run(exp: Experiment, task: ResolvedTask, inputs: RunInputs, results: ProbeResults, run_dir: Path,
-              started: float) -> RunResult:  # fmt: skip
-    """Grid selection, predictions, curves, metrics.json (last) and the report of a trained run."""
+def _finish(exp: Experiment, task: ResolvedTask, inputs: RunInputs, results: ProbeResults, stage: _Stage,
+            started: float) -> dict:  # fmt: skip
+    """Evaluate (grid selection, metrics.json), write the outputs, track; returns the metrics."""
+    assert inputs.features is not None and inputs.data is not None
     split, split_info, folds = inputs.data[0], inputs.folds[0][1], inputs.folds
+    stage.name = "evaluate"
     grid_record = None
     if exp.train.grid is not None:  # per head, the member with the best mean validation score over seeds
         results, grid_record = select_members(exp, task, results, split)
-    record_parameters(exp, results, run_dir, inputs.backbone_params)
+    record_parameters(exp, results, stage.run_dir, inputs.backbone_params)
     if len(inputs.data) > 1:
         split_info = {**split_info, "fold": None, "fold_sizes": [info["sizes"] for _, info in folds]}
+    metrics = summarise_run(
+        exp, task, results, split, split_info=split_info, skipped=inputs.features.skipped,
+        config_hash=config_hash(exp), head_identities=head_identities(exp), identity_version=IDENTITY_VERSION,
+        grid=grid_record, wall_seconds=time.perf_counter() - started,
+    )  # fmt: skip
+    stage.name = "write"
+    curves = _write_outputs(stage.run_dir, exp, task, results, split, metrics)
+    stage.name = "tracking"
+    log_run(exp, stage.run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
+    write_status(stage.run_dir, "finished", config_hash=config_hash(exp))
+    return metrics
+
+
+def _write_outputs(run_dir: Path, exp: Experiment, task: ResolvedTask, results: ProbeResults, split: SplitData,
+                   metrics: dict) -> pd.DataFrame:  # fmt: skip
+    """predictions, curves, segmentation outputs, env.json, report.html, then metrics.json; returns the curves."""
     preds = predictions_table(results, split, task.score_names, list(task.targets))
     with atomic_path(run_dir / "predictions.parquet") as tmp:
         preds.to_parquet(tmp, index=False)
@@ -187,20 +278,25 @@ def write_run(exp: Experiment, task: ResolvedTask, inputs: RunInputs, results: P
         curves.to_parquet(tmp, index=False)
     if results.segmentation is not None:
         write_segmentation_outputs(run_dir, results.segmentation)
-
-    metrics = summarise_run(
-        exp, task, results, split, split_info=split_info, skipped=inputs.features.skipped,
-        config_hash=config_hash(exp), head_identities=head_identities(exp),
-        other_runs=previous_prediction_hashes(Path(exp.runs_dir).expanduser(), run_dir),
-        grid=grid_record, wall_seconds=time.perf_counter() - started,
-    )  # fmt: skip
     write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp),
                                                       **distributed.describe()))
     write_run_report(run_dir, exp, metrics, curves)
-    # metrics.json last: its presence is what marks a run finished (sweeps skip it, the index lists it).
-    write_json(run_dir / "metrics.json", metrics)
-    log_run(exp, run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
-    return RunResult(run_dir=run_dir, metrics=metrics)
+    write_json(run_dir / "metrics.json", metrics)  # after everything it summarises
+    return curves
+
+
+def check_twins(exp: Experiment, run_dir: Path, metrics: dict) -> dict:
+    """Compare this run's test outputs with every finished run's (the index does it under its write lock, so
+    runs finishing together see each other) and return its metrics.json as the check left it: with
+    ``identical_predictions`` / ``reproduced`` flags when it has twins (theirs are added to their files too)."""
+    runs_dir = Path(exp.runs_dir).expanduser()
+    try:
+        update_index(runs_dir)
+    except FmprobeError as err:  # the run itself is finished and recorded; the check reruns with the index
+        warnings.warn(f"the run finished, but its outputs could not be compared with the other runs' ({err}); "
+                      f"`fmprobe leaderboard --runs {runs_dir}` makes the comparison once that is fixed", stacklevel=2)
+        return metrics
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def write_segmentation_outputs(run_dir: Path, seg: SegResults) -> None:

@@ -12,8 +12,8 @@ A sweep file names a base config and a grid of dotted keys (list indices allowed
     gates: gates.yaml          # optional; verdicts shown in the sweep report
 
 Every combination is validated before anything runs. A run is identified by ``config_hash`` and is
-finished when a run directory of that hash holds metrics.json: finished runs are skipped, so a killed
-sweep resumes where it stopped. Runs sharing a feature-cache entry (same model, data and feature
+finished when a run directory of that hash is (``experiments.status``): finished runs are skipped, so a killed
+sweep resumes where it stopped, and a failed one is run again in a new directory. Runs sharing a feature-cache entry (same model, data and feature
 settings) are extracted once, first; the runs then train heads on the cached features. Frozen runs that differ
 only in their heads (type, pooling, layer...) and learning rate / weight decay train together in one process
 (``run.run_arms``): features loaded once, one HeadBank pass per input and seed, each run's results bit for bit
@@ -26,7 +26,6 @@ import copy
 import itertools
 import json
 import os
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 from fmprobe.atomic import write_json
 from fmprobe.config import Experiment, parse_config, read_yaml, resolve_paths, set_dotted
 from fmprobe.errors import ConfigError, FmprobeError
+from fmprobe.experiments.status import describe_error, is_finished, short_error
 
 SWEEP_KEYS = ("base", "name", "grid", "workers", "gates")
 
@@ -155,9 +155,11 @@ def expand(spec: SweepSpec) -> list[SweepPoint]:
 
 
 def finished_runs(runs_dir: Path, experiment: str) -> dict[str, Path]:
-    """config hash -> the latest run directory of ``experiment`` that holds metrics.json."""
+    """config hash -> the latest finished run directory of ``experiment`` (failed ones are run again, anew)."""
     out: dict[str, Path] = {}
     for metrics in sorted((runs_dir / experiment).glob("*/metrics.json")):
+        if not is_finished(metrics.parent):
+            continue
         try:
             digest = json.loads(metrics.read_text())["config_hash"]
         except (OSError, ValueError, KeyError):
@@ -193,29 +195,46 @@ def _extract_task(exp: Experiment) -> dict[str, Any]:
     try:
         result = run_extraction(exp, load_manifest(exp.data, exp.task), progress=False)
     except Exception as err:  # reported per run; the other extractions go on
-        return {"error": _describe(err)}
+        return {"error": describe_error(err)}
     return {"error": None, "extracted": result.extracted, "cached": result.cached, "seconds": result.seconds}
 
 
 def _run_task(exps: list[Experiment]) -> list[dict[str, Any]]:
     """Arms of one ``shared_training`` key: one run alone, several through ``run_arms`` (inputs loaded once,
-    heads trained together, each run's results as it gets them alone). Heads on cached features train with one
-    torch thread: their tensors are small and extra threads only add synchronisation (one benchmark run: 6 s
-    with 1 thread, 36 s with 2 on 2 busy cores)."""
+    heads trained together, each run's results as it gets them alone); when their shared work fails, each arm
+    alone, so every arm records its own outcome (one diverging learning rate does not fail the others). Heads
+    on cached features train with one torch thread: their tensors are small and extra threads only add
+    synchronisation (one benchmark run: 6 s with 1 thread, 36 s with 2 on 2 busy cores)."""
     import torch
 
-    from fmprobe.experiments.run import run_arms, run_experiment
+    from fmprobe.experiments.run import run_arms
 
     threads = torch.get_num_threads()
     if all(exp.adapt.strategy == "frozen" for exp in exps):
         torch.set_num_threads(1)
     try:
-        results = run_arms(exps) if len(exps) > 1 else [run_experiment(exps[0], progress=False)]
-    except Exception as err:  # reported per run; the other runs go on
-        return [{"error": _describe(err), "run_dir": None} for _ in exps]
+        outcomes = None
+        if len(exps) > 1:
+            try:
+                outcomes = run_arms(exps)
+            except Exception:  # the arms run alone below and each reports its own error
+                outcomes = None
+        if outcomes is None:
+            outcomes = [_run_alone(exp) for exp in exps]
     finally:
         torch.set_num_threads(threads)
-    return [{"error": None, "run_dir": str(result.run_dir)} for result in results]
+    return [{"error": describe_error(o), "run_dir": None} if isinstance(o, Exception)
+            else {"error": None, "run_dir": str(o.run_dir)} for o in outcomes]  # fmt: skip
+
+
+def _run_alone(exp: Experiment) -> Any:
+    """One run's RunResult, or the exception it failed with (reported per run; the other runs go on)."""
+    from fmprobe.experiments.run import run_experiment
+
+    try:
+        return run_experiment(exp, progress=False)
+    except Exception as err:
+        return err
 
 
 def arm_batches(points: list[SweepPoint], workers: int) -> list[list[SweepPoint]]:
@@ -232,12 +251,6 @@ def arm_batches(points: list[SweepPoint], workers: int) -> list[list[SweepPoint]
         size = -(-len(batch) // min(parts, len(batch)))
         out += [batch[i : i + size] for i in range(0, len(batch), size)]
     return out
-
-
-def _describe(err: Exception) -> str:
-    if isinstance(err, FmprobeError):
-        return f"{type(err).__name__}: {err}"
-    return "".join(traceback.format_exception(err)).strip()
 
 
 # --- executors ---------------------------------------------------------------------------------------
@@ -332,7 +345,7 @@ def run_sweep(
             broken.add(key)
             for point in groups[key]:
                 point.status, point.error = "failed", f"feature extraction failed: {out['error']}"
-            on_event(f"extraction failed for {len(groups[key])} run(s): {out['error'].splitlines()[-1]}")
+            on_event(f"extraction failed for {len(groups[key])} run(s): {short_error(out['error'])}")
         else:
             on_event(f"features: {out['extracted']} extracted, {out['cached']} cached ({out['seconds']:.1f} s)")
 
@@ -343,7 +356,7 @@ def run_sweep(
         for point, out in zip(batches[i], outs):
             if out["error"]:
                 point.status, point.error = "failed", out["error"]
-                on_event(f"failed {_label(point)}: {out['error'].splitlines()[-1]}")
+                on_event(f"failed {_label(point)}: {short_error(out['error'])}")
             else:
                 point.status, point.run_dir = "ran", Path(out["run_dir"])
                 on_event(f"done {_label(point)} -> {point.run_dir.name}")

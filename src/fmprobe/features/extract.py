@@ -2,14 +2,18 @@
 
 Samples are fingerprinted first (cheap: memoised hashes), so a fully cached run never loads the model.
 Missing samples stream through a DataLoader into shards of ``features.shard_size`` rows, so memory does
-not grow with the dataset and a killed run resumes where its last shard ended.
+not grow with the dataset and a killed run resumes where its last shard ended. The pipeline overlaps its
+stages (pipeline.py): the next batches are read and preprocessed, and finished shards written, while the
+encoder runs. Processes extracting into one cache at once split the missing samples by claims (claims.py).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 from torch.utils.data import DataLoader
 
@@ -29,21 +40,47 @@ from fmprobe.data.manifest import Manifest, load_manifest
 from fmprobe.data.transforms import Preprocess
 from fmprobe.devices import config_device
 from fmprobe.errors import ConfigError, EncoderError, ReaderError
-from fmprobe.features.fingerprint import FingerprintMemo, fingerprint_paths, with_clip_start
-from fmprobe.features.keys import cache_key, check_cacheable, describe, remember_identity, remembered_identity
+from fmprobe.features.claims import Claim, ClaimedBatches, WorkClaims
+from fmprobe.features.fingerprint import (
+    FingerprintMemo,
+    fingerprint_paths,
+    with_clip_start,
+)
+from fmprobe.features.keys import (
+    cache_key,
+    check_cacheable,
+    describe,
+    remember_identity,
+    remembered_identity,
+)
+from fmprobe.features.pipeline import ExtractionRate, Prefetch, StageSeconds, Throughput
 from fmprobe.features.remote import local_cache_dir, open_store
 from fmprobe.features.store import FeatureSet, FeatureStore
 
 Identity = tuple[str, str, InputSpec]  # encoder name, fingerprint, input spec
+WAIT_SECONDS = 0.2  # how often a process with nothing left to claim looks whether the others are done
 
 
 @dataclass
 class Extraction:
     features: FeatureSet
     key: str
-    extracted: int
-    cached: int
+    extracted: int  # rows this run stored (all processes of a distributed run)
+    cached: int  # samples it did not extract: stored before, or by another extraction meanwhile
     seconds: float
+    samples_per_second: float | None = None  # measured after the first batches (pipeline.Throughput); None if
+    # nothing (or too little) was extracted; in a distributed run, process 0's
+    stages: StageSeconds = field(default_factory=StageSeconds)  # where process 0's extraction time went
+
+
+@dataclass
+class _Work:
+    """What one process's extraction loop did."""
+
+    extracted: int = 0  # rows committed
+    handled: int = 0  # samples it claimed and went through (rows + skipped)
+    samples_per_second: float | None = None
+    stages: StageSeconds = field(default_factory=StageSeconds)
 
 
 def extract_features(
@@ -69,13 +106,21 @@ def extract_command(config_path: str | Path) -> dict[str, Any]:
         "skipped": len(result.features.skipped),
         "layers": result.features.layers,
         "seconds": round(result.seconds, 2),
+        "samples_per_second": None if result.samples_per_second is None else round(result.samples_per_second, 2),
     }
 
 
 def run_extraction(
-    exp: Experiment, manifest: Manifest, encoder: Encoder | None = None, *, progress: bool = True
+    exp: Experiment,
+    manifest: Manifest,
+    encoder: Encoder | None = None,
+    *,
+    progress: bool = True,
+    on_batch: Callable[[ExtractionRate], None] | None = None,
 ) -> Extraction:
-    """Like :func:`extract_features`, plus the key and how many samples were extracted vs served from the cache."""
+    """Like :func:`extract_features`, plus the key, how many samples were extracted vs served from the cache, the
+    measured throughput and where the time went. ``on_batch`` is called after every batch with the samples done so
+    far and the throughput measured after the first batches (for a time estimate while the work runs)."""
     start = time.perf_counter()
     check_cacheable(exp)
     distributed.init()
@@ -105,19 +150,20 @@ def run_extraction(
     # in one process, so the features are the same bits.
     size = exp.features.batch_size
     mine = [i for b in distributed.round_robin(math.ceil(len(todo) / size)) for i in todo[b * size : (b + 1) * size]]
-    extracted = 0
+    work = _Work()
     if mine:
         if encoder is None:  # a process other than 0 (which loaded it while planning)
             encoder = _load(exp, cache_dir)
             if (encoder.name, encoder.fingerprint(), encoder.input_spec) != identity:
                 raise EncoderError(f"process {distributed.rank()} loaded another model than process 0 did "
                                    f"({encoder.name}); every process must see the same model files")
-        extracted = _extract(exp, encoder, store, mine, [paths[i] for i in mine], [keys[i] for i in mine],
-                             progress and distributed.is_main(), [starts[i] for i in mine])
-    extracted = sum(distributed.all_gather_object(extracted))  # also waits until every shard is committed
+        work = _extract(exp, encoder, store, [keys[i] for i in mine], [paths[i] for i in mine],
+                        [starts[i] for i in mine], progress and distributed.is_main(), on_batch)
+    counts = distributed.all_gather_object((work.extracted, work.handled))  # also waits until all is committed
     features = store.feature_set(keys, unreadable)
-    cached = len(keys) - len(unreadable) - len(todo)
-    return Extraction(features, cache_key(store.description), extracted, cached, time.perf_counter() - start)
+    cached = len(keys) - len(unreadable) - sum(handled for _, handled in counts)
+    return Extraction(features, cache_key(store.description), sum(extracted for extracted, _ in counts), cached,
+                      time.perf_counter() - start, work.samples_per_second, work.stages)
 
 
 def _fingerprints(cache_dir: Path, paths: list[str], ids: list[str]) -> list[str | ReaderError]:
@@ -210,46 +256,76 @@ def _extract(
     exp: Experiment,
     encoder: Encoder,
     store: FeatureStore,
-    todo: list[int],
-    paths: list[str],
     keys: list[tuple[str, str]],
-    progress: bool,
+    paths: list[str],
     starts: list[int | None],
-) -> int:
-    """Extract the ``todo`` samples into ``store``; returns how many rows were written."""
+    progress: bool,
+    on_batch: Callable[[ExtractionRate], None] | None,
+) -> _Work:
+    """Extract the samples of ``keys`` into ``store``, sharing them with any other process extracting into it.
+
+    Work is claimed one batch at a time (claims.py); each pass streams claimed batches through the loader until
+    nothing is left to claim and hands its last rows to the writer, then the process waits for the batches others
+    still hold (taking over those of a process that died) and makes another pass if any came free.
+    """
     rows = pd.DataFrame({"sample_id": [k[0] for k in keys], "path": paths, "clip_start": starts})
     dataset = MediaDataset(rows, exp.data, Preprocess(encoder.input_spec, exp.data, train=False))
-    loader = DataLoader(
-        dataset,
-        batch_size=exp.features.batch_size,
-        num_workers=exp.data.num_workers,
-        collate_fn=collate_samples,
-        persistent_workers=False,
-    )
-    writer = store.writer(exp.features.shard_size)
+    device = config_device(exp.features.device, "features.device")
+    claims = WorkClaims(store, keys, exp.features.batch_size)
+    work = _Work()
+    rate = Throughput(len(keys), on_batch)
     was_training = encoder.training
-    encoder.eval().to(config_device(exp.features.device, "features.device"))
+    encoder.eval().to(device)
     bar = Progress(
         TextColumn("extracting {task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
         TimeRemainingColumn(), disable=not progress,
     )
     try:
-        with bar, torch.inference_mode():
-            task = bar.add_task(encoder.name, total=len(todo))
-            for batch in loader:
-                for index, sample_id, message in batch["errors"]:
-                    reason = _reason(message, sample_id, paths[index])
-                    if exp.data.on_error == "raise":
-                        raise ReaderError(reason, sample_id=sample_id, path=paths[index])
-                    writer.skip(sample_id, keys[index][1], reason)
-                if batch["pixels"] is not None:
-                    arrays, grids = encode_batch(encoder, batch["pixels"], exp.model.layers, exp.features)
-                    writer.add(batch["sample_id"], [keys[i][1] for i in batch["index"].tolist()], arrays, grids)
-                bar.advance(task, len(batch["sample_id"]) + len(batch["errors"]))
+        with bar, torch.inference_mode(), store.writer(exp.features.shard_size) as writer:
+            task = bar.add_task(encoder.name, total=len(keys))
+            while (first := _next_batch(claims, bar, task, encoder.name)) is not None:
+                sampler = ClaimedBatches(claims, first)
+                loader = DataLoader(dataset, batch_sampler=sampler, num_workers=exp.data.num_workers,
+                                    collate_fn=collate_samples, pin_memory=device.type == "cuda")
+                rate.start_pass()
+                with Prefetch(iter(loader)) as batches:
+                    for batch in batches:
+                        for index, sample_id, message in batch["errors"]:
+                            reason = _reason(message, sample_id, paths[index])
+                            if exp.data.on_error == "raise":
+                                raise ReaderError(reason, sample_id=sample_id, path=paths[index])
+                            writer.skip(sample_id, keys[index][1], reason)
+                        if batch["pixels"] is not None:
+                            arrays, grids = encode_batch(encoder, batch["pixels"], exp.model.layers, exp.features,
+                                                         work.stages)
+                            buffering = time.perf_counter()
+                            writer.add(batch["sample_id"], [keys[i][1] for i in batch["index"].tolist()], arrays, grids)
+                            work.stages.buffer += time.perf_counter() - buffering
+                        n = len(batch["sample_id"]) + len(batch["errors"])
+                        work.handled += n
+                        work.stages.read += batch["seconds"][0]
+                        work.stages.preprocess += batch["seconds"][1]
+                        rate.batch(n)
+                        bar.update(task, completed=rate.done + claims.done_elsewhere)
+                        writer.after_commit(partial(claims.release, sampler.claim_of_next()))
+                work.stages.input_wait += batches.wait_seconds
+                writer.submit()  # others may wait for these rows' claims while this process waits for theirs
     finally:
-        writer.flush()  # also on errors: what was computed is kept
+        claims.release_all()  # after the writer committed what was computed (also on errors)
         encoder.train(was_training)
-    return writer.committed
+    work.extracted = writer.committed
+    work.stages.write, work.stages.write_wait = writer.write_seconds, writer.wait_seconds
+    work.samples_per_second = rate.samples_per_second
+    return work
+
+
+def _next_batch(claims: WorkClaims, bar: Progress, task: Any, name: str) -> Claim | None:
+    """Claim the next batch, waiting while other processes hold the samples still missing; None when all are stored."""
+    while (claim := claims.take()) is None and claims.waiting_on:
+        bar.update(task, description=f"{name} (waiting for {', '.join(claims.waiting_on)})")
+        time.sleep(WAIT_SECONDS)
+    bar.update(task, description=name)
+    return claim
 
 
 def _reason(message: str, sample_id: str, path: str) -> str:
@@ -268,17 +344,24 @@ def encoder_batch(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def encode_batch(
-    encoder: Encoder, pixels: torch.Tensor, layers: list[int | str], features: FeatureConfig
+    encoder: Encoder,
+    pixels: torch.Tensor,
+    layers: list[int | str],
+    features: FeatureConfig,
+    stages: StageSeconds | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int, int]]]:
     """Encode a batch of samples (see :func:`encoder_batch`) into the arrays a shard stores (see store.py), per layer.
 
     A video (volume) encoder takes each clip (volume); an image encoder takes each frame, its tokens stacked along
-    t and its CLS tokens averaged over frames. The K clips of a sample are averaged.
+    t and its CLS tokens averaged over frames. The K clips of a sample are averaged. The forward and pooling time
+    are added to ``stages`` when given.
     """
+    start = time.perf_counter()
     b, k, t = pixels.shape[:3]
-    pixels = pixels.to(next(encoder.parameters()).device)
+    pixels = pixels.to(next(encoder.parameters()).device, non_blocking=True)  # asynchronous from pinned memory
     video = encoder.input_spec.kind != "image"
     out = encoder.encode(encoder_batch(encoder, pixels), list(layers))
+    forward_end = time.perf_counter()
     arrays: dict[str, np.ndarray] = {}
     grids: dict[str, tuple[int, int, int]] = {}
     for i, layer in enumerate(layers):
@@ -297,6 +380,9 @@ def encode_batch(
             tokens, grid = pool_tokens(tokens, grid, features.token_grid, features.temporal_pool)
             arrays[f"L{i}.tokens"] = tokens.to(torch.float16).cpu().numpy()
         grids[name] = grid
+    if stages is not None:
+        stages.forward += forward_end - start
+        stages.pooling += time.perf_counter() - forward_end
     return arrays, grids
 
 

@@ -25,6 +25,11 @@ the same sample both commit it; which copy is served is fixed (earliest commit).
 weights, model config, extraction points and preprocessing but not the torch build or hardware, so the
 two copies are bitwise equal on identical software and hardware, and may differ in the last bits
 otherwise (the served copy is still the same for everyone). Commit order follows the writers' clocks.
+
+Concurrent extractions split the work through claims (features/claims.py) kept in the mirror, with local file
+locks: processes on one machine never extract a sample twice, but an object store offers no lock, so processes on
+different machines do not see each other's claims and may both extract a sample, with the outcome above (correct,
+only duplicated work).
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from filelock import FileLock
 from fsspec.core import url_to_fs
 
 from fmprobe.errors import FmprobeError
@@ -83,6 +89,8 @@ class RemoteFeatureStore(FeatureStore):
         self.store_tokens = bool(description["features"]["store_tokens"])
         for folder in ("commits", "blobs"):
             (mirror / folder).mkdir(parents=True, exist_ok=True)
+        self.claims_dir = mirror / "claims"  # claims reach the processes of this machine only (see the module doc)
+        self.claims_lock = FileLock(mirror / ".lock")
         config = f"{self._path}/config.json"
         if not self.fs.exists(config):  # identical content for a key: concurrent writers cannot disagree
             self.fs.pipe_file(config, json.dumps(description, indent=2).encode())
@@ -111,9 +119,10 @@ class RemoteFeatureStore(FeatureStore):
                 except OSError:  # tidying only: a reader without delete rights still reads
                     pass
 
-    def _metas(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Committed shards in commit order; markers are fetched once (in one batch) into the mirror."""
-        names = self._commit_names()
+    def committed(self, skip: Container[str] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Committed shards not named in ``skip``, in commit order; markers are fetched once (in one batch) into
+        the mirror."""
+        names = [n for n in self._commit_names() if n not in skip]
         local = self.mirror / "commits"
         missing = [n for n in names if not (local / f"{n}.json").is_file()]
         if missing:

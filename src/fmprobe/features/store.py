@@ -7,6 +7,7 @@ Layout of ``<cache_dir>/<key>/``::
                            L<i>.mean.npy [n, D] f32, L<i>.cls.npy [n, D] f32 (if the encoder has a CLS),
                            L<i>.tokens.npy [n, Ntok, D] f16 (if features.store_tokens); i indexes config layers
     tmp-<uuid>/ + .lock    a shard being written; renamed to shard-<n> when complete
+    claims/                batches claimed by running extractions (features/claims.py)
 
 A shard is written in a temp dir and renamed under the store lock, so readers never see half a shard and
 two processes never take the same number. A temp dir whose lock nobody holds was left by a killed
@@ -21,8 +22,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +62,8 @@ class FeatureStore:
         self.layers: list[str] = list(description["layers"])
         self.store_tokens: bool = bool(description["features"]["store_tokens"])
         self._lock = FileLock(self.root / ".lock")
+        self.claims_dir = self.root / "claims"
+        self.claims_lock = self._lock  # claims are taken and dropped under the lock that numbers shards
         with self._lock:
             self._discard_partial()
             config = self.root / "config.json"
@@ -92,15 +97,17 @@ class FeatureStore:
             os.rename(tmp, final)
         return final
 
-    def _metas(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(shard name, meta) of every committed shard, in the order that decides duplicates (first wins)."""
+    def committed(self, skip: Container[str] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(shard name, meta) of every committed shard not named in ``skip``, in the order that decides duplicates
+        (first wins)."""
         for shard in self._shards():
-            yield shard.name, json.loads((shard / "meta.json").read_text())
+            if shard.name not in skip:
+                yield shard.name, json.loads((shard / "meta.json").read_text())
 
     def scan(self) -> StoreIndex:
         """Read every shard's meta: where each sample's row is, and which samples were skipped."""
         index = StoreIndex()
-        for name, meta in self._metas():
+        for name, meta in self.committed():
             index.metas[name] = meta
             for row, key in enumerate(zip(meta["sample_ids"], meta["fingerprints"])):
                 index.rows.setdefault(key, (name, row))
@@ -162,7 +169,11 @@ class StoreIndex:
 
 
 class ShardWriter:
-    """Buffers at most ``shard_size`` samples, then writes them as one shard: memory stays bounded."""
+    """Buffers at most ``shard_size`` samples, then writes them as one shard in a background thread while the
+    caller goes on encoding. One shard is written while the next one fills, so memory stays bounded (two shards)
+    and shards are committed in the order they were filled; :meth:`after_commit` tells when rows are stored. Use
+    it as a context manager: leaving it writes what is buffered and waits for every write, also on errors (what
+    was computed is kept)."""
 
     def __init__(self, store: FeatureStore, shard_size: int):
         self.store = store
@@ -172,7 +183,18 @@ class ShardWriter:
         self._fingerprints: list[str] = []
         self._skipped: list[tuple[str, str, str]] = []
         self._grids: dict[str, tuple[int, int, int]] = {}
-        self.committed = 0
+        self._callbacks: list[Callable[[], None]] = []  # to run once the buffered rows are committed
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fmprobe-shard-writer")
+        self._writes: list[Future[None]] = []
+        self.committed = 0  # rows committed (counted by the writer thread; read them after close)
+        self.write_seconds = 0.0  # spent writing shards (in the background)
+        self.wait_seconds = 0.0  # the caller blocked on a write still running (memory bound)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def add(
         self,
@@ -203,13 +225,21 @@ class ShardWriter:
             self._fingerprints.extend(fingerprints[start : start + take])
             start += take
             if len(self._ids) == self.shard_size:
-                self.flush()
+                self.submit()
 
     def skip(self, sample_id: str, fingerprint: str, reason: str) -> None:
         self._skipped.append((sample_id, fingerprint, reason))
 
-    def flush(self) -> None:
-        """Write what is buffered as one shard (atomically), if anything is."""
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in the writer thread once every row added and every skip recorded so far is committed,
+        or failed to be (the error is raised by the next :meth:`submit`, :meth:`flush` or :meth:`close`)."""
+        if self._ids or self._skipped:
+            self._callbacks.append(callback)
+        else:  # all of it was handed to the writer already: run after those writes
+            self._writes.append(self._thread.submit(callback))
+
+    def submit(self) -> None:
+        """Hand what is buffered (if anything) to the background writer, without waiting for it."""
         n = len(self._ids)
         if n == 0 and not self._skipped:
             return
@@ -221,9 +251,40 @@ class ShardWriter:
             "skipped": [list(s) for s in self._skipped],
         }
         arrays = {file: buffer[:n] for file, buffer in self._buffers.items()} if n else {}
-        self.store.write_shard(arrays, meta)
-        self.committed += n
-        self._ids, self._fingerprints, self._skipped, self._grids = [], [], [], {}
+        self._wait()  # the previous shard is written before this one: two buffers at most
+        self._writes.append(self._thread.submit(self._write, arrays, meta, self._callbacks))
+        self._buffers = {}  # the write owns these now
+        self._ids, self._fingerprints, self._skipped, self._grids, self._callbacks = [], [], [], {}, []
+
+    def flush(self) -> None:
+        """Write what is buffered and wait until every shard is committed."""
+        self.submit()
+        self._wait()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._thread.shutdown(wait=True)
+
+    def _write(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], callbacks: list[Callable[[], None]]) -> None:
+        start = time.perf_counter()
+        try:
+            self.store.write_shard(arrays, meta)
+            self.committed += len(meta["sample_ids"])
+        finally:
+            self.write_seconds += time.perf_counter() - start
+            for callback in callbacks:
+                callback()
+
+    def _wait(self) -> None:
+        """Wait for every submitted task; raise the first error."""
+        start = time.perf_counter()
+        try:
+            while self._writes:
+                self._writes.pop(0).result()
+        finally:
+            self.wait_seconds += time.perf_counter() - start
 
 
 @dataclass

@@ -136,7 +136,7 @@ def head_run(exp: Experiment, task: ResolvedTask, name: str, seed: int, fit: Fit
         head=name, seed=seed, best_epoch=fit.best_epoch, best_val_score=fit.best_val_score,
         stopped_early=fit.stopped_early, curves=fit.curves, scores=scores,
         thresholds=None if thresholds is None else [float(t) for t in np.atleast_1d(thresholds)],
-        loss_info=loss_info, trainable_params=trainable, checkpoint_dir=ckpt_dir,
+        loss_info=loss_info, trainable_params=trainable, checkpoint_dir=ckpt_dir, last_epoch=fit.last_epoch,
     )  # fmt: skip
 
 

@@ -37,7 +37,7 @@ def headline_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 "sd": test["sd"].get(metric),
                 "ci": ci,
                 "baseline": metrics["baseline"]["test"].get(metric),
-                "flags": [f["name"] for f in h["flags"]],
+                "flags": [f["name"] for f in h["flags"] if f["severity"] != "info"],  # info casts no doubt
                 "selected": head == metrics["selection"]["best_head"],
             })
         if "segmentation" in h:  # adapted: the decoder trained jointly with this head
@@ -103,7 +103,7 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
     for line in parameter_lines(metrics) + grid_lines(metrics):
         console.print(line)
     for flag in metrics["flags"]:
-        colour = "red" if flag["severity"] == "error" else "yellow"
+        colour = {"error": "red", "warning": "yellow"}.get(flag["severity"], "cyan")
         console.print(f"[{colour}]flag {flag['name']}[/] ({flag.get('head', 'run')}): {flag['message']}")
     if split.get("group_overlap"):
         console.print(f"[bold red]groups overlap across splits (allowed by config): {len(split['group_overlap'])}[/]")
@@ -132,3 +132,16 @@ def head_label(row: dict[str, Any]) -> str:
 
 SEG_NOTE = ("seg mIoU: test mean [CI] of the run's segmentation decoder (a frozen run has one decoder on the "
             "backbone's tokens, shared by every head)")
+
+
+def comparison_lines(result: dict[str, Any]) -> list[str]:
+    """``fmprobe compare``'s answer in words: A's and B's scores, their difference with its CI and p-value."""
+    metric, level = result["metric"], int(result["ci_level"] * 100)
+    lines = [f"{side} {result[side]['run']} · {result[side]['head']}: {metric} {fmt(result[side]['value'])} "
+             f"(mean over {result[side]['members']} members)" for side in ("a", "b")]
+    lines.append(f"A − B = {fmt(result['diff'])}, {level}% CI [{fmt(result['lo'])}, {fmt(result['hi'])}], "
+                 f"p = {fmt(result['p_value'])} (paired bootstrap over {result['n_test']} test samples, "
+                 f"{result['resampled']} resampled)")
+    if result["identical_outputs"]:
+        lines.append("identical outputs: A and B predict the same test scores, so they cannot differ")
+    return lines

@@ -77,10 +77,12 @@ def epoch_series(curves: pd.DataFrame) -> list[tuple[str, int, float]]:
 
 
 def tags(metrics: dict[str, Any], run_dir: Path) -> dict[str, str]:
+    """The run's tags; ``fmprobe.flags`` names its concerns (an info flag such as ``reproduced`` casts no doubt,
+    as in every flags column)."""
     return {
         "fmprobe.run_dir": str(run_dir),
         "fmprobe.config_hash": metrics["config_hash"],
         "fmprobe.task": metrics["task"]["type"],
         "fmprobe.selected_head": metrics["selection"]["best_head"],
-        "fmprobe.flags": ", ".join(sorted({f["name"] for f in metrics["flags"]})) or "none",
+        "fmprobe.flags": ", ".join(sorted({f["name"] for f in metrics["flags"] if f["severity"] != "info"})) or "none",
     }

@@ -147,6 +147,7 @@ class Fit:
     best_val_score: float  # NaN without a scorer
     curves: list[dict[str, float]]  # one row per epoch the member trained in
     stopped_early: bool
+    last_epoch: int  # the last epoch the plan allowed, numbered as best_epoch: best == last may not have converged
 
 
 @dataclass
@@ -227,8 +228,8 @@ def fit(members: Members, source: BatchSource, scorer: Scorer | None, plan: FitP
     best_states = members.member_states(best)
     _restore(best, members)
     curves = _curves(epochs, n)
-    fits = [Fit(best_states[h], last[h], int(best_epoch[h]), float(best_score[h]), curves[h], bool(stopped[h]))
-            for h in range(n)]  # fmt: skip
+    fits = [Fit(best_states[h], last[h], int(best_epoch[h]), float(best_score[h]), curves[h], bool(stopped[h]),
+                plan.epoch_offset + plan.epochs) for h in range(n)]  # fmt: skip
     pick = best_score if scorer is None or not scorer.lower_is_better else -best_score
     chosen = int(np.argmax(np.where(np.isnan(pick), -np.inf, pick)))
     return FitResult(fits, list(members.names), chosen)
