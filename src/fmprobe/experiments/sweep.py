@@ -202,27 +202,17 @@ def _extract_task(exp: Experiment) -> dict[str, Any]:
 def _run_task(exps: list[Experiment]) -> list[dict[str, Any]]:
     """Arms of one ``shared_training`` key: one run alone, several through ``run_arms`` (inputs loaded once,
     heads trained together, each run's results as it gets them alone); when their shared work fails, each arm
-    alone, so every arm records its own outcome (one diverging learning rate does not fail the others). Heads
-    on cached features train with one torch thread: their tensors are small and extra threads only add
-    synchronisation (one benchmark run: 6 s with 1 thread, 36 s with 2 on 2 busy cores)."""
-    import torch
-
+    alone, so every arm records its own outcome (one diverging learning rate does not fail the others)."""
     from fmprobe.experiments.run import run_arms
 
-    threads = torch.get_num_threads()
-    if all(exp.adapt.strategy == "frozen" for exp in exps):
-        torch.set_num_threads(1)
-    try:
-        outcomes = None
-        if len(exps) > 1:
-            try:
-                outcomes = run_arms(exps)
-            except Exception:  # the arms run alone below and each reports its own error
-                outcomes = None
-        if outcomes is None:
-            outcomes = [_run_alone(exp) for exp in exps]
-    finally:
-        torch.set_num_threads(threads)
+    outcomes = None
+    if len(exps) > 1:
+        try:
+            outcomes = run_arms(exps)
+        except Exception:  # the arms run alone below and each reports its own error
+            outcomes = None
+    if outcomes is None:
+        outcomes = [_run_alone(exp) for exp in exps]
     return [{"error": describe_error(o), "run_dir": None} if isinstance(o, Exception)
             else {"error": None, "run_dir": str(o.run_dir)} for o in outcomes]  # fmt: skip
 

@@ -19,6 +19,7 @@ import torch
 
 from fmprobe.atomic import atomic_path
 from fmprobe.config import Experiment
+from fmprobe.devices import one_thread
 from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import tune_thresholds
@@ -92,9 +93,9 @@ def train_arms(exps: list[Experiment], task: ResolvedTask, features: FeatureSet,
 def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, BankMember]], bool]],
                   task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
                   targets: dict[str, np.ndarray], checkpoint_roots: list[Path | None]) -> list[ProbeResults]:  # fmt: skip
-    """Per group of (arm, member) reading one input, and per seed, one HeadBank (fused or not) of the members;
-    each arm's HeadRuns in its own ProbeResults. The training settings other than lr / weight decay are the
-    first arm's (the same for all: ``shared_training``)."""
+    """Per group of (arm, member) reading one input, and per seed, one HeadBank (fused or not) of the members, on
+    one CPU thread; each arm's HeadRuns in its own ProbeResults. The training settings other than lr / weight
+    decay are the first arm's (the same for all: ``shared_training``)."""
     exp = exps[0]
     results = [ProbeResults() for _ in exps]
     fitting = [FitTargets.for_task(task, targets, r) for r in results][0]  # each arm records it; one serves all
@@ -107,11 +108,13 @@ def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, Ban
         unique = len(exps) > 1  # bank members need distinct names across arms
         bank_members = [replace(m, name=f"{i}:{m.name}") if unique else m for i, m in group]
         for seed in exp.train.seeds:
-            fitted, bank = fit_heads(bank_members, HeadData(inputs["train"], fitting.targets["train"]),
-                                     HeadData(inputs["val"], fitting.targets["val"]), in_dim=inputs["train"].shape[-1],
-                                     out_dim=task.out_dim, task_type=task.type, loss=loss, cfg=exp.train, seed=seed,
-                                     scorer=fitting.scorer(task, loss), fuse=fuse)  # fmt: skip
-            scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
+            with one_thread():
+                fitted, bank = fit_heads(bank_members, HeadData(inputs["train"], fitting.targets["train"]),
+                                         HeadData(inputs["val"], fitting.targets["val"]),
+                                         in_dim=inputs["train"].shape[-1], out_dim=task.out_dim, task_type=task.type,
+                                         loss=loss, cfg=exp.train, seed=seed, scorer=fitting.scorer(task, loss),
+                                         fuse=fuse)  # fmt: skip
+                scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
             for h, (i, member) in enumerate(group):
                 trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)
                 results[i].runs.append(head_run(exps[i], task, member.name, seed, fitted.fits[h],
