@@ -20,6 +20,22 @@ def test_demo_dataset_is_informative_and_grouped(tmp_path):
     assert (z.groupby(df["group"]).nunique() == 1).all()
 
 
+def test_demo_volumes_are_nilearn_s_templates_bit_for_bit():
+    """The demo reads nilearn's template files without importing nilearn.datasets; the arrays must be what its
+    loaders give (rescaled float32 maps, the mask of the rescaled T1 above 0.2)."""
+    import numpy as np
+    from nilearn import datasets
+
+    from fmprobe.demo.dataset import _load_volumes
+
+    t1, gm, wm, mask = _load_volumes()
+    expected = [np.asarray(fn(resolution=1).dataobj, dtype=np.float32) for fn in (
+        datasets.load_mni152_template, datasets.load_mni152_gm_template, datasets.load_mni152_wm_template)]
+    for got, want in zip((t1, gm, wm), expected):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert np.array_equal(mask, np.asarray(datasets.load_mni152_brain_mask(resolution=1).dataobj) > 0)
+
+
 @pytest.mark.slow
 def test_demo_probes_beat_their_baselines_on_test(tmp_path):
     from fmprobe.demo.run import run_demo

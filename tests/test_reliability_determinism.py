@@ -1,7 +1,8 @@
 """Determinism: the same config and seeds give the same metrics.json, predictions and checkpoints on CPU.
 
 The first run extracts features and the second is served from the cache, so this also checks that cached
-features train exactly like fresh ones. Only ``wall_seconds`` may differ (see fault_injection.comparable_metrics).
+features train exactly like fresh ones. Only ``wall_seconds`` may differ, and each run's ``reproduced`` flag names
+the other (see fault_injection.comparable_metrics).
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ def test_two_runs_of_one_config_write_identical_results(tmp_path):
     second = run_experiment(load_config(config), progress=False).run_dir
     assert first != second
 
-    a, b = (json.loads((d / "metrics.json").read_text()) for d in (first, second))
-    assert {k for k in a if a[k] != b.get(k)} <= {"wall_seconds", "timing"} and a.keys() == b.keys()
-    assert not [f for f in b["flags"] if f["name"] == "identical_predictions"]  # same config: not a warning
+    assert fi.comparable_metrics(first) == fi.comparable_metrics(second)
+    for run, other in ((first, second), (second, first)):  # same config, same outputs: a reproduction, no error
+        flags = json.loads((run / "metrics.json").read_text())["flags"]
+        assert not [f for f in flags if f["name"] == "identical_predictions"]
+        assert all(f"{other.name}/" in " ".join(f["details"]["identical"]) for f in flags if f["name"] == "reproduced")
+        assert {f["head"] for f in flags if f["name"] == "reproduced"} == set(fi.comparable_metrics(run)["heads"])
     pd.testing.assert_frame_equal(pd.read_parquet(first / "predictions.parquet"),
                                   pd.read_parquet(second / "predictions.parquet"))
     pd.testing.assert_frame_equal(pd.read_parquet(first / "curves.parquet"), pd.read_parquet(second / "curves.parquet"))

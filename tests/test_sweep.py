@@ -202,19 +202,60 @@ def test_sweep_report_draws_one_label_efficiency_curve_per_backbone_and_head(tmp
         assert x == [0.5, 1.0] and all(lo_ <= m <= hi_ for m, lo_, hi_ in zip(mean, lo, hi))
 
 
-def test_an_arm_failing_in_training_is_recorded_in_its_run_and_rerun_anew(tmp_path, monkeypatch):
+def test_arms_trained_together_match_each_arm_run_alone_bit_for_bit(tmp_path, monkeypatch):
+    """Arms differing in head type and learning rate (each with a second head on another input) train in one
+    process and one HeadBank pass per input and seed; every run's metrics, predictions and curves equal its run
+    alone, to the bit, early stopping included."""
+    import pandas as pd
+
     import fmprobe.experiments.run as run_module
-    from fmprobe.experiments.index import run_statuses
+    from fmprobe.experiments.run import run_experiment
 
     write_base(tmp_path)
-    real = run_module.train_heads
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["train"]["early_stopping"] = {"patience": 1}
+    base["heads"].append({"type": "mlp", "name": "wide", "hidden": 24, "pooling": "cls"})
+    base["train"]["epochs"] = 5
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    grid = {"heads.0.type": ["linear", "mlp"], "train.lr": [0.01, 0.2]}
+    batches = []
+    real = run_module.train_arms
+    monkeypatch.setattr(run_module, "train_arms", lambda exps, *a: batches.append(len(exps)) or real(exps, *a))
+    result = run_sweep(_sweep(tmp_path, grid), workers=1)
+    assert batches == [4] and [p.status for p in result.points] == ["ran"] * 4  # one batch of every arm
 
-    def fails_at_high_lr(exp, *args, **kwargs):
-        if exp.train.lr > 0.04:
+    def metrics(run_dir):  # run ids (a time stamp each) name the twins in flags: the one difference allowed
+        text = re.sub(r"\d{8}-\d{6}-", "RUN-", (run_dir / "metrics.json").read_text())
+        return {k: v for k, v in json.loads(text).items() if k != "wall_seconds"}
+
+    alone_dir = tmp_path / "alone"  # in the sweep's order: each run is compared with the same other runs
+    alone_runs = [run_experiment(p.exp.model_copy(update={"runs_dir": str(alone_dir)}), progress=False).run_dir
+                  for p in result.points]  # fmt: skip
+    for point, alone in zip(result.points, alone_runs):
+        together = point.run_dir
+        assert metrics(alone) == metrics(together), point.values
+        for table in ("predictions.parquet", "curves.parquet"):
+            pd.testing.assert_frame_equal(pd.read_parquet(alone / table), pd.read_parquet(together / table),
+                                          check_exact=True)
+    curves = [pd.read_parquet(p.run_dir / "curves.parquet") for p in result.points]
+    epochs = {n for c in curves for n in c.groupby(["head", "seed"]).size()}
+    assert len(epochs) > 1  # members stopped at different epochs: some sat out while others of their bank trained
+
+
+def test_an_arm_failing_in_training_is_recorded_in_its_run_and_rerun_anew(tmp_path, monkeypatch):
+    from fmprobe.experiments.index import run_statuses
+
+    import fmprobe.probes.frozen as frozen
+
+    write_base(tmp_path)
+    real = frozen.fit_heads
+
+    def fails_at_high_lr(members, *args, **kwargs):  # the arms train together first, then alone
+        if any(m.lr > 0.04 for m in members):
             raise RuntimeError("diverged")
-        return real(exp, *args, **kwargs)
+        return real(members, *args, **kwargs)
 
-    monkeypatch.setattr(run_module, "train_heads", fails_at_high_lr)
+    monkeypatch.setattr(frozen, "fit_heads", fails_at_high_lr)
     path = _sweep(tmp_path, {"train.lr": [0.01, 0.05]})
     with pytest.raises(FmprobeError, match="1 of 2 sweep runs failed"):
         run_sweep(path, workers=1)
@@ -226,7 +267,7 @@ def test_an_arm_failing_in_training_is_recorded_in_its_run_and_rerun_anew(tmp_pa
     error = next(r["error"] for r in record["runs"] if r["status"] == "failed")
     assert failed["run_dir"] in error  # the sweep names the failed run's directory
 
-    monkeypatch.setattr(run_module, "train_heads", real)
+    monkeypatch.setattr(frozen, "fit_heads", real)
     again = run_sweep(path, workers=1)
     assert sorted(p.status for p in again.points) == ["done", "ran"]  # the failed arm runs again, in a new directory
     rerun = next(p.run_dir for p in again.points if p.status == "ran")

@@ -10,12 +10,15 @@ so no slice is ever on two sides of a split.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from fmprobe.errors import FmprobeError
 
 TISSUES = ("grey_matter", "white_matter", "outside_brain")
 
@@ -32,17 +35,45 @@ class DemoDatasetSpec:
     presence: tuple[float, float, float] = (0.30, 0.15, 0.45)
 
 
+# nilearn's MNI152 ICBM 2009a files (its wheel's datasets/data folder), as load_mni152_*_template(resolution=1) reads them
+MNI152_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+BRAIN_MASK_THRESHOLD = 0.2  # nilearn's load_mni152_brain_mask: the rescaled T1 template above 0.2
+
+
+def mni152_file(key: str) -> Path:
+    """A template file in the installed nilearn, found without importing nilearn (``nilearn.datasets`` imports
+    scikit-learn, joblib and its whole image stack: as long as the rest of the demo's imports together)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FmprobeError("the demo's brain patches come from the MNI152 template in nilearn, which is not installed; "
+                           "run `pip install nilearn`")  # fmt: skip
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "datasets" / "data" / MNI152_FILES[key]
+        if path.is_file():
+            return path
+    raise FmprobeError(f"the installed nilearn has no datasets/data/{MNI152_FILES[key]}; reinstall it with "
+                       "`pip install --force-reinstall nilearn`")  # fmt: skip
+
+
+def _template(key: str) -> np.ndarray:
+    """A template rescaled to [0, 1] in float32, as nilearn's ``load_mni152_*_template(resolution=1)`` gives it."""
+    import nibabel as nib
+
+    data = np.asanyarray(nib.load(mni152_file(key)).dataobj).astype("float32")
+    data /= data.max()
+    return data
+
+
 def _load_volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from nilearn import datasets
-
-    def load(fn) -> np.ndarray:
-        return np.asarray(fn(resolution=1).dataobj, dtype=np.float32)
-
-    t1 = load(datasets.load_mni152_template)
-    gm = load(datasets.load_mni152_gm_template)
-    wm = load(datasets.load_mni152_wm_template)
-    mask = load(datasets.load_mni152_brain_mask) > 0
-    return t1, gm, wm, mask
+    """T1, grey-matter and white-matter probability maps, and the brain mask (a test checks them against
+    nilearn's loaders)."""
+    t1 = _template("t1")
+    mask = t1 > BRAIN_MASK_THRESHOLD
+    return t1, _template("gm"), _template("wm"), mask
 
 
 def build_demo_dataset(out_dir: str | Path, spec: DemoDatasetSpec = DemoDatasetSpec()) -> Path:

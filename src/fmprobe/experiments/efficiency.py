@@ -106,7 +106,7 @@ def efficiency_points(exp: Experiment, task: ResolvedTask, features: FeatureSet,
     budgets = draw_budgets(exp, task, split)
     points = []
     for head in exp.heads:
-        inputs = head_tensors(features, split.ids, head, [head.name], ProbeResults())
+        inputs = head_tensors(features, split.ids, head)
         points += head_points(exp, task, head, inputs, split, budgets, full)
     return points
 

@@ -12,7 +12,9 @@ runs' files.
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,12 +45,12 @@ from fmprobe.experiments.params import backbone_parameters, record_parameters
 from fmprobe.experiments.runner_up import compare_runner_up
 from fmprobe.experiments.splitting import resolve_folds
 from fmprobe.experiments.status import describe_error, write_status
-from fmprobe.features.extract import extract_features
+from fmprobe.features.extract import Tick, extract_features
 from fmprobe.features.keys import remembered_identity
 from fmprobe.features.remote import local_cache_dir
 from fmprobe.features.store import FeatureSet
 from fmprobe.probes.fitted import check_fitted
-from fmprobe.probes.frozen import member_groups, train_heads
+from fmprobe.probes.frozen import member_groups, train_arms, train_heads
 from fmprobe.probes.grid import check_grid, select_members
 from fmprobe.probes.segmentation import check_segmentation, segment_frozen
 from fmprobe.report.html import write_run_report
@@ -106,6 +108,42 @@ class _Stage:
             raise
 
 
+@dataclass
+class RunInputs:
+    """What a run reads: the manifest, its folds, the cached features and each fold's split data. Runs on the same
+    data, task, split and features read the same inputs (a sweep's arms load them once: ``run_arms``)."""
+
+    manifest: Manifest
+    folds: list[tuple[pd.DataFrame, dict]]  # (manifest rows with their split, split info) per fold
+    backbone_params: int | None
+    features: FeatureSet | None = None
+    data: list[SplitData] | None = None  # per fold, the extracted samples
+
+
+def checked_inputs(exp: Experiment) -> tuple[RunInputs, Encoder | None]:
+    """Manifest and splits, after every check that needs no extraction; the encoder if counting its parameters
+    loaded it."""
+    manifest = load_manifest(exp.data, exp.task)
+    check_targets_vary(manifest)  # before any extraction
+    folds = resolve_folds(manifest, exp.task, exp.split)
+    if len(folds) > 1 and exp.adapt.strategy != "frozen":
+        raise ConfigError("split.mode kfold runs frozen probes only; use split.mode generate with adapt strategies")
+    check_segmentation(exp)
+    check_grid(exp)
+    check_fitted(exp)
+    check_efficiency(exp)
+    backbone_params, encoder = backbone_parameters(exp)  # frozen: memoised; the encoder if it had to be loaded
+    return RunInputs(manifest, folds, backbone_params), encoder
+
+
+def load_features(exp: Experiment, inputs: RunInputs, encoder: Encoder | None, progress: Tick | None) -> None:
+    """The cached features (extracting what is missing; ``progress(done, total)`` after every batch) and each
+    fold's split data, into ``inputs``."""
+    inputs.features = extract_features(exp, inputs.manifest, encoder, progress=progress)
+    extracted = set(inputs.features.sample_ids)
+    inputs.data = [_split_data(df[df["sample_id"].isin(extracted)], inputs.manifest) for df, _ in inputs.folds]
+
+
 def run_experiment(exp: Experiment, *, progress: bool | Progress = True) -> RunResult:
     """``progress``: draw progress and estimates on stdout (True), nothing (False), or on a given display."""
     started = time.perf_counter()
@@ -118,17 +156,8 @@ def run_experiment(exp: Experiment, *, progress: bool | Progress = True) -> RunR
     else:
         clock = RunClock(Progress.off(), exp.name)
     clock.phase("prepare")
-    manifest = load_manifest(exp.data, exp.task)
-    check_targets_vary(manifest)  # before any extraction
-    folds = resolve_folds(manifest, exp.task, exp.split)
-    if len(folds) > 1 and exp.adapt.strategy != "frozen":
-        raise ConfigError("split.mode kfold runs frozen probes only; use split.mode generate with adapt strategies")
-    check_segmentation(exp)
-    check_grid(exp)
-    check_fitted(exp)
-    check_efficiency(exp)
-    backbone_params, encoder = backbone_parameters(exp)  # frozen: memoised; the encoder if it had to be loaded
-    warning = upsampling_warning(exp, manifest, input_spec(exp, encoder)) if distributed.is_main() else None
+    inputs, encoder = checked_inputs(exp)
+    warning = upsampling_warning(exp, inputs.manifest, input_spec(exp, encoder)) if distributed.is_main() else None
     if warning:
         clock.display.line(f"warning: {warning}")
 
@@ -139,76 +168,142 @@ def run_experiment(exp: Experiment, *, progress: bool | Progress = True) -> RunR
             write_text(run_dir / "config.resolved.yaml", dump_config(exp))
         stage.name = "extract"
         clock.phase("extract")
-        features = extract_features(exp, manifest, encoder, progress=clock.extraction(exp.name))
-        extracted = set(features.sample_ids)
-        data = [_split_data(df[df["sample_id"].isin(extracted)], manifest) for df, _ in folds]
-        split, split_info = data[0], folds[0][1]
+        load_features(exp, inputs, encoder, clock.extraction(exp.name))
+        assert inputs.data is not None
         stage.name = "train"
-        task = ResolvedTask.from_config(exp.task, manifest.class_names)
+        task = ResolvedTask.from_config(exp.task, inputs.manifest.class_names)
         clock.phase("train")
-        clock.plan_training(training_plan(exp, task, len(data)))
-        results = _train(exp, task, features, folds, data, extracted, run_dir, clock)
+        clock.plan_training(training_plan(exp, task, len(inputs.data)))
+        results = _train(exp, task, inputs, run_dir, clock)
         if not distributed.is_main():  # process 0 alone writes the run
             return distributed.broadcast_object(None)
         if wanted(exp):  # every head again on labelled subsets of the training split
-            results.efficiency = efficiency_points(exp, task, features, split, results)
-        stage.name = "evaluate"
-        grid_record = None
-        if exp.train.grid is not None:  # per head, the member with the best mean validation score over seeds
-            results, grid_record = select_members(exp, task, results, split)
-        record_parameters(exp, results, run_dir, backbone_params)
-        if len(data) > 1:
-            split_info = {**split_info, "fold": None, "fold_sizes": [info["sizes"] for _, info in folds]}
-        clock.phase("evaluate")
-        evaluation = clock.display.step(f"evaluate {exp.name}", "heads", len(exp.heads))
-        metrics = summarise_run(
-            exp, task, results, split, split_info=split_info, skipped=features.skipped, config_hash=config_hash(exp),
-            head_identities=head_identities(exp), identity_version=IDENTITY_VERSION, grid=grid_record,
-            wall_seconds=time.perf_counter() - started,
-            on_head=lambda done, total: evaluation.update(done, total, detail=f"{exp.eval.bootstrap} bootstrap "
-                                                                              "resamples"),
-        )  # fmt: skip
-        runner_up = compare_runner_up(exp, task, results, split, metrics)
-        if runner_up is not None:
-            metrics["selection"]["runner_up"] = runner_up
-        evaluation.finish("bootstrap CIs, baselines, flags")
-        stage.name = "write"
-        curves = _write_outputs(run_dir, exp, task, results, split, metrics, clock)
-        stage.name = "tracking"
-        log_run(exp, run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
-        write_status(run_dir, "finished", config_hash=config_hash(exp))
+            results.efficiency = efficiency_points(exp, task, inputs.features, inputs.data[0], results)
+        metrics = _finish(exp, task, inputs, results, stage, started, clock)
     return distributed.broadcast_object(RunResult(run_dir=run_dir, metrics=check_twins(exp, run_dir, metrics)))
 
 
-def _train(exp: Experiment, task: ResolvedTask, features: FeatureSet, folds: list, data: list[SplitData],
-           extracted: set[str], run_dir: Path, clock: RunClock) -> ProbeResults:  # fmt: skip
+def run_arms(exps: list[Experiment]) -> list[RunResult | Exception]:
+    """Runs of one ``probes.frozen.shared_training`` key (arms of a sweep) in one process: their inputs loaded
+    once, their heads trained together (``probes.frozen.train_arms``), then each run finished, in order, as
+    ``run_experiment`` finishes it, with the same metrics bit for bit (each arm is compared with the arms before
+    it, as runs one after the other would be). An arm's ``wall_seconds`` counts from the start of the shared work.
+
+    A failure of the shared work raises before any run directory exists (checkpoints wait in a staging folder),
+    so the caller can run the arms alone and each record its own outcome; a failure while finishing an arm is
+    recorded in its run and returned in its place."""
+    started = time.perf_counter()
+    inputs, encoder = checked_inputs(exps[0])
+    load_features(exps[0], inputs, encoder, None)
+    assert inputs.features is not None and inputs.data is not None
+    task = ResolvedTask.from_config(exps[0].task, inputs.manifest.class_names)
+    staging = Path(exps[0].runs_dir).expanduser() / exps[0].name / f".arms-{uuid.uuid4().hex}"
+    try:
+        results = [ProbeResults() for _ in exps]
+        for k, fold in enumerate(inputs.data):
+            roots = [fold_checkpoints(staging / str(i), k, len(inputs.data)) for i in range(len(exps))]
+            parts = train_arms(exps, task, inputs.features, fold.ids, fold.targets, roots)
+            for arm, part in zip(results, parts):
+                add_fold(arm, part, k, inputs.data)
+        out: list[RunResult | Exception] = []
+        for i, (exp, arm) in enumerate(zip(exps, results)):
+            stage = _Stage(new_run_dir(exp), config_hash(exp))
+            try:
+                with stage.recorded():
+                    write_text(stage.run_dir / "config.resolved.yaml", dump_config(exp))
+                    _adopt_checkpoints(arm, staging / str(i), stage.run_dir)
+                    metrics = _finish(exp, task, inputs, arm, stage, started, RunClock(Progress.off(), exp.name))
+                out.append(RunResult(run_dir=stage.run_dir, metrics=check_twins(exp, stage.run_dir, metrics)))
+            except Exception as err:  # recorded in its run; the other arms go on
+                out.append(err)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _adopt_checkpoints(results: ProbeResults, staged: Path, run_dir: Path) -> None:
+    """Move an arm's checkpoints from the staging folder into its run directory."""
+    if (staged / "checkpoints").exists():
+        (staged / "checkpoints").rename(run_dir / "checkpoints")
+    for run in results.runs:
+        if run.checkpoint_dir is not None:
+            run.checkpoint_dir = run_dir / run.checkpoint_dir.relative_to(staged)
+
+
+def _train(exp: Experiment, task: ResolvedTask, inputs: RunInputs, run_dir: Path, clock: RunClock) -> ProbeResults:
     """Every head x seed (x fold), frozen on the cached features or end to end on pixels; ``clock`` hears every
     epoch (progress and the run's estimate)."""
+    features, folds, data = inputs.features, inputs.folds, inputs.data
+    assert features is not None and data is not None
+    extracted = set(features.sample_ids)
     results = ProbeResults()
     for k, fold in enumerate(data):
         if exp.adapt.strategy == "frozen":
-            ckpt = run_dir / "checkpoints" / (f"fold{k}" if len(data) > 1 else "")
-            part = train_heads(fold_share(exp, k), task, features, fold.ids, fold.targets, ckpt,
-                               on_epoch=clock.on_epoch)  # fmt: skip
+            part = train_heads(fold_share(exp, k), task, features, fold.ids, fold.targets,
+                               fold_checkpoints(run_dir, k, len(data)), on_epoch=clock.on_epoch)  # fmt: skip
             if exp.segmentation is not None and distributed.is_main():  # its own probe on the same cached tokens
-                part.segmentation = segment_frozen(exp, features, folds[0][0], fold.ids, ckpt,
+                part.segmentation = segment_frozen(exp, features, folds[0][0], fold.ids,
+                                                   fold_checkpoints(run_dir, k, len(data)),
                                                    on_epoch=clock.on_epoch)  # fmt: skip
         else:  # end to end on pixels (staged: stage 1 on these cached features); writes adaptation.json
             from fmprobe.adapt.finetune import adapt_heads  # peft and friends: imported only when needed
 
             part = adapt_heads(exp, task, features, folds[0][0][folds[0][0]["sample_id"].isin(extracted)], fold.ids,
                                fold.targets, run_dir, on_epoch=clock.on_epoch)  # fmt: skip
-        if len(data) > 1:
-            for r in part.runs:
-                r.fold, r.data = k, fold
-        results.runs += part.runs
-        results.standardisation.update(part.standardisation)
-        results.segmentation = part.segmentation
-        results.training_inputs = part.training_inputs
+        add_fold(results, part, k, data)
     clock.end_training()
     if exp.adapt.strategy == "frozen":  # several processes: each trained its share of the members
         results = gather_members(exp, results)
     return results
+
+
+def fold_checkpoints(run_dir: Path, fold: int, n_folds: int) -> Path:
+    return run_dir / "checkpoints" / (f"fold{fold}" if n_folds > 1 else "")
+
+
+def add_fold(results: ProbeResults, part: ProbeResults, fold: int, data: list[SplitData]) -> None:
+    """Append one fold's results (tagged with their fold when there are several)."""
+    if len(data) > 1:
+        for r in part.runs:
+            r.fold, r.data = fold, data[fold]
+    results.runs += part.runs
+    results.standardisation.update(part.standardisation)
+    results.segmentation = part.segmentation
+    results.training_inputs = part.training_inputs
+
+
+def _finish(exp: Experiment, task: ResolvedTask, inputs: RunInputs, results: ProbeResults, stage: _Stage,
+            started: float, clock: RunClock) -> dict:  # fmt: skip
+    """Evaluate (grid selection, metrics.json, the runner-up comparison), write the outputs, track; returns the
+    metrics. ``clock`` shows the evaluation's progress and records the phases' timing."""
+    assert inputs.features is not None and inputs.data is not None
+    split, split_info, folds = inputs.data[0], inputs.folds[0][1], inputs.folds
+    stage.name = "evaluate"
+    grid_record = None
+    if exp.train.grid is not None:  # per head, the member with the best mean validation score over seeds
+        results, grid_record = select_members(exp, task, results, split)
+    record_parameters(exp, results, stage.run_dir, inputs.backbone_params)
+    if len(inputs.data) > 1:
+        split_info = {**split_info, "fold": None, "fold_sizes": [info["sizes"] for _, info in folds]}
+    clock.phase("evaluate")
+    evaluation = clock.display.step(f"evaluate {exp.name}", "heads", len(exp.heads))
+    metrics = summarise_run(
+        exp, task, results, split, split_info=split_info, skipped=inputs.features.skipped,
+        config_hash=config_hash(exp), head_identities=head_identities(exp), identity_version=IDENTITY_VERSION,
+        grid=grid_record, wall_seconds=time.perf_counter() - started,
+        on_head=lambda done, total: evaluation.update(done, total, detail=f"{exp.eval.bootstrap} bootstrap "
+                                                                          "resamples"),
+    )  # fmt: skip
+    runner_up = compare_runner_up(exp, task, results, split, metrics)
+    if runner_up is not None:
+        metrics["selection"]["runner_up"] = runner_up
+    evaluation.finish("bootstrap CIs, baselines, flags")
+    stage.name = "write"
+    curves = _write_outputs(stage.run_dir, exp, task, results, split, metrics, clock)
+    stage.name = "tracking"
+    log_run(exp, stage.run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
+    write_status(stage.run_dir, "finished", config_hash=config_hash(exp))
+    return metrics
 
 
 def _write_outputs(run_dir: Path, exp: Experiment, task: ResolvedTask, results: ProbeResults, split: SplitData,

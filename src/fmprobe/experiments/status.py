@@ -11,7 +11,9 @@ The file is one small JSON object::
 ``run_experiment`` writes it when a run fails (then re-raises) and after metrics.json when it finishes. A run
 directory without it is read as ``finished`` when it holds metrics.json (runs written before status.json
 existed) and as ``unfinished`` otherwise (still running, or killed before it could record anything). A failed
-run's directory is never reused: a rerun creates a new one.
+run's directory is never reused: a rerun creates a new one. A run whose status.json says finished but whose
+metrics.json is gone (deleted by hand) has lost its results: it reads as ``unfinished``, with an error saying so,
+and a sweep runs it again.
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ def read_status(run_dir: Path) -> RunStatus:
         except ValueError as err:
             raise FmprobeError(f"'{path}' is not valid JSON ({err}); fmprobe writes it whole, so it was edited: "
                                "restore it or delete it (the run then reads as unfinished)") from None
-        return RunStatus(data["status"], data.get("stage"), data.get("error"), data.get("time"), data.get("config_hash"))
+        status = RunStatus(data["status"], data.get("stage"), data.get("error"), data.get("time"),
+                           data.get("config_hash"))  # fmt: skip
+        if status.status == "finished" and not (run_dir / "metrics.json").exists():
+            return RunStatus("unfinished", error="status.json says finished but metrics.json is gone: its results are "
+                             "lost; run it again", time=status.time, config_hash=status.config_hash)  # fmt: skip
+        return status
     return RunStatus("finished" if (run_dir / "metrics.json").exists() else "unfinished")
 
 

@@ -14,7 +14,10 @@ A sweep file names a base config and a grid of dotted keys (list indices allowed
 Every combination is validated before anything runs. A run is identified by ``config_hash`` and is
 finished when a run directory of that hash is (``experiments.status``): finished runs are skipped, so a killed
 sweep resumes where it stopped, and a failed one is run again in a new directory. Runs sharing a feature-cache entry (same model, data and feature
-settings) are extracted once, first; the runs then train heads on the cached features.
+settings) are extracted once, first; the runs then train heads on the cached features. Frozen runs that differ
+only in their heads (type, pooling, layer...) and learning rate / weight decay train together in one process
+(``run.run_arms``): features loaded once, one HeadBank pass per input and seed, each run's results bit for bit
+those it gets alone.
 """
 
 from __future__ import annotations
@@ -196,28 +199,53 @@ def _extract_task(exp: Experiment) -> dict[str, Any]:
     return {"error": None, "extracted": result.extracted, "cached": result.cached, "seconds": result.seconds}
 
 
-def _run_task(exp: Experiment) -> dict[str, Any]:
-    """One run. Heads on cached features train with one torch thread: their tensors are small and extra
-    threads only add synchronisation (one benchmark run: 6 s with 1 thread, 36 s with 2 on 2 busy cores)."""
-    import torch
+def _run_task(exps: list[Experiment]) -> list[dict[str, Any]]:
+    """Arms of one ``shared_training`` key: one run alone, several through ``run_arms`` (inputs loaded once,
+    heads trained together, each run's results as it gets them alone); when their shared work fails, each arm
+    alone, so every arm records its own outcome (one diverging learning rate does not fail the others)."""
+    from fmprobe.experiments.run import run_arms
 
+    outcomes = None
+    if len(exps) > 1:
+        try:
+            outcomes = run_arms(exps)
+        except Exception:  # the arms run alone below and each reports its own error
+            outcomes = None
+    if outcomes is None:
+        outcomes = [_run_alone(exp) for exp in exps]
+    return [{"error": describe_error(o), "run_dir": None} if isinstance(o, Exception)
+            else {"error": None, "run_dir": str(o.run_dir)} for o in outcomes]  # fmt: skip
+
+
+def _run_alone(exp: Experiment) -> Any:
+    """One run's RunResult, or the exception it failed with (reported per run; the other runs go on)."""
     from fmprobe.experiments.run import run_experiment
 
-    threads = torch.get_num_threads()
-    if exp.adapt.strategy == "frozen":
-        torch.set_num_threads(1)
     try:
-        result = run_experiment(exp, progress=False)
-    except Exception as err:  # reported per run; the other runs go on
-        return {"error": describe_error(err), "run_dir": None}
-    finally:
-        torch.set_num_threads(threads)
-    return {"error": None, "run_dir": str(result.run_dir)}
+        return run_experiment(exp, progress=False)
+    except Exception as err:
+        return err
+
+
+def arm_batches(points: list[SweepPoint], workers: int) -> list[list[SweepPoint]]:
+    """The points that train together (one ``shared_training`` key; the others alone), each batch cut into
+    contiguous parts when there are fewer batches than workers, so every worker has work."""
+    from fmprobe.probes.frozen import shared_training
+
+    batches: dict[Any, list[SweepPoint]] = {}
+    for i, point in enumerate(points):
+        batches.setdefault(shared_training(point.exp) or i, []).append(point)
+    parts = -(-workers // len(batches)) if batches else 1
+    out = []
+    for batch in batches.values():
+        size = -(-len(batch) // min(parts, len(batch)))
+        out += [batch[i : i + size] for i in range(0, len(batch), size)]
+    return out
 
 
 # --- executors ---------------------------------------------------------------------------------------
 
-Task = Callable[[Experiment], dict[str, Any]]
+Task = Callable[[Any], Any]
 
 
 class LocalExecutor:
@@ -227,7 +255,7 @@ class LocalExecutor:
         self.workers = workers
         self.threads = max(1, (os.cpu_count() or 1) // workers)
 
-    def map(self, fn: Task, items: list[Experiment]) -> Iterator[tuple[int, dict[str, Any]]]:
+    def map(self, fn: Task, items: list[Any]) -> Iterator[tuple[int, Any]]:
         if self.workers == 1 or len(items) == 1:
             for i, item in enumerate(items):
                 yield i, fn(item)
@@ -246,8 +274,6 @@ class LocalExecutor:
 class RayExecutor:
     """Ray tasks, on a local Ray instance or the cluster at ``address`` (paths must be shared storage)."""
 
-    workers = None  # Ray places the tasks
-
     def __init__(self, address: str | None):
         try:
             import ray
@@ -256,8 +282,9 @@ class RayExecutor:
         self.ray = ray
         if not ray.is_initialized():
             ray.init(address=address or None)
+        self.workers = int(ray.cluster_resources().get("CPU", 1))
 
-    def map(self, fn: Task, items: list[Experiment]) -> Iterator[tuple[int, dict[str, Any]]]:
+    def map(self, fn: Task, items: list[Any]) -> Iterator[tuple[int, Any]]:
         remote = self.ray.remote(fn)
         refs = {remote.remote(item): i for i, item in enumerate(items)}
         pending = list(refs)
@@ -318,21 +345,22 @@ def run_sweep(
     if firsts:
         step.finish()
 
-    # 2. the runs, on cached features
+    # 2. the runs, on cached features; arms that differ only in their heads train together
     todo = [p for p in pending if p.status == "pending"]
     arms = ArmsProgress(display.step(f"sweep {spec.name}", "arms", len(pending)), len(pending), executor.workers,
                         display.clock)  # fmt: skip
     for _ in range(len(pending) - len(todo)):  # their extraction failed
         arms.record(failed=True)
-    for i, out in executor.map(_run_task, [p.exp for p in todo]):
-        point = todo[i]
-        if out["error"]:
-            point.status, point.error = "failed", out["error"]
-            display.line(f"arm failed: {_label(point)}: {short_error(out['error'])}")
-        else:
-            point.status, point.run_dir = "ran", Path(out["run_dir"])
-            display.line(f"arm done: {_label(point)} -> {point.run_dir}")
-        arms.record(failed=bool(out["error"]))
+    batches = arm_batches(todo, executor.workers)
+    for i, outs in executor.map(_run_task, [[p.exp for p in batch] for batch in batches]):
+        for point, out in zip(batches[i], outs):
+            if out["error"]:
+                point.status, point.error = "failed", out["error"]
+                display.line(f"arm failed: {_label(point)}: {short_error(out['error'])}")
+            else:
+                point.status, point.run_dir = "ran", Path(out["run_dir"])
+                display.line(f"arm done: {_label(point)} -> {point.run_dir}")
+            arms.record(failed=bool(out["error"]))
     if pending:
         arms.step.finish(f"{arms.failed} failed")
 
@@ -356,7 +384,7 @@ class ArmsProgress:
 
     step: Step
     total: int
-    workers: int | None  # parallel arms (None: Ray decides)
+    workers: int  # parallel arms (Ray: the cluster's CPUs)
     clock: Callable[[], float]
     done: int = 0
     failed: int = 0

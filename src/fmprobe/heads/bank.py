@@ -105,7 +105,7 @@ class HeadBank(nn.Module):
         names = [m.name for m in members]
         if len(set(names)) != len(names):
             raise ConfigError(f"HeadBank members need distinct names, got {names}")
-        self.members = members
+        self.members, self.fused = members, fuse
         self.heads = nn.ModuleList(build_head(m.head, in_dim, out_dim) for m in members)
         stacks: list[_Stacked] = []
         if fuse:

@@ -5,12 +5,15 @@ validation and test are then predicted once with the chosen weights. Each seed c
 order and sampling (``train.balanced_sampler``: class-balanced draws); every seed's predictions are kept.
 With ``train.grid`` every head trains as several members (learning rate x weight decay), and the heads reading
 the same input share one HeadBank per seed. Fitted heads (knn, prototype, logreg) are fitted by ``probes.fitted``
-on the same inputs, k / C chosen on validation.
+on the same inputs, k / C chosen on validation. A sweep's arms that differ only in their heads train together
+(``train_arms``), each with its own results.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import torch
 
 from fmprobe.atomic import atomic_path
 from fmprobe.config import FITTED_HEADS, Experiment
+from fmprobe.devices import one_thread
 from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import tune_thresholds
@@ -27,7 +31,7 @@ from fmprobe.features.store import FeatureSet
 from fmprobe.heads.bank import BankMember
 from fmprobe.probes.fitted import fit_subsets, fitted_run
 from fmprobe.probes.grid import grid_members
-from fmprobe.probes.inputs import head_tensors
+from fmprobe.probes.inputs import STANDARDISED, head_tensors
 from fmprobe.probes.targets import TARGETS_NOTE, FitTargets
 from fmprobe.train.core import EpochReport, Fit
 from fmprobe.train.heads import fit_heads, predict_scores
@@ -60,53 +64,127 @@ def member_groups(exp: Experiment) -> list[list[BankMember]]:
     return list(by_input.values()) + alone
 
 
+# What arms may differ in and still train together: their heads and each head's learning rate and weight decay
+# (evaluation settings and names only shape each arm's own record).
+_ARM_SETTINGS: dict[str, Any] = {"name": True, "heads": True, "eval": True, "runs_dir": True, "tracking": True,
+                                 "train": {"lr", "weight_decay"}}  # fmt: skip
+
+
+def shared_training(exp: Experiment) -> str | None:
+    """Runs with the same key train their heads together in :func:`train_arms` and get the results each gets alone;
+    None for a run that trains alone (adaptation, a segmentation probe, ``train.grid``'s fused banks, dropout,
+    whose masks would come from one shared stream, fitted heads and the label-efficiency protocol)."""
+    if (exp.adapt.strategy != "frozen" or exp.segmentation is not None or exp.train.grid is not None
+            or any(h.dropout > 0 or h.type in FITTED_HEADS for h in exp.heads)
+            or exp.train.shots is not None or exp.train.label_fractions is not None):  # fmt: skip
+        return None
+    return json.dumps(exp.model_dump(mode="json", exclude=_ARM_SETTINGS), sort_keys=True)
+
+
+def targets_note(exp: Experiment) -> str:
+    """How a regression run's heads see its targets (trained heads: standardised; fitted heads: as they are)."""
+    trained = [h.name for h in exp.heads if h.type not in FITTED_HEADS]
+    return "; ".join(([f"{', '.join(trained)}: {TARGETS_NOTE}"] if trained else [])
+                     + (["knn, logreg (ridge): the targets as they are"] if len(trained) < len(exp.heads) else []))
+
+
 def train_heads(exp: Experiment, task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
                 targets: dict[str, np.ndarray], checkpoint_root: Path | None = None, *,
                 on_epoch: Callable[[int, EpochReport], None] | None = None) -> ProbeResults:  # fmt: skip
-    """One HeadRun per member and seed (a grid member is named ``<head>/lr<lr>/wd<wd>``), in (group, seed) order;
-    a fitted head is fitted once and its fit repeated for every seed (it is deterministic). ``on_epoch(seed,
-    report)`` hears every epoch of the trained heads.
+    """One HeadRun per member and seed (a grid member is named ``<head>/lr<lr>/wd<wd>``); a fitted head is fitted
+    once and its fit repeated for every seed (it is deterministic). ``on_epoch(seed, report)`` hears every epoch of
+    the trained heads (progress, the run's estimate)."""
+    trained = [members for members in member_groups(exp) if members[0].head.type not in FITTED_HEADS]
+    groups = [([(0, m) for m in members], len(members) > 1) for members in trained]
+    results = _train_groups([exp], groups, task, features, split_ids, targets, [checkpoint_root],
+                            on_epoch=on_epoch)[0]  # fmt: skip
+    for head in exp.heads:
+        if head.type in FITTED_HEADS:
+            inputs = head_tensors(features, split_ids, head)
+            if head.pooling != "attentive":
+                results.standardisation[head.name] = STANDARDISED
+            fitted = fit_subsets(head, task, inputs, targets, [np.arange(len(targets["train"]))], loss_cfg=exp.loss,
+                                 task_cfg=exp.task)[0]  # fmt: skip
+            results.runs += [fitted_run(exp, task, head, seed, fitted, targets["val"]) for seed in exp.train.seeds]
+    position = {h.name: j for j, h in enumerate(exp.heads)}  # head by head, as configured
+    results.runs.sort(key=lambda r: position[r.head.split("/")[0]])
+    return results
 
-    With several trained member groups, the first seed of every group trains before the other seeds: a time
-    estimate then knows every group's seconds per epoch and early stopping after one fit each. Every fit is seeded
-    on its own, so the order changes no number; a group's inputs are read once per round.
-    """
-    results = ProbeResults(training_inputs=[{"stage": "all epochs", **cached_inputs(exp)}])
+
+def train_arms(exps: list[Experiment], task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
+               targets: dict[str, np.ndarray], checkpoint_roots: list[Path | None]) -> list[ProbeResults]:  # fmt: skip
+    """Each run's results exactly as :func:`train_heads` gives them for that run alone, for runs (arms of a sweep)
+    with one :func:`shared_training` key: per input (layer and pooling) and seed, one HeadBank of every arm's
+    heads trains in one pass of the training loop. The bank is unfused, so each head keeps its own kernels, loss
+    and AdamW groups (the rounding of its run alone) while the arms share the batches, the loop and the
+    validation passes."""
+    keys = {shared_training(e) for e in exps}
+    if None in keys or len(keys) != 1:
+        raise ValueError("train_arms trains arms with one shared_training key; train the others with train_heads")
+    by_input: dict[tuple[str, str], list[tuple[int, BankMember]]] = {}
+    for i, exp in enumerate(exps):
+        for [member] in member_groups(exp):
+            by_input.setdefault((str(member.head.layer), member.head.pooling), []).append((i, member))
+    results = _train_groups(exps, [(g, False) for g in by_input.values()], task, features, split_ids, targets,
+                            checkpoint_roots)  # fmt: skip
+    for exp, part in zip(exps, results):  # the order of train_heads: head by head, seeds in order
+        order = {h.name: j for j, h in enumerate(exp.heads)}
+        part.runs.sort(key=lambda r: order[r.head])
+    return results
+
+
+def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, BankMember]], bool]],
+                  task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
+                  targets: dict[str, np.ndarray], checkpoint_roots: list[Path | None], *,
+                  on_epoch: Callable[[int, EpochReport], None] | None = None) -> list[ProbeResults]:  # fmt: skip
+    """Per group of (arm, member) reading one input, and per seed, one HeadBank (fused or not) of the members, on
+    one CPU thread; each arm's HeadRuns in its own ProbeResults. The training settings other than lr / weight
+    decay are the first arm's (the same for all: ``shared_training``).
+
+    With several groups, the first seed of every group trains before the other seeds: a time estimate then knows
+    every group's seconds per epoch and early stopping after one fit each. Every fit is seeded on its own, so the
+    order changes no number (the callers sort the runs head by head); a group's inputs are read once per round."""
+    exp = exps[0]
+    results = [ProbeResults(training_inputs=[{"stage": "all epochs", **cached_inputs(e)}]) for e in exps]
+    fitting = FitTargets.for_task(task, targets)
     if task.type == "regression":
-        trained = [h.name for h in exp.heads if h.type not in FITTED_HEADS]
-        results.standardisation["targets"] = "; ".join(
-            ([f"{', '.join(trained)}: {TARGETS_NOTE}"] if trained else [])
-            + (["knn, logreg (ridge): the targets as they are"] if len(trained) < len(exp.heads) else []))
-    groups = member_groups(exp)
+        for e, r in zip(exps, results):
+            r.standardisation["targets"] = targets_note(e)
+    # train.balanced_sampler: the same class-balanced draws as end-to-end training, over the cached features
+    weights = balanced_weights(targets["train"], task.type) if exp.train.balanced_sampler else None
     seeds = list(exp.train.seeds)
-    trained_groups = sum(members[0].head.type not in FITTED_HEADS for members in groups)
-    rounds = [seeds] if trained_groups <= 1 else [seeds[:1], seeds[1:]]
-    runs: dict[int, list[HeadRun]] = {g: [] for g in range(len(groups))}
-    for r, round_seeds in enumerate(rounds):
-        for g, members in enumerate(groups):
-            head = members[0].head
-            fitted_head = head.type in FITTED_HEADS
-            if not round_seeds or (fitted_head and r > 0):
-                continue
-            inputs = head_tensors(features, split_ids, head, list(dict.fromkeys(m.head.name for m in members)),
-                                  results)  # fmt: skip
-            if fitted_head:
-                fitted = fit_subsets(head, task, inputs, targets, [np.arange(len(targets["train"]))],
-                                     loss_cfg=exp.loss, task_cfg=exp.task)[0]  # fmt: skip
-                runs[g] += [fitted_run(exp, task, head, seed, fitted, targets["val"]) for seed in seeds]
-            else:
-                runs[g] += trained_runs(exp, task, members, inputs, targets, round_seeds, checkpoint_root,
-                                        on_epoch=on_epoch)  # fmt: skip
-    results.runs = [run for g in range(len(groups)) for run in runs[g]]
+    rounds = [seeds] if len(groups) <= 1 else [seeds[:1], seeds[1:]]
+    for round_seeds in rounds:
+        for group, fuse in groups if round_seeds else ():
+            loss, loss_info = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
+            inputs = head_tensors(features, split_ids, group[0][1].head)
+            if group[0][1].head.pooling != "attentive":
+                for i, member in group:
+                    results[i].standardisation[member.head.name] = STANDARDISED
+            unique = len(exps) > 1  # bank members need distinct names across arms
+            bank_members = [replace(m, name=f"{i}:{m.name}") if unique else m for i, m in group]
+            for seed in round_seeds:
+                with one_thread():
+                    fitted, bank = fit_heads(bank_members, HeadData(inputs["train"], fitting.targets["train"]),
+                                             HeadData(inputs["val"], fitting.targets["val"]),
+                                             in_dim=inputs["train"].shape[-1], out_dim=task.out_dim,
+                                             task_type=task.type, loss=loss, cfg=exp.train, seed=seed,
+                                             scorer=fitting.scorer(task, loss), sample_weights=weights, fuse=fuse,
+                                             on_epoch=None if on_epoch is None else partial(on_epoch, seed))  # fmt: skip
+                    scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
+                for h, (i, member) in enumerate(group):
+                    trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)
+                    results[i].runs.append(head_run(exps[i], task, member.name, seed, fitted.fits[h],
+                                                    {s: scores[s][h] for s in SPLITS}, targets["val"],
+                                                    loss_info=loss_info, trainable=trainable,
+                                                    checkpoint_root=checkpoint_roots[i]))  # fmt: skip
     return results
 
 
 def trained_runs(exp: Experiment, task: ResolvedTask, members: list[BankMember], inputs: dict[str, torch.Tensor],
-                 targets: dict[str, np.ndarray], seeds: list[int], checkpoint_root: Path | None, *,
-                 on_epoch: Callable[[int, EpochReport], None] | None = None) -> list[HeadRun]:  # fmt: skip
+                 targets: dict[str, np.ndarray], seeds: list[int], checkpoint_root: Path | None) -> list[HeadRun]:  # fmt: skip
     """``members`` (one head, or the grid members sharing an input) trained through the core for every seed on
-    ``inputs["train"]`` (the whole training split, or a labelled subset of it); every split predicted;
-    ``on_epoch(seed, report)`` hears every epoch."""
+    ``inputs["train"]`` (the whole training split, or a labelled subset of it); every split predicted."""
     fitting = FitTargets.for_task(task, targets)
     loss, loss_info = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
     # train.balanced_sampler: the same class-balanced draws as end-to-end training, over the cached features
@@ -116,8 +194,7 @@ def trained_runs(exp: Experiment, task: ResolvedTask, members: list[BankMember],
         fitted, bank = fit_heads(members, HeadData(inputs["train"], fitting.targets["train"]),
                                  HeadData(inputs["val"], fitting.targets["val"]), in_dim=inputs["train"].shape[-1],
                                  out_dim=task.out_dim, task_type=task.type, loss=loss, cfg=exp.train, seed=seed,
-                                 scorer=fitting.scorer(task, loss), sample_weights=weights,
-                                 on_epoch=None if on_epoch is None else partial(on_epoch, seed))  # fmt: skip
+                                 scorer=fitting.scorer(task, loss), sample_weights=weights)  # fmt: skip
         scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
         for h, member in enumerate(members):
             trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)

@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from fmprobe.config import HeadConfig
-from fmprobe.evaluate.results import ProbeResults
 from fmprobe.features.store import FeatureSet
+
+STANDARDISED = "z-score with training-split mean/std"  # how pooled head inputs are recorded in metrics.json
 
 
 def head_inputs(features: FeatureSet, head: HeadConfig) -> np.ndarray:
@@ -25,11 +26,10 @@ def standardise(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: ((v - mean) / std).astype(np.float32) for k, v in x.items()}
 
 
-def head_tensors(features: FeatureSet, split_ids: dict[str, list[str]], head_cfg: HeadConfig, names: list[str],
-                 results: ProbeResults) -> dict[str, torch.Tensor]:  # fmt: skip
-    """A head's inputs per split: pooled vectors z-scored on train (recorded for ``names``), tokens as stored."""
+def head_tensors(features: FeatureSet, split_ids: dict[str, list[str]], head_cfg: HeadConfig
+                 ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """A head's inputs per split: pooled vectors z-scored on train (``STANDARDISED``), tokens as stored."""
     raw = {s: head_inputs(features.subset(ids), head_cfg) for s, ids in split_ids.items()}
     if head_cfg.pooling != "attentive":
         raw = standardise(raw)
-        results.standardisation.update({name: "z-score with training-split mean/std" for name in names})
     return {s: torch.from_numpy(np.ascontiguousarray(v)) for s, v in raw.items()}

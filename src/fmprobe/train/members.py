@@ -33,8 +33,8 @@ class _Cached:
 class HeadMembers(_Cached):
     """The heads of a :class:`HeadBank`, each initialised as a separate run with ``seed`` would initialise it.
 
-    One head trains with torch's AdamW over its decay / no-decay groups; several train fused (stacked tensors,
-    :class:`BankAdamW` with each member's learning rate and weight decay)."""
+    Unfused, every head trains with torch's AdamW over its own decay / no-decay groups; fused, the members train as
+    stacked tensors with :class:`BankAdamW` (each member's learning rate and weight decay)."""
 
     def __init__(self, bank: HeadBank, loss: nn.Module, *, warmup_steps: int, seed: int,
                  device: str | torch.device = "cpu"):  # fmt: skip
@@ -45,9 +45,11 @@ class HeadMembers(_Cached):
                 head.reset_parameters()
         bank.pack()
         lrs, decays = [m.lr for m in bank.members], [m.weight_decay for m in bank.members]
-        if len(bank.heads) == 1 and not bank.stacks:
-            self.optimizer: GroupAdamW | BankAdamW = GroupAdamW(
-                decay_groups(bank.heads[0], lr=lrs[0], weight_decay=decays[0], warmup_steps=warmup_steps))
+        if not bank.fused:  # each head its own AdamW groups: the arithmetic of its run alone
+            groups = [g for i, head in enumerate(bank.heads)
+                      for g in decay_groups(head, lr=lrs[i], weight_decay=decays[i], warmup_steps=warmup_steps,
+                                            member=i)]  # fmt: skip
+            self.optimizer: GroupAdamW | BankAdamW = GroupAdamW(groups, n_members=len(bank.heads))
         else:
             self.optimizer = BankAdamW(bank.optimizer_slots(), lrs, decays, warmup_steps=warmup_steps)
 
@@ -64,6 +66,9 @@ class HeadMembers(_Cached):
         if len(outputs) == 1:
             value = self.loss(outputs[0], batch.targets)
             return value, value[None]
+        if not self.bank.fused:  # the loss call of each member's run alone
+            values = torch.stack([self.loss(out, batch.targets) for out in outputs])
+            return values.sum(), values
         values = member_losses(self.loss, outputs, batch.targets)
         return values.sum(), values
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmprobe.train.losses import as_target_tensor, member_losses
+from fmprobe.train.losses import as_target_tensor
 
 TASK_TYPES = ("binary", "multiclass", "multilabel", "regression")
 StackedMetric = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]  # (y, scores [H, N, ...]) -> {m: [H]}
@@ -27,6 +27,12 @@ def to_scores(logits: torch.Tensor, task_type: str) -> torch.Tensor:
     if task_type == "multilabel":
         return torch.sigmoid(logits)
     return logits
+
+
+def member_scores(logits: torch.Tensor, task_type: str) -> torch.Tensor:
+    """Logits ``[H, N, out]`` -> scores ``[H, N, ...]``, each member's on its own: a vectorised kernel rounds the
+    tail of a tensor differently, so a member's scores are bit for bit the same in any bank and alone."""
+    return torch.stack([to_scores(member, task_type) for member in logits])
 
 
 def as_logits(scores: torch.Tensor, task_type: str) -> torch.Tensor:
@@ -83,8 +89,9 @@ class TaskScorer:
     @torch.no_grad()
     def __call__(self, y: np.ndarray, outputs: torch.Tensor, kind: str) -> dict[str, np.ndarray]:
         logits = outputs if kind == "logits" else as_logits(outputs, self.task_type)
-        scores = to_scores(outputs, self.task_type) if kind == "logits" else outputs
+        scores = member_scores(outputs, self.task_type) if kind == "logits" else outputs
         target = as_target_tensor(y, self.task_type).to(self.device)
-        loss = member_losses(self.loss, logits.to(self.device), target).double().cpu().numpy()
+        # each member's loss call on its own, as for scores
+        loss = torch.stack([self.loss(m, target) for m in logits.to(self.device)]).double().cpu().numpy()
         values = self.metric(self.to_units(y), self.to_units(scores.float().cpu().numpy()))
         return {"loss": loss, **values}
