@@ -250,13 +250,14 @@ def stored_features(config: Path) -> tuple[list[str], dict[str, np.ndarray], int
 
 
 def comparable_metrics(run_dir: Path) -> dict:
-    """metrics.json without what differs between two runs of the same config by nature: the wall time, the
-    config and head hashes, which cover absolute paths (each kill point works in its own copy of the project),
+    """metrics.json without what differs between two runs of the same config by nature: the wall time and the
+    timing of its phases, the config and head hashes, which cover absolute paths (each kill point works in its own copy of the project),
     and the identical-outputs flags, which name the other runs of the folder. The hashes of the outputs themselves
     are kept: they must match."""
     text = (run_dir / "metrics.json").read_text()
     metrics = json.loads(text.replace(json.loads(text)["config_hash"], "<config hash>"))
     metrics.pop("wall_seconds", None)
+    metrics.pop("timing", None)
     for holder in [metrics, *metrics["heads"].values()]:
         holder["flags"] = [f for f in holder["flags"] if f["name"] not in TWIN_FLAGS]
     for pair in metrics.get("prediction_hashes", {}).values():

@@ -51,3 +51,16 @@ def test_demo_probes_beat_their_baselines_on_test(tmp_path):
             lo, _ = head["test_ci"][primary]
             assert lo > baseline, (m["experiment"], primary, lo, baseline)
         assert (result.run_dir / "report.html").exists()
+
+
+def test_demo_introduction_says_what_its_two_tasks_ask(tmp_path):
+    from fmprobe.config import load_config
+    from fmprobe.demo.run import introduction, write_demo_configs
+
+    configs = write_demo_configs(tmp_path)
+    lines = introduction(configs, [load_config(p) for p in configs], 400)
+    assert lines[0].startswith("fmprobe demo: 400 patches of axial slices of the MNI152 T1 brain template")
+    assert "a linear and an attentive probe" in lines[0] and lines[0].endswith("two tasks:")
+    assert lines[1] == (f"  1. demo-tissues (multilabel; grey_matter, white_matter, outside_brain): which tissues does "
+                        f"a 64-mm patch of a T1 brain slice contain? ({configs[0]})")  # fmt: skip
+    assert lines[2].startswith("  2. demo-gm-fraction (regression; gm_fraction): what fraction of a 64-mm patch")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -208,6 +209,8 @@ def test_efficiency_command_end_to_end(toy_study, tmp_path, one_torch_thread):
     html = (run_dir / "report.html").read_text()
     assert 'id="efficiency"' in html and "label-efficiency curve (fraction)" in html
     assert "not drawn: class" in html  # the missing budget, in the report too
+    assert re.search(r"Fitted, no epochs; chosen on validation per seed: 0: k \d+, 1: k \d+\.", html)
+    assert re.search(r"0: C [\d.e-]+, 1: C [\d.e-]+\. Seeds: deterministic", html)  # logreg: C alone
     # the fitted heads in the run itself: no epochs, their choice recorded, identical seeds
     knn = metrics["heads"]["knn"]
     assert knn["selected_epochs"] is None and set(knn["selected"]) == {"0", "1"}

@@ -10,8 +10,9 @@ from sklearn import metrics as skm
 from fmprobe.config import METRICS_BY_TASK, PRIMARY_METRIC
 from fmprobe.errors import FmprobeError
 from fmprobe.evaluate.baselines import baseline_metrics
+from fmprobe.evaluate.calibration import calibration, reliability
 from fmprobe.evaluate.metrics import compute_metrics
-from fmprobe.evaluate.thresholds import apply_thresholds, calibration, reliability, tune_thresholds
+from fmprobe.evaluate.thresholds import apply_thresholds, tune_thresholds
 
 rng = np.random.default_rng(7)
 N = 300
@@ -193,3 +194,18 @@ def test_ece_and_reliability():
     ym, sm = _multilabel()
     cal = calibration("multilabel", ym, sm, class_names=list("abc"))
     assert cal["ece"] == pytest.approx(np.mean([cal["curves"][n]["ece"] for n in "abc"]))
+
+
+def test_calibration_bins_hold_equal_counts_and_the_ece_has_a_bootstrap_ci():
+    from fmprobe.evaluate.calibration import adaptive_bins, ece_interval
+
+    y, s = _multilabel()
+    n = len(y)
+    curve = reliability(y[:, 0], s[:, 0])
+    assert curve["bins"] == adaptive_bins(n) == min(n // 20, 10) and curve["binning"] == "equal-count"
+    assert max(curve["count"]) - min(curve["count"]) <= 1 and sum(curve["count"]) == n  # not 15 sparse bins
+    out = ece_interval("multilabel", y, s, class_names=list("abc"), n_resamples=300, ci=0.9)
+    assert out["ece"] == pytest.approx(calibration("multilabel", y, s, class_names=list("abc"))["ece"])
+    lo, hi = out["ci"]
+    assert 0 <= lo < out["ece"] < hi <= 1
+    assert np.isnan(ece_interval("binary", y[:, 0], s[:, 0], n_resamples=0, ci=0.9)["ci"]).all()  # no made-up CI

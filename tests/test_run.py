@@ -175,7 +175,7 @@ def test_cli_run_prints_summary_and_bad_config_exits_with_one_message(toy_study,
     runner = CliRunner()
     ok = runner.invoke(app, ["run", str(path), "--quiet"])
     assert ok.exit_code == 0, ok.output
-    assert "r2" in ok.output and "baseline" in ok.output and "run directory" in ok.output
+    assert "r2" in ok.output and "baseline" in ok.output and "report: " in ok.output  # the report's path, last
     config["heads"] = [{"type": "linear", "pooling": "mean", "hiden": 3}]
     path.write_text(yaml.safe_dump(config))
     bad = runner.invoke(app, ["run", str(path)])

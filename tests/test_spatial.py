@@ -373,3 +373,11 @@ def test_spatial_command_reports_direction_accuracy_with_a_ci_on_moving_shapes(t
     assert 0 <= lo <= row["direction_accuracy"] <= hi <= 1
     still = spatial_command("pixel", n_train=4, n_test=2, image_size=32, steps=2, bootstrap=10, out=tmp_path / "s")
     assert "direction_accuracy" not in still["results"][0]
+
+
+def test_spatial_progress_counts_the_controls_probes_too(tmp_path):
+    ticks = []
+    result = spatial_command("pixel", n_train=4, n_test=2, image_size=32, steps=2, bootstrap=10, controls=["random"],
+                             out=tmp_path, progress=lambda done, total: ticks.append((done, total)))  # fmt: skip
+    probed = len(result["results"]) + len(result["controls"])
+    assert ticks == [(i, probed) for i in range(1, probed + 1)] and probed == 2

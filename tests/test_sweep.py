@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ from run_factories import base_config, write_base
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.config import set_dotted
 from fmprobe.experiments.sweep import expand, load_sweep, run_sweep
+from fmprobe.report.progress import Progress, stdout_console
 
 
 def test_set_dotted_handles_sections_and_list_indices():
@@ -101,9 +103,15 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path):
     write_base(tmp_path)
     shutil.copy(tmp_path / "manifest.csv", tmp_path / "other.csv")
     path = _sweep(tmp_path, {"data.manifest": ["manifest.csv", "missing.csv"]})
+    out = io.StringIO()
     with pytest.raises(FmprobeError, match=r"1 of 2 sweep runs failed") as err:
-        run_sweep(path, workers=1)
+        run_sweep(path, workers=1, progress=Progress(stdout_console(out)))
     assert "missing.csv" in str(err.value) and "rerun the sweep" in str(err.value)
+    lines = out.getvalue().splitlines()  # arms done / running / failed as they go, then the final count
+    assert lines[0] == "sweep sweep: 2 arms, 0 finished earlier, 2 to run"
+    assert any(line.startswith("extraction failed for 1 arm(s): ") for line in lines)
+    assert any(line.startswith("arm done: data.manifest=manifest.csv -> ") for line in lines)
+    assert re.fullmatch(r"sweep sweep: 2/2 arms in \d+ s · 1 failed", lines[-1])
     record = json.loads((tmp_path / "runs" / "_sweeps" / "sweep" / "sweep.json").read_text())
     assert sorted(r["status"] for r in record["runs"]) == ["failed", "ran"]
     assert "missing.csv" in (tmp_path / "runs" / "_sweeps" / "sweep" / "report.html").read_text()
@@ -218,7 +226,7 @@ def test_arms_trained_together_match_each_arm_run_alone_bit_for_bit(tmp_path, mo
 
     def metrics(run_dir):  # run ids (a time stamp each) name the twins in flags: the one difference allowed
         text = re.sub(r"\d{8}-\d{6}-", "RUN-", (run_dir / "metrics.json").read_text())
-        return {k: v for k, v in json.loads(text).items() if k != "wall_seconds"}
+        return {k: v for k, v in json.loads(text).items() if k not in ("wall_seconds", "timing")}  # times
 
     alone_dir = tmp_path / "alone"  # in the sweep's order: each run is compared with the same other runs
     alone_runs = [run_experiment(p.exp.model_copy(update={"runs_dir": str(alone_dir)}), progress=False).run_dir

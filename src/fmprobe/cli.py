@@ -14,9 +14,10 @@ from rich.console import Console
 from fmprobe.diagnostics.alignment_conventions import DEFAULT as ALIGN
 from fmprobe.diagnostics.alignment_conventions import AlignmentConventions
 from fmprobe.errors import FmprobeError
+from fmprobe.report.progress import Progress, stdout_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+console = stdout_console()  # redirected to a file: plain, unwrapped lines
 err_console = Console(stderr=True)
 
 
@@ -32,6 +33,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def side_progress() -> Progress:
+    """Progress of a command whose stdout is its result (JSON, a table): drawn on stderr."""
+    return Progress(stdout_console(sys.stderr))
 
 
 @app.callback()
@@ -52,8 +58,7 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
 
     result = run_experiment(load_config(config), progress=not quiet)
     if distributed.is_main():  # launched as several processes (torchrun / accelerate launch): print once
-        print_summary(console, result.metrics, result.run_dir)
-        print_efficiency(console, result.metrics)
+        print_summary(console, result.metrics, result.run_dir, more=[print_efficiency])
 
 
 def _numbers(text: str | None, kind: type, option: str) -> list | None:
@@ -86,8 +91,7 @@ def efficiency(config: Path = typer.Argument(..., help="experiment YAML"),
     exp = efficiency_config(config, shots=_numbers(shots, int, "--shots"),
                             fractions=_numbers(fractions, float, "--fractions"), target=target, episodes=episodes)
     result = run_experiment(exp, progress=not quiet)
-    print_summary(console, result.metrics, result.run_dir)
-    print_efficiency(console, result.metrics)
+    print_summary(console, result.metrics, result.run_dir, more=[print_efficiency])
 
 
 @app.command()
@@ -95,9 +99,10 @@ def efficiency(config: Path = typer.Argument(..., help="experiment YAML"),
 def extract(config: Path = typer.Argument(..., help="experiment YAML")) -> None:
     """Fill the feature cache for an experiment (extracts only what is not cached yet)."""
     from fmprobe import distributed
+    from fmprobe.experiments.clock import extraction_progress
     from fmprobe.features.extract import extract_command
 
-    summary = extract_command(config)
+    summary = extract_command(config, progress=extraction_progress(config.stem))
     for key, value in summary.items() if distributed.is_main() else ():
         console.print(f"{key}: {value}", highlight=False)
 
@@ -113,9 +118,9 @@ def demo(out: Path = typer.Option(Path("fmprobe-demo"), help="folder for the dem
     results = run_demo(out, progress=not quiet)
     for result in results:
         print_summary(console, result.metrics, result.run_dir)
-    console.print("\n[bold]Reports:[/]")
+    console.print("\n[bold]Reports to open:[/]")
     for result in results:
-        console.print(f"  {result.run_dir / 'report.html'}")
+        console.print(f"  {(result.run_dir / 'report.html').resolve()}", markup=False)
 
 
 @app.command()
@@ -171,12 +176,14 @@ def align(a: str = typer.Argument(..., help="FILE.npy, CONFIG.yaml[:LAYER[:POOLI
     import json
 
     from fmprobe.diagnostics.align_cli import align_command
+    from fmprobe.experiments.clock import extraction_progress
 
     conventions = AlignmentConventions(knn_k=knn_k, knn_metric=knn_metric, rbf_sigma_factor=rbf_sigma_factor,
                                        rbf_median=rbf_median, rsa_dissimilarity=rsa_dissimilarity,
                                        rsa_rank_correlation=rsa_rank_correlation, r2_test_fraction=r2_test_fraction)
+    tick = extraction_progress("alignment", side_progress())
     typer.echo(json.dumps(align_command(a, b, metric or None, out=out, seed=seed, bootstrap=bootstrap,
-                                        conventions=conventions), indent=2))
+                                        conventions=conventions, progress=tick), indent=2))
 
 
 @app.command("layers")
@@ -208,7 +215,8 @@ def attention_cmd(config: Path = typer.Argument(None, help="experiment YAML (bac
 
     from fmprobe.diagnostics.attention_command import attention_command
 
-    typer.echo(json.dumps(attention_command(config, run=run, samples=samples, out=out), indent=2))
+    tick = side_progress().counter("attention", "heads" if run else "samples")
+    typer.echo(json.dumps(attention_command(config, run=run, samples=samples, out=out, progress=tick), indent=2))
 
 
 @app.command("spatial")
@@ -229,7 +237,8 @@ def spatial_cmd(encoder: str = typer.Option("pixel", help="pixel | random | CONF
 
     result = spatial_command(encoder, layers=parse_layers(layers) if layers else None, n_train=n_train,
                              n_test=n_test, image_size=image_size, steps=steps, seed=seed, out=out, frames=frames,
-                             bootstrap=bootstrap, controls=control or ())
+                             bootstrap=bootstrap, controls=control or (),
+                             progress=side_progress().counter("spatial probes", "points"))
     typer.echo(format_table(result))
     typer.echo(f"written: {out / 'spatial.json'}")
 
@@ -277,8 +286,20 @@ def sweep(spec: Path = typer.Argument(..., help="sweep YAML: base config + grid 
     from fmprobe.experiments.sweep import run_sweep
 
     result = run_sweep(spec, workers=workers, use_ray=ray, ray_address=address, gates=gates,
-                       on_event=lambda m: console.print(m, highlight=False))
+                       progress=Progress(console))
     console.print(f"report: {result.report}")
+
+
+@app.command()
+@user_errors
+def report(runs: Path = typer.Argument(Path("runs"), help="runs folder"),
+           out: Path = typer.Option(None, help="default: RUNS/index.html")) -> None:
+    """One page listing every run (finished, failed, unfinished) with its headline metric, CI, flags and report."""
+    from fmprobe.experiments.overview import runs_index_command
+
+    page, counts = runs_index_command(runs, out)
+    console.print(f"{sum(counts.values())} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), markup=False)
+    console.print(f"written: {page.resolve()}", markup=False)
 
 
 @app.command()
@@ -302,7 +323,8 @@ def leaderboard(runs: Path = typer.Option(Path("runs"), help="runs folder"),
         console.print(f"written: {csv}")
     if html:
         verdicts = gate_command(gates, runs, run_dirs=board.table["run_dir"]) if gates else None
-        write_board_report(html, [board], verdicts, title=f"leaderboard {experiment or runs}")
+        title = f"Leaderboard of {experiment}" if experiment else f"Leaderboard of the runs in {runs.resolve()}"
+        write_board_report(html, [board], verdicts, title=title)
         console.print(f"written: {html}")
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +48,7 @@ from fmprobe.heads import build_head
 from fmprobe.probes.frozen import train_heads
 from fmprobe.probes.inputs import head_inputs
 from fmprobe.probes.targets import TARGETS_NOTE, FitTargets
-from fmprobe.train.core import FitPlan, StopRule, fit
+from fmprobe.train.core import EpochReport, FitPlan, StopRule, fit
 from fmprobe.train.heads import stop_rule
 from fmprobe.train.losses import as_target_tensor, build_loss
 from fmprobe.train.schedule import steps_per_epoch
@@ -66,8 +68,10 @@ def adapt_heads(
     run_dir: Path,
     *,
     encoder: Encoder | None = None,
+    on_epoch: Callable[[int, EpochReport], None] | None = None,
 ) -> ProbeResults:
-    """Train every head x seed end to end; ``df`` holds the manifest rows (sample_id, path) of ``split_ids``."""
+    """Train every head x seed end to end; ``df`` holds the manifest rows (sample_id, path) of ``split_ids``;
+    ``on_epoch(seed, report)`` hears every epoch of both stages."""
     cfg = exp.adapt
     if cfg.strategy == "frozen":
         raise ValueError("adapt_heads is for end-to-end strategies; strategy frozen goes through train_heads")
@@ -94,7 +98,8 @@ def adapt_heads(
     moving = pixel_inputs(exp)
     results.training_inputs = [{"stage": "all epochs", **moving}]
     if cfg.strategy == "staged":
-        stage1 = train_heads(exp, task, features, split_ids, targets, run_dir / "checkpoints" / "stage1")
+        stage1 = train_heads(exp, task, features, split_ids, targets, run_dir / "checkpoints" / "stage1",
+                             on_epoch=on_epoch)
         results.training_inputs = [{**stage1.training_inputs[0], "stage": 1}, {"stage": 2, **moving}]
     report: dict[str, Any] = {"strategy": cfg.strategy, "heads": {}}
     for head_cfg in exp.heads:
@@ -114,6 +119,7 @@ def adapt_heads(
                 exp, task, copy.deepcopy(encoder), head_cfg, seed, in_dim=in_dim, standardise=standardise,
                 rows=rows, targets=targets, fitting=fitting, stage1=first, checkpoint_root=run_dir / "checkpoints",
                 device=device, autocast=autocast, scaler=scaler, seg=seg,
+                on_epoch=None if on_epoch is None else partial(on_epoch, seed),
             )  # fmt: skip
             results.runs.append(run)
             report["heads"][head_cfg.name][str(seed)] = info
@@ -157,9 +163,10 @@ def _fit_one(
     exp: Experiment, task: ResolvedTask, encoder: Encoder, head_cfg: HeadConfig, seed: int, *, in_dim: int,
     standardise: Standardise | None, rows: dict[str, pd.DataFrame], targets: dict[str, np.ndarray],
     fitting: FitTargets, stage1: HeadRun | None, checkpoint_root: Path, device: torch.device, autocast: Callable,
-    scaler: Any, seg: JointSegmentation | None = None,
+    scaler: Any, seg: JointSegmentation | None = None, on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> tuple[HeadRun, dict[str, Any]]:
-    plan = _plan(exp, task, len(stage1.curves) if stage1 is not None else 0, autocast, scaler)
+    plan = replace(_plan(exp, task, len(stage1.curves) if stage1 is not None else 0, autocast, scaler),
+                   on_epoch=on_epoch)
     with seeded(seed, device):
         head = build_head(head_cfg, in_dim, task.out_dim)
         head.reset_parameters()

@@ -52,6 +52,7 @@ class Encoder(nn.Module):
 
     input_spec: InputSpec
     name: str
+    num_blocks: int | None = None  # transformer blocks, which layer indices count (None: the family has no such count)
 
     def encode(
         self, pixels: torch.Tensor, layers: list[LayerRef], attentions: bool = False

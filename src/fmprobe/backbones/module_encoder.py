@@ -73,6 +73,7 @@ class ModuleEncoder(Encoder):
         self.input_spec = input_spec
         self.num_prefix = num_prefix
         self.num_points = num_points
+        self.num_blocks = num_points or None  # the layers' depth on the layers page
         self.load_report = load_report
         self._identity = json.dumps(identity, sort_keys=True, default=str)
         self._digest = WeightsDigest()

@@ -127,6 +127,7 @@ class QwenVisionEncoder(Encoder):
         else:
             self.vlm = None
             self.visual = _load_vision_tower(model_path, tower_class, config, dtype).eval()
+        self.num_blocks = len(self.visual.blocks)
         self._fingerprint: str | None = None
         for ref in model.layers:  # refuse a bad extraction point now, not after a long extraction
             self._resolve(ref)

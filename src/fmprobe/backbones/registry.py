@@ -10,10 +10,13 @@ Models built from code (``kind``: timm, open_clip, python, monai) load through t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.utils import cached_file
+from transformers.utils import logging as hf_logging
 
 from fmprobe.backbones.base import Encoder
 from fmprobe.config import ModelConfig
@@ -47,6 +50,23 @@ REMOTE = "remote code"  # the model type of a checkpoint with its own modeling c
 
 def load_encoder(model: ModelConfig) -> Encoder:
     """Load the backbone ``model`` names, frozen (eval mode, no gradients) in ``model.dtype``."""
+    with _quiet_transformers_bars():
+        return _load(model)
+
+
+@contextmanager
+def _quiet_transformers_bars() -> Iterator[None]:
+    """transformers draws a bar per load ("Loading weights", "Writing model shards"), which breaks fmprobe's own
+    progress lines and fills logs. Silenced for this load only: the caller's tqdm hook is put back afterwards, and
+    huggingface_hub's download bars are left alone."""
+    previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
+
+def _load(model: ModelConfig) -> Encoder:
     if model.kind == "vjepa2-native":
         return _load_native_vjepa2(model)
     if model.kind == "timm":

@@ -31,7 +31,7 @@ from fmprobe.config import Experiment, HeadConfig, load_config
 from fmprobe.data.dataset import MediaDataset
 from fmprobe.data.transforms import Preprocess
 from fmprobe.diagnostics.attention import attention_entropy, entropy_by_group
-from fmprobe.diagnostics.attention_report import _labels, _query_names, encode_attention, test_rows
+from fmprobe.diagnostics.attention_report import Tick, _labels, _query_names, encode_attention, test_rows
 from fmprobe.errors import FmprobeError, ReaderError
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.heads import build_head
@@ -43,8 +43,10 @@ def is_adapted_run(run_dir: str | Path) -> bool:
     return load_config(Path(run_dir) / "config.resolved.yaml").adapt.strategy != "frozen"
 
 
-def adapted_attention(run_dir: str | Path, *, samples: int = 8, out: str | Path | None = None) -> dict[str, Any]:
-    """Backbone entropy before / after adaptation, and the attentive probes on adapted tokens (module docstring)."""
+def adapted_attention(run_dir: str | Path, *, samples: int = 8, out: str | Path | None = None,
+                      progress: Tick | None = None) -> dict[str, Any]:  # fmt: skip
+    """Backbone entropy before / after adaptation, and the attentive probes on adapted tokens (module docstring);
+    ``progress(done, total)`` after each head."""
     from fmprobe.backbones.registry import load_encoder
     run_dir = Path(run_dir)
     exp, metrics, manifest, rows = test_rows(run_dir)
@@ -65,7 +67,7 @@ def adapted_attention(run_dir: str | Path, *, samples: int = 8, out: str | Path 
                      "before": before.summary(), "after": {}},
         "heads": {},
     }
-    for cfg in exp.heads:
+    for done, cfg in enumerate(exp.heads, 1):
         attentive = cfg.type == "attentive"
         per_seed, sample_entropy = {}, []
         for seed in exp.train.seeds:
@@ -87,6 +89,8 @@ def adapted_attention(run_dir: str | Path, *, samples: int = 8, out: str | Path 
                 "tokens": "of the adapted backbone (each seed its own)", "entropy_per_head_query": stacked.tolist(),
                 "entropy_per_seed": per_seed, "entropy_mean": float(stacked.mean()), "by_group": by_group,
             }
+        if progress is not None:
+            progress(done, len(exp.heads))
     after_means = [a["mean"] for a in result["backbone"]["after"].values()]
     result["backbone"]["change"] = {"after_minus_before": float(np.mean(after_means) - before.summary()["mean"]),
                                     "after_mean_over_seeds": float(np.mean(after_means))}

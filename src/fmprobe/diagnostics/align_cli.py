@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from fmprobe.diagnostics.alignment_ci import BOOTSTRAPPABLE, alignment_interval
 from fmprobe.diagnostics.alignment_conventions import DEFAULT, AlignmentConventions
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.features.store import FeatureSet, FeatureStore
+
+if TYPE_CHECKING:
+    from fmprobe.features.extract import Tick
 
 POOLINGS = ("mean", "cls", "cls+mean", "flat", "channels")
 MATRIX_DEFAULT = ("linear_cka",)
@@ -70,8 +73,9 @@ def _split_spec(spec: str) -> tuple[Path, list[str]]:
     )
 
 
-def load_side(spec: str, *, progress: bool = False) -> Representation:
-    """Resolve one command-line representation (see the module docstring)."""
+def load_side(spec: str, *, progress: Tick | None = None) -> Representation:
+    """Resolve one command-line representation (see the module docstring); ``progress`` hears a config's
+    extraction."""
     path, fields = _split_spec(spec)
     if path.suffix == ".npy":
         if fields:
@@ -99,7 +103,7 @@ def load_side(spec: str, *, progress: bool = False) -> Representation:
                           arrays, list(features.sample_ids), model)
 
 
-def _config_features(path: Path, progress: bool) -> tuple[FeatureSet, str]:
+def _config_features(path: Path, progress: Tick | None) -> tuple[FeatureSet, str]:
     from fmprobe.config import load_config
     from fmprobe.data.manifest import load_manifest
     from fmprobe.features.extract import extract_features
@@ -158,7 +162,7 @@ def pair_rows(a: Representation, b: Representation) -> tuple[Representation, Rep
 
 def align_command(
     spec_a: str, spec_b: str, metrics: list[str] | None = None, *, out: str | Path = "fmprobe-align", seed: int = 0,
-    progress: bool = False, bootstrap: int = 0, ci: float = 0.95, conventions: AlignmentConventions = DEFAULT,
+    progress: Tick | None = None, bootstrap: int = 0, ci: float = 0.95, conventions: AlignmentConventions = DEFAULT,
 ) -> dict[str, Any]:
     """Compare A and B; write ``alignment.json`` and the figure(s) to ``out``; return the JSON dict.
 

@@ -22,6 +22,7 @@ token grid for a few test samples (``pooler_<head>_*.png``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from fmprobe.diagnostics import plots
 from fmprobe.diagnostics.attention import attention_entropy, attention_rollout, entropy_by_group
 from fmprobe.errors import ConfigError, FmprobeError, ReaderError
 
+Tick = Callable[[int, int], None]  # progress: (done, total)
 MAX_FRAMES = 8  # frames drawn per sample in a heatmap figure
 POOLER_MAPS = 6  # test samples drawn per attentive head
 BATCH = 256
@@ -91,8 +93,10 @@ def encode_attention(encoder: Any, clip: torch.Tensor, requested: list[int | str
     return x, output, blocks, {k: output.attentions[k].float().cpu().numpy() for k in blocks}
 
 
-def backbone_attention(exp: Experiment, *, samples: int = 8, out: str | Path = "fmprobe-attention") -> dict[str, Any]:
-    """Attention entropy per block and head, grouped by labels, and heatmaps of the first ``samples`` samples."""
+def backbone_attention(exp: Experiment, *, samples: int = 8, out: str | Path = "fmprobe-attention",
+                       progress: Tick | None = None) -> dict[str, Any]:
+    """Attention entropy per block and head, grouped by labels, and heatmaps of the first ``samples`` samples;
+    ``progress(done, total)`` after each sample."""
     from fmprobe.backbones.registry import load_encoder
     from fmprobe.data.dataset import MediaDataset
     from fmprobe.data.manifest import load_manifest
@@ -143,6 +147,8 @@ def backbone_attention(exp: Experiment, *, samples: int = 8, out: str | Path = "
             dest=out / f"attention_{_safe(sid)}.png").name)
         ids.append(sid)
         kept.append(i)
+        if progress is not None:
+            progress(i + 1, len(dataset))
     if not ids:
         raise FmprobeError(f"none of the first {samples} samples could be read: {skipped}")
 
@@ -176,8 +182,10 @@ def _safe(sample_id: str) -> str:
 # ---------------------------------------------------------------------------------------------- attentive probe
 
 
-def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None) -> dict[str, Any]:
-    """Entropy and maps of every attentive head of a finished run, on its test split."""
+def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None, progress: Tick | None = None
+                     ) -> dict[str, Any]:  # fmt: skip
+    """Entropy and maps of every attentive head of a finished run, on its test split; ``progress(done, total)``
+    after each head."""
     from fmprobe.evaluate.task import ResolvedTask
     from fmprobe.features.extract import extract_features
     from fmprobe.heads import build_head
@@ -189,8 +197,9 @@ def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None) -> d
         raise ConfigError(f"run '{run_dir}' has no attentive head (heads: {[h.name for h in exp.heads]})")
     class_names = metrics["task"]["class_names"]
     test_ids = rows["sample_id"].astype(str).tolist()
-    labels, grouping_base = _labels(exp, manifest.targets(rows), class_names)
-    features = extract_features(exp, manifest, progress=False).subset(test_ids)
+    y_test = manifest.targets(rows)
+    labels, grouping_base = _labels(exp, y_test, class_names)
+    features = extract_features(exp, manifest).subset(test_ids)
     out = Path(out) if out is not None else run_dir / "attention"
     out_dim = ResolvedTask.from_config(exp.task, class_names).out_dim
 
@@ -199,7 +208,7 @@ def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None) -> d
     for cfg in heads:
         tokens = torch.from_numpy(np.asarray(features.tokens(str(cfg.layer)), dtype=np.float32))
         t, h, w = features.grid(str(cfg.layer))
-        per_seed, sample_entropy, first_maps = {}, [], None
+        per_seed, sample_entropy, first_maps, first_entropy = {}, [], None, None
         for seed in exp.train.seeds:
             path = run_dir / "checkpoints" / cfg.name / f"seed{seed}" / "best.pt"
             if not path.exists():
@@ -216,8 +225,9 @@ def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None) -> d
             ent = attention_entropy(weights, reduce="none")  # [N, heads, Q]
             per_seed[str(seed)] = ent.mean(axis=0).tolist()
             sample_entropy.append(ent.mean(axis=(1, 2)))
-            if first_maps is None:
-                first_maps = weights[:POOLER_MAPS].mean(axis=(1, 2)).reshape(-1, t * h, w)
+            if first_maps is None:  # the first seed's maps of a few samples: heads and queries averaged, frames too
+                first_maps = weights[:POOLER_MAPS].mean(axis=(1, 2)).reshape(-1, t, h, w).mean(axis=1)
+                first_entropy = ent[:POOLER_MAPS].mean(axis=(1, 2))
         stacked = np.mean([np.asarray(v) for v in per_seed.values()], axis=0)  # [heads, Q]
         queries = _query_names(cfg, stacked.shape[1], exp, class_names)
         grouping = dict(grouping_base)
@@ -232,11 +242,48 @@ def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None) -> d
             stacked, [str(i) for i in range(stacked.shape[0])], queries, vmin=0, vmax=1,
             title=f"{cfg.name}: pooling attention entropy (test, seed mean)", xlabel="query", ylabel="attention head",
             dest=out / f"pooler_{_safe(cfg.name)}_entropy.png").name)
-        result["figures"].append(plots.token_maps(
-            first_maps, test_ids[:POOLER_MAPS], title=f"{cfg.name}: attention over tokens (seed {exp.train.seeds[0]})",
-            dest=out / f"pooler_{_safe(cfg.name)}_maps.png").name)
+        assert first_maps is not None and first_entropy is not None
+        shown = test_ids[: len(first_maps)]
+        result["figures"].append(plots.probe_attention_maps(
+            _input_frames(exp, rows.iloc[: len(shown)], features), first_maps * (h * w),
+            [f"{sid}\n{_label_text(exp, y_test[i], class_names)}\nH = {first_entropy[i]:.3f}"
+             for i, sid in enumerate(shown)],
+            title=f"{cfg.name}: pooling attention on test samples (seed {exp.train.seeds[0]}, mean over attention "
+                  f"heads and queries; H: normalised entropy, 1 = uniform)",
+            dest=out / f"pooler_{_safe(cfg.name)}_maps.png").name)  # fmt: skip
+        if progress is not None:
+            progress(len(result["heads"]), len(heads))
     write_json(out / "attention.json", result)
     return result
+
+
+def _input_frames(exp: Experiment, rows: Any, features: Any) -> np.ndarray:
+    """The first frame of each row's input as the encoder saw it (resized, cropped), ``[N, H, W, 3]`` in [0, 1]."""
+    from fmprobe.data.dataset import MediaDataset
+    from fmprobe.data.transforms import Preprocess
+    from fmprobe.probes.segmentation import stored_input_spec
+
+    spec = stored_input_spec(features)
+    dataset = MediaDataset(rows.reset_index(drop=True), exp.data, Preprocess(spec, exp.data, train=False))
+    frames = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item["error"] is not None:
+            raise ReaderError(item["error"])
+        frames.append(_frames(item["pixels"][0][:1], spec.mean, spec.std)[0])
+    return np.stack(frames)
+
+
+def _label_text(exp: Experiment, y: np.ndarray, class_names: list[str] | None) -> str:
+    """A test sample's target as a reader names it: its class, its present labels, or its target values."""
+    if exp.task.type == "multiclass":
+        return str(class_names[int(y)]) if class_names else str(int(y))
+    if exp.task.type == "regression":
+        return "; ".join(f"{t} {v:.3g}" for t, v in zip(exp.task.targets, np.atleast_1d(y)))
+    if exp.task.type == "binary":
+        return f"{exp.task.targets[0]} = {int(np.atleast_1d(y)[0])}"
+    present = [t for t, v in zip(exp.task.targets, np.atleast_1d(y)) if v >= 0.5]
+    return ", ".join(present) or f"no {' / '.join(exp.task.targets)}"
 
 
 def test_rows(run_dir: Path) -> tuple[Experiment, dict[str, Any], Any, Any]:

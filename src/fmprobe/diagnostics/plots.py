@@ -71,17 +71,22 @@ def bars(names: Sequence[str], values: Sequence[float], *, title: str, dest: str
 def depth_curves(
     layers: Sequence[str], series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]], *,
     metric: str, title: str, dest: str | Path, baseline: float | None = None,
+    positions: Sequence[float] | None = None, xlabel: str = "extraction layer",
 ) -> Path:
-    """``series``: name -> (values, CI lows, CI highs) per layer, drawn as lines with shaded CI bands."""
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(layers) + 2), 3.6))
-    x = np.arange(len(layers))
+    """``series``: name -> (values, CI lows, CI highs) per layer, drawn as lines with shaded CI bands. ``positions``:
+    where each layer sits on the x-axis (its depth); evenly spaced, in the given order, without them."""
+    x = np.arange(len(layers), dtype=float) if positions is None else np.asarray(positions, dtype=float)
+    order = np.argsort(x, kind="stable")
+    span = float(x.max() - x.min()) if len(x) else 0.0
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * min(len(layers), span + 1) + 2), 3.6))
     for name, (values, lows, highs) in series.items():
-        line = ax.plot(x, values, marker="o", label=name)[0]
-        ax.fill_between(x, lows, highs, color=line.get_color(), alpha=0.2)
+        v, lo, hi = (np.asarray(a, dtype=float)[order] for a in (values, lows, highs))
+        line = ax.plot(x[order], v, marker="o", label=name)[0]
+        ax.fill_between(x[order], lo, hi, color=line.get_color(), alpha=0.2)
     if baseline is not None:
         ax.axhline(baseline, color="#e45756", ls="--", lw=1, label="baseline")
     ax.set_xticks(x, [str(layer) for layer in layers], fontsize=8)
-    ax.set_xlabel("extraction layer")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test {metric}")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
@@ -113,16 +118,27 @@ def attention_overlays(
     return save(fig, dest)
 
 
-def token_maps(maps: np.ndarray, labels: Sequence[str], *, title: str, dest: str | Path) -> Path:
-    """One small panel per ``[h, w]`` map (e.g. an attentive pooler's attention over the token grid)."""
+def probe_attention_maps(frames: np.ndarray, maps: np.ndarray, labels: Sequence[str], *, title: str,
+                         dest: str | Path) -> Path:  # fmt: skip
+    """Per sample, its input (top) and the attention map over it (bottom), all maps on one colour scale with one
+    colourbar. ``frames`` ``[N, H, W, 3]`` in [0, 1]; ``maps`` ``[N, h, w]`` as multiples of uniform attention
+    (1 = every token weighted alike), so a near-uniform map looks flat instead of being stretched to full contrast."""
     n = len(maps)
-    cols = min(n, 6)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(2.3 * n + 1.0, 5.4), squeeze=False)
+    height, width = frames.shape[1:3]
+    top = max(float(np.max(maps)), 1.0)
+    image = None
+    for i in range(n):
+        axes[0, i].imshow(frames[i])
+        axes[0, i].set_title(labels[i], fontsize=7)
+        axes[1, i].imshow(frames[i])
+        image = axes[1, i].imshow(maps[i], cmap="inferno", alpha=0.6, vmin=0.0, vmax=top, interpolation="nearest",
+                                  extent=(0, width, height, 0))  # fmt: skip
     for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, m, label in zip(axes.flat, maps, labels):
-        ax.imshow(m, cmap="inferno", interpolation="nearest")
-        ax.set_title(label, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("input", fontsize=8)
+    axes[1, 0].set_ylabel("attention", fontsize=8)
+    fig.colorbar(image, ax=axes[1, :].tolist(), fraction=0.025, pad=0.02, label="attention x tokens (1 = uniform)")
     fig.suptitle(title, fontsize=9)
     return save(fig, dest)

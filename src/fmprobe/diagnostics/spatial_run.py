@@ -17,7 +17,7 @@ layers of a VLM (``model.language_model.layers.0``), with a view for tiled VLMs 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ def spatial_command(
     encoder: str = "pixel", *, layers: list[int | str] | None = None, n_train: int = 96, n_test: int = 32,
     image_size: int | None = None, steps: int = STEPS, seed: int = 0, out: str | Path = "fmprobe-spatial",
     frames: int | None = None, bootstrap: int = 1000, ci: float = 0.95, controls: Sequence[str] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Probe every extraction point; write ``spatial.json`` to ``out``; return it.
 
@@ -110,7 +111,8 @@ def spatial_command(
     ``bootstrap``: resamples of the test samples for each score's CI (0: no CI).
     ``controls``: probed on the same shapes — ``pixel`` (flattened pixel patches of the model's patch size),
     ``random-weights`` (the model with its weights redrawn, at every point) or ``random`` (noise tokens); each point
-    gets ``vs[control]``: its score minus the control's (the same point for random-weights) with a paired CI."""
+    gets ``vs[control]``: its score minus the control's (the same point for random-weights) with a paired CI.
+    ``progress(done, total)`` after each probed point (the model's and the controls')."""
     if n_train < 2 or n_test < 1:
         raise ConfigError(f"need at least 2 training and 1 test images, got --n-train {n_train} --n-test {n_test}")
     if bootstrap < 0 or (frames is not None and frames < 1):
@@ -133,8 +135,12 @@ def spatial_command(
         frames = frames or spec.num_frames or VIDEO_FRAMES
     data = make_shapes(n_train + n_test, size=size, seed=seed, video_frames=frames)
 
+    total = len(points) * (1 + controls.count(CONTROL)) + sum(c != CONTROL for c in controls)
+    probed_points = 0
+
     def probe(encoder_: Encoder, keys: list) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Per point: its result row and its full per-image scores."""
+        nonlocal probed_points
         tokens, grids = encode_all(encoder_, data.images, keys)
         done = []
         for key in tokens:
@@ -148,6 +154,9 @@ def spatial_command(
                                                                    n_resamples=bootstrap, ci=ci, seed=seed)
             r["per_image"] = {m: per_image[m] for m in PAIRED_METRICS}  # for paired comparisons of points
             done.append(({"layer": key, "grid": list(grids[key]), "dim": int(tokens[key].shape[-1]), **r}, per_image))
+            probed_points += 1
+            if progress is not None:
+                progress(probed_points, total)
         return done
 
     measured = probe(model, points)

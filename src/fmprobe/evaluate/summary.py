@@ -13,12 +13,14 @@ wall time join here too. Each head's configuration identity and test-output hash
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from fmprobe.config import FITTED_HEADS, METRICS_BY_TASK, PER_TARGET_METRICS, Experiment
 from fmprobe.evaluate.baselines import baseline_metrics, chance_level
+from fmprobe.evaluate.calibration import calibration, ece_interval
 from fmprobe.evaluate.bootstrap import METHOD, MemberMean, bootstrap_metrics, member_summary, scalar_metrics
 from fmprobe.evaluate.flags import (
     Flag,
@@ -37,7 +39,6 @@ from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults, SplitData
 from fmprobe.evaluate.segmentation import summarise_segmentation
 from fmprobe.evaluate.subgroups import subgroup_report
 from fmprobe.evaluate.task import ResolvedTask
-from fmprobe.evaluate.thresholds import calibration
 
 
 FITTED_SEEDS = ("deterministic: fitted on the same labelled rows, every seed gives the same fit (sd 0); a seed only "
@@ -72,10 +73,11 @@ def summarise_run(
     identity_version: int,
     grid: dict[str, Any] | None = None,
     wall_seconds: float | None = None,
+    on_head: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The whole metrics.json. ``head_identities``: each head's configuration identity (what changes its
     predictions; ``identity_version`` names how it was made), recorded with its test-output hash for the
-    runs index."""
+    runs index; ``on_head(done, total)`` after each head's bootstrap and flags (progress)."""
     targets, groups, test_ids = split.targets, split.groups, split.ids["test"]
     primary = task.primary
     label_names = task.label_names
@@ -84,8 +86,9 @@ def summarise_run(
     def metric_for(run: HeadRun) -> TaskMetric:
         return task.metric(run.thresholds)
 
-    baseline = scalar_metrics(baseline_metrics(task.type, targets["train"], targets["test"],
-                                               class_names=label_names, target_names=list(task.targets)))
+    trivial = baseline_metrics(task.type, targets["train"], targets["test"], class_names=label_names,
+                               target_names=list(task.targets))
+    baseline = scalar_metrics(trivial)
     head_names = [h.name for h in exp.heads]
     hashes = prediction_hashes(task, results, test_ids)
     missing: dict[str, float] | None = None  # per class, the share of resamples without it (computed once)
@@ -162,11 +165,17 @@ def summarise_run(
                 r.member: calibration(task.type, targets["test"], r.scores["test"], class_names=label_names)
                 for r in runs
             }
+            entry["calibration_seed_mean"] = ece_interval(  # the seed-mean outputs, as every headline number
+                task.type, targets["test"], mean_test, class_names=label_names, groups=test_groups,
+                n_resamples=exp.eval.bootstrap, ci=exp.eval.ci)
         heads[cfg.name] = entry
         all_flags += [{"head": cfg.name, **f.to_dict()} for f in flags]
+        if on_head is not None:
+            on_head(len(heads), len(exp.heads))
 
     best = max(head_names, key=lambda h: _orderable(heads[h]["splits"]["val"]["mean"][primary], task))
-    baseline_block: dict[str, Any] = {"test": baseline, "description": _baseline_description(task.type)}
+    baseline_block: dict[str, Any] = {"test": baseline, "undefined": trivial["undefined"],  # {metric: why not}
+                                      "description": _baseline_description(task.type)}
     if task.type in ("binary", "multiclass"):
         baseline_block["chance"] = chance_level(task.type, targets["test"], label_names)
     metrics = {

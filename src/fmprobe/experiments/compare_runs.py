@@ -24,7 +24,7 @@ from fmprobe.evaluate.summary import SCORE_DEFINITION
 from fmprobe.evaluate.task import TaskMetric
 
 # Metrics that need a decision threshold differ by each run's tuned thresholds; compare scores instead.
-_THRESHOLD_FREE = {
+THRESHOLD_FREE = {
     "binary": ("auroc", "ap"),
     "multilabel": ("map", "macro_auroc"),
     "multiclass": ("balanced_accuracy", "accuracy", "macro_f1", "auroc_ovr"),
@@ -94,10 +94,10 @@ def compare_runs(
             f"B {mb['task']['type']} {mb['task']['targets']}"
         )
     metric = metric or task["primary_metric"]
-    if metric not in _THRESHOLD_FREE[task["type"]]:
+    if metric not in THRESHOLD_FREE[task["type"]]:
         raise FmprobeError(
             f"compare takes a metric that needs no decision threshold; for a {task['type']} task choose one of "
-            f"{', '.join(_THRESHOLD_FREE[task['type']])}"
+            f"{', '.join(THRESHOLD_FREE[task['type']])}"
         )
     head_a = head_a or ma["selection"]["best_head"]
     head_b = head_b or mb["selection"]["best_head"]

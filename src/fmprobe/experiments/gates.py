@@ -380,11 +380,9 @@ def gate_command(gates: str | Path, runs_dir: str | Path, *, run_dirs: Iterable[
 
 
 def print_gates(console, report: GateReport) -> None:  # noqa: ANN001 (rich Console)
-    from rich.table import Table
+    from fmprobe.report.terminal import fmt, new_table
 
-    from fmprobe.report.terminal import fmt
-
-    table = Table(title="gates · levels decided with the CI (lo/hi)", title_justify="left")
+    table = new_table(console, "gates · levels decided with the CI (lo/hi)")
     table.add_column("candidate")
     table.add_column("verdict")
     table.add_column("score")

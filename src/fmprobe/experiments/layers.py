@@ -8,7 +8,6 @@ primary metric with its CI against depth, one line per head type) and ``layers.h
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import pandas as pd
@@ -17,7 +16,10 @@ from fmprobe.atomic import atomic_path, write_json, write_text
 from fmprobe.config import FITTED_HEADS, TRAINED_HEADS, Experiment, HeadConfig
 from fmprobe.diagnostics import plots
 from fmprobe.errors import ConfigError
+from fmprobe.experiments.params import backbone_blocks
 from fmprobe.experiments.run import run_experiment
+from fmprobe.report.templating import render
+from fmprobe.report.terminal import fmt
 
 HEAD_TYPES = TRAINED_HEADS + FITTED_HEADS
 
@@ -63,8 +65,30 @@ def layer_experiment(exp: Experiment, layers: list[int | str], head_types: list[
                                   "model": exp.model.model_copy(update={"layers": list(layers)})})
 
 
-def layer_table(metrics: dict[str, Any], layers: list[int | str], head_types: list[str]) -> pd.DataFrame:
-    """One row per (head type, layer): test mean, sd and CI of the primary metric, and its validation mean."""
+def layer_depth(layer: int | str, blocks: int | None) -> float | None:
+    """Where a layer sits among the backbone's blocks: ``i`` at i, ``-k`` at blocks - k (so -1 of 12 blocks is at
+    11: the last block's output, after the final norm); None for a module path or an unknown depth."""
+    if isinstance(layer, str):
+        layer = int(layer) if layer.lstrip("-").isdigit() else layer
+    if isinstance(layer, str) or (layer < 0 and blocks is None):
+        return None
+    return float(layer if layer >= 0 else blocks + layer)
+
+
+def depth_positions(layers: list[int | str], blocks: int | None) -> list[float] | None:
+    """x positions of the layers at their true depth (a negative index a fifth of a block right of the same block
+    given as a positive one, as it is read after the final norm); None when one has no depth."""
+    depths = [layer_depth(x, blocks) for x in layers]
+    if any(d is None for d in depths):
+        return None
+    taken = {d for d, x in zip(depths, layers) if int(x) >= 0}
+    return [d + 0.2 if int(x) < 0 and d in taken else d for d, x in zip(depths, layers)]  # type: ignore[operator]
+
+
+def layer_table(metrics: dict[str, Any], layers: list[int | str], head_types: list[str],
+                blocks: int | None = None) -> pd.DataFrame:  # fmt: skip
+    """One row per (head type, layer): its depth, test mean, sd and CI of the primary metric, and its validation
+    mean."""
     primary = metrics["task"]["primary_metric"]
     rows = []
     for head_type in head_types:
@@ -72,7 +96,8 @@ def layer_table(metrics: dict[str, Any], layers: list[int | str], head_types: li
             h = metrics["heads"][head_name(head_type, layer)]
             ci = h["test_ci"][primary]
             rows.append({
-                "head_type": head_type, "layer": str(layer), "position": depth, "metric": primary,
+                "head_type": head_type, "layer": str(layer), "position": depth, "depth": layer_depth(layer, blocks),
+                "metric": primary,
                 "test_mean": h["splits"]["test"]["mean"][primary], "test_sd": h["splits"]["test"]["sd"][primary],
                 "ci_low": ci[0], "ci_high": ci[1], "val_mean": h["splits"]["val"]["mean"][primary],
                 "flags": ",".join(sorted({f["name"] for f in h["flags"] if f["severity"] != "info"})),
@@ -90,14 +115,18 @@ def layers_command(
     sweep = layer_experiment(exp, layers, head_types)
     result = run_experiment(sweep, progress=progress)
     metrics, run_dir = result.metrics, result.run_dir
-    table = layer_table(metrics, layers, head_types)
+    blocks = backbone_blocks(sweep)
+    table = layer_table(metrics, layers, head_types, blocks)
     primary = metrics["task"]["primary_metric"]
     series = {
         t: (g["test_mean"].tolist(), g["ci_low"].tolist(), g["ci_high"].tolist())
         for t, g in table.groupby("head_type", sort=False)
     }
+    positions = depth_positions(layers, blocks)
+    xlabel = (f"block (0 = first of {blocks}; a negative index counts from the end, -1 = the output after the final "
+              "norm)" if positions is not None else "extraction point, in the order given")  # fmt: skip
     figure = plots.depth_curves([str(x) for x in layers], series, metric=primary, dest=run_dir / "layers.png",
-                                baseline=metrics["baseline"]["test"].get(primary),
+                                baseline=metrics["baseline"]["test"].get(primary), positions=positions, xlabel=xlabel,
                                 title=f"{exp.name}: test {primary} by layer ({int(metrics['ci_level'] * 100)}% CI)")
     with atomic_path(run_dir / "layers.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -107,7 +136,7 @@ def layers_command(
         "head_types": head_types, "baseline": metrics["baseline"]["test"].get(primary),
         "best_on_validation": {"head": best, "layer": str(metrics["heads"][best]["layer"]),
                                "type": metrics["heads"][best]["type"]},
-        "rows": table.to_dict(orient="records"), "figure": figure.name,
+        "rows": table.to_dict(orient="records"), "figure": figure.name, "blocks": blocks,
     }
     write_json(run_dir / "layers.json", summary)
     write_text(run_dir / "layers.html", _page(summary, table, plots.png_base64(figure)))
@@ -115,21 +144,5 @@ def layers_command(
 
 
 def _page(summary: dict[str, Any], table: pd.DataFrame, image: str) -> str:
-    esc = html.escape
-    head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{esc(f'{v:.4f}' if isinstance(v, float) else str(v))}</td>" for v in row) + "</tr>"
-        for row in table.itertuples(index=False)
-    )
-    best = summary["best_on_validation"]
-    return (
-        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(summary['experiment'])} layers"
-        "</title><style>body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1000px}"
-        "table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #ddd;padding:.25rem .5rem}"
-        "img{max-width:100%}</style></head><body>"
-        f"<h1>{esc(summary['experiment'])}: {esc(summary['metric'])} by layer</h1>"
-        f"<p>Best on validation: <b>{esc(best['head'])}</b> (layer {esc(best['layer'])}). Full run report: "
-        f"<a href='report.html'>report.html</a>. Test CIs: bootstrap of the seed-mean metric.</p>"
-        f"<img alt='test {esc(summary['metric'])} by layer' src='data:image/png;base64,{image}'>"
-        f"<table><tr>{head}</tr>{body}</table></body></html>\n"
-    )
+    return render("layers.html", s=summary, columns=list(table.columns), rows=table.itertuples(index=False),
+                  image=image, fmt=fmt)

@@ -22,7 +22,7 @@ from fmprobe.errors import FmprobeError
 from fmprobe.evaluate.metrics import higher_is_better
 from fmprobe.experiments.index import SEG_MIOU, candidates, metric_table, run_statuses, varying_params
 from fmprobe.experiments.status import short_error
-from fmprobe.report.terminal import SEG_NOTE, fmt, head_label, params_cell, seg_cell, shorten
+from fmprobe.report.terminal import SEG_NOTE, fmt, head_label, new_table, params_cell, seg_cell, shorten
 
 # Non-metric quantities a gate or a leaderboard can read, all better when smaller.
 RUN_QUANTITIES = ("trainable_params", "total_params", "wall_seconds")
@@ -140,10 +140,8 @@ def _metric_names(values: pd.DataFrame) -> str:
 
 
 def print_leaderboard(console, board: Leaderboard) -> None:  # noqa: ANN001 (rich Console)
-    from rich.table import Table
-
     level = f"{int(board.ci_level * 100)}% CI" if board.ci_level else "CI"
-    table = Table(title=f"leaderboard · {board.metric} · ranked on validation", title_justify="left")
+    table = new_table(console, f"leaderboard · {board.metric} · ranked on validation")
     seg = ["seg mIoU (test)"] if board.shows_segmentation else []
     for col in ("#", "run", "head", *board.params, "val", "test mean ± sd", level, "baseline", *seg, "seeds",
                 "params (trainable / total)", "wall s", "flags"):

@@ -19,20 +19,41 @@ from fmprobe.features.keys import identity_path
 from fmprobe.features.remote import local_cache_dir
 
 
+def _memo(exp: Experiment) -> Path:
+    return identity_path(exp.model, local_cache_dir(exp.features.cache_dir)).with_suffix(".params.json")
+
+
+def _count(exp: Experiment) -> tuple[dict[str, int | None], Encoder]:
+    """Load the encoder once and memoise its parameter and block counts."""
+    from fmprobe.backbones.registry import load_encoder
+
+    encoder = load_encoder(exp.model)
+    counts = {"backbone_params": sum(p.numel() for p in encoder.parameters()), "blocks": encoder.num_blocks}
+    write_json(_memo(exp), counts)
+    return counts, encoder
+
+
 def backbone_parameters(exp: Experiment) -> tuple[int | None, Encoder | None]:
     """(parameters of the backbone ``load_encoder`` builds, the encoder if it had to be loaded to count them);
     (None, None) for adapted runs, whose counts come from adaptation.json."""
     if exp.adapt.strategy != "frozen":
         return None, None
-    memo = identity_path(exp.model, local_cache_dir(exp.features.cache_dir)).with_suffix(".params.json")
+    memo = _memo(exp)
     if memo.is_file():
         return int(json.loads(memo.read_text())["backbone_params"]), None
-    from fmprobe.backbones.registry import load_encoder
+    counts, encoder = _count(exp)
+    return counts["backbone_params"], encoder
 
-    encoder = load_encoder(exp.model)
-    count = sum(p.numel() for p in encoder.parameters())
-    write_json(memo, {"backbone_params": count})
-    return count, encoder
+
+def backbone_blocks(exp: Experiment) -> int | None:
+    """The backbone's transformer blocks (so that layer -1 is drawn at its true depth), memoised like the
+    parameter count; None for a family without such a count."""
+    memo = _memo(exp)
+    if memo.is_file():
+        counts = json.loads(memo.read_text())
+        if "blocks" in counts:  # memos written before the block count was recorded lack it
+            return counts["blocks"]
+    return _count(exp)[0]["blocks"]
 
 
 def record_parameters(exp: Experiment, results: ProbeResults, run_dir: Path, backbone: int | None) -> None:

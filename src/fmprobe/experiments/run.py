@@ -27,28 +27,34 @@ import pandas as pd
 
 from fmprobe import distributed
 from fmprobe.atomic import atomic_path, write_json, write_text
-from fmprobe.backbones.base import Encoder
-from fmprobe.config import Experiment, dump_config
+from fmprobe.backbones.base import Encoder, InputSpec
+from fmprobe.config import FITTED_HEADS, Experiment, dump_config
 from fmprobe.data.manifest import Manifest, check_targets_vary, load_manifest
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.evaluate.results import SPLITS, ProbeResults, SegResults, SplitData, predictions_table
 from fmprobe.evaluate.summary import summarise_run
 from fmprobe.evaluate.task import ResolvedTask
+from fmprobe.experiments.advice import upsampling_warning
+from fmprobe.experiments.clock import GroupPlan, RunClock, finish_estimate
 from fmprobe.experiments.efficiency import check_efficiency, efficiency_points, efficiency_table, wanted
 from fmprobe.experiments.environment import environment_info
 from fmprobe.experiments.identity import IDENTITY_VERSION, config_hash, head_identities
 from fmprobe.experiments.index import update_index
 from fmprobe.experiments.parallel import fold_share, gather_members
 from fmprobe.experiments.params import backbone_parameters, record_parameters
+from fmprobe.experiments.runner_up import compare_runner_up
 from fmprobe.experiments.splitting import resolve_folds
 from fmprobe.experiments.status import describe_error, write_status
-from fmprobe.features.extract import extract_features
+from fmprobe.features.extract import Tick, extract_features
+from fmprobe.features.keys import remembered_identity
+from fmprobe.features.remote import local_cache_dir
 from fmprobe.features.store import FeatureSet
 from fmprobe.probes.fitted import check_fitted
-from fmprobe.probes.frozen import train_arms, train_heads
+from fmprobe.probes.frozen import member_groups, train_arms, train_heads
 from fmprobe.probes.grid import check_grid, select_members
 from fmprobe.probes.segmentation import check_segmentation, segment_frozen
 from fmprobe.report.html import write_run_report
+from fmprobe.report.progress import Progress
 from fmprobe.tracking import log_run
 
 
@@ -130,19 +136,30 @@ def checked_inputs(exp: Experiment) -> tuple[RunInputs, Encoder | None]:
     return RunInputs(manifest, folds, backbone_params), encoder
 
 
-def load_features(exp: Experiment, inputs: RunInputs, encoder: Encoder | None, progress: bool) -> None:
-    """The cached features (extracting what is missing) and each fold's split data, into ``inputs``."""
+def load_features(exp: Experiment, inputs: RunInputs, encoder: Encoder | None, progress: Tick | None) -> None:
+    """The cached features (extracting what is missing; ``progress(done, total)`` after every batch) and each
+    fold's split data, into ``inputs``."""
     inputs.features = extract_features(exp, inputs.manifest, encoder, progress=progress)
     extracted = set(inputs.features.sample_ids)
     inputs.data = [_split_data(df[df["sample_id"].isin(extracted)], inputs.manifest) for df, _ in inputs.folds]
 
 
-def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
+def run_experiment(exp: Experiment, *, progress: bool | Progress = True) -> RunResult:
+    """``progress``: draw progress and estimates on stdout (True), nothing (False), or on a given display."""
     started = time.perf_counter()
     # launched by torchrun / accelerate: join the other processes (fmprobe.distributed); else nothing changes
     distributed.init(cuda=exp.adapt.strategy != "frozen" and exp.adapt.device.startswith("cuda"))
-    progress = progress and distributed.is_main()
+    display = progress if isinstance(progress, Progress) else Progress(enabled=progress)
+    if distributed.is_main():
+        finish = finish_estimate(Path(exp.runs_dir).expanduser(), len(exp.heads), display.clock)
+        clock = RunClock(display, exp.name, finish=finish)
+    else:
+        clock = RunClock(Progress.off(), exp.name)
+    clock.phase("prepare")
     inputs, encoder = checked_inputs(exp)
+    warning = upsampling_warning(exp, inputs.manifest, input_spec(exp, encoder)) if distributed.is_main() else None
+    if warning:
+        clock.display.line(f"warning: {warning}")
 
     # From here on the run has a directory; a failure is recorded in it (status.json) before it propagates.
     run_dir = distributed.broadcast_object(new_run_dir(exp) if distributed.is_main() else None)
@@ -150,15 +167,19 @@ def run_experiment(exp: Experiment, *, progress: bool = True) -> RunResult:
         if distributed.is_main():
             write_text(run_dir / "config.resolved.yaml", dump_config(exp))
         stage.name = "extract"
-        load_features(exp, inputs, encoder, progress)
+        clock.phase("extract")
+        load_features(exp, inputs, encoder, clock.extraction(exp.name))
+        assert inputs.data is not None
         stage.name = "train"
         task = ResolvedTask.from_config(exp.task, inputs.manifest.class_names)
-        results = _train(exp, task, inputs, run_dir)
+        clock.phase("train")
+        clock.plan_training(training_plan(exp, task, len(inputs.data)))
+        results = _train(exp, task, inputs, run_dir, clock)
         if not distributed.is_main():  # process 0 alone writes the run
             return distributed.broadcast_object(None)
         if wanted(exp):  # every head again on labelled subsets of the training split
             results.efficiency = efficiency_points(exp, task, inputs.features, inputs.data[0], results)
-        metrics = _finish(exp, task, inputs, results, stage, started)
+        metrics = _finish(exp, task, inputs, results, stage, started, clock)
     return distributed.broadcast_object(RunResult(run_dir=run_dir, metrics=check_twins(exp, run_dir, metrics)))
 
 
@@ -173,7 +194,7 @@ def run_arms(exps: list[Experiment]) -> list[RunResult | Exception]:
     recorded in its run and returned in its place."""
     started = time.perf_counter()
     inputs, encoder = checked_inputs(exps[0])
-    load_features(exps[0], inputs, encoder, progress=False)
+    load_features(exps[0], inputs, encoder, None)
     assert inputs.features is not None and inputs.data is not None
     task = ResolvedTask.from_config(exps[0].task, inputs.manifest.class_names)
     staging = Path(exps[0].runs_dir).expanduser() / exps[0].name / f".arms-{uuid.uuid4().hex}"
@@ -191,7 +212,7 @@ def run_arms(exps: list[Experiment]) -> list[RunResult | Exception]:
                 with stage.recorded():
                     write_text(stage.run_dir / "config.resolved.yaml", dump_config(exp))
                     _adopt_checkpoints(arm, staging / str(i), stage.run_dir)
-                    metrics = _finish(exp, task, inputs, arm, stage, started)
+                    metrics = _finish(exp, task, inputs, arm, stage, started, RunClock(Progress.off(), exp.name))
                 out.append(RunResult(run_dir=stage.run_dir, metrics=check_twins(exp, stage.run_dir, metrics)))
             except Exception as err:  # recorded in its run; the other arms go on
                 out.append(err)
@@ -209,8 +230,9 @@ def _adopt_checkpoints(results: ProbeResults, staged: Path, run_dir: Path) -> No
             run.checkpoint_dir = run_dir / run.checkpoint_dir.relative_to(staged)
 
 
-def _train(exp: Experiment, task: ResolvedTask, inputs: RunInputs, run_dir: Path) -> ProbeResults:
-    """Every head x seed (x fold), frozen on the cached features or end to end on pixels."""
+def _train(exp: Experiment, task: ResolvedTask, inputs: RunInputs, run_dir: Path, clock: RunClock) -> ProbeResults:
+    """Every head x seed (x fold), frozen on the cached features or end to end on pixels; ``clock`` hears every
+    epoch (progress and the run's estimate)."""
     features, folds, data = inputs.features, inputs.folds, inputs.data
     assert features is not None and data is not None
     extracted = set(features.sample_ids)
@@ -218,16 +240,18 @@ def _train(exp: Experiment, task: ResolvedTask, inputs: RunInputs, run_dir: Path
     for k, fold in enumerate(data):
         if exp.adapt.strategy == "frozen":
             part = train_heads(fold_share(exp, k), task, features, fold.ids, fold.targets,
-                               fold_checkpoints(run_dir, k, len(data)))  # fmt: skip
+                               fold_checkpoints(run_dir, k, len(data)), on_epoch=clock.on_epoch)  # fmt: skip
             if exp.segmentation is not None and distributed.is_main():  # its own probe on the same cached tokens
                 part.segmentation = segment_frozen(exp, features, folds[0][0], fold.ids,
-                                                   fold_checkpoints(run_dir, k, len(data)))  # fmt: skip
+                                                   fold_checkpoints(run_dir, k, len(data)),
+                                                   on_epoch=clock.on_epoch)  # fmt: skip
         else:  # end to end on pixels (staged: stage 1 on these cached features); writes adaptation.json
             from fmprobe.adapt.finetune import adapt_heads  # peft and friends: imported only when needed
 
             part = adapt_heads(exp, task, features, folds[0][0][folds[0][0]["sample_id"].isin(extracted)], fold.ids,
-                               fold.targets, run_dir)
+                               fold.targets, run_dir, on_epoch=clock.on_epoch)  # fmt: skip
         add_fold(results, part, k, data)
+    clock.end_training()
     if exp.adapt.strategy == "frozen":  # several processes: each trained its share of the members
         results = gather_members(exp, results)
     return results
@@ -249,8 +273,9 @@ def add_fold(results: ProbeResults, part: ProbeResults, fold: int, data: list[Sp
 
 
 def _finish(exp: Experiment, task: ResolvedTask, inputs: RunInputs, results: ProbeResults, stage: _Stage,
-            started: float) -> dict:  # fmt: skip
-    """Evaluate (grid selection, metrics.json), write the outputs, track; returns the metrics."""
+            started: float, clock: RunClock) -> dict:  # fmt: skip
+    """Evaluate (grid selection, metrics.json, the runner-up comparison), write the outputs, track; returns the
+    metrics. ``clock`` shows the evaluation's progress and records the phases' timing."""
     assert inputs.features is not None and inputs.data is not None
     split, split_info, folds = inputs.data[0], inputs.folds[0][1], inputs.folds
     stage.name = "evaluate"
@@ -260,13 +285,21 @@ def _finish(exp: Experiment, task: ResolvedTask, inputs: RunInputs, results: Pro
     record_parameters(exp, results, stage.run_dir, inputs.backbone_params)
     if len(inputs.data) > 1:
         split_info = {**split_info, "fold": None, "fold_sizes": [info["sizes"] for _, info in folds]}
+    clock.phase("evaluate")
+    evaluation = clock.display.step(f"evaluate {exp.name}", "heads", len(exp.heads))
     metrics = summarise_run(
         exp, task, results, split, split_info=split_info, skipped=inputs.features.skipped,
         config_hash=config_hash(exp), head_identities=head_identities(exp), identity_version=IDENTITY_VERSION,
         grid=grid_record, wall_seconds=time.perf_counter() - started,
+        on_head=lambda done, total: evaluation.update(done, total, detail=f"{exp.eval.bootstrap} bootstrap "
+                                                                          "resamples"),
     )  # fmt: skip
+    runner_up = compare_runner_up(exp, task, results, split, metrics)
+    if runner_up is not None:
+        metrics["selection"]["runner_up"] = runner_up
+    evaluation.finish("bootstrap CIs, baselines, flags")
     stage.name = "write"
-    curves = _write_outputs(stage.run_dir, exp, task, results, split, metrics)
+    curves = _write_outputs(stage.run_dir, exp, task, results, split, metrics, clock)
     stage.name = "tracking"
     log_run(exp, stage.run_dir, metrics, curves)  # opt-in (tracking: in the config); a no-op otherwise
     write_status(stage.run_dir, "finished", config_hash=config_hash(exp))
@@ -274,8 +307,9 @@ def _finish(exp: Experiment, task: ResolvedTask, inputs: RunInputs, results: Pro
 
 
 def _write_outputs(run_dir: Path, exp: Experiment, task: ResolvedTask, results: ProbeResults, split: SplitData,
-                   metrics: dict) -> pd.DataFrame:  # fmt: skip
-    """predictions, curves, segmentation outputs, env.json, report.html, then metrics.json; returns the curves."""
+                   metrics: dict, clock: RunClock) -> pd.DataFrame:  # fmt: skip
+    """predictions, curves, segmentation outputs, env.json, report.html, then metrics.json (with the run's timing);
+    returns the curves."""
     preds = predictions_table(results, split, task.score_names, list(task.targets))
     with atomic_path(run_dir / "predictions.parquet") as tmp:
         preds.to_parquet(tmp, index=False)
@@ -292,7 +326,9 @@ def _write_outputs(run_dir: Path, exp: Experiment, task: ResolvedTask, results: 
             pd.DataFrame(efficiency_table(metrics)).to_parquet(tmp, index=False)
     write_json(run_dir / "env.json", environment_info(seeds=exp.train.seeds, config_hash=config_hash(exp),
                                                       **distributed.describe()))
+    clock.phase("report")
     write_run_report(run_dir, exp, metrics, curves)
+    metrics["timing"] = clock.finish()
     write_json(run_dir / "metrics.json", metrics)  # after everything it summarises
     return curves
 
@@ -310,6 +346,32 @@ def check_twins(exp: Experiment, run_dir: Path, metrics: dict) -> dict:
         return metrics
     return json.loads((run_dir / "metrics.json").read_text())
 
+
+
+def input_spec(exp: Experiment, encoder: Encoder | None) -> InputSpec | None:
+    """The encoder's input without loading it: from the loaded encoder, or as remembered with the feature cache."""
+    if encoder is not None:
+        return encoder.input_spec
+    remembered = remembered_identity(exp.model, local_cache_dir(exp.features.cache_dir))
+    return None if remembered is None else remembered[2]
+
+
+def training_plan(exp: Experiment, task: ResolvedTask, n_folds: int) -> list[GroupPlan]:
+    """The fits this process will train, per member group, for the run's progress and estimate."""
+    fits = sum(len(fold_share(exp, k).train.seeds) for k in range(n_folds))
+    frozen = [GroupPlan(tuple(m.name for m in members), fits, exp.train.epochs, task.primary, task.lower_is_better)
+              for members in member_groups(exp) if members[0].head.type not in FITTED_HEADS]  # fmt: skip
+    strategy = exp.adapt.strategy
+    if strategy == "frozen":
+        plan = frozen
+    else:
+        epochs = exp.adapt.stage2.epochs if strategy == "staged" else exp.train.epochs
+        plan = (frozen if strategy == "staged" else []) + [
+            GroupPlan((h.name,), len(exp.train.seeds), epochs, task.primary, task.lower_is_better, strategy == "staged")
+            for h in exp.heads]  # fmt: skip
+    if exp.segmentation is not None and strategy == "frozen" and distributed.is_main():
+        plan.append(GroupPlan(("segmentation",), n_folds * len(exp.train.seeds), exp.train.epochs, "miou", False))
+    return plan
 
 def write_segmentation_outputs(run_dir: Path, seg: SegResults) -> None:
     """``segmentation_curves.parquet`` and the first seed's predicted test masks (``segmentation_test_masks.npz``)."""

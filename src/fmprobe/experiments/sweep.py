@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from fmprobe.atomic import write_json
 from fmprobe.config import Experiment, parse_config, read_yaml, resolve_paths, set_dotted
 from fmprobe.errors import ConfigError, FmprobeError
 from fmprobe.experiments.status import describe_error, is_finished, short_error
+from fmprobe.report.progress import Progress, Step
 
 SWEEP_KEYS = ("base", "name", "grid", "workers", "gates")
 
@@ -193,7 +193,7 @@ def _extract_task(exp: Experiment) -> dict[str, Any]:
     from fmprobe.features.extract import run_extraction
 
     try:
-        result = run_extraction(exp, load_manifest(exp.data, exp.task), progress=False)
+        result = run_extraction(exp, load_manifest(exp.data, exp.task))
     except Exception as err:  # reported per run; the other extractions go on
         return {"error": describe_error(err)}
     return {"error": None, "extracted": result.extracted, "cached": result.cached, "seconds": result.seconds}
@@ -303,12 +303,14 @@ def run_sweep(
     ray_address: str | None = None,
     use_ray: bool = False,
     gates: str | Path | None = None,
-    on_event: Callable[[str], None] = lambda message: None,
+    progress: Progress | None = None,
 ) -> SweepResult:
     """Run every unfinished grid point; write sweep.json and report.html under ``<runs_dir>/_sweeps/<name>/``.
+    ``progress`` shows the arms done / running / failed with the time left (nothing when None).
 
     Raises FmprobeError after the report is written if any run failed (the others are kept).
     """
+    display = progress if progress is not None else Progress.off()
     spec = load_sweep(path)
     points = expand(spec)
     runs_dir = Path(points[0].exp.runs_dir).expanduser().resolve()
@@ -320,8 +322,8 @@ def run_sweep(
     pending = [p for p in points if p.status == "pending"]
     executor = (RayExecutor(ray_address) if use_ray or ray_address
                 else LocalExecutor(workers or spec.workers or default_workers()))
-    on_event(f"sweep {spec.name}: {len(points)} runs, {len(points) - len(pending)} finished earlier, "
-             f"{len(pending)} to run")
+    display.line(f"sweep {spec.name}: {len(points)} arms, {len(points) - len(pending)} finished earlier, "
+                 f"{len(pending)} to run")
 
     # 1. one extraction per feature-cache entry, so the runs after it all read the cache
     groups: dict[str, list[SweepPoint]] = {}
@@ -329,27 +331,38 @@ def run_sweep(
         groups.setdefault(extraction_key(point.exp), []).append(point)
     firsts = [members[0] for members in groups.values()]
     broken: set[str] = set()
-    for i, out in executor.map(_extract_task, [p.exp for p in firsts]):
+    step = display.step(f"sweep {spec.name} features", "cache entries", len(firsts))
+    for n, (i, out) in enumerate(executor.map(_extract_task, [p.exp for p in firsts]), start=1):
         key = extraction_key(firsts[i].exp)
         if out["error"]:
             broken.add(key)
             for point in groups[key]:
                 point.status, point.error = "failed", f"feature extraction failed: {out['error']}"
-            on_event(f"extraction failed for {len(groups[key])} run(s): {short_error(out['error'])}")
+            display.line(f"extraction failed for {len(groups[key])} arm(s): {short_error(out['error'])}")
         else:
-            on_event(f"features: {out['extracted']} extracted, {out['cached']} cached ({out['seconds']:.1f} s)")
+            display.line(f"features: {out['extracted']} extracted, {out['cached']} cached ({out['seconds']:.1f} s)")
+        step.update(n)
+    if firsts:
+        step.finish()
 
     # 2. the runs, on cached features; arms that differ only in their heads train together
     todo = [p for p in pending if p.status == "pending"]
+    arms = ArmsProgress(display.step(f"sweep {spec.name}", "arms", len(pending)), len(pending), executor.workers,
+                        display.clock)  # fmt: skip
+    for _ in range(len(pending) - len(todo)):  # their extraction failed
+        arms.record(failed=True)
     batches = arm_batches(todo, executor.workers)
     for i, outs in executor.map(_run_task, [[p.exp for p in batch] for batch in batches]):
         for point, out in zip(batches[i], outs):
             if out["error"]:
                 point.status, point.error = "failed", out["error"]
-                on_event(f"failed {_label(point)}: {short_error(out['error'])}")
+                display.line(f"arm failed: {_label(point)}: {short_error(out['error'])}")
             else:
                 point.status, point.run_dir = "ran", Path(out["run_dir"])
-                on_event(f"done {_label(point)} -> {point.run_dir.name}")
+                display.line(f"arm done: {_label(point)} -> {point.run_dir}")
+            arms.record(failed=bool(out["error"]))
+    if pending:
+        arms.step.finish(f"{arms.failed} failed")
 
     sweep_dir = runs_dir / "_sweeps" / spec.name
     result = SweepResult(spec.name, points, runs_dir, sweep_dir, extractions=len(firsts) - len(broken),
@@ -362,6 +375,28 @@ def run_sweep(
         raise FmprobeError(f"{len(result.failed)} of {len(points)} sweep runs failed (report: {result.report}):\n"
                            f"{listing}\nrerun the sweep to retry them; finished runs are skipped")
     return result
+
+
+@dataclass
+class ArmsProgress:
+    """The sweep's arms: done, running (as many as the workers, while arms wait), failed, and the time left
+    (arms to go x the mean wall time per finished arm, shared by the workers)."""
+
+    step: Step
+    total: int
+    workers: int  # parallel arms (Ray: the cluster's CPUs)
+    clock: Callable[[], float]
+    done: int = 0
+    failed: int = 0
+
+    def record(self, *, failed: bool) -> None:
+        self.done += 1
+        self.failed += failed
+        left = self.total - self.done
+        running = min(self.workers, left) if self.workers else left
+        per_arm = (self.clock() - self.step.started) / self.done  # wall time per arm, workers included
+        self.step.update(self.done, detail=f"{running} running · {self.failed} failed",
+                         eta=left * per_arm if left else None)
 
 
 def write_sweep_report(dest: Path, runs_dir: Path, name: str, points: list[SweepPoint], gates_path: Path | None
@@ -381,7 +416,8 @@ def write_sweep_report(dest: Path, runs_dir: Path, name: str, points: list[Sweep
     failed = [{"values": _label(p), "error": p.error} for p in points if p.status == "failed"]
     curves = [(_short_label(p), json.loads((p.run_dir / "metrics.json").read_text())) for p in points
               if p.run_dir is not None and wanted(p.exp)]  # fmt: skip
-    return write_board_report(dest, boards, verdicts, title=f"sweep {name}", failed=failed, efficiency=curves)
+    return write_board_report(dest, boards, verdicts, title=f"Sweep {name}: leaderboard", failed=failed,
+                              efficiency=curves)
 
 
 def sweep_record(spec: SweepSpec, points: Iterable[SweepPoint]) -> dict[str, Any]:

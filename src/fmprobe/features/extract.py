@@ -21,15 +21,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 from torch.utils.data import DataLoader
 
 from fmprobe import distributed
@@ -58,6 +49,7 @@ from fmprobe.features.remote import local_cache_dir, open_store
 from fmprobe.features.store import FeatureSet, FeatureStore
 
 Identity = tuple[str, str, InputSpec]  # encoder name, fingerprint, input spec
+Tick = Callable[[int, int], None]  # progress: (samples done, samples to do), after every batch
 WAIT_SECONDS = 0.2  # how often a process with nothing left to claim looks whether the others are done
 
 
@@ -84,18 +76,20 @@ class _Work:
 
 
 def extract_features(
-    exp: Experiment, manifest: Manifest, encoder: Encoder | None = None, *, progress: bool = True
+    exp: Experiment, manifest: Manifest, encoder: Encoder | None = None, *, progress: Tick | None = None
 ) -> FeatureSet:
     """Features of every manifest sample (in manifest order, skipped samples in ``.skipped``), from the
-    cache where present. ``encoder`` defaults to ``load_encoder(exp.model)``, loaded only if needed."""
+    cache where present. ``encoder`` defaults to ``load_encoder(exp.model)``, loaded only if needed.
+    ``progress(done, total)`` hears the samples extracted after every batch (not called when everything is
+    cached)."""
     return run_extraction(exp, manifest, encoder, progress=progress).features
 
 
-def extract_command(config_path: str | Path) -> dict[str, Any]:
+def extract_command(config_path: str | Path, progress: Tick | None = None) -> dict[str, Any]:
     """``fmprobe extract CONFIG``: fill the feature cache for an experiment; returns a summary."""
     exp = load_config(config_path)
     manifest = load_manifest(exp.data, exp.task)
-    result = run_extraction(exp, manifest, progress=True)
+    result = run_extraction(exp, manifest, progress=progress)
     return {
         "experiment": exp.name,
         "store": str(result.features.store_dir),
@@ -115,7 +109,7 @@ def run_extraction(
     manifest: Manifest,
     encoder: Encoder | None = None,
     *,
-    progress: bool = True,
+    progress: Tick | None = None,
     on_batch: Callable[[ExtractionRate], None] | None = None,
 ) -> Extraction:
     """Like :func:`extract_features`, plus the key, how many samples were extracted vs served from the cache, the
@@ -158,7 +152,7 @@ def run_extraction(
                 raise EncoderError(f"process {distributed.rank()} loaded another model than process 0 did "
                                    f"({encoder.name}); every process must see the same model files")
         work = _extract(exp, encoder, store, [keys[i] for i in mine], [paths[i] for i in mine],
-                        [starts[i] for i in mine], progress and distributed.is_main(), on_batch)
+                        [starts[i] for i in mine], progress if distributed.is_main() else None, on_batch)
     counts = distributed.all_gather_object((work.extracted, work.handled))  # also waits until all is committed
     features = store.feature_set(keys, unreadable)
     cached = len(keys) - len(unreadable) - sum(handled for _, handled in counts)
@@ -259,7 +253,7 @@ def _extract(
     keys: list[tuple[str, str]],
     paths: list[str],
     starts: list[int | None],
-    progress: bool,
+    progress: Tick | None,
     on_batch: Callable[[ExtractionRate], None] | None,
 ) -> _Work:
     """Extract the samples of ``keys`` into ``store``, sharing them with any other process extracting into it.
@@ -276,14 +270,9 @@ def _extract(
     rate = Throughput(len(keys), on_batch)
     was_training = encoder.training
     encoder.eval().to(device)
-    bar = Progress(
-        TextColumn("extracting {task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-        TimeRemainingColumn(), disable=not progress,
-    )
     try:
-        with bar, torch.inference_mode(), store.writer(exp.features.shard_size) as writer:
-            task = bar.add_task(encoder.name, total=len(keys))
-            while (first := _next_batch(claims, bar, task, encoder.name)) is not None:
+        with torch.inference_mode(), store.writer(exp.features.shard_size) as writer:
+            while (first := _next_batch(claims)) is not None:
                 sampler = ClaimedBatches(claims, first)
                 loader = DataLoader(dataset, batch_sampler=sampler, num_workers=exp.data.num_workers,
                                     collate_fn=collate_samples, pin_memory=device.type == "cuda")
@@ -306,7 +295,8 @@ def _extract(
                         work.stages.read += batch["seconds"][0]
                         work.stages.preprocess += batch["seconds"][1]
                         rate.batch(n)
-                        bar.update(task, completed=rate.done + claims.done_elsewhere)
+                        if progress:  # None (or False, as callers that want no progress pass)
+                            progress(rate.done + claims.done_elsewhere, len(keys))
                         writer.after_commit(partial(claims.release, sampler.claim_of_next()))
                 work.stages.input_wait += batches.wait_seconds
                 writer.submit()  # others may wait for these rows' claims while this process waits for theirs
@@ -319,12 +309,10 @@ def _extract(
     return work
 
 
-def _next_batch(claims: WorkClaims, bar: Progress, task: Any, name: str) -> Claim | None:
+def _next_batch(claims: WorkClaims) -> Claim | None:
     """Claim the next batch, waiting while other processes hold the samples still missing; None when all are stored."""
     while (claim := claims.take()) is None and claims.waiting_on:
-        bar.update(task, description=f"{name} (waiting for {', '.join(claims.waiting_on)})")
         time.sleep(WAIT_SECONDS)
-    bar.update(task, description=name)
     return claim
 
 
@@ -405,9 +393,3 @@ def pool_tokens(
         x = F.adaptive_avg_pool2d(x.permute(0, 1, 4, 2, 3).reshape(b * t, d, h, w), (gh, gw))
         x, h, w = x.reshape(b, t, d, gh, gw).permute(0, 1, 3, 4, 2), gh, gw
     return x.reshape(b, t * h * w, d), (t, h, w)
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Any) -> Text:
-        return Text(f"{task.speed:.1f} samples/s" if task.speed else "- samples/s")
-

@@ -12,7 +12,9 @@ on the same inputs, k / C chosen on validation. A sweep's arms that differ only 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from fmprobe.probes.fitted import fit_subsets, fitted_run
 from fmprobe.probes.grid import grid_members
 from fmprobe.probes.inputs import STANDARDISED, head_tensors
 from fmprobe.probes.targets import TARGETS_NOTE, FitTargets
-from fmprobe.train.core import Fit
+from fmprobe.train.core import EpochReport, Fit
 from fmprobe.train.heads import fit_heads, predict_scores
 from fmprobe.train.losses import build_loss
 from fmprobe.train.sampling import balanced_weights
@@ -87,12 +89,15 @@ def targets_note(exp: Experiment) -> str:
 
 
 def train_heads(exp: Experiment, task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
-                targets: dict[str, np.ndarray], checkpoint_root: Path | None = None) -> ProbeResults:  # fmt: skip
+                targets: dict[str, np.ndarray], checkpoint_root: Path | None = None, *,
+                on_epoch: Callable[[int, EpochReport], None] | None = None) -> ProbeResults:  # fmt: skip
     """One HeadRun per member and seed (a grid member is named ``<head>/lr<lr>/wd<wd>``); a fitted head is fitted
-    once and its fit repeated for every seed (it is deterministic)."""
+    once and its fit repeated for every seed (it is deterministic). ``on_epoch(seed, report)`` hears every epoch of
+    the trained heads (progress, the run's estimate)."""
     trained = [members for members in member_groups(exp) if members[0].head.type not in FITTED_HEADS]
     groups = [([(0, m) for m in members], len(members) > 1) for members in trained]
-    results = _train_groups([exp], groups, task, features, split_ids, targets, [checkpoint_root])[0]
+    results = _train_groups([exp], groups, task, features, split_ids, targets, [checkpoint_root],
+                            on_epoch=on_epoch)[0]  # fmt: skip
     for head in exp.heads:
         if head.type in FITTED_HEADS:
             inputs = head_tensors(features, split_ids, head)
@@ -130,10 +135,15 @@ def train_arms(exps: list[Experiment], task: ResolvedTask, features: FeatureSet,
 
 def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, BankMember]], bool]],
                   task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
-                  targets: dict[str, np.ndarray], checkpoint_roots: list[Path | None]) -> list[ProbeResults]:  # fmt: skip
+                  targets: dict[str, np.ndarray], checkpoint_roots: list[Path | None], *,
+                  on_epoch: Callable[[int, EpochReport], None] | None = None) -> list[ProbeResults]:  # fmt: skip
     """Per group of (arm, member) reading one input, and per seed, one HeadBank (fused or not) of the members, on
     one CPU thread; each arm's HeadRuns in its own ProbeResults. The training settings other than lr / weight
-    decay are the first arm's (the same for all: ``shared_training``)."""
+    decay are the first arm's (the same for all: ``shared_training``).
+
+    With several groups, the first seed of every group trains before the other seeds: a time estimate then knows
+    every group's seconds per epoch and early stopping after one fit each. Every fit is seeded on its own, so the
+    order changes no number (the callers sort the runs head by head); a group's inputs are read once per round."""
     exp = exps[0]
     results = [ProbeResults(training_inputs=[{"stage": "all epochs", **cached_inputs(e)}]) for e in exps]
     fitting = FitTargets.for_task(task, targets)
@@ -142,28 +152,32 @@ def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, Ban
             r.standardisation["targets"] = targets_note(e)
     # train.balanced_sampler: the same class-balanced draws as end-to-end training, over the cached features
     weights = balanced_weights(targets["train"], task.type) if exp.train.balanced_sampler else None
-    for group, fuse in groups:
-        loss, loss_info = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
-        inputs = head_tensors(features, split_ids, group[0][1].head)
-        if group[0][1].head.pooling != "attentive":
-            for i, member in group:
-                results[i].standardisation[member.head.name] = STANDARDISED
-        unique = len(exps) > 1  # bank members need distinct names across arms
-        bank_members = [replace(m, name=f"{i}:{m.name}") if unique else m for i, m in group]
-        for seed in exp.train.seeds:
-            with one_thread():
-                fitted, bank = fit_heads(bank_members, HeadData(inputs["train"], fitting.targets["train"]),
-                                         HeadData(inputs["val"], fitting.targets["val"]),
-                                         in_dim=inputs["train"].shape[-1], out_dim=task.out_dim, task_type=task.type,
-                                         loss=loss, cfg=exp.train, seed=seed, scorer=fitting.scorer(task, loss),
-                                         sample_weights=weights, fuse=fuse)  # fmt: skip
-                scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
-            for h, (i, member) in enumerate(group):
-                trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)
-                results[i].runs.append(head_run(exps[i], task, member.name, seed, fitted.fits[h],
-                                                {s: scores[s][h] for s in SPLITS}, targets["val"],
-                                                loss_info=loss_info, trainable=trainable,
-                                                checkpoint_root=checkpoint_roots[i]))  # fmt: skip
+    seeds = list(exp.train.seeds)
+    rounds = [seeds] if len(groups) <= 1 else [seeds[:1], seeds[1:]]
+    for round_seeds in rounds:
+        for group, fuse in groups if round_seeds else ():
+            loss, loss_info = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
+            inputs = head_tensors(features, split_ids, group[0][1].head)
+            if group[0][1].head.pooling != "attentive":
+                for i, member in group:
+                    results[i].standardisation[member.head.name] = STANDARDISED
+            unique = len(exps) > 1  # bank members need distinct names across arms
+            bank_members = [replace(m, name=f"{i}:{m.name}") if unique else m for i, m in group]
+            for seed in round_seeds:
+                with one_thread():
+                    fitted, bank = fit_heads(bank_members, HeadData(inputs["train"], fitting.targets["train"]),
+                                             HeadData(inputs["val"], fitting.targets["val"]),
+                                             in_dim=inputs["train"].shape[-1], out_dim=task.out_dim,
+                                             task_type=task.type, loss=loss, cfg=exp.train, seed=seed,
+                                             scorer=fitting.scorer(task, loss), sample_weights=weights, fuse=fuse,
+                                             on_epoch=None if on_epoch is None else partial(on_epoch, seed))  # fmt: skip
+                    scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
+                for h, (i, member) in enumerate(group):
+                    trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)
+                    results[i].runs.append(head_run(exps[i], task, member.name, seed, fitted.fits[h],
+                                                    {s: scores[s][h] for s in SPLITS}, targets["val"],
+                                                    loss_info=loss_info, trainable=trainable,
+                                                    checkpoint_root=checkpoint_roots[i]))  # fmt: skip
     return results
 
 

@@ -10,7 +10,9 @@ these decoders as its stage 1. Decoders train through the training core (``fmpro
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from fmprobe.evaluate.segmentation import iou_counts, location_prior, seg_metric
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads.segmentation import SegDecoder, frame_tokens, segmentation_loss
 from fmprobe.probes.frozen import save_checkpoints
-from fmprobe.train.core import FitPlan, StopRule, fit
+from fmprobe.train.core import EpochReport, FitPlan, StopRule, fit
 from fmprobe.train.members import ModuleMember
 from fmprobe.train.optim import decay_groups
 from fmprobe.train.seeding import seeded
@@ -150,10 +152,10 @@ class MiouScorer:
 
 def fit_decoder(
     exp: Experiment, x: dict[str, np.ndarray], masks: MaskSet, seed: int, *, mean: np.ndarray, std: np.ndarray,
-    out_size: tuple[int, int], checkpoint_dir: Path | None,
+    out_size: tuple[int, int], checkpoint_dir: Path | None, on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> tuple[SegRun, SegDecoder]:
     """Train one decoder on cached tokens (AdamW, warmup + cosine, batches of train.batch_size); it returns holding
-    its best-validation-mIoU weights, with every split scored."""
+    its best-validation-mIoU weights, with every split scored. ``on_epoch`` hears every epoch."""
     seg, train = exp.segmentation, exp.train
     assert seg is not None
     k = len(seg.class_names)
@@ -161,7 +163,8 @@ def fit_decoder(
                            to_tensor=lambda m: torch.from_numpy(m.astype(np.int64)), batch_size=train.batch_size,
                            grad_accum=train.grad_accum, seed=seed)  # fmt: skip
     es = train.early_stopping
-    plan = FitPlan(train.epochs, None if es is None else StopRule("miou", es.patience, es.min_delta))
+    plan = FitPlan(train.epochs, None if es is None else StopRule("miou", es.patience, es.min_delta),
+                   on_epoch=on_epoch)
     with seeded(seed):
         decoder = SegDecoder(x["train"].shape[-1], k, seg.decoder, out_size, mean, std)
         decoder.reset_parameters()
@@ -185,8 +188,10 @@ def prior_counts(masks: MaskSet, num_classes: int) -> SegCounts:
 
 
 def segment_frozen(exp: Experiment, features: FeatureSet, df: pd.DataFrame, split_ids: dict[str, list[str]],
-                   checkpoint_root: Path | None) -> SegResults:  # fmt: skip
-    """Every seed's decoder on the cached tokens; ``df`` holds the manifest rows (with ``mask``)."""
+                   checkpoint_root: Path | None, *,
+                   on_epoch: Callable[[int, EpochReport], None] | None = None) -> SegResults:  # fmt: skip
+    """Every seed's decoder on the cached tokens; ``df`` holds the manifest rows (with ``mask``);
+    ``on_epoch(seed, report)`` hears every epoch."""
     seg = exp.segmentation
     assert seg is not None
     spec = stored_input_spec(features)
@@ -197,7 +202,8 @@ def segment_frozen(exp: Experiment, features: FeatureSet, df: pd.DataFrame, spli
     for seed in exp.train.seeds:
         folder = None if checkpoint_root is None else checkpoint_root / "segmentation" / f"seed{seed}"
         run, decoder = fit_decoder(exp, x, masks, seed, mean=mean, std=std, out_size=spec.image_size,
-                                   checkpoint_dir=folder)  # fmt: skip
+                                   checkpoint_dir=folder,
+                                   on_epoch=None if on_epoch is None else partial(on_epoch, seed))  # fmt: skip
         runs.append(run)
         test_masks.setdefault(run.name, decoder_predict(decoder, x["test"]))
     trained = (f"a separate {seg.decoder} decoder on the frozen cached tokens of layer {seg.layer} (no parameters "

@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from fmprobe.report.plots import label_curves
-from fmprobe.report.terminal import fmt
+from fmprobe.report.terminal import fmt, new_table
 
 TITLES = {"shots": "few-shot episodes", "fraction": "label fractions"}
 
@@ -118,8 +117,8 @@ def print_efficiency(console: Console, metrics: dict[str, Any]) -> None:
     if block is None:
         return
     metric = block["metric"]
-    table = Table(title=f"label efficiency · test {metric} · interval: {int(metrics['ci_level'] * 100)}% over "
-                        "repeats and test resamples", title_justify="left")  # fmt: skip
+    table = new_table(console, f"label efficiency · test {metric} · interval: {int(metrics['ci_level'] * 100)}% "
+                               "over repeats and test resamples")  # fmt: skip
     for col in ("head", "budget", "repeats", "groups", "samples", "mean ± sd", "interval", "baseline", "flags"):
         table.add_column(col)
     baseline = fmt(metrics["baseline"]["test"].get(metric))

@@ -51,7 +51,15 @@ def _board_section(board: Any, gates: Any | None, dest_dir: Path | None) -> dict
     plot = forest_plot([f"{r['rank']}. {r['run_id']}/{r['head']}" for r in rows],
                        table["test_mean"].tolist(), table["ci_lo"].tolist(), table["ci_hi"].tolist(),
                        table["baseline"].tolist(), board.metric, levels)
-    return {"board": board, "rows": rows, "plot": plot, "seg_note": SEG_NOTE}
+    runs = []  # per-run quantities, once per run (not on every head row)
+    for r in rows:
+        if all(r["run_dir"] != known["run_dir"] for known in runs):
+            runs.append({k: r[k] for k in ("run_dir", "experiment", "run_id", "link", "n_seeds", "wall_seconds")}
+                        | {"heads": sum(x["run_dir"] == r["run_dir"] for x in rows)})
+    experiments = sorted({r["experiment"] for r in rows})
+    summary = (f"{len(rows)} heads of {len(runs)} run{'s' if len(runs) != 1 else ''} "
+               f"({', '.join(experiments)}), ranked by validation {board.metric}")
+    return {"board": board, "rows": rows, "runs": runs, "plot": plot, "seg_note": SEG_NOTE, "summary": summary}
 
 
 def write_board_report(dest: Path, boards: Sequence[Any], gates: Any | None = None, *, title: str,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from fmprobe.evaluate.metrics import lower_is_better
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -86,6 +90,11 @@ def grid_lines(metrics: dict[str, Any]) -> list[str]:
         for head, g in grid["heads"].items())]
 
 
+def new_table(console: Console, title: str) -> Table:
+    """A rich table: ruled on a terminal; in a log only a header rule, columns aligned with spaces."""
+    return Table(title=title, title_justify="left", box=box.HEAVY_HEAD if console.is_terminal else box.SIMPLE_HEAD)
+
+
 def fitted_lines(metrics: dict[str, Any]) -> list[str]:
     """knn / logreg: the k or C each head chose on validation (every seed fits the same, so one value unless they
     differ), with its validation score and how many values were tried."""
@@ -103,14 +112,17 @@ def fitted_lines(metrics: dict[str, Any]) -> list[str]:
     return [f"fitted heads, chosen on validation {primary}: " + "; ".join(parts)] if parts else []
 
 
-def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> None:
+def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path, *,
+                  more: Sequence[Callable[[Console, dict[str, Any]], None]] = ()) -> None:  # fmt: skip
+    """The headline table, the flags, ``more`` sections (the label-efficiency table), and last the verdict line and
+    the report's absolute path."""
     task = metrics["task"]
     split = metrics["split"]
     title = (
         f"{metrics['experiment']} · {task['type']} · test n={split['sizes']['test']} "
         f"({split['groups']['test']} groups) · seeds {metrics['seeds']}"
     )
-    table = Table(title=title, title_justify="left")
+    table = new_table(console, title)
     for col in ("head", "metric", "val mean", "test mean ± sd", f"{int(metrics['ci_level'] * 100)}% CI",
                 "baseline", "flags"):
         table.add_column(col)
@@ -120,7 +132,7 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
         flags = ", ".join(r["flags"]) or "ok"
         style = "red" if r["flags"] else None
         table.add_row(name, r["metric"], fmt(r["val"]), f"{fmt(r['mean'])} ± {fmt(r['sd'])}", ci,
-                      fmt(r["baseline"]), flags, style=style)
+                      baseline_text(metrics, r["metric"], r["baseline"]), flags, style=style)
     console.print(table)
     console.print(f"* selected on validation ({metrics['selection']['rule']}); test evaluated once per seed.")
     for line in parameter_lines(metrics) + grid_lines(metrics) + fitted_lines(metrics):
@@ -132,7 +144,59 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
         console.print(f"[bold red]groups overlap across splits (allowed by config): {len(split['group_overlap'])}[/]")
     if metrics.get("skipped"):
         console.print(f"[yellow]{len(metrics['skipped'])} samples skipped (on_error: skip); see metrics.json[/]")
-    console.print(f"run directory: {run_dir}")
+    for section in more:
+        section(console, metrics)
+    console.print(verdict_line(metrics), markup=False)
+    console.print(f"report: {(Path(run_dir) / 'report.html').resolve()}", markup=False)
+
+
+def baseline_text(metrics: dict[str, Any], metric: str, value: Any) -> str:
+    """The baseline's value, or why it has none (a constant prediction has no correlation, ...)."""
+    reason = metrics["baseline"].get("undefined", {}).get(metric)
+    if value is not None and value == value or reason is None:
+        return fmt(value)
+    return f"— ({reason})"
+
+
+def verdict_parts(metrics: dict[str, Any]) -> list[str]:
+    """What a researcher can repeat: the selected head, its test score with CI, the baseline, its flags, and
+    whether it is distinguishable from the runner-up on the same test samples."""
+    primary = metrics["task"]["primary_metric"]
+    best = metrics["selection"]["best_head"]
+    h = metrics["heads"][best]
+    level = f"{int(metrics['ci_level'] * 100)}% CI"
+    lo, hi = h["test_ci"].get(primary) or (None, None)
+    flags = sorted({f["name"] for f in h["flags"]})
+    parts = [
+        f"{best} (selected on validation)",
+        f"test {primary} {fmt(h['splits']['test']['mean'][primary])} [{fmt(lo)}, {fmt(hi)}] ({level})",
+        f"baseline {baseline_text(metrics, primary, metrics['baseline']['test'].get(primary))}",
+        "flags: " + (", ".join(flags) if flags else "none"),
+    ]
+    runner = metrics["selection"].get("runner_up")
+    if runner is not None:
+        parts.append(runner_up_text(metrics, runner))
+    return parts
+
+
+def verdict_line(metrics: dict[str, Any]) -> str:
+    return f"verdict {metrics['experiment']}: " + " · ".join(verdict_parts(metrics))
+
+
+def runner_up_text(metrics: dict[str, Any], runner: dict[str, Any]) -> str:
+    """``attentive ≈ linear (difference -0.0001, 95% CI [-0.004, 0.004])``: tied unless the paired CI excludes 0."""
+    best, other = metrics["selection"]["best_head"], runner["head"]
+    if "skipped" in runner:
+        return f"{best} vs {other}: not compared ({runner['skipped']})"
+    lo, hi = runner["ci"]
+    lower = lower_is_better(runner["metric"])
+    if not runner["distinguishable"]:
+        relation = "≈"
+    else:
+        relation = "better than" if (hi < 0) == lower else "worse than"
+    level = f"{int(metrics['ci_level'] * 100)}% CI"
+    return (f"{best} {relation} {other} (difference {runner['difference']:+.4f}, {level} "
+            f"[{lo:+.4f}, {hi:+.4f}], paired over test {runner['resampled']})")
 
 
 def params_cell(trainable: Any, total: Any) -> str:

@@ -8,6 +8,8 @@ unfused bank of heads without dropout gives every member exactly its separate ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -15,7 +17,7 @@ from torch import nn
 from fmprobe.config import EarlyStoppingConfig, TrainConfig
 from fmprobe.errors import ConfigError
 from fmprobe.heads.bank import BankMember, HeadBank
-from fmprobe.train.core import FitPlan, FitResult, Scorer, StopRule, fit
+from fmprobe.train.core import EpochReport, FitPlan, FitResult, Scorer, StopRule, fit
 from fmprobe.train.losses import as_target_tensor
 from fmprobe.train.members import HeadMembers
 from fmprobe.train.scoring import member_scores
@@ -47,10 +49,12 @@ def fit_heads(
     scorer: Scorer,
     sample_weights: np.ndarray | None = None,
     device: str | torch.device = "cpu",
+    on_epoch: Callable[[EpochReport], None] | None = None,
     fuse: bool | None = None,
 ) -> tuple[FitResult, HeadBank]:
     """Train ``members`` (each with its own lr and weight decay; ``cfg``'s are not used) on ``train``, each
     member's checkpoint at its best validation epoch; the returned bank's heads hold those weights.
+    ``on_epoch`` hears every epoch (progress, time estimates).
 
     ``fuse`` (default: with several members) runs them as stacked tensors with the fused optimizer; unfused,
     every member computes exactly as it would alone (its own module, loss call and AdamW groups)."""
@@ -62,7 +66,8 @@ def fit_heads(
         bank = HeadBank(members, in_dim, out_dim, fuse=len(members) > 1 if fuse is None else fuse)
         heads = HeadMembers(bank, loss, warmup_steps=cfg.warmup_epochs * source.steps_per_epoch, seed=seed,
                             device=device)  # fmt: skip
-        result = fit(heads, source, scorer, FitPlan(cfg.epochs, stop_rule(cfg.early_stopping, scorer.primary)))
+        result = fit(heads, source, scorer, FitPlan(cfg.epochs, stop_rule(cfg.early_stopping, scorer.primary),
+                                                    on_epoch=on_epoch))
     bank.load_member_states([f.best_state for f in result.fits])
     return result, bank
 
