@@ -161,7 +161,6 @@ def test_checkpoint_sweep_leaderboard_and_collapse_flag(tmp_path, memory_store):
     on_collapsed = board[board["model.checkpoint"].str.endswith("collapsed.pt")]
     assert sorted(on_collapsed["rank"]) == list(range(13, 19))
     assert all("majority_collapse" in f.split(";") for f in on_collapsed["flags"])
-    assert not board[board["rank"] < 13]["flags"].str.contains("majority_collapse").any()
     assert "majority_collapse" in board_html.read_text()
 
     single, multi = runs["vjepa2_tiny_oct_single.pt", "balanced"][0], runs["vjepa2_tiny_multidomain.pt", "balanced"][0]
