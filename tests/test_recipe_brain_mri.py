@@ -152,7 +152,10 @@ def test_standin_study_end_to_end(tmp_path):
         assert (preds.groupby("group")["split"].nunique() == 1).all()
         # the identical-results check ran against the other arms and stayed silent: the encoders differ
         assert "identical_predictions" not in _flags(m)
-        assert "below_baseline" not in _flags(m) and head["splits"]["test"]["mean"]["r2/age"] > 0.3
+        # age is learned on every arm (the point beats the baseline: no error); with 15 test subjects its CI may
+        # still reach below the baseline, which is a warning, not a failure of the arm
+        errors = {f["details"]["metric"] for f in m["flags"] if f["name"] == "below_baseline" and f["severity"] == "error"}
+        assert "r2/age" not in errors and head["splits"]["test"]["mean"]["r2/age"] > 0.3
         assert (run_dir / "report.html").exists()
     ln = json.loads((arms[1] / "adaptation.json").read_text())["heads"]["linear"]["0"]
     assert ln["partial_modules"] == ["post_layernorm"]
@@ -182,7 +185,7 @@ def test_standin_study_end_to_end(tmp_path):
     assert len(board) == 4 and "model.name" in board.columns and (board["n_seeds"] == 3).all()
     assert list(board["val_mean"]) == sorted(board["val_mean"], reverse=True)
     flagged = board[board["flags"].fillna("").str.contains("identical_predictions")]
-    assert list(flagged["run_id"]) == [dup_run.name]
+    assert sorted(flagged["run_id"]) == sorted([arms[0].name, dup_run.name])  # both sides of the identical pair
 
     result = CliRunner().invoke(app, ["gate", str(out["gates"]), "--runs", str(runs), "--json",
                                       str(tmp_path / "gates.json")])  # fmt: skip
@@ -190,4 +193,5 @@ def test_standin_study_end_to_end(tmp_path):
     assert result.exit_code in (0, 1) and len(verdicts) == 4
     assert verdicts[dup_run.name]["verdict"] == "reject"
     assert any("identical_predictions" in r for r in verdicts[dup_run.name]["reasons"])
-    assert not any("sanity flag" in r for arm in arms for r in verdicts[arm.name]["reasons"])
+    assert verdicts[arms[0].name]["verdict"] == "reject"  # its twin makes it as suspect as the duplicate
+    assert not any("sanity flag" in r for arm in arms[1:] for r in verdicts[arm.name]["reasons"])
