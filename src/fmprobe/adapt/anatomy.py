@@ -59,18 +59,10 @@ def hf_model(encoder: Encoder) -> nn.Module:
     if isinstance(encoder, TimmEncoder):
         return encoder.model
     if isinstance(encoder, VLMEncoder):
-        if encoder.tokenizer is not None:
-            raise ConfigError(
-                f"{encoder.name}: end-to-end adaptation trains the vision tower, but model.layers reads language-model "
-                "points; read vision-tower blocks or the projector, or use adapt.strategy: frozen"
-            )
+        _refuse_language_points(encoder.name, encoder.tokenizer is not None, "vision-tower blocks or the projector")
         return encoder.tower
     if isinstance(encoder, QwenVisionEncoder):
-        if encoder.vlm is not None:
-            raise ConfigError(
-                f"{encoder.name}: end-to-end adaptation trains the vision tower, but model.layers reads language-model "
-                "layers; read a vision block or visual.merger, or use adapt.strategy: frozen"
-            )
+        _refuse_language_points(encoder.name, encoder.vlm is not None, "a vision block or visual.merger")
         return encoder.visual
     if not isinstance(encoder, HFVisionEncoder):
         raise ConfigError(
@@ -166,3 +158,10 @@ def head_block(encoder: Encoder, layer: LayerRef) -> tuple[int, bool]:
     if not -n <= ref < n:
         raise ConfigError(f"layer {ref} is out of range for {n} blocks")
     return ref % n, False
+
+
+def _refuse_language_points(name: str, reads_language_model: bool, instead: str) -> None:
+    """A VLM trains end to end through its vision tower only; points in the language model cannot be adapted."""
+    if reads_language_model:
+        raise ConfigError(f"{name}: end-to-end adaptation trains the vision tower, but model.layers reads "
+                          f"language-model points; read {instead}, or use adapt.strategy: frozen")
