@@ -171,7 +171,7 @@ def test_two_processes_extract_and_train_frozen_heads_exactly_as_one(tmp_path):
     one, two, acc = (_config(tmp_path, tag, base) for tag in ("one", "two", "acc"))
     _one("run", str(one), "--quiet")
     out = _torchrun("run", str(two), "--quiet")
-    assert out.count("run directory:") == 1  # printed by process 0 only
+    assert out.count("report: ") == 1  # the summary is printed by process 0 only
 
     # features: every process extracted whole batches of its own into one store; the bits are one process's
     a, b = _features(one), _features(two)

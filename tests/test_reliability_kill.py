@@ -259,7 +259,7 @@ def kill_then_resume_sweep(base: Path, reference_sweep: list[dict], work: Path, 
     finished = len(fi.finished_runs(work / "runs"))
     resumed = fi.run_cli(["sweep", str(spec), "--workers", "1"], work / "resume.log")
     assert resumed.exitcode == 0, resumed.output
-    assert f"4 runs, {finished} finished earlier, {4 - finished} to run" in resumed.output
+    assert f"4 arms, {finished} finished earlier, {4 - finished} to run" in resumed.output
     hashes = [json.loads((d / "metrics.json").read_text())["config_hash"] for d in fi.finished_runs(work / "runs")]
     assert len(hashes) == len(set(hashes)) == 4, "a finished run was run again"
     assert sorted(fi.committed_rows(work / "cache")) == sorted(f"s{i:03d}" for i in range(fi.N_IMAGES))

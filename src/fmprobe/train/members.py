@@ -57,15 +57,17 @@ class HeadMembers(_Cached):
         return self.bank.train(mode)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.bank(batch.inputs)
+        return self.predict(batch.inputs)
 
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        if len(self.names) == 1 and not self.bank.fused:  # one head: called directly, no bank round trip per step
+            return self.bank.heads[0](inputs).unsqueeze(0)
         return self.bank(inputs)
 
     def losses(self, outputs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(outputs) == 1:
-            value = self.loss(outputs[0], batch.targets)
-            return value, value[None]
+        if len(outputs) == 1:  # squeeze, a view: its backward is cheaper than indexing's
+            value = self.loss(outputs.squeeze(0), batch.targets)
+            return value, value.view(1)
         if not self.bank.fused:  # the loss call of each member's run alone
             values = torch.stack([self.loss(out, batch.targets) for out in outputs])
             return values.sum(), values
