@@ -143,13 +143,16 @@ def _load_report_summarised() -> Iterator[None]:
     if hf_logging.get_verbosity() <= logging.INFO:
         yield
         return
+    # a filter, not a higher level: transformers checks tensor-parallel plans (and warns, once per tower, about
+    # layers "not sharded") whenever this logger's level is WARNING or above
     report = hf_logging.get_logger("transformers.modeling_utils")
-    level = report.level
-    report.setLevel(logging.ERROR)
+    below_error = logging.Filter()
+    below_error.filter = lambda record: record.levelno >= logging.ERROR  # type: ignore[method-assign]
+    report.addFilter(below_error)
     try:
         yield
     finally:
-        report.setLevel(level)
+        report.removeFilter(below_error)
 
 
 class HFVisionEncoder(Encoder):
