@@ -83,9 +83,9 @@ class Blip2ImageEncoder(InterpolatingImageEncoder):
                 hf_model.projector = load_projector(source, model, config)
         elif wants_projector:
             raise EncoderError(
-                f"model.layers names {', '.join(PROJECTOR_POINTS)} points, but '{source}' holds BLIP-2's vision tower "
-                "alone (model_type blip_2_vision_model); give the full BLIP-2 checkpoint (e.g. Salesforce/blip2-opt-2.7b) "
-                "or read a tower layer (e.g. -1)"
+                f"model.layers names {', '.join(PROJECTOR_POINTS)} points, but '{source}' holds BLIP-2's vision "
+                "tower alone (model_type blip_2_vision_model); give the full BLIP-2 checkpoint (e.g. "
+                "Salesforce/blip2-opt-2.7b) or read a tower layer (e.g. -1)"
             )
         else:
             hf_model = load_pretrained(Blip2VisionModel, source, model)
@@ -133,7 +133,8 @@ def load_projector(source: str, model: ModelConfig, config: Blip2Config) -> Blip
         raise EncoderError(
             f"'{source}' holds no {', '.join(missing)}: it is not a full BLIP-2 checkpoint with a projector "
             f"(Blip2Model / Blip2ForConditionalGeneration saved with save_pretrained); remove the "
-            f"{', '.join(PROJECTOR_POINTS)} points from model.layers (read a tower layer, e.g. -1) or give such a checkpoint"
+            f"{', '.join(PROJECTOR_POINTS)} points from model.layers (read a tower layer, e.g. -1) or give such a "
+            "checkpoint"
         )
     # the Q-Former stays in float32 whatever model.dtype says, as transformers keeps it (_keep_in_fp32_modules)
     qformer = load_pretrained(Blip2QFormerModel, source, model.model_copy(update={"dtype": "float32"}),
@@ -165,7 +166,8 @@ def _checkpoint_tensors(source: str, keys: tuple[str, ...]) -> dict[str, torch.T
         if path is None:
             raise EncoderError(f"'{source}': the shard {shard} listed in model.safetensors.index.json is missing")
         with safe_open(path, framework="pt") as f:
-            found.update({key: f.get_tensor(key) for key in keys if key in f.keys()})
+            stored = set(f.keys())
+            found.update({key: f.get_tensor(key) for key in keys if key in stored})
     return found
 
 

@@ -393,7 +393,8 @@ class FeatureSet:
             raise FmprobeError(f"no sample has features in {self._catalog.root}; nothing to take a grid from")
         grids = {_as_grid(self._catalog.metas[s]["grids"][key]) for s in shards}
         if len(grids) != 1:
-            raise EncoderError(f"layer {key}: samples have different token grids {sorted(grids, key=str)}; cannot stack tokens")
+            raise EncoderError(
+                f"layer {key}: samples have different token grids {sorted(grids, key=str)}; cannot stack tokens")
         return grids.pop()
 
     def subset(self, sample_ids: Sequence[str]) -> FeatureSet:
