@@ -1,5 +1,6 @@
-"""Recipe examples/brain_mri: T1w volumes -> age + MMSE regression and sex, three encoder arms (EVA ViT-g frozen,
-EVA ViT-g with ln_vision trained, CLIP ViT-L/LLaVA frozen), and the identical-results check across them."""
+"""Recipe examples/brain_mri: T1w volumes -> age + MMSE regression and sex, six arms (EVA ViT-g frozen, EVA ViT-g
+with ln_vision trained, CLIP ViT-L/LLaVA frozen, BLIP-2's projector + ln_vision trained at three projector learning
+rates), and the identical-results check across them."""
 
 from __future__ import annotations
 
@@ -54,12 +55,21 @@ def test_real_yamls_validate_and_name_the_real_models():
     assert _arms(RECIPE / "sweep.yaml") == _arms(RECIPE / "sweep_sex.yaml")
     for sweep, base in (("sweep.yaml", age), ("sweep_sex.yaml", sex)):
         points = expand(load_sweep(RECIPE / sweep))
-        assert len(points) == 3 and {p.exp.task.type for p in points} == {base.task.type}
+        assert len(points) == 6 and {p.exp.task.type for p in points} == {base.task.type}
         assert [p.exp.model.name for p in points] == ["Salesforce/blip2-opt-2.7b"] * 2 + [
-            "openai/clip-vit-large-patch14-336"]
-        assert [p.exp.adapt.strategy for p in points] == ["frozen", "staged", "frozen"]
+            "openai/clip-vit-large-patch14-336"] + ["Salesforce/blip2-opt-2.7b"] * 3
+        assert [p.exp.adapt.strategy for p in points] == ["frozen", "staged", "frozen"] + ["staged"] * 3
         ln = points[1].exp.adapt
         assert (ln.unfreeze, ln.partial_blocks, ln.modules["post_layernorm"].lr) == ("partial", 0, 1e-4)
+        # the study's projector arms: Q-Former + language projection (+ ln_vision) at the projector lrs it searched,
+        # the head on the tokens the language model reads, no ViT block trained
+        projector = [p.exp for p in points[3:]]
+        assert [e.adapt.modules["projector"].lr for e in projector] == [1e-4, 1e-5, 1e-6]
+        for e in projector:
+            assert e.model.layers == ["language_projection"] and e.heads[0].layer == "language_projection"
+            assert (e.adapt.unfreeze, e.adapt.partial_blocks, e.adapt.modules["post_layernorm"].lr) == (
+                "partial", 0, 1e-4)
+            assert e.adapt.modules["projector"].warmup_epochs == 1
     gates = load_gates(RECIPE / "gates.yaml")
     assert gates.experiment == age.name and gates.reject_flags == "error"
 
@@ -86,6 +96,30 @@ def test_ln_vision_arm_trains_post_layernorm_and_the_head_only(tmp_path):
     with pytest.raises(ConfigError, match="head reads block 0"):
         prepare(exp, load_encoder(ModelConfig(name=str(tmp_path / "blip2"))), build_head(on_block, 32, 1), on_block,
                 steps_per_epoch=1)  # fmt: skip
+
+
+def test_projector_arm_trains_query_tokens_qformer_language_projection_and_ln_vision_only(tmp_path):
+    """The recipe's projector arm on the stand-in's full BLIP-2 checkpoint: every projector weight and ln_vision in
+    their own groups at the arm's learning rates; no ViT block, no language model."""
+    source = str(models.blip2(tmp_path / "blip2"))
+    for arm, lr in zip(_arms(RECIPE / "sweep.yaml")[3:], (1e-4, 1e-5, 1e-6)):
+        model_name, layers, head_layer, adapt = arm
+        assert model_name == "Salesforce/blip2-opt-2.7b"
+        encoder = load_encoder(ModelConfig(name=source, layers=layers))
+        exp = parse_config({"name": "x", "data": {"manifest": "m.csv"}, "model": {"name": source, "layers": layers},
+                            "heads": [{"layer": head_layer}], "task": {"type": "regression", "targets": ["age"]},
+                            "adapt": {**adapt, "device": "cpu"}})  # fmt: skip
+        head_cfg = exp.heads[0]
+        head = build_head(head_cfg, 32, 1)
+        prepared = prepare(exp, encoder, head, head_cfg, steps_per_epoch=1)
+        trained = {n for n, p in encoder.model.named_parameters() if p.requires_grad}
+        projector = {n for n, _ in encoder.model.named_parameters() if n.startswith("projector.")}
+        assert {"projector.query_tokens", "projector.language_projection.weight"} <= projector
+        assert any(n.startswith("projector.qformer.") for n in projector)
+        assert trained == projector | {"post_layernorm.weight", "post_layernorm.bias"}
+        assert {g["kind"]: g["base_lr"] for g in prepared.groups} == {
+            "head": 1e-4, "module:post_layernorm": 1e-4, "module:projector": lr}
+        assert not any("language_model" in n for n, _ in encoder.named_parameters())
 
 
 def test_standin_volumes_have_the_real_layout_and_the_signal(tmp_path):
@@ -131,11 +165,11 @@ def test_standin_study_end_to_end(tmp_path):
     out = gen.main(tmp_path / "standin")
     runs = tmp_path / "standin" / "runs"
 
-    # the three arms on age + MMSE
+    # the six arms on age + MMSE
     _cli("sweep", str(out["sweep"]))
     sweep = json.loads((runs / "_sweeps" / "brain-mri-age-mmse-encoders" / "sweep.json").read_text())
     arms = [Path(r["run_dir"]) for r in sweep["runs"]]
-    assert [r["status"] for r in sweep["runs"]] == ["ran"] * 3
+    assert [r["status"] for r in sweep["runs"]] == ["ran"] * 6
     for run_dir in arms:
         m = _metrics(run_dir)
         head = m["heads"]["linear"]
@@ -161,6 +195,15 @@ def test_standin_study_end_to_end(tmp_path):
     assert ln["partial_modules"] == ["post_layernorm"]
     assert {g["name"].split("/")[0]: g["base_lr"] for g in ln["param_groups"]} == {
         "head": 1e-4, "module:post_layernorm": 1e-4}
+    # the projector arms trained the projector at their own learning rate beside ln_vision, the head on the LM's
+    # image tokens; stage 2 moved them (outputs differ from one learning rate to the next)
+    for run_dir, lr in zip(arms[3:], (1e-4, 1e-5, 1e-6)):
+        adapted = json.loads((run_dir / "adaptation.json").read_text())["heads"]["linear"]["0"]
+        assert adapted["partial_modules"] == ["post_layernorm"]
+        assert {g["name"].split("/")[0]: g["base_lr"] for g in adapted["param_groups"]} == {
+            "head": 1e-4, "module:post_layernorm": 1e-4, "module:projector": lr}
+        resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+        assert resolved["heads"][0]["layer"] == "language_projection"
 
     # sex: the same features (cache hit), another task
     _cli("run", str(out["sex"]), "--quiet")
@@ -182,7 +225,7 @@ def test_standin_study_end_to_end(tmp_path):
 
     _cli("leaderboard", "--runs", str(runs), "--experiment", "brain-mri-age-mmse", "--csv", str(tmp_path / "lb.csv"))
     board = pd.read_csv(tmp_path / "lb.csv")
-    assert len(board) == 4 and "model.name" in board.columns and (board["n_seeds"] == 3).all()
+    assert len(board) == 7 and "model.name" in board.columns and (board["n_seeds"] == 3).all()
     assert list(board["val_mean"]) == sorted(board["val_mean"], reverse=True)
     flagged = board[board["flags"].fillna("").str.contains("identical_predictions")]
     assert sorted(flagged["run_id"]) == sorted([arms[0].name, dup_run.name])  # both sides of the identical pair
@@ -190,7 +233,7 @@ def test_standin_study_end_to_end(tmp_path):
     result = CliRunner().invoke(app, ["gate", str(out["gates"]), "--runs", str(runs), "--json",
                                       str(tmp_path / "gates.json")])  # fmt: skip
     verdicts = {Path(v["run_dir"]).name: v for v in json.loads((tmp_path / "gates.json").read_text())["verdicts"]}
-    assert result.exit_code in (0, 1) and len(verdicts) == 4
+    assert result.exit_code in (0, 1) and len(verdicts) == 7
     assert verdicts[dup_run.name]["verdict"] == "reject"
     assert any("identical_predictions" in r for r in verdicts[dup_run.name]["reasons"])
     assert verdicts[arms[0].name]["verdict"] == "reject"  # its twin makes it as suspect as the duplicate

@@ -1,4 +1,5 @@
-"""Stand-in for the brain MRI recipe: synthetic T1w volumes, tiny BLIP-2 and CLIP, stand-in copies of the YAMLs.
+"""Stand-in for the brain MRI recipe: synthetic T1w volumes, tiny BLIP-2 (a full checkpoint: tower, Q-Former,
+language projection, OPT) and CLIP, stand-in copies of the YAMLs.
 
     python examples/brain_mri/make_standin.py [OUT]      (default OUT: examples/brain_mri/standin/)
 
@@ -36,11 +37,14 @@ MMSE_SHARE = 0.45  # share of subjects with MMSE assessed (the study: 1,905 of 4
 SHAPE = (40, 48, 40)  # stand-in grid (x, y, z), RAS
 VOXEL_MM = 4.8
 ARMS = "model.name, model.layers, heads.0.layer, adapt"  # the sweeps' grid key of the encoder arms
+PROJECTOR_ARMS = (3, 4, 5)  # the sweeps' projector arms, one per projector learning rate
 # what the stand-in changes in the real YAMLs besides model ids, paths and hardware: sizes, and a larger learning
-# rate for the far fewer optimiser steps of ~90 training volumes (stage 2 of the ln_vision arm kept short)
+# rate for the far fewer optimiser steps of ~90 training volumes (stage 2 of the ln_vision arm kept short, of the
+# three projector arms shorter still: one epoch each, the projector's warmup included)
 STANDIN_SET = {"data.frames_per_clip": 4, "data.frame_step": 2, "train.lr": 0.01, "train.epochs": 40,
                "eval.bootstrap": 200}
-STANDIN_SWEEP_SET = {("grid", ARMS, 1, 3, "stage2", "epochs"): 2, "workers": 1}
+STANDIN_SWEEP_SET = {("grid", ARMS, 1, 3, "stage2", "epochs"): 2, "workers": 1,
+                     **{("grid", ARMS, arm, 3, "stage2", "epochs"): 1 for arm in PROJECTOR_ARMS}}
 
 
 def _blocks(a: np.ndarray, k: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fmprobe.backbones.base import Encoder, LayerRef
+from fmprobe.backbones.blip2 import PROJECTOR_POINTS, Blip2ImageEncoder
 from fmprobe.backbones.hf_vision import HFVisionEncoder
 from fmprobe.backbones.qwen2_5_vl import QwenVisionEncoder
 from fmprobe.backbones.vlm.encoder import VLMEncoder
@@ -139,7 +140,8 @@ def block_index(name: str, blocks_path: str) -> int | None:
 
 
 def head_block(encoder: Encoder, layer: LayerRef) -> tuple[int, bool]:
-    """(last block whose output the head reads, whether the final norm is on the path) for a head's layer."""
+    """(last block whose output the head reads, whether the final norm is on the path) for a head's layer; a head
+    on BLIP-2's ``qformer`` / ``language_projection`` reads through the projector from the final output."""
     if isinstance(encoder, VLMEncoder):
         block = encoder.block_index(layer)
         if block is None:
@@ -147,6 +149,8 @@ def head_block(encoder: Encoder, layer: LayerRef) -> tuple[int, bool]:
                               f"block of {encoder.name} (e.g. -2@tiles), not '{layer}'")  # fmt: skip
         return block, False
     n = num_blocks(encoder)
+    if isinstance(encoder, Blip2ImageEncoder) and str(layer) in PROJECTOR_POINTS:
+        return n - 1, True  # BLIP-2's projector reads the tower's final output (after post_layernorm)
     ref = int(layer) if isinstance(layer, str) and re.fullmatch(r"-?\d+", layer.strip()) else layer
     if isinstance(ref, str):
         raise ConfigError(

@@ -15,7 +15,7 @@ from torch import nn
 from fmprobe.backbones.base import Encoder, EncoderOutput, LayerRef
 from fmprobe.config import FeatureConfig
 from fmprobe.errors import ConfigError
-from fmprobe.features.extract import encoder_batch, pool_tokens
+from fmprobe.features.extract import encoder_batch, frames_grid, pool_tokens
 
 
 def encoder_inputs(
@@ -31,12 +31,10 @@ def encoder_inputs(
     out = encoder.encode(encoder_batch(encoder, pixels), [layer]) if out is None else out
     tokens = out.tokens[name].float()
     d = tokens.shape[-1]
-    grid = tuple(out.grid[name])
-    if not video:
-        grid = (t * grid[0], grid[1], grid[2])
+    grid = frames_grid(out.grid[name], t, video)
     tokens = tokens.reshape(b, k, -1, d).mean(1)
     if pooling == "attentive":
-        return pool_tokens(tokens, grid, features.token_grid, features.temporal_pool)[0]
+        return pool_tokens(tokens, grid, features.token_grid, features.temporal_pool, point=name)[0]
     mean = tokens.mean(1)
     if pooling == "mean":
         return mean

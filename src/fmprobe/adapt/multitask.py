@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from fmprobe.adapt.model import AdaptModel, Standardise, encoder_batch, encoder_inputs
 from fmprobe.adapt.param_groups import GroupSpec, build_groups, count
 from fmprobe.adapt.setup import Prepared
-from fmprobe.backbones.base import Encoder, EncoderOutput, InputSpec, LayerRef
+from fmprobe.backbones.base import Encoder, EncoderOutput, InputSpec, LayerRef, spatial_grid
 from fmprobe.config import Experiment, FeatureConfig
 from fmprobe.data.dataset import MediaDataset, collate_samples
 from fmprobe.data.transforms import Preprocess
@@ -31,7 +31,7 @@ from fmprobe.evaluate.segmentation import iou_counts, seg_metrics
 from fmprobe.probes.segmentation import (decoder_tokens, fit_decoder, frames_per_sample, load_split_masks,
                                          prior_counts, token_stats)  # fmt: skip
 from fmprobe.train.core import Fit
-from fmprobe.features.extract import pool_tokens
+from fmprobe.features.extract import frames_grid, pool_tokens
 from fmprobe.features.store import FeatureSet
 from fmprobe.heads.segmentation import SegDecoder, frame_tokens, segmentation_loss
 
@@ -62,11 +62,10 @@ class MultiTaskModel(AdaptModel):
         b, k, t = pixels.shape[:3]
         name = str(self.seg_layer)
         tokens = out.tokens[name].float()
-        grid = tuple(out.grid[name])
-        if self.encoder.input_spec.kind != "video":
-            grid = (t * grid[0], grid[1], grid[2])
+        grid = spatial_grid(out.grid[name], name, "the segmentation decoder")
+        grid = frames_grid(grid, t, self.encoder.input_spec.kind == "video")
         tokens = tokens.reshape(b, k, -1, tokens.shape[-1]).mean(1)
-        tokens, grid = pool_tokens(tokens, grid, self.features.token_grid, self.features.temporal_pool)
+        tokens, grid = pool_tokens(tokens, grid, self.features.token_grid, self.features.temporal_pool, point=name)
         return frame_tokens(tokens, grid, self.frames)
 
 

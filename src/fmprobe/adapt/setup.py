@@ -67,7 +67,8 @@ def prepare(exp: Experiment, encoder: Encoder, head: nn.Module, head_cfg: HeadCo
         kind = f"module:{module_of[id(p)]}" if id(p) in module_of else "adapters" if is_adapter_param(name) else "backbone"
         named.setdefault(kind, []).append((name, p))
         block = block_index(name, parts.blocks)
-        after = parts.final_norm is not None and name.startswith(parts.final_norm + ".")
+        after = (parts.final_norm is not None and name.startswith(parts.final_norm + ".")) or name.startswith(
+            "projector.")  # BLIP-2's projector (Q-Former, language projection) runs after the tower
         layer_of[name] = block + 1 if block is not None else n + 1 if after else 0
     specs = _specs(exp, [k for k in named if k.startswith("module:")])
     prepared.groups = build_groups(named, specs, layer_of=layer_of, num_layers=n, layer_decay=cfg.layer_decay,

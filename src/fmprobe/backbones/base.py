@@ -5,6 +5,10 @@ volumes ``[B, 1, D, H, W]`` for native 3D encoders, axes RAS+ x, y, z) and retur
 point, patch tokens ``[B, N, D]`` in raster order (t, then h, then w; a 3D encoder's grid is its (d, h, w)) with
 prefix tokens (CLS, registers) kept apart, plus the token grid ``(t, h, w)``. A pooled output ``[B, D]`` is one token
 on the grid ``(1, 1, 1)``. So every probe works with every backbone.
+
+A point whose tokens are a set with no spatial layout (BLIP-2's learned query tokens after the Q-Former) has the
+grid ``None``: pooled and attentive heads take its tokens as they are, and whatever needs positions asks
+:func:`spatial_grid`, which refuses it by name instead of inventing a 1 x N image.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 LayerRef = int | str  # block index (negative allowed) or a module path such as "visual.merger"
+Grid = tuple[int, int, int]  # (t, h, w) of a point's tokens in raster order
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class EncoderOutput:
 
     tokens: dict[str, torch.Tensor]  # [B, N, D] patch tokens, raster order
     prefix: dict[str, torch.Tensor]  # [B, P, D] CLS/register tokens (P may be 0)
-    grid: dict[str, tuple[int, int, int]]  # (t, h, w) with t*h*w == N, per extraction point
+    grid: dict[str, Grid | None]  # (t, h, w) with t*h*w == N, per extraction point; None: a token set, no grid
     attentions: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, heads, Q, K] per block
 
 
@@ -89,3 +94,18 @@ class Encoder(nn.Module):
                 f"{self.name} is configured for {spec.num_frames} frames per clip, got {pixels.shape[1]}; "
                 f"set data.frames_per_clip: {spec.num_frames}"
             )
+
+
+def spatial_grid(grid: Grid | tuple[int, ...] | list[int] | None, point: str, need: str) -> Grid:
+    """The (t, h, w) grid of ``point`` for ``need`` (what asks for positions), or an EncoderError when the point's
+    tokens have no spatial layout."""
+    from fmprobe.errors import EncoderError
+
+    if grid is None:
+        raise EncoderError(
+            f"point '{point}' yields a set of tokens with no spatial grid (e.g. BLIP-2's Q-Former query tokens), but "
+            f"{need} needs patch positions; read a vision-tower layer (e.g. -1) for it, or pool the tokens "
+            "(pooling: mean, or an attentive head) without features.token_grid / temporal_pool"
+        )
+    t, h, w = grid
+    return int(t), int(h), int(w)

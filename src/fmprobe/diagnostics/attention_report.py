@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from fmprobe.atomic import write_json
+from fmprobe.backbones.base import spatial_grid
 from fmprobe.config import Experiment, load_config
 from fmprobe.diagnostics import plots
 from fmprobe.diagnostics.attention import attention_entropy, attention_rollout, entropy_by_group
@@ -126,7 +127,7 @@ def backbone_attention(exp: Experiment, *, samples: int = 8, out: str | Path = "
         x, output, blocks, maps = encode_attention(encoder, clip, requested)
         entropies.append(np.stack([attention_entropy(maps[k], reduce="sample").mean(axis=0) for k in blocks]))
         key = str(requested[-1])
-        prefix, grid = output.prefix[key].shape[1], output.grid[key]
+        prefix, grid = output.prefix[key].shape[1], spatial_grid(output.grid[key], key, "an attention heatmap")
         last = maps[blocks[-1]].mean(axis=1)
         panels = {"last block, CLS to patch" if prefix else "last block, mean received": _patch_map(last, prefix)}
         if blocks == [str(b) for b in range(len(blocks))]:
@@ -207,7 +208,7 @@ def pooler_attention(run_dir: str | Path, *, out: str | Path | None = None, prog
                               "samples": len(test_ids), "heads": {}, "figures": []}
     for cfg in heads:
         tokens = torch.from_numpy(np.asarray(features.tokens(str(cfg.layer)), dtype=np.float32))
-        t, h, w = features.grid(str(cfg.layer))
+        t, h, w = spatial_grid(features.grid(str(cfg.layer)), str(cfg.layer), "the attentive pooler's heatmap")
         per_seed, sample_entropy, first_maps, first_entropy = {}, [], None, None
         for seed in exp.train.seeds:
             path = run_dir / "checkpoints" / cfg.name / f"seed{seed}" / "best.pt"

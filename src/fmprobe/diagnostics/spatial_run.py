@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fmprobe.atomic import write_json
-from fmprobe.backbones.base import Encoder, InputSpec
+from fmprobe.backbones.base import Encoder, InputSpec, spatial_grid
 from fmprobe.config import ModelConfig, load_config
 from fmprobe.devices import config_device
 from fmprobe.diagnostics.shapes import make_shapes
@@ -95,7 +95,7 @@ def encode_all(encoder: Encoder, images: np.ndarray, layers: list) -> tuple[dict
             out = encoder.encode(x, layers)
         for key in tokens:
             tokens[key].append(out.tokens[key].float().cpu().numpy())
-            grids[key] = tuple(out.grid[key])
+            grids[key] = spatial_grid(out.grid[key], key, "spatial probes and reconstruction")
     return {k: np.concatenate(v) for k, v in tokens.items()}, grids
 
 

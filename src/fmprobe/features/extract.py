@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fmprobe import distributed
-from fmprobe.backbones.base import Encoder, InputSpec
+from fmprobe.backbones.base import Encoder, Grid, InputSpec, spatial_grid
 from fmprobe.config import DataConfig, Experiment, FeatureConfig, load_config
 from fmprobe.data.dataset import MediaDataset, clip_starts, collate_samples
 from fmprobe.data.manifest import Manifest, load_manifest
@@ -337,7 +337,7 @@ def encode_batch(
     layers: list[int | str],
     features: FeatureConfig,
     stages: StageSeconds | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int, int]]]:
+) -> tuple[dict[str, np.ndarray], dict[str, Grid | None]]:
     """Encode a batch of samples (see :func:`encoder_batch`) into the arrays a shard stores (see store.py), per layer.
 
     A video (volume) encoder takes each clip (volume); an image encoder takes each frame, its tokens stacked along
@@ -351,21 +351,19 @@ def encode_batch(
     out = encoder.encode(encoder_batch(encoder, pixels), list(layers))
     forward_end = time.perf_counter()
     arrays: dict[str, np.ndarray] = {}
-    grids: dict[str, tuple[int, int, int]] = {}
+    grids: dict[str, Grid | None] = {}
     for i, layer in enumerate(layers):
         name = str(layer)
         tokens = out.tokens[name].float()
         n, d = tokens.shape[1:]
-        grid = tuple(out.grid[name])
-        if not video:
-            grid = (t * grid[0], grid[1], grid[2])
+        grid = frames_grid(out.grid[name], t, video)
         tokens = tokens.reshape(b, k, -1, d).mean(1)  # [B, Ntok, D], clips averaged
         arrays[f"L{i}.mean"] = tokens.mean(1).cpu().numpy()
         prefix = out.prefix.get(name)
         if prefix is not None and prefix.shape[1] > 0:
             arrays[f"L{i}.cls"] = prefix[:, 0].float().reshape(b, -1, d).mean(1).cpu().numpy()
         if features.store_tokens:
-            tokens, grid = pool_tokens(tokens, grid, features.token_grid, features.temporal_pool)
+            tokens, grid = pool_tokens(tokens, grid, features.token_grid, features.temporal_pool, point=name)
             arrays[f"L{i}.tokens"] = tokens.to(torch.float16).cpu().numpy()
         grids[name] = grid
     if stages is not None:
@@ -374,12 +372,23 @@ def encode_batch(
     return arrays, grids
 
 
+def frames_grid(grid: Grid | None, frames: int, video: bool) -> Grid | None:
+    """A point's grid over a sample: an image encoder's per-frame tokens are stacked along t (a grid-less token set
+    stays one, its frames' sets concatenated)."""
+    if grid is None or video:
+        return None if grid is None else tuple(grid)
+    return frames * grid[0], grid[1], grid[2]
+
+
 def pool_tokens(
-    tokens: torch.Tensor, grid: tuple[int, int, int], token_grid: list[int] | None, temporal_pool: bool
-) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Average ``[B, t*h*w, D]`` tokens over time and/or adaptively down to ``token_grid`` (h, w)."""
+    tokens: torch.Tensor, grid: Grid | None, token_grid: list[int] | None, temporal_pool: bool, *, point: str
+) -> tuple[torch.Tensor, Grid | None]:
+    """Average ``[B, t*h*w, D]`` tokens over time and/or adaptively down to ``token_grid`` (h, w); a grid-less
+    token set passes unchanged, and is refused when asked to be pooled over positions."""
+    if grid is None and token_grid is None and not temporal_pool:
+        return tokens, None
     b, _, d = tokens.shape
-    t, h, w = grid
+    t, h, w = spatial_grid(grid, point, "features.token_grid / temporal_pool")
     x = tokens.reshape(b, t, h, w, d)
     if temporal_pool:
         x, t = x.mean(1, keepdim=True), 1

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from filelock import FileLock, Timeout
 
+from fmprobe.backbones.base import Grid
 from fmprobe.errors import ConfigError, EncoderError, FmprobeError
 
 SampleKey = tuple[str, str]  # (sample_id, content fingerprint)
@@ -182,7 +183,7 @@ class ShardWriter:
         self._ids: list[str] = []
         self._fingerprints: list[str] = []
         self._skipped: list[tuple[str, str, str]] = []
-        self._grids: dict[str, tuple[int, int, int]] = {}
+        self._grids: dict[str, Grid | None] = {}
         self._callbacks: list[Callable[[], None]] = []  # to run once the buffered rows are committed
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="fmprobe-shard-writer")
         self._writes: list[Future[None]] = []
@@ -201,13 +202,15 @@ class ShardWriter:
         sample_ids: Sequence[str],
         fingerprints: Sequence[str],
         arrays: dict[str, np.ndarray],
-        grids: dict[str, tuple[int, int, int]],
+        grids: dict[str, Grid | None],
     ) -> None:
-        """Append a batch. ``arrays`` maps file names (``L0.mean``...) to ``[b, ...]`` arrays."""
+        """Append a batch. ``arrays`` maps file names (``L0.mean``...) to ``[b, ...]`` arrays; a grid-less point's
+        grid is None (stored as null)."""
+        grids = {layer: _as_grid(grid) for layer, grid in grids.items()}
         for layer, grid in grids.items():
-            if self._grids.get(layer, tuple(grid)) != tuple(grid):
+            if self._grids.get(layer, grid) != grid:
                 raise EncoderError(
-                    f"layer {layer}: token grid {tuple(grid)} differs from {self._grids[layer]} of earlier samples; "
+                    f"layer {layer}: token grid {grid} differs from {self._grids[layer]} of earlier samples; "
                     "stored tokens need one grid: give every sample the same frames (data.frames_per_clip) "
                     "or set features.temporal_pool: true"
                 )
@@ -215,7 +218,7 @@ class ShardWriter:
         while start < total:
             n = len(self._ids)
             take = min(self.shard_size - n, total - start)
-            self._grids = {layer: tuple(grid) for layer, grid in grids.items()}
+            self._grids = dict(grids)
             for name, array in arrays.items():
                 buffer = self._buffers.get(name)
                 if buffer is None:
@@ -246,7 +249,7 @@ class ShardWriter:
         meta = {
             "sample_ids": self._ids,
             "fingerprints": self._fingerprints,
-            "grids": {layer: list(grid) for layer, grid in self._grids.items()} if n else {},
+            "grids": {layer: None if grid is None else list(grid) for layer, grid in self._grids.items()} if n else {},
             "cls": any(file.endswith(".cls") for file in self._buffers),
             "skipped": [list(s) for s in self._skipped],
         }
@@ -380,16 +383,18 @@ class FeatureSet:
         self.grid(layer)  # one grid for all rows, or a clear error
         return self._gather(f"L{index}.tokens")
 
-    def grid(self, layer: int | str) -> tuple[int, int, int]:
-        """(t, h, w) of the stored tokens (of the encoder's tokens if tokens are not stored)."""
+    def grid(self, layer: int | str) -> Grid | None:
+        """(t, h, w) of the stored tokens (of the encoder's tokens if tokens are not stored); None for a point whose
+        tokens have no spatial grid (ask ``backbones.base.spatial_grid`` where positions are needed)."""
         self._catalog.layer_index(layer)
         key = str(layer)
         shards = self._shards or [s for s, m in self._catalog.metas.items() if m["grids"]][:1]
         if not shards:
             raise FmprobeError(f"no sample has features in {self._catalog.root}; nothing to take a grid from")
-        grids = {tuple(self._catalog.metas[s]["grids"][key]) for s in shards}
+        grids = {_as_grid(self._catalog.metas[s]["grids"][key]) for s in shards}
         if len(grids) != 1:
-            raise EncoderError(f"layer {key}: samples have different token grids {sorted(grids)}; cannot stack tokens")
+            raise EncoderError(
+                f"layer {key}: samples have different token grids {sorted(grids, key=str)}; cannot stack tokens")
         return grids.pop()
 
     def subset(self, sample_ids: Sequence[str]) -> FeatureSet:
@@ -406,3 +411,7 @@ class FeatureSet:
             else:
                 raise KeyError(f"sample '{sid}' is not in this feature set")
         return FeatureSet(self._catalog, ids, locations, skipped)
+
+
+def _as_grid(grid: Sequence[int] | None) -> Grid | None:
+    return None if grid is None else (int(grid[0]), int(grid[1]), int(grid[2]))

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fmprobe.backbones.base import InputSpec
+from fmprobe.backbones.base import InputSpec, spatial_grid
 from fmprobe.config import Experiment
 from fmprobe.data.masks import load_masks
 from fmprobe.errors import ConfigError
@@ -104,7 +104,8 @@ def decoder_tokens(exp: Experiment, features: FeatureSet, ids: list[str]) -> np.
     assert exp.segmentation is not None
     layer = str(exp.segmentation.layer)
     subset = features.subset(ids)
-    return np.ascontiguousarray(frame_tokens(subset.tokens(layer), subset.grid(layer), frames_per_sample(exp)))
+    grid = spatial_grid(subset.grid(layer), layer, "the segmentation decoder")
+    return np.ascontiguousarray(frame_tokens(subset.tokens(layer), grid, frames_per_sample(exp)))
 
 
 def token_stats(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:

@@ -116,12 +116,19 @@ def blip2(folder: str | Path, *, image_size: int = 32, patch: int = 8, layers: i
         # Blip2VisionConfig's default initializer_range (1e-10) leaves every vision weight ~0: the tower would
         # output the same tokens for every image, and no probe could learn anything from it
         vision_config=dict(_vision(image_size, patch, layers), initializer_range=0.02),
-        qformer_config=dict(TEXT, encoder_hidden_size=32),
+        # a random Q-Former at the default initializer_range (0.02) barely looks at the image: its query outputs vary
+        # ~1e-4 between images, so a head on them would read noise, and its dropout (0.1) would swamp that
+        # variation in any training pass; larger weights and no dropout make the projector's tokens carry the image
+        qformer_config=dict(TEXT, encoder_hidden_size=32, initializer_range=0.3, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0),
         text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
                          vocab_size=100, word_embed_proj_dim=32),  # fmt: skip
         num_query_tokens=4,
     )
-    return _save(_built(transformers.Blip2Model, config, seed), folder)
+    model = _built(transformers.Blip2Model, config, seed)
+    with seeded(seed + 1), torch.no_grad():  # transformers starts the query tokens at zero: all queries alike
+        model.query_tokens.normal_(std=config.qformer_config.initializer_range)
+    return _save(model, folder)
 
 
 def qwen2_5_vl(folder: str | Path, *, seed: int = 0) -> Path:
