@@ -45,15 +45,16 @@ class QueryAttention(nn.Module):
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [Q, D], tokens [B, N, D] -> (output [B, Q, D], attention weights [B, heads, Q, N])."""
         h, dh = self.num_heads, self.head_dim
-        dim = tokens.shape[-1]
+        b, n, dim = tokens.shape
         q = self.q_proj(queries).view(-1, h, dh) / math.sqrt(dh)  # [Q, h, dh]
-        folded = torch.einsum("qhd,hdD->qhD", q, self.k_proj.weight.view(h, dh, dim))  # [Q, h, D]
-        logits = torch.einsum("bnD,qhD->bhqn", tokens, folded)
+        folded = torch.einsum("qhd,hdD->qhD", q, self.k_proj.weight.view(h, dh, dim)).reshape(-1, dim)  # [Q*h, D]
+        # every token against every (query, head) in one matrix product over the batch's B*N tokens
+        logits = (tokens.reshape(b * n, dim) @ folded.t()).view(b, n, -1).transpose(1, 2)  # [B, Q*h, N]
         weights = logits.softmax(dim=-1)
-        pooled = torch.einsum("bhqn,bnD->bqhD", weights, tokens)  # [B, Q, h, D]
+        pooled = torch.bmm(weights, tokens).view(b, -1, h, dim)  # [B, Q, h, D]
         values = torch.einsum("bqhD,hdD->bqhd", pooled, self.v_proj.weight.view(h, dh, dim))
         values = values + self.v_proj.bias.view(h, dh)
-        return self.out_proj(values.flatten(2)), weights
+        return self.out_proj(values.flatten(2)), weights.view(b, -1, h, n).transpose(1, 2)
 
 
 class AttentiveHead(nn.Module):
