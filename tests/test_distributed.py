@@ -149,6 +149,7 @@ def _run(path: Path) -> Path:
 def _metrics(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics.pop("wall_seconds")
+    metrics.pop("timing")  # the phases' wall times and the estimate
     return metrics
 
 
