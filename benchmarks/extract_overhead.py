@@ -111,7 +111,10 @@ def extract(exp, encoder) -> Extraction:
 
 def explain(bare: float, seconds: float, result: Extraction) -> None:
     """Where fmprobe's wall time (``seconds``, the call) went, against the bare loop's time on the same batches."""
-    s = result.stages
+    s = getattr(result, "stages", None)
+    if s is None:  # an older fmprobe (a "before" measured with this script) records no stage timings
+        print("  where the time went: not recorded by this fmprobe")
+        return
     loop = s.forward + s.pooling + s.buffer + s.input_wait + s.write_wait
     setup = seconds - loop  # manifest, fingerprints, cache scan, loader start, final index
     print(f"  where the time went (the repeat with the median ratio: {seconds:.2f} s, bare loop {bare:.2f} s):")
