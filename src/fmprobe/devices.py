@@ -26,12 +26,15 @@ def config_device(value: str, key: str) -> torch.device:
 
 
 @contextmanager
-def one_thread() -> Iterator[None]:
-    """Run a block on one torch CPU thread, then restore the caller's count. Heads on cached features are small
-    tensors: extra threads only add synchronisation (a sweep benchmark: 6 s with 1 thread, 36 s with 2 on 2 busy
-    cores), and the backbone keeps every thread."""
+def head_threads(tokens: bool) -> Iterator[None]:
+    """Torch CPU threads for training a head on cached features, the caller's count restored after.
+
+    Heads on pooled features are small tensors: extra threads only add synchronisation (a sweep benchmark: 6 s with
+    1 thread, 36 s with 2 on 2 busy cores), so they run on one. Heads on tokens (attentive) have kernels large enough
+    to share: they keep the process's threads (the demo's six attentive fits: 16.7 s on 2 threads, 20.2 s on 1).
+    A sweep already gives each worker process its share of the cores."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads if tokens else 1)
     try:
         yield
     finally:

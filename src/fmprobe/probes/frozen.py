@@ -23,7 +23,7 @@ import torch
 
 from fmprobe.atomic import atomic_path
 from fmprobe.config import FITTED_HEADS, Experiment
-from fmprobe.devices import one_thread
+from fmprobe.devices import head_threads
 from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import tune_thresholds
@@ -164,7 +164,7 @@ def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, Ban
             unique = len(exps) > 1  # bank members need distinct names across arms
             bank_members = [replace(m, name=f"{i}:{m.name}") if unique else m for i, m in group]
             for seed in round_seeds:
-                with one_thread():
+                with head_threads(tokens=group[0][1].head.pooling == "attentive"):
                     fitted, bank = fit_heads(bank_members, HeadData(inputs["train"], fitting.targets["train"]),
                                              HeadData(inputs["val"], fitting.targets["val"]),
                                              in_dim=inputs["train"].shape[-1], out_dim=task.out_dim,
