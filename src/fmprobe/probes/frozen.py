@@ -137,8 +137,8 @@ def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, Ban
                   task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
                   targets: dict[str, np.ndarray], checkpoint_roots: list[Path | None], *,
                   on_epoch: Callable[[int, EpochReport], None] | None = None) -> list[ProbeResults]:  # fmt: skip
-    """Per group of (arm, member) reading one input, and per seed, one HeadBank (fused or not) of the members, on
-    one CPU thread; each arm's HeadRuns in its own ProbeResults. The training settings other than lr / weight
+    """Per group of (arm, member) reading one input, and per seed, one HeadBank (fused or not) of the members
+    (:func:`_seed_runs`); each arm's HeadRuns in its own ProbeResults. The training settings other than lr / weight
     decay are the first arm's (the same for all: ``shared_training``).
 
     With several groups, the first seed of every group trains before the other seeds: a time estimate then knows
@@ -164,20 +164,11 @@ def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, Ban
             unique = len(exps) > 1  # bank members need distinct names across arms
             bank_members = [replace(m, name=f"{i}:{m.name}") if unique else m for i, m in group]
             for seed in round_seeds:
-                with head_threads(tokens=group[0][1].head.pooling == "attentive"):
-                    fitted, bank = fit_heads(bank_members, HeadData(inputs["train"], fitting.targets["train"]),
-                                             HeadData(inputs["val"], fitting.targets["val"]),
-                                             in_dim=inputs["train"].shape[-1], out_dim=task.out_dim,
-                                             task_type=task.type, loss=loss, cfg=exp.train, seed=seed,
-                                             scorer=fitting.scorer(task, loss), sample_weights=weights, fuse=fuse,
-                                             on_epoch=None if on_epoch is None else partial(on_epoch, seed))  # fmt: skip
-                    scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
-                for h, (i, member) in enumerate(group):
-                    trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)
-                    results[i].runs.append(head_run(exps[i], task, member.name, seed, fitted.fits[h],
-                                                    {s: scores[s][h] for s in SPLITS}, targets["val"],
-                                                    loss_info=loss_info, trainable=trainable,
-                                                    checkpoint_root=checkpoint_roots[i]))  # fmt: skip
+                runs = _seed_runs([(exps[i], m.name, checkpoint_roots[i]) for i, m in group], bank_members, task,
+                                  inputs, targets, fitting, (loss, loss_info), weights, seed, fuse=fuse,
+                                  on_epoch=None if on_epoch is None else partial(on_epoch, seed))  # fmt: skip
+                for (i, _), run in zip(group, runs):
+                    results[i].runs.append(run)
     return results
 
 
@@ -186,22 +177,33 @@ def trained_runs(exp: Experiment, task: ResolvedTask, members: list[BankMember],
     """``members`` (one head, or the grid members sharing an input) trained through the core for every seed on
     ``inputs["train"]`` (the whole training split, or a labelled subset of it); every split predicted."""
     fitting = FitTargets.for_task(task, targets)
-    loss, loss_info = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
+    loss = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
     # train.balanced_sampler: the same class-balanced draws as end-to-end training, over the cached features
     weights = balanced_weights(targets["train"], task.type) if exp.train.balanced_sampler else None
-    runs = []
-    for seed in seeds:
-        fitted, bank = fit_heads(members, HeadData(inputs["train"], fitting.targets["train"]),
+    owners = [(exp, m.name, checkpoint_root) for m in members]
+    return [run for seed in seeds
+            for run in _seed_runs(owners, members, task, inputs, targets, fitting, loss, weights, seed)]
+
+
+def _seed_runs(owners: list[tuple[Experiment, str, Path | None]], bank_members: list[BankMember], task: ResolvedTask,
+               inputs: dict[str, torch.Tensor], targets: dict[str, np.ndarray], fitting: FitTargets,
+               loss: tuple[torch.nn.Module, dict], weights: np.ndarray | None, seed: int, *, fuse: bool | None = None,
+               on_epoch: Callable[[EpochReport], None] | None = None) -> list[HeadRun]:  # fmt: skip
+    """One seed of one HeadBank of ``bank_members`` (all reading ``inputs``) through the training core, on the
+    threads its kind of head wants; every split predicted; one HeadRun per member, recorded for its owner (arm,
+    name, checkpoint root). The training settings are the first owner's."""
+    exp = owners[0][0]
+    with head_threads(tokens=bank_members[0].head.pooling == "attentive"):
+        fitted, bank = fit_heads(bank_members, HeadData(inputs["train"], fitting.targets["train"]),
                                  HeadData(inputs["val"], fitting.targets["val"]), in_dim=inputs["train"].shape[-1],
-                                 out_dim=task.out_dim, task_type=task.type, loss=loss, cfg=exp.train, seed=seed,
-                                 scorer=fitting.scorer(task, loss), sample_weights=weights)  # fmt: skip
+                                 out_dim=task.out_dim, task_type=task.type, loss=loss[0], cfg=exp.train, seed=seed,
+                                 scorer=fitting.scorer(task, loss[0]), sample_weights=weights, fuse=fuse,
+                                 on_epoch=on_epoch)  # fmt: skip
         scores = {s: fitting.to_units(predict_scores(bank, inputs[s], task.type)) for s in SPLITS}
-        for h, member in enumerate(members):
-            trainable = sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad)
-            runs.append(head_run(exp, task, member.name, seed, fitted.fits[h], {s: scores[s][h] for s in SPLITS},
-                                 targets["val"], loss_info=loss_info, trainable=trainable,
-                                 checkpoint_root=checkpoint_root))  # fmt: skip
-    return runs
+    return [head_run(arm, task, name, seed, fitted.fits[h], {s: scores[s][h] for s in SPLITS}, targets["val"],
+                     loss_info=loss[1], trainable=sum(p.numel() for p in bank.heads[h].parameters() if p.requires_grad),
+                     checkpoint_root=root)
+            for h, (arm, name, root) in enumerate(owners)]  # fmt: skip
 
 
 def head_run(exp: Experiment, task: ResolvedTask, name: str, seed: int, fit: Fit, scores: dict[str, np.ndarray],

@@ -139,6 +139,12 @@ class ObservedLoss(nn.Module):
         return values * observed, observed
 
 
+def separate_losses(loss: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each member's loss ``[H]`` from its own call of the loss module on its outputs ``[H, B, ...]``: bit for bit
+    the loss of its run alone (a vectorised call rounds differently)."""
+    return torch.stack([loss(member, y) for member in logits])
+
+
 def member_losses(loss: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each member's loss ``[H]`` on outputs ``[H, B, ...]`` against the targets ``y`` they share.
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from fmprobe.heads.bank import HeadBank
 from fmprobe.train.core import Batch
-from fmprobe.train.losses import member_losses
+from fmprobe.train.losses import member_losses, separate_losses
 from fmprobe.train.optim import BankAdamW, GroupAdamW, decay_groups
 from fmprobe.train.seeding import seeded
 
@@ -69,7 +69,7 @@ class HeadMembers(_Cached):
             value = self.loss(outputs.squeeze(0), batch.targets)
             return value, value.view(1)
         if not self.bank.fused:  # the loss call of each member's run alone
-            values = torch.stack([self.loss(out, batch.targets) for out in outputs])
+            values = separate_losses(self.loss, outputs, batch.targets)
             return values.sum(), values
         values = member_losses(self.loss, outputs, batch.targets)
         return values.sum(), values

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmprobe.train.losses import as_target_tensor
+from fmprobe.train.losses import as_target_tensor, separate_losses
 
 TASK_TYPES = ("binary", "multiclass", "multilabel", "regression")
 StackedMetric = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]  # (y, scores [H, N, ...]) -> {m: [H]}
@@ -91,7 +91,6 @@ class TaskScorer:
         logits = outputs if kind == "logits" else as_logits(outputs, self.task_type)
         scores = member_scores(outputs, self.task_type) if kind == "logits" else outputs
         target = as_target_tensor(y, self.task_type).to(self.device)
-        # each member's loss call on its own, as for scores
-        loss = torch.stack([self.loss(m, target) for m in logits.to(self.device)]).double().cpu().numpy()
+        loss = separate_losses(self.loss, logits.to(self.device), target).double().cpu().numpy()  # as for scores
         values = self.metric(self.to_units(y), self.to_units(scores.float().cpu().numpy()))
         return {"loss": loss, **values}
