@@ -93,3 +93,45 @@ def test_query_attention_equals_torch_multihead_attention():
     want, want_w = ref(queries.expand(5, -1, -1), tokens, tokens, average_attn_weights=False)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)
+
+
+def test_attentive_head_attends_over_layer_normed_tokens_with_the_affine_folded_in():
+    """The head's function is nn.MultiheadAttention over LayerNorm(tokens) (any affine), while training on cached
+    tokens builds no backward pass over the [B, N, D] tokens: the only LayerNorm in the graph is the MLP's."""
+    import torch
+    from torch import nn
+
+    from fmprobe.heads.attentive import AttentiveHead
+
+    torch.manual_seed(0)
+    dim, heads = 24, 4
+    head = AttentiveHead(dim, 3, num_heads=heads, num_queries=2, query_per_class=False, hidden=16)
+    with torch.no_grad():
+        head.norm_tokens.weight.uniform_(0.5, 2.0)
+        head.norm_tokens.bias.normal_()
+        head.attn.k_proj.bias.normal_()
+    ref = nn.MultiheadAttention(dim, heads, batch_first=True)
+    attn = head.attn
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        ref.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        ref.out_proj.weight.copy_(attn.out_proj.weight)
+        ref.out_proj.bias.copy_(attn.out_proj.bias)
+    tokens = torch.randn(5, 17, dim) * 3 + 1
+    out = head(tokens)
+    normed = head.norm_tokens(tokens)
+    attended, weights = ref(head.queries.expand(5, -1, -1), normed, normed, average_attn_weights=False)
+    x = head.queries + attended
+    x = x + head.mlp(head.norm_mlp(x))
+    torch.testing.assert_close(out, head.readout(x.flatten(1)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head.last_attention, weights, atol=1e-6, rtol=1e-5)
+
+    norms, todo, seen = 0, [out.sum().grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        norms += "LayerNorm" in type(node).__name__
+        todo += [child for child, _ in node.next_functions]
+    assert norms == 1

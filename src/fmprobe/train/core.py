@@ -103,8 +103,11 @@ class Scorer(Protocol):
     lower_is_better: bool
     train_metric: bool  # also score the epoch's own training outputs (``train_<primary>`` in the curves)
 
-    def __call__(self, y: np.ndarray, outputs: torch.Tensor, kind: str) -> dict[str, np.ndarray]:
-        """``{metric: [H]}`` of outputs ``[H, N, ...]`` (``loss`` among them when it can be computed)."""
+    def __call__(self, y: np.ndarray, outputs: torch.Tensor, kind: str, *, loss: bool = True
+                 ) -> dict[str, np.ndarray]:  # fmt: skip
+        """``{metric: [H]}`` of outputs ``[H, N, ...]`` (``loss`` among them when it can be computed).
+        ``loss=False`` is asked only of scorers with ``train_metric``, for the epoch's training outputs, whose
+        loss the epoch already reported."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,7 @@ def fit(members: Members, source: BatchSource, scorer: Scorer | None, plan: FitP
             columns.update({f"val_{k}": v for k, v in val.items() if k != "loss"})
             if y_train is not None:
                 train_out = torch.cat(outputs, dim=1)[torch.from_numpy(rows)]
-                metrics = scorer(y_train[torch.cat(index).numpy()], train_out, "logits")
+                metrics = scorer(y_train[torch.cat(index).numpy()], train_out, "logits", loss=False)
                 columns[f"train_{scorer.primary}"] = lookup(metrics, scorer.primary, "primary metric")
             better = trained & ((best_epoch == 0) | improved(score, best_score, scorer.lower_is_better, 0.0))
             best_score[better] = score[better]

@@ -55,15 +55,15 @@ class GroupAdamW:
         self.n_members = n_members
 
     def set_lrs(self, step: int, total_steps: int, active: np.ndarray) -> np.ndarray:
-        lrs = np.full(self.n_members, np.nan)
+        lrs: list[float | None] = [None] * self.n_members  # per step: plain Python, no array round trips
         for g in self.torch.param_groups:
-            start = g["start_step"]
-            on = active[g["member"]] and step >= start
+            start, member = g["start_step"], g["member"]
+            on = active[member] and step >= start
             g["lr"] = g["base_lr"] * lr_factor(step - start, warmup_steps=g["warmup_steps"],
                                                total_steps=total_steps - start) if on else 0.0  # fmt: skip
-            if np.isnan(lrs[g["member"]]):
-                lrs[g["member"]] = g["lr"]
-        return lrs
+            if lrs[member] is None:
+                lrs[member] = g["lr"]
+        return np.array([np.nan if lr is None else lr for lr in lrs])
 
     def zero_grad(self) -> None:
         self.torch.zero_grad(set_to_none=True)

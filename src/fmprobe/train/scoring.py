@@ -87,10 +87,13 @@ class TaskScorer:
         return values * self.scale + self.shift
 
     @torch.no_grad()
-    def __call__(self, y: np.ndarray, outputs: torch.Tensor, kind: str) -> dict[str, np.ndarray]:
-        logits = outputs if kind == "logits" else as_logits(outputs, self.task_type)
+    def __call__(self, y: np.ndarray, outputs: torch.Tensor, kind: str, *, loss: bool = True
+                 ) -> dict[str, np.ndarray]:  # fmt: skip
         scores = member_scores(outputs, self.task_type) if kind == "logits" else outputs
-        target = as_target_tensor(y, self.task_type).to(self.device)
-        loss = separate_losses(self.loss, logits.to(self.device), target).double().cpu().numpy()  # as for scores
         values = self.metric(self.to_units(y), self.to_units(scores.float().cpu().numpy()))
-        return {"loss": loss, **values}
+        if not loss:
+            return values
+        logits = outputs if kind == "logits" else as_logits(outputs, self.task_type)
+        target = as_target_tensor(y, self.task_type).to(self.device)
+        losses = separate_losses(self.loss, logits.to(self.device), target).double().cpu().numpy()  # as for scores
+        return {"loss": losses, **values}

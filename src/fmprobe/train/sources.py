@@ -15,6 +15,7 @@ from fmprobe.train.schedule import steps_per_epoch
 from fmprobe.train.seeding import data_generator
 
 EVAL_BATCH = 512  # no gradients at evaluation: larger batches, fewer Python round trips
+EVAL_VALUES = 1 << 22  # ... and for small rows (pooled features) up to this many input values (16 MB) per batch
 
 
 class HeadData(NamedTuple):
@@ -77,12 +78,20 @@ class CachedBatches(_OneProcess):
         return predict_inputs(members.predict, self.data[split].x, self.device), "logits"
 
 
+def feature_rows(x: torch.Tensor | np.ndarray, rows: slice, device: str | torch.device) -> torch.Tensor:
+    """A contiguous block of ``x`` as float32 on ``device``: a view of a float32 tensor already there, no copy."""
+    block = x[rows] if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x[rows]))
+    return block.to(device=device, dtype=torch.float32)
+
+
 @torch.no_grad()
 def predict_inputs(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | np.ndarray,
                    device: str | torch.device) -> torch.Tensor:  # fmt: skip
-    """Outputs ``[H, N, ...]`` of ``predict`` (members in eval mode) on ``x``, in batches of EVAL_BATCH."""
-    idx = torch.arange(len(x))
-    return torch.cat([predict(feature_batch(x, b, device)) for b in idx.split(EVAL_BATCH)], dim=1)
+    """Outputs ``[H, N, ...]`` of ``predict`` (members in eval mode) on ``x``, in blocks of EVAL_BATCH rows or,
+    for small rows, EVAL_VALUES values (a validation split of pooled features is usually one block)."""
+    size = max(EVAL_BATCH, EVAL_VALUES // max(1, int(np.prod(x.shape[1:]))))
+    outputs = [predict(feature_rows(x, slice(i, i + size), device)) for i in range(0, len(x), size)]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 class DrawnBatches(_OneProcess):
