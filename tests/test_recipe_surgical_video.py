@@ -192,6 +192,9 @@ def test_standin_sweep_end_to_end(standin):
     assert ref["heads"]["bce"]["thresholds"] == {"0": [0.5] * 3, "1": [0.5] * 3}
     assert detection["only c2"]["detected"] == 0, detection
     assert detection["only c1"]["detected"] > 0 and detection["only c3"]["detected"] > 0, detection
+    tested = preds[preds["split"] == "test"]  # blind with each seed's probe too, not only with their mean
+    c2_only = tested[(tested[["y/c1", "y/c2", "y/c3"]].to_numpy() == [0, 1, 0]).all(axis=1)]
+    assert c2_only["seed"].nunique() == 2 and (c2_only["p/c2"] < 0.5).all(), c2_only
     report = (run_of["bce"] / "report.html").read_text()
     table = report[report.index('id="single-label-detection"'):]
     assert all(f"only {name}" in table for name in ("c1", "c2", "c3"))
