@@ -349,3 +349,15 @@ def test_heads_stopped_at_their_last_allowed_epoch_are_flagged_not_converged(toy
     flag = next(f for f in head["flags"] if f["name"] == "not_converged")
     assert flag["details"]["members"] == {"0": {"best_epoch": 1, "epochs": 1}, "1": {"best_epoch": 1, "epochs": 1}}
     assert head["epochs_allowed"] == {"0": 1, "1": 1} and "epoch 1 of 1" in flag["message"]
+
+
+def test_fixed_thresholds_are_stated_as_fixed_not_as_tuned(toy_study):
+    """``eval.thresholds: fixed`` decides at 0.5 and the run's record says so (it used to read "tuned on
+    validation (fixed)")."""
+    cfg = toy_study("binary")
+    cfg.setdefault("eval", {})["thresholds"] = "fixed"
+    run_dir = run_experiment(parse_config(cfg), progress=False).run_dir
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert np.ravel(list(metrics["heads"]["linear"]["thresholds"].values())).tolist() == [0.5, 0.5]
+    rule = metrics["selection"]["thresholds"]
+    assert "0.5" in rule and "tuned on validation" not in rule

@@ -45,6 +45,11 @@ FITTED_SEEDS = ("deterministic: fitted on the same labelled rows, every seed giv
                 "matters where it draws the labelled rows (few-shot episodes, label fractions)")
 
 
+THRESHOLD_RULES = {  # eval.thresholds -> how binary / multilabel decisions were made, as the summary states it
+    "f1": "Decision thresholds tuned on validation (the best F1 per label) and applied unchanged to test.",
+    "fixed": "Decisions at probability 0.5 (eval.thresholds: fixed) on every split; no threshold is fitted.",
+}
+
 def _seed_mean_test_scores(runs: list[HeadRun]) -> np.ndarray:
     return np.mean([r.scores["test"] for r in runs], axis=0)
 
@@ -202,9 +207,7 @@ def summarise_run(
             "epochs": f"Each seed's checkpoint is its best validation-{primary} epoch."
                       + (f" Fitted heads (knn, prototype, logreg) have no epochs: their k / C is chosen on validation "
                          f"{primary} (ties: the smaller)." if any(h.type in FITTED_HEADS for h in exp.heads) else ""),
-            "thresholds": ("Decision thresholds tuned on validation "
-                           f"({exp.eval.thresholds}) and applied unchanged to test."
-                           if task.type in ("binary", "multilabel") else ""),
+            "thresholds": THRESHOLD_RULES[exp.eval.thresholds] if task.type in ("binary", "multilabel") else "",
         },
         "heads": heads,
         "flags": all_flags,
