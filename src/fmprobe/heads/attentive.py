@@ -133,7 +133,9 @@ class AttentiveHead(nn.Module):
                 "pooled features go to a linear or mlp head"
             )
         norm = self.norm_tokens  # its affine is folded into the attention (QueryAttention: scale / shift)
-        normed = nn.functional.layer_norm(tokens, norm.normalized_shape, eps=norm.eps)
+        # an identity affine, given: torch's CPU layer_norm without one takes twice as long
+        unit = tokens.new_ones(norm.normalized_shape), tokens.new_zeros(norm.normalized_shape)
+        normed = nn.functional.layer_norm(tokens, norm.normalized_shape, *unit, eps=norm.eps)
         attended, weights = self.attn(self.queries, normed, norm.weight, norm.bias)
         self.last_attention = weights.detach()
         x = self.queries + attended
