@@ -265,9 +265,11 @@ def _train_epoch(members: Members, source: BatchSource, plan: FitPlan, epoch: in
             counts.append(batch.count)
             seen += batch.real
             if keep:
-                kept = out.detach() if batch.real == out.shape[1] else out.detach()[:, : batch.real]
+                kept, rows = out.detach(), batch.index
+                if batch.real != kept.shape[1]:  # padded rows of a data-parallel placeholder
+                    kept, rows = kept[:, : batch.real], rows[: batch.real]
                 outputs.append(kept.float().cpu())
-                index.append(batch.index[: batch.real])
+                index.append(rows)
         if group:
             members.optimizer.step(plan.scaler)
         step += 1

@@ -62,13 +62,14 @@ class CachedBatches(_OneProcess):
         self.steps_per_epoch = steps_per_epoch(len(self.y_train), batch_size, grad_accum)
 
     def groups(self, epoch: int) -> Iterator[list[Batch]]:
-        x = self.data["train"].x
-        batches = epoch_order(len(self.y_train), self.order, self.weights).split(self.batch_size)
+        x, y = self.data["train"].x, self.y_train
+        batches = epoch_order(len(y), self.order, self.weights).split(self.batch_size)
         for start in range(0, len(batches), self.grad_accum):
             group = batches[start : start + self.grad_accum]
-            size = sum(len(b) for b in group)
-            yield [Batch(feature_batch(x, idx, self.device), self.y_train[idx.to(self.y_train.device)], idx,
-                         len(idx) / size, len(idx), len(idx)) for idx in group]  # fmt: skip
+            sizes = [idx.numel() for idx in group]
+            total = sum(sizes)
+            yield [Batch(feature_batch(x, idx, self.device), y[idx if y.is_cpu else idx.to(y.device)], idx,
+                         n / total, n, n) for idx, n in zip(group, sizes)]  # fmt: skip
 
     def targets(self, split: str) -> np.ndarray:
         return self.data[split].y
