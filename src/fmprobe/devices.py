@@ -31,8 +31,8 @@ def head_threads(tokens: bool) -> Iterator[None]:
 
     Heads on pooled features are small tensors: extra threads only add synchronisation (a sweep benchmark: 6 s with
     1 thread, 36 s with 2 on 2 busy cores), so they run on one. Heads on tokens (attentive) have kernels large enough
-    to share: they keep the process's threads (the demo's six attentive fits: 16.7 s on 2 threads, 20.2 s on 1).
-    A sweep already gives each worker process its share of the cores."""
+    to share: they keep the process's threads (the demo's training: 16.7 s with its attentive fits on 2 threads, 20.2 s
+    on 1). A sweep already gives each worker process its share of the cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(threads if tokens else 1)
     try:
