@@ -479,23 +479,3 @@ def test_an_absent_gpu_for_extraction_is_an_error_not_a_cpu_run(toy_study, monke
     exp = parse_config(toy_study("binary", n=12, features={"device": "cuda"}))
     with pytest.raises(ConfigError, match="features.device is 'cuda' but no CUDA GPU"):
         extract_features(exp, load_manifest(exp.data, exp.task), progress=False)
-
-
-def test_prefetch_thread_preprocesses_on_one_torch_thread_and_leaves_the_consumers_alone():
-    """The prefetch thread's torch ops run on one intra-op thread (as DataLoader workers do), so with
-    data.num_workers 0 preprocessing does not start a second OpenMP team against the forward pass's."""
-    import torch
-
-    from fmprobe.features.pipeline import Prefetch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with Prefetch(iter(range(3))) as items:
-            seen = [torch.get_num_threads() for _ in items]
-        with Prefetch(torch.get_num_threads() for _ in range(3)) as items:
-            inside = list(items)
-        assert seen == [2, 2, 2] and inside == [1, 1, 1]
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Generic, TypeVar
 
-import torch
-
 T = TypeVar("T")
 WARMUP_BATCHES = 2  # the first batches pay for start-up (workers, lazy initialisation): not in the throughput
 
@@ -27,9 +25,6 @@ class Prefetch(Generic[T]):
 
     Errors raised by ``source`` are raised by ``next`` in order. Use it as a context manager: leaving it stops the
     thread (after the item it is working on). ``wait_seconds`` is how long the consumer waited for items.
-
-    The thread runs torch ops (preprocessing, with ``data.num_workers: 0``) on one intra-op thread, as DataLoader
-    workers do: the consumer's forward pass keeps the cores, instead of two OpenMP teams oversubscribing them.
     """
 
     _END = object()
@@ -63,7 +58,6 @@ class Prefetch(Generic[T]):
         return item  # type: ignore[return-value]
 
     def _run(self) -> None:
-        torch.set_num_threads(1)  # this thread's own setting (OpenMP): the consumer's is unchanged
         try:
             for item in self._source:
                 if not self._put(item):
