@@ -26,13 +26,19 @@ class HeadData(NamedTuple):
     y: np.ndarray
 
 
-def feature_batch(x: torch.Tensor | np.ndarray, idx: torch.Tensor, device: str | torch.device) -> torch.Tensor:
-    """Rows ``idx`` of ``x`` as float32 on ``device`` (memory-mapped arrays are read row by row here)."""
-    if isinstance(x, torch.Tensor):
-        rows = x.index_select(0, idx.to(x.device))
+def feature_batch(x: torch.Tensor | np.ndarray, rows: torch.Tensor | slice, device: str | torch.device
+                  ) -> torch.Tensor:  # fmt: skip
+    """Rows of ``x`` (indices, or a contiguous block: of a float32 tensor already on ``device``, a view with no copy)
+    as float32 on ``device`` (memory-mapped arrays are read here)."""
+    if isinstance(rows, slice):
+        block = x[rows]
+    elif isinstance(x, torch.Tensor):
+        block = x.index_select(0, rows.to(x.device))
     else:
-        rows = torch.from_numpy(np.ascontiguousarray(x[idx.numpy()]))
-    return rows.to(device=device, dtype=torch.float32)
+        block = x[rows.numpy()]
+    if not isinstance(block, torch.Tensor):
+        block = torch.from_numpy(np.ascontiguousarray(block))
+    return block.to(device=device, dtype=torch.float32)
 
 
 class _OneProcess:
@@ -79,19 +85,13 @@ class CachedBatches(_OneProcess):
         return predict_inputs(members.predict, self.data[split].x, self.device), "logits"
 
 
-def feature_rows(x: torch.Tensor | np.ndarray, rows: slice, device: str | torch.device) -> torch.Tensor:
-    """A contiguous block of ``x`` as float32 on ``device``: a view of a float32 tensor already there, no copy."""
-    block = x[rows] if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x[rows]))
-    return block.to(device=device, dtype=torch.float32)
-
-
 @torch.no_grad()
 def predict_inputs(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | np.ndarray,
                    device: str | torch.device) -> torch.Tensor:  # fmt: skip
     """Outputs ``[H, N, ...]`` of ``predict`` (members in eval mode) on ``x``, in blocks of EVAL_BATCH rows or,
     for small rows, EVAL_VALUES values (a validation split of pooled features is usually one block)."""
     size = max(EVAL_BATCH, EVAL_VALUES // max(1, int(np.prod(x.shape[1:]))))
-    outputs = [predict(feature_rows(x, slice(i, i + size), device)) for i in range(0, len(x), size)]
+    outputs = [predict(feature_batch(x, slice(i, i + size), device)) for i in range(0, len(x), size)]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
