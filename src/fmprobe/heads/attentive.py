@@ -26,7 +26,7 @@ class QueryAttention(nn.Module):
     that costs ``O(N·D·Q·heads)`` instead of ``O(N·D²)``: for one query and 8 heads over 384-d tokens, ~50x
     fewer operations, which is what makes training attentive probes on CPU practical.
 
-    ``scale`` / ``shift`` (a LayerNorm's affine) make it attend over ``tokens·scale + shift`` without forming
+    ``affine`` (a LayerNorm's scale and shift) makes it attend over ``tokens·scale + shift`` without forming
     them: the scale folds into the keys' direction, the shift's logit is the same for every token (it cancels in
     the softmax) and is added to the pooled vector after pooling. On cached features the normalised tokens then
     need no gradient, which saves the backward passes over every token (~1.4x per training step).
@@ -47,22 +47,22 @@ class QueryAttention(nn.Module):
         self.out_proj.reset_parameters()
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, queries: torch.Tensor, tokens: torch.Tensor, scale: torch.Tensor | None = None,
-                shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """queries [Q, D], tokens [B, N, D] (attended as ``tokens·scale + shift`` when given, both [D]) ->
-        (output [B, Q, D], attention weights [B, heads, Q, N])."""
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor,
+                affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [Q, D], tokens [B, N, D] (attended as ``tokens·scale + shift`` with ``affine = (scale, shift)``,
+        both [D]) -> (output [B, Q, D], attention weights [B, heads, Q, N])."""
         h, dh = self.num_heads, self.head_dim
         b, n, dim = tokens.shape
         q = self.q_proj(queries).view(-1, h, dh) / math.sqrt(dh)  # [Q, h, dh]
         folded = torch.einsum("qhd,hdD->qhD", q, self.k_proj.weight.view(h, dh, dim)).reshape(-1, dim)  # [Q*h, D]
-        if scale is not None:
-            folded = folded * scale
+        if affine is not None:
+            folded = folded * affine[0]
         # every token against every (query, head) in one matrix product over the batch's B*N tokens
         logits = (tokens.reshape(b * n, dim) @ folded.t()).view(b, n, -1).transpose(1, 2)  # [B, Q*h, N]
         weights = logits.softmax(dim=-1)
         pooled = torch.bmm(weights, tokens)  # [B, Q*h, D]
-        if scale is not None:
-            pooled = pooled * scale + (0 if shift is None else shift)  # attention rows sum to 1
+        if affine is not None:
+            pooled = pooled * affine[0] + affine[1]  # attention rows sum to 1
         pooled = pooled.view(b, -1, h, dim)  # [B, Q, h, D]
         values = torch.einsum("bqhD,hdD->bqhd", pooled, self.v_proj.weight.view(h, dh, dim))
         values = values + self.v_proj.bias.view(h, dh)
@@ -132,11 +132,11 @@ class AttentiveHead(nn.Module):
                 f"attentive head takes token features [B, N, D], got shape {tuple(tokens.shape)}; "
                 "pooled features go to a linear or mlp head"
             )
-        norm = self.norm_tokens  # its affine is folded into the attention (QueryAttention: scale / shift)
+        norm = self.norm_tokens  # its affine is folded into the attention (QueryAttention's ``affine``)
         # an identity affine, given: torch's CPU layer_norm without one takes twice as long
         unit = tokens.new_ones(norm.normalized_shape), tokens.new_zeros(norm.normalized_shape)
         normed = nn.functional.layer_norm(tokens, norm.normalized_shape, *unit, eps=norm.eps)
-        attended, weights = self.attn(self.queries, normed, norm.weight, norm.bias)
+        attended, weights = self.attn(self.queries, normed, (norm.weight, norm.bias))
         self.last_attention = weights.detach()
         x = self.queries + attended
         x = x + self.mlp(self.norm_mlp(x))
