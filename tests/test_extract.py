@@ -479,3 +479,21 @@ def test_an_absent_gpu_for_extraction_is_an_error_not_a_cpu_run(toy_study, monke
     exp = parse_config(toy_study("binary", n=12, features={"device": "cuda"}))
     with pytest.raises(ConfigError, match="features.device is 'cuda' but no CUDA GPU"):
         extract_features(exp, load_manifest(exp.data, exp.task), progress=False)
+
+
+
+
+def test_prefetch_leaves_the_process_torch_threads_alone():
+    """The prefetch thread must not change torch's thread count: set from a thread, it becomes the count of a thread
+    that has not asked for its own yet, such as the encoder's at its first extraction (and training's after). It
+    was tried once, to keep preprocessing off the forward pass's cores, and dropped the demo's extraction and
+    training to one thread. Fresh processes, each asking for the count only at the end (asking fixes it)."""
+    count = "print(torch.get_num_threads())"
+    prefetch = ("from fmprobe.features.pipeline import Prefetch; "
+                "items = Prefetch(torch.ones(64, 64) @ torch.ones(64, 64) for _ in range(3)); "
+                "items.__enter__(); list(items); items.__exit__(); ")
+    default, after = (int(subprocess.run([sys.executable, "-c", "import torch; " + code], capture_output=True,
+                                         text=True, check=True).stdout) for code in (count, prefetch + count))
+    if default < 2:
+        pytest.skip("one torch thread by default here: nothing to lose")
+    assert after == default
