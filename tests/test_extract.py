@@ -474,6 +474,31 @@ def test_extract_command_with_a_saved_model_and_its_weights_changing(tmp_path, m
     assert third["extracted"] == 6 and third["key"] != first["key"] and len(loads) == 1
 
 
+def test_an_encoder_handed_in_is_remembered_so_that_a_fully_cached_run_does_not_load_it(tmp_path, monkeypatch):
+    """A run that had to count its backbone's parameters hands the encoder it loaded to the extraction. Its identity
+    must be remembered then too: the demo's second task, fully cached, loaded DINOv2 again to learn it."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    import fmprobe.backbones.registry as registry
+
+    images = write_images(tmp_path / "img", 6)
+    images[["sample_id", "path", "y"]].to_csv(tmp_path / "manifest.csv", index=False)
+    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                             patch_size=8, image_size=16)).save_pretrained(tmp_path / "model")
+    exp = parse_config({"name": "handed", "data": {"manifest": str(tmp_path / "manifest.csv"), "group_column": None,
+                                                   "split_column": None},
+                        "task": {"type": "binary", "targets": ["y"]}, "model": {"name": str(tmp_path / "model")},
+                        "features": {"cache_dir": str(tmp_path / "cache"), "batch_size": 4}})  # fmt: skip
+    manifest = load_manifest(exp.data, exp.task)
+    first = run_extraction(exp, manifest, registry.load_encoder(exp.model))
+    loads = []
+    real_load = registry.load_encoder
+    monkeypatch.setattr(registry, "load_encoder", lambda cfg: loads.append(cfg) or real_load(cfg))
+    second = run_extraction(exp, manifest)
+    assert (first.extracted, second.extracted, second.cached, second.key) == (6, 0, 6, first.key)
+    assert not loads
+
+
 def test_an_absent_gpu_for_extraction_is_an_error_not_a_cpu_run(toy_study, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     exp = parse_config(toy_study("binary", n=12, features={"device": "cuda"}))

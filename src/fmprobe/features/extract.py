@@ -147,8 +147,8 @@ def run_extraction(
     work = _Work()
     if mine:
         if encoder is None:  # a process other than 0 (which loaded it while planning)
-            encoder = _load(exp, cache_dir)
-            if (encoder.name, encoder.fingerprint(), encoder.input_spec) != identity:
+            encoder = _load(exp)
+            if _identity(exp, cache_dir, encoder) != identity:
                 raise EncoderError(f"process {distributed.rank()} loaded another model than process 0 did "
                                    f"({encoder.name}); every process must see the same model files")
         work = _extract(exp, encoder, store, [keys[i] for i in mine], [paths[i] for i in mine],
@@ -174,30 +174,32 @@ def _plan(
 ) -> tuple[Identity, list[int], Encoder | None]:
     """The encoder identity that keys the store, the positions of the samples the store lacks, and the
     encoder if it had to be loaded (a fully cached run never loads it)."""
-    if encoder is not None:
-        identity: Identity = (encoder.name, encoder.fingerprint(), encoder.input_spec)
-    else:
-        remembered = remembered_identity(exp.model, cache_dir)
-        if remembered is None:
-            encoder = _load(exp, cache_dir)
-            remembered = (encoder.name, encoder.fingerprint(), encoder.input_spec)
-        identity = remembered
+    identity = None if encoder is not None else remembered_identity(exp.model, cache_dir)
+    if identity is None:
+        encoder = encoder if encoder is not None else _load(exp)
+        identity = _identity(exp, cache_dir, encoder)
     check_compatible(exp.data, identity[2], identity[0], exp.features)
     todo = _missing(exp, cache_dir, identity, keys, unreadable, paths)
     if todo and encoder is None:
-        encoder = _load(exp, cache_dir)
-        actual = (encoder.name, encoder.fingerprint(), encoder.input_spec)
+        encoder = _load(exp)
+        actual = _identity(exp, cache_dir, encoder)
         if actual != identity:  # the remembered identity was stale: key by the real one
             identity, todo = actual, _missing(exp, cache_dir, actual, keys, unreadable, paths)
     return identity, todo, encoder
 
 
-def _load(exp: Experiment, cache_dir: Path) -> Encoder:
+def _load(exp: Experiment) -> Encoder:
     from fmprobe.backbones.registry import load_encoder
 
-    encoder = load_encoder(exp.model)
-    remember_identity(exp.model, cache_dir, encoder.name, encoder.fingerprint(), encoder.input_spec)
-    return encoder
+    return load_encoder(exp.model)
+
+
+def _identity(exp: Experiment, cache_dir: Path, encoder: Encoder) -> Identity:
+    """The encoder's identity, remembered for its model config however it was loaded (here, or by a run counting
+    its parameters), so that the next fully cached run of that model need not load it."""
+    identity = (encoder.name, encoder.fingerprint(), encoder.input_spec)
+    remember_identity(exp.model, cache_dir, *identity)
+    return identity
 
 
 def _missing(
