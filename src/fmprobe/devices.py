@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from fmprobe import distributed
 from fmprobe.errors import ConfigError
@@ -39,3 +40,15 @@ def head_threads(tokens: bool) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def one_torch_thread_here() -> None:
+    """This thread's torch CPU ops on one thread, every other thread's count left alone: the prefetch thread's
+    decoding and preprocessing would otherwise start an OpenMP team of its own, whose threads compete with the
+    encoder's for the same cores.
+
+    ``torch.set_num_threads`` cannot do it: called from any thread, it sets the count of every thread that has not
+    asked for its own yet (the encoder's and training's, once). OpenMP's count is per thread; torch sets this
+    thread's from the process count on its first call, so that call comes first, then OpenMP's own setter."""
+    torch.get_num_threads()
+    threadpool_limits(1, user_api="openmp")

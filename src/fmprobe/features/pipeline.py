@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Generic, TypeVar
 
+from fmprobe.devices import one_torch_thread_here
+
 T = TypeVar("T")
 WARMUP_BATCHES = 2  # the first batches pay for start-up (workers, lazy initialisation): not in the throughput
 
@@ -23,7 +25,9 @@ WARMUP_BATCHES = 2  # the first batches pay for start-up (workers, lazy initiali
 class Prefetch(Generic[T]):
     """Iterate ``source`` in a background thread, at most ``depth`` items ahead of the consumer.
 
-    Errors raised by ``source`` are raised by ``next`` in order. Use it as a context manager: leaving it stops the
+    The thread's own torch ops (decoding, preprocessing) run on one thread, so that they take one core's share from
+    the encoder's OpenMP team rather than start a second team. Errors raised by ``source`` are raised by ``next`` in
+    order. Use it as a context manager: leaving it stops the
     thread (after the item it is working on). ``wait_seconds`` is how long the consumer waited for items.
     """
 
@@ -58,6 +62,7 @@ class Prefetch(Generic[T]):
         return item  # type: ignore[return-value]
 
     def _run(self) -> None:
+        one_torch_thread_here()
         try:
             for item in self._source:
                 if not self._put(item):
