@@ -18,6 +18,7 @@ Last lines: ``sweep_speedup=<naive ÷ sweep>`` (goal >= 30) and, the headline,
 
 from __future__ import annotations
 
+import io
 import re
 import sys
 import tempfile
@@ -29,6 +30,7 @@ import pandas as pd
 import torch
 import yaml
 from PIL import Image
+from rich.console import Console
 from torch.utils.data import DataLoader
 from transformers import Dinov2Config, Dinov2Model
 
@@ -39,6 +41,7 @@ from fmprobe.data.manifest import load_manifest
 from fmprobe.data.transforms import Preprocess
 from fmprobe.experiments.sweep import run_sweep
 from fmprobe.heads import build_head
+from fmprobe.report.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import load_average  # noqa: E402
@@ -132,11 +135,11 @@ def main() -> None:
     print(f"{N_IMAGES} images {SIZE}px, random ViT-S/16 (12 blocks, 384 wide), {n_configs} configurations x "
           f"{len(SEEDS)} seeds x {EPOCHS} epochs")
 
-    events: list[str] = []
+    log = io.StringIO()  # the sweep's progress lines, one of which times its extraction pass
     start = time.perf_counter()
-    result = run_sweep(folder / "sweep.yaml", on_event=events.append)
+    result = run_sweep(folder / "sweep.yaml", progress=Progress(Console(file=log, width=200)))
     sweep_seconds = time.perf_counter() - start
-    extraction = float(re.search(r"\(([\d.]+) s\)", next(e for e in events if e.startswith("features:"))).group(1))
+    extraction = float(re.search(r"^features: .*\(([\d.]+) s\)$", log.getvalue(), re.MULTILINE).group(1))
     assert result.extractions == 1 and all(p.status == "ran" for p in result.points)
     print(f"sweep: {len(result.points)} runs in {sweep_seconds:.1f} s wall, including one extraction pass of "
           f"{extraction:.1f} s; {load_average()}")
