@@ -296,6 +296,25 @@ def test_reading_and_writing_overlap_the_forward_pass(tmp_path, images, monkeypa
     assert min(stages.preprocess, stages.pooling, stages.buffer) > 0
 
 
+def test_on_the_cpu_the_extraction_reads_and_preprocesses_on_one_torch_thread(tmp_path, images, monkeypatch):
+    """The encoder's OpenMP team has the cores; the prefetch thread's decoding and preprocessing take one thread's
+    share of them, not a team of their own (Prefetch's ``one_torch_thread``)."""
+    import fmprobe.data.dataset as dataset
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread here: nothing to tell apart")
+    real_read, counts = dataset.read_media, set()
+
+    def read(*args, **kwargs):
+        counts.add(torch.get_num_threads())
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "read_media", read)
+    threads = torch.get_num_threads()
+    run_extraction(make_exp(tmp_path / "cache"), manifest(images), TinyViT(), progress=False)
+    assert counts == {1} and torch.get_num_threads() == threads
+
+
 def test_extraction_measures_its_throughput_after_the_first_batches(tmp_path, images):
     rates = []
     result = run_extraction(make_exp(tmp_path / "cache"), manifest(images), SlowViT(0.05), progress=False,
@@ -530,7 +549,7 @@ def test_the_prefetch_thread_runs_its_torch_ops_on_one_thread_and_only_itself():
     count is OpenMP's per-thread one: the main thread and threads started later keep theirs. Fresh processes, as
     above: torch's counts are fixed per thread on first use."""
     code = ("import threading, torch; from fmprobe.features.pipeline import Prefetch; "
-            "inside = Prefetch(torch.get_num_threads() for _ in range(2)); inside.__enter__(); "
+            "inside = Prefetch((torch.get_num_threads() for _ in range(2)), one_torch_thread=True); inside.__enter__(); "
             "counts = list(inside); inside.__exit__(); later = []; "
             "t = threading.Thread(target=lambda: later.append(torch.get_num_threads())); t.start(); t.join(); "
             "print(counts, torch.get_num_threads(), later[0])")

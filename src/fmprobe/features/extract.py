@@ -279,7 +279,9 @@ def _extract(
                 loader = DataLoader(dataset, batch_sampler=sampler, num_workers=exp.data.num_workers,
                                     collate_fn=collate_samples, pin_memory=device.type == "cuda")
                 rate.start_pass()
-                with Prefetch(iter(loader)) as batches:
+                # on the CPU, decoding and preprocessing take one core's share from the encoder's threads; on a
+                # GPU the cores are theirs
+                with Prefetch(iter(loader), one_torch_thread=device.type == "cpu") as batches:
                     for batch in batches:
                         for index, sample_id, message in batch["errors"]:
                             reason = _reason(message, sample_id, paths[index])

@@ -25,16 +25,17 @@ WARMUP_BATCHES = 2  # the first batches pay for start-up (workers, lazy initiali
 class Prefetch(Generic[T]):
     """Iterate ``source`` in a background thread, at most ``depth`` items ahead of the consumer.
 
-    The thread's own torch ops (decoding, preprocessing) run on one thread, so that they take one core's share from
-    the encoder's OpenMP team rather than start a second team. Errors raised by ``source`` are raised by ``next`` in
-    order. Use it as a context manager: leaving it stops the
+    ``one_torch_thread``: the thread's own torch ops (decoding, preprocessing) run on one thread, so that they take
+    one core's share from an encoder running on the CPU rather than start a second OpenMP team beside its own.
+    Errors raised by ``source`` are raised by ``next`` in order. Use it as a context manager: leaving it stops the
     thread (after the item it is working on). ``wait_seconds`` is how long the consumer waited for items.
     """
 
     _END = object()
 
-    def __init__(self, source: Iterator[T], depth: int = 2):
+    def __init__(self, source: Iterator[T], depth: int = 2, *, one_torch_thread: bool = False):
         self._source = source
+        self._one_torch_thread = one_torch_thread
         self._queue: queue.Queue[object] = queue.Queue(depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fmprobe-prefetch", daemon=True)
@@ -62,7 +63,8 @@ class Prefetch(Generic[T]):
         return item  # type: ignore[return-value]
 
     def _run(self) -> None:
-        one_torch_thread_here()
+        if self._one_torch_thread:
+            one_torch_thread_here()
         try:
             for item in self._source:
                 if not self._put(item):
