@@ -1,5 +1,5 @@
 """The torch device a config names, checked once for every place that computes (extraction, adaptation); the CPU
-threads of work too small to share."""
+threads of work too small to share, and of the extraction's reading beside an encoder that has the cores."""
 
 from __future__ import annotations
 
