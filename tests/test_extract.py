@@ -493,20 +493,17 @@ def test_extract_command_with_a_saved_model_and_its_weights_changing(tmp_path, m
     assert third["extracted"] == 6 and third["key"] != first["key"] and len(loads) == 1
 
 
-def test_an_encoder_handed_in_is_remembered_so_that_a_fully_cached_run_does_not_load_it(tmp_path, monkeypatch):
+def test_an_encoder_handed_in_is_remembered_so_that_a_fully_cached_run_does_not_load_it(tmp_path, monkeypatch,
+                                                                                        tiny_dinov2_dir):
     """A run that had to count its backbone's parameters hands the encoder it loaded to the extraction. Its identity
     must be remembered then too: the demo's second task, fully cached, loaded DINOv2 again to learn it."""
-    from transformers import Dinov2Config, Dinov2Model
-
     import fmprobe.backbones.registry as registry
 
     images = write_images(tmp_path / "img", 6)
     images[["sample_id", "path", "y"]].to_csv(tmp_path / "manifest.csv", index=False)
-    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                             patch_size=8, image_size=16)).save_pretrained(tmp_path / "model")
     exp = parse_config({"name": "handed", "data": {"manifest": str(tmp_path / "manifest.csv"), "group_column": None,
                                                    "split_column": None},
-                        "task": {"type": "binary", "targets": ["y"]}, "model": {"name": str(tmp_path / "model")},
+                        "task": {"type": "binary", "targets": ["y"]}, "model": {"name": str(tiny_dinov2_dir)},
                         "features": {"cache_dir": str(tmp_path / "cache"), "batch_size": 4}})  # fmt: skip
     manifest = load_manifest(exp.data, exp.task)
     first = run_extraction(exp, manifest, registry.load_encoder(exp.model))
@@ -525,6 +522,10 @@ def test_an_absent_gpu_for_extraction_is_an_error_not_a_cpu_run(toy_study, monke
         extract_features(exp, load_manifest(exp.data, exp.task), progress=False)
 
 
+def _default_torch_threads() -> int:
+    """torch's thread count in a fresh process (the prefetch tests compare theirs with it)."""
+    return int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                              capture_output=True, text=True, check=True).stdout)
 
 
 def test_prefetch_leaves_the_process_torch_threads_alone():
@@ -532,12 +533,11 @@ def test_prefetch_leaves_the_process_torch_threads_alone():
     that has not asked for its own yet, such as the encoder's at its first extraction (and training's after). It
     was tried once, to keep preprocessing off the forward pass's cores, and dropped the demo's extraction and
     training to one thread. Fresh processes, each asking for the count only at the end (asking fixes it)."""
-    count = "print(torch.get_num_threads())"
-    prefetch = ("from fmprobe.features.pipeline import Prefetch; "
+    prefetch = ("import torch; from fmprobe.features.pipeline import Prefetch; "
                 "items = Prefetch(torch.ones(64, 64) @ torch.ones(64, 64) for _ in range(3)); "
-                "items.__enter__(); list(items); items.__exit__(); ")
-    default, after = (int(subprocess.run([sys.executable, "-c", "import torch; " + code], capture_output=True,
-                                         text=True, check=True).stdout) for code in (count, prefetch + count))
+                "items.__enter__(); list(items); items.__exit__(); print(torch.get_num_threads())")
+    default = _default_torch_threads()
+    after = int(subprocess.run([sys.executable, "-c", prefetch], capture_output=True, text=True, check=True).stdout)
     if default < 2:
         pytest.skip("one torch thread by default here: nothing to lose")
     assert after == default
@@ -553,8 +553,7 @@ def test_the_prefetch_thread_runs_its_torch_ops_on_one_thread_and_only_itself():
             "counts = list(inside); inside.__exit__(); later = []; "
             "t = threading.Thread(target=lambda: later.append(torch.get_num_threads())); t.start(); t.join(); "
             "print(counts, torch.get_num_threads(), later[0])")
-    default = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                                 capture_output=True, text=True, check=True).stdout)
+    default = _default_torch_threads()
     if default < 2:
         pytest.skip("one torch thread by default here: nothing to tell apart")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
