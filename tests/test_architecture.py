@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fmprobe"
 # Low to high; a module may import from its own layer's packages (without cycles) and from lower layers.
 LAYERS = [
     {"errors"},
-    {"atomic", "config", "distributed"},
+    {"atomic", "config", "distributed", "forks"},
     {"devices"},
     {"backbones"},
     {"data"},

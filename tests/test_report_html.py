@@ -71,3 +71,37 @@ def test_multilabel_run_report_shows_detection_where_one_label_alone_is_met(tmp_
     table = re.search(r'<table id="single-label-detection">(.*?)</table>', html, re.S)
     assert table and "only y" in table.group(1) and "only z" in table.group(1)
     assert re.search(r"\d+/\d+</td><td>[\d.]+ \[[\d.]+, [\d.]+\]", table.group(1))
+
+
+def test_a_reports_heads_are_drawn_side_by_side_into_the_page_one_process_draws(tmp_path, monkeypatch):
+    """Each head's figures are drawn in its own forked copy of the process (one per core); the page is byte for
+    byte the one drawn in this process alone."""
+    import json
+    import os
+
+    import pandas as pd
+
+    import fmprobe.report.html as html
+    from fmprobe import forks
+
+    config = base_config(tmp_path, "multiclass")
+    config["heads"].append({"type": "mlp", "name": "wide", "hidden": 8})
+    exp = parse_config(config)
+    run_dir = run_experiment(exp, progress=False).run_dir
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    curves, predictions = (pd.read_parquet(run_dir / f"{table}.parquet") for table in ("curves", "predictions"))
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    real = html.head_figures
+
+    def recording(*args):
+        (drawn / f"{args[-1]}.{os.getpid()}").touch()
+        return real(*args)
+
+    monkeypatch.setattr(html, "head_figures", recording)
+    monkeypatch.setattr(forks, "cores", lambda: 2)
+    side_by_side = html.render_run_report(exp, metrics, curves, "r", predictions)
+    assert sorted(p.stem for p in drawn.iterdir()) == ["linear", "wide"]
+    assert len({p.suffix for p in drawn.iterdir()}) == 2
+    monkeypatch.setattr(forks, "cores", lambda: 1)
+    assert html.render_run_report(exp, metrics, curves, "r", predictions) == side_by_side

@@ -204,12 +204,15 @@ def test_sweep_report_draws_one_label_efficiency_curve_per_backbone_and_head(tmp
 
 def test_arms_trained_together_match_each_arm_run_alone_bit_for_bit(tmp_path, monkeypatch):
     """Arms differing in head type and learning rate (each with a second head on another input) train in one
-    process and one HeadBank pass per input and seed; every run's metrics, predictions and curves equal its run
-    alone, to the bit, early stopping included."""
+    process and one HeadBank pass per input and seed (on two cores, side by side in a forked copy of it); every
+    run's metrics, predictions and curves equal its run alone, to the bit, early stopping included."""
     import pandas as pd
 
     import fmprobe.experiments.run as run_module
+    from fmprobe import forks
     from fmprobe.experiments.run import run_experiment
+
+    monkeypatch.setattr(forks, "cores", lambda: 2)
 
     write_base(tmp_path)
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
@@ -294,3 +297,35 @@ def test_a_parallel_sweep_flags_both_arms_that_are_one_backbone_under_two_names(
     board = build_leaderboard(tmp_path / "runs")
     assert all("identical_predictions" in flags for flags in board.table["flags"])
     assert result.report.read_text().count("identical_predictions") >= 2
+
+
+def test_a_sweeps_arms_train_and_finish_side_by_side_in_forked_processes(tmp_path, monkeypatch):
+    """The arms' HeadBank passes (one per seed here) and the arms' finishing (bootstrap, files, report) are shared
+    with a forked copy of the sweep's process, one per core; every arm's run is finished and recorded."""
+    import os
+
+    import fmprobe.experiments.run as run_module
+    import fmprobe.probes.frozen as frozen
+    from fmprobe import forks
+
+    write_base(tmp_path)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    def recording(name, real):
+        def wrapper(*args, **kwargs):
+            (seen / f"{name}.{os.getpid()}").touch()
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(forks, "cores", lambda: 2)
+    monkeypatch.setattr(frozen, "_seed_runs", recording("train", frozen._seed_runs))
+    monkeypatch.setattr(run_module, "_finish", recording("finish", run_module._finish))
+    result = run_sweep(_sweep(tmp_path, {"heads.0.type": ["linear", "mlp"], "train.lr": [0.01, 0.2]}), workers=1)
+    assert [p.status for p in result.points] == ["ran"] * 4
+    for step in ("train", "finish"):
+        pids = {p.suffix for p in seen.glob(f"{step}.*")}
+        assert len(pids) == 2 and f".{os.getpid()}" in pids, step
+    for point in result.points:
+        assert json.loads((point.run_dir / "status.json").read_text())["status"] == "finished"
+        assert (point.run_dir / "report.html").is_file()

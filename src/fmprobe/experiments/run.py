@@ -49,6 +49,7 @@ from fmprobe.features.extract import Tick, extract_features
 from fmprobe.features.keys import remembered_identity
 from fmprobe.features.remote import local_cache_dir
 from fmprobe.features.store import FeatureSet
+from fmprobe.forks import fork_map
 from fmprobe.probes.fitted import check_fitted
 from fmprobe.probes.frozen import member_groups, train_arms, train_heads
 from fmprobe.probes.grid import check_grid, select_members
@@ -185,9 +186,11 @@ def run_experiment(exp: Experiment, *, progress: bool | Progress = True) -> RunR
 
 def run_arms(exps: list[Experiment]) -> list[RunResult | Exception]:
     """Runs of one ``probes.frozen.shared_training`` key (arms of a sweep) in one process: their inputs loaded
-    once, their heads trained together (``probes.frozen.train_arms``), then each run finished, in order, as
-    ``run_experiment`` finishes it, with the same metrics bit for bit (each arm is compared with the arms before
-    it, as runs one after the other would be). An arm's ``wall_seconds`` counts from the start of the shared work.
+    once, their heads trained together (``probes.frozen.train_arms``), then each run finished as ``run_experiment``
+    finishes it, with the same metrics bit for bit, the arms side by side in forked copies of this process
+    (``forks.fork_map``: bootstrap, files and figures are one core's work per arm); then, in order, each arm's
+    outputs are compared with every finished run's (twin flags, as runs one after the other get them once all
+    have run). An arm's ``wall_seconds`` counts from the start of the shared work.
 
     A failure of the shared work raises before any run directory exists (checkpoints wait in a staging folder),
     so the caller can run the arms alone and each record its own outcome; a failure while finishing an arm is
@@ -205,17 +208,25 @@ def run_arms(exps: list[Experiment]) -> list[RunResult | Exception]:
             parts = train_arms(exps, task, inputs.features, fold.ids, fold.targets, roots)
             for arm, part in zip(results, parts):
                 add_fold(arm, part, k, inputs.data)
-        out: list[RunResult | Exception] = []
-        for i, (exp, arm) in enumerate(zip(exps, results)):
-            stage = _Stage(new_run_dir(exp), config_hash(exp))
+
+        def finish(i: int) -> RunResult | Exception:
+            exp, stage = exps[i], _Stage(new_run_dir(exps[i]), config_hash(exps[i]))
             try:
                 with stage.recorded():
                     write_text(stage.run_dir / "config.resolved.yaml", dump_config(exp))
-                    _adopt_checkpoints(arm, staging / str(i), stage.run_dir)
-                    metrics = _finish(exp, task, inputs, arm, stage, started, RunClock(Progress.off(), exp.name))
-                out.append(RunResult(run_dir=stage.run_dir, metrics=check_twins(exp, stage.run_dir, metrics)))
+                    _adopt_checkpoints(results[i], staging / str(i), stage.run_dir)
+                    metrics = _finish(exp, task, inputs, results[i], stage, started, RunClock(Progress.off(), exp.name))
+                return RunResult(run_dir=stage.run_dir, metrics=metrics)
             except Exception as err:  # recorded in its run; the other arms go on
-                out.append(err)
+                return err
+
+        out = fork_map(finish, range(len(exps)))  # the arms finished side by side, then compared in order
+        for i, done in enumerate(out):
+            if isinstance(done, RunResult):
+                try:
+                    done.metrics = check_twins(exps[i], done.run_dir, done.metrics)
+                except Exception as err:
+                    out[i] = err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

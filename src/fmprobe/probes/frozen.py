@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from fmprobe.atomic import atomic_path
-from fmprobe.config import FITTED_HEADS, Experiment
+from fmprobe.config import FITTED_HEADS, Experiment, HeadConfig
 from fmprobe.devices import head_threads
 from fmprobe.evaluate.results import SPLITS, HeadRun, ProbeResults
 from fmprobe.evaluate.task import ResolvedTask
 from fmprobe.evaluate.thresholds import tune_thresholds
 from fmprobe.features.store import FeatureSet
+from fmprobe.forks import fork_map
 from fmprobe.heads.bank import BankMember
 from fmprobe.probes.fitted import fit_subsets, fitted_run
 from fmprobe.probes.grid import grid_members
@@ -81,6 +82,11 @@ def shared_training(exp: Experiment) -> str | None:
     return json.dumps(exp.model_dump(mode="json", exclude=_ARM_SETTINGS), sort_keys=True)
 
 
+def reads_tokens(head: HeadConfig) -> bool:
+    """Whether the head pools the tokens itself (attentive) rather than reading pooled, standardised features."""
+    return head.pooling == "attentive"
+
+
 def targets_note(exp: Experiment) -> str:
     """How a regression run's heads see its targets (trained heads: standardised; fitted heads: as they are)."""
     trained = [h.name for h in exp.heads if h.type not in FITTED_HEADS]
@@ -101,7 +107,7 @@ def train_heads(exp: Experiment, task: ResolvedTask, features: FeatureSet, split
     for head in exp.heads:
         if head.type in FITTED_HEADS:
             inputs = head_tensors(features, split_ids, head)
-            if head.pooling != "attentive":
+            if not reads_tokens(head):
                 results.standardisation[head.name] = STANDARDISED
             fitted = fit_subsets(head, task, inputs, targets, [np.arange(len(targets["train"]))], loss_cfg=exp.loss,
                                  task_cfg=exp.task)[0]  # fmt: skip
@@ -117,7 +123,8 @@ def train_arms(exps: list[Experiment], task: ResolvedTask, features: FeatureSet,
     with one :func:`shared_training` key: per input (layer and pooling) and seed, one HeadBank of every arm's
     heads trains in one pass of the training loop. The bank is unfused, so each head keeps its own kernels, loss
     and AdamW groups (the rounding of its run alone) while the arms share the batches, the loop and the
-    validation passes."""
+    validation passes. The passes on pooled inputs run side by side in forked copies of this process, on one torch
+    thread each as they would here."""
     keys = {shared_training(e) for e in exps}
     if None in keys or len(keys) != 1:
         raise ValueError("train_arms trains arms with one shared_training key; train the others with train_heads")
@@ -126,7 +133,7 @@ def train_arms(exps: list[Experiment], task: ResolvedTask, features: FeatureSet,
         for [member] in member_groups(exp):
             by_input.setdefault((str(member.head.layer), member.head.pooling), []).append((i, member))
     results = _train_groups(exps, [(g, False) for g in by_input.values()], task, features, split_ids, targets,
-                            checkpoint_roots)  # fmt: skip
+                            checkpoint_roots, side_by_side=True)  # fmt: skip
     for exp, part in zip(exps, results):  # the order of train_heads: head by head, seeds in order
         order = {h.name: j for j, h in enumerate(exp.heads)}
         part.runs.sort(key=lambda r: order[r.head])
@@ -136,39 +143,54 @@ def train_arms(exps: list[Experiment], task: ResolvedTask, features: FeatureSet,
 def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, BankMember]], bool]],
                   task: ResolvedTask, features: FeatureSet, split_ids: dict[str, list[str]],
                   targets: dict[str, np.ndarray], checkpoint_roots: list[Path | None], *,
-                  on_epoch: Callable[[int, EpochReport], None] | None = None) -> list[ProbeResults]:  # fmt: skip
+                  on_epoch: Callable[[int, EpochReport], None] | None = None,
+                  side_by_side: bool = False) -> list[ProbeResults]:  # fmt: skip
     """Per group of (arm, member) reading one input, and per seed, one HeadBank (fused or not) of the members
     (:func:`_seed_runs`); each arm's HeadRuns in its own ProbeResults. The training settings other than lr / weight
     decay are the first arm's (the same for all: ``shared_training``).
 
     With several groups, the first seed of every group trains before the other seeds: a time estimate then knows
     every group's seconds per epoch and early stopping after one fit each. Every fit is seeded on its own, so the
-    order changes no number (the callers sort the runs head by head); a group's inputs are read once per round."""
+    order changes no number (the callers sort the runs head by head); a group's inputs are read once per process.
+    ``side_by_side``: the fits on one torch thread (heads on pooled features) are shared with forked copies of this
+    process (``forks.fork_map``), which compute on one thread too; heads on tokens, which take the process's
+    threads, train here."""
     exp = exps[0]
     results = [ProbeResults(training_inputs=[{"stage": "all epochs", **cached_inputs(e)}]) for e in exps]
     fitting = FitTargets.for_task(task, targets)
     if task.type == "regression":
         for e, r in zip(exps, results):
             r.standardisation["targets"] = targets_note(e)
+    for group, _ in groups:
+        if not reads_tokens(group[0][1].head):
+            for i, member in group:
+                results[i].standardisation[member.head.name] = STANDARDISED
     # train.balanced_sampler: the same class-balanced draws as end-to-end training, over the cached features
     weights = balanced_weights(targets["train"], task.type) if exp.train.balanced_sampler else None
+    unique = len(exps) > 1  # bank members need distinct names across arms
+
+    @cache
+    def group_inputs(g: int) -> tuple[tuple[torch.nn.Module, dict], dict[str, torch.Tensor], list[BankMember]]:
+        group = groups[g][0]
+        loss = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
+        return loss, head_tensors(features, split_ids, group[0][1].head), [
+            replace(m, name=f"{i}:{m.name}") if unique else m for i, m in group]
+
+    def fit(item: tuple[int, int]) -> list[HeadRun]:
+        g, seed = item
+        (group, fuse), (loss, inputs, bank_members) = groups[g], group_inputs(g)
+        return _seed_runs([(exps[i], m.name, checkpoint_roots[i]) for i, m in group], bank_members, task, inputs,
+                          targets, fitting, loss, weights, seed, fuse=fuse,
+                          on_epoch=None if on_epoch is None else partial(on_epoch, seed))  # fmt: skip
+
     seeds = list(exp.train.seeds)
     rounds = [seeds] if len(groups) <= 1 else [seeds[:1], seeds[1:]]
-    for round_seeds in rounds:
-        for group, fuse in groups if round_seeds else ():
-            loss, loss_info = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
-            inputs = head_tensors(features, split_ids, group[0][1].head)
-            if group[0][1].head.pooling != "attentive":
-                for i, member in group:
-                    results[i].standardisation[member.head.name] = STANDARDISED
-            unique = len(exps) > 1  # bank members need distinct names across arms
-            bank_members = [replace(m, name=f"{i}:{m.name}") if unique else m for i, m in group]
-            for seed in round_seeds:
-                runs = _seed_runs([(exps[i], m.name, checkpoint_roots[i]) for i, m in group], bank_members, task,
-                                  inputs, targets, fitting, (loss, loss_info), weights, seed, fuse=fuse,
-                                  on_epoch=None if on_epoch is None else partial(on_epoch, seed))  # fmt: skip
-                for (i, _), run in zip(group, runs):
-                    results[i].runs.append(run)
+    order = [(g, seed) for round_seeds in rounds for g in range(len(groups)) for seed in round_seeds]
+    forked = [item for item in order if side_by_side and not reads_tokens(groups[item[0]][0][0][1].head)]
+    runs = dict(zip(forked, fork_map(fit, forked)))
+    for item in order:
+        for (i, _), run in zip(groups[item[0]][0], runs[item] if item in runs else fit(item)):
+            results[i].runs.append(run)
     return results
 
 
@@ -193,7 +215,7 @@ def _seed_runs(owners: list[tuple[Experiment, str, Path | None]], bank_members: 
     threads its kind of head wants; every split predicted; one HeadRun per member, recorded for its owner (arm,
     name, checkpoint root). The training settings are the first owner's."""
     exp = owners[0][0]
-    with head_threads(tokens=bank_members[0].head.pooling == "attentive"):
+    with head_threads(tokens=reads_tokens(bank_members[0].head)):
         fitted, bank = fit_heads(bank_members, HeadData(inputs["train"], fitting.targets["train"]),
                                  HeadData(inputs["val"], fitting.targets["val"]), in_dim=inputs["train"].shape[-1],
                                  out_dim=task.out_dim, task_type=task.type, loss=loss[0], cfg=exp.train, seed=seed,

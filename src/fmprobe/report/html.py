@@ -6,6 +6,7 @@ context (``RUN_SECTIONS``): a new section is a template and a line here.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pandas as pd
 from fmprobe import __version__
 from fmprobe.atomic import write_text
 from fmprobe.config import Experiment
+from fmprobe.forks import fork_map
 from fmprobe.report.config_view import applied_config, loss_text
 from fmprobe.report.efficiency import run_section
 from fmprobe.report.plots import (
@@ -129,9 +131,10 @@ def head_figures(metrics: dict[str, Any], curves: pd.DataFrame, predictions: pd.
 
 def render_run_report(exp: Experiment, metrics: dict[str, Any], curves: pd.DataFrame, run_id: str,
                       predictions: pd.DataFrame | None = None) -> str:  # fmt: skip
-    heads = [{"name": name, "h": h, "figures": head_figures(metrics, curves, predictions, name),
-              "metrics": shown_metrics(metrics, name), "loss": loss_text(h["loss"], metrics)}
-             for name, h in metrics["heads"].items()]  # fmt: skip
+    names = list(metrics["heads"])
+    figures = fork_map(partial(head_figures, metrics, curves, predictions), names)  # the heads' figures side by side
+    heads = [{"name": name, "h": metrics["heads"][name], "figures": figs, "metrics": shown_metrics(metrics, name),
+              "loss": loss_text(metrics["heads"][name]["loss"], metrics)} for name, figs in zip(names, figures)]
     return render(
         "run.html", sections=RUN_SECTIONS,
         m=metrics, rows=headline_rows(metrics), heads=heads, verdict=verdict_parts(metrics),
