@@ -47,6 +47,7 @@ SAFE = {
     ("diagnostics/shapes.py", "_save_png("): "the manifest, written last and atomically, marks a complete dataset",
     ("diagnostics/shapes.py", ").save(path)"): "the manifest, written last and atomically, marks a complete dataset",
     ("report/plots.py", "savefig(buf"): "into memory",
+    ("forks.py", "os.fdopen(write, \"wb\")"): "a pipe to the parent process, not a file",
     ("cli.py", "board.to_csv(csv)"): "Leaderboard.to_csv writes atomically",
     ("experiments/leaderboard.py", "def to_csv"): "a definition",
     ("experiments/run.py", "np.savez_compressed(f"): "into an atomic_path temp file",
