@@ -6,8 +6,9 @@ rate, best validation score, time left) and into the run's estimate:
 
     left = samples to extract / measured samples per second
          + for each member group: fits to go x the mean duration of its finished fits
-         + evaluation and report: as long as they took in the latest finished run under the same runs folder
-           (per head), else FIGURES_PER_HEAD x heads x the time this machine takes to draw one report figure
+         + evaluation and report: in units of one drawn report figure (``finish_units``: the heads' evaluation,
+           their figures drawn side by side), each unit as long as in the latest finished run under the same
+           runs folder, else as long as this machine takes to draw one report figure now
 
 A fit's duration runs from the end of the previous fit to its own last epoch, so it includes what happens
 between fits (building the heads, predicting every split, saving checkpoints). While a group has no finished
@@ -30,14 +31,17 @@ from typing import Any
 
 import numpy as np
 
+from fmprobe.forks import cores
 from fmprobe.report.progress import Progress, Step, duration
 from fmprobe.train.core import EpochReport
 
 HOUR = 3600.0
-# Evaluation and report of one head, in units of one drawn report figure (reference_figure_seconds): about three
-# figures per head (per-class or regression, calibration, curves) and its bootstrap: 3.6 measured on the demo's
-# multilabel task (evaluation 8.2 s + report 24.5 s for 2 heads, one figure 4.6 s, at a load average of 15).
-FIGURES_PER_HEAD = 4.0
+# By task type, in units of one drawn report figure (reference_figure_seconds): a head's evaluation (bootstrap,
+# baselines, thresholds, flags) and the figures its report draws (per-class bars, confusion, calibration or
+# predictions, training curves). Evaluation measured on the demo, one figure 0.36 s: multilabel 0.51 s a head,
+# regression 0.07 s; binary and multiclass are costed as multilabel.
+EVALUATION_UNITS = {"binary": 1.4, "multilabel": 1.4, "multiclass": 1.4, "regression": 0.2}
+FIGURES = {"binary": 3, "multilabel": 3, "multiclass": 4, "regression": 2}
 
 
 @dataclass
@@ -287,24 +291,33 @@ class RunClock:
         return out
 
 
-def finish_estimate(runs_dir: Path, heads: int, clock: Callable[[], float]) -> Finish:
-    """Seconds the evaluation and the report will take: as in the latest finished run under ``runs_dir`` that
-    recorded them, per head; else ``FIGURES_PER_HEAD`` figures per head at the time this machine takes to draw one
-    now (timed by ``clock``, the run's clock; a load that makes the run slow makes the figure slow too)."""
+def finish_units(task_type: str, heads: int) -> float:
+    """A run's evaluation and report in figure units: every head evaluated in turn, their figures drawn side by
+    side, a head per core (``report.html`` through ``forks.fork_map``)."""
+    return heads * EVALUATION_UNITS[task_type] + -(-heads // min(heads, cores())) * FIGURES[task_type]
+
+
+def finish_estimate(runs_dir: Path, task_type: str, heads: int, clock: Callable[[], float]) -> Finish:
+    """Seconds the evaluation and the report will take: :func:`finish_units` of this run, each unit as long as in
+    the latest finished run under ``runs_dir`` that recorded its times (its own units: its task and heads); else
+    as long as this machine takes to draw one report figure now (timed by ``clock``, the run's clock: a load that
+    makes the run slow makes the figure slow too)."""
+    units = finish_units(task_type, heads)
     runs = sorted(runs_dir.glob("*/*/metrics.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in runs:
         try:
             m = json.loads(path.read_text())
             phases = m["timing"]["phases"]
-            seconds = (phases["evaluate"] + phases["report"]) / len(m["heads"]) * heads
-            return Finish(seconds, f"as in {path.parent} ({len(m['heads'])} heads), per head")
+            unit = (phases["evaluate"] + phases["report"]) / finish_units(m["task"]["type"], len(m["heads"]))
+            return Finish(units * unit, f"{units:.3g} figure units, each {unit:.2f} s as in {path.parent} "
+                                        f"({m['task']['type']}, {len(m['heads'])} heads)")  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
             continue  # an older run (no timing) or one being written
     from fmprobe.report.plots import reference_figure_seconds  # matplotlib: not for `fmprobe extract`
 
     figure = reference_figure_seconds(clock)
-    return Finish(FIGURES_PER_HEAD * heads * figure, f"{FIGURES_PER_HEAD:g} report figures per head, one drawn in "
-                                                     f"{figure:.2f} s before the run")  # fmt: skip
+    return Finish(units * figure, f"{units:.3g} figure units, one report figure drawn in {figure:.2f} s before "
+                                  "the run")  # fmt: skip
 
 
 def extraction_progress(label: str, display: Progress | None = None) -> Callable[[int, int], None]:

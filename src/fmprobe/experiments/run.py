@@ -152,7 +152,7 @@ def run_experiment(exp: Experiment, *, progress: bool | Progress = True) -> RunR
     distributed.init(cuda=exp.adapt.strategy != "frozen" and exp.adapt.device.startswith("cuda"))
     display = progress if isinstance(progress, Progress) else Progress(enabled=progress)
     if distributed.is_main():
-        finish = finish_estimate(Path(exp.runs_dir).expanduser(), len(exp.heads), display.clock)
+        finish = finish_estimate(Path(exp.runs_dir).expanduser(), exp.task.type, len(exp.heads), display.clock)
         clock = RunClock(display, exp.name, finish=finish)
     else:
         clock = RunClock(Progress.off(), exp.name)
