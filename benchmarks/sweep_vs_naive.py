@@ -125,7 +125,11 @@ def naive_epoch_seconds(cfg: dict) -> float:
 
 def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    folder = Path(tempfile.mkdtemp(prefix="fmprobe-sweep-bench-"))
+    with tempfile.TemporaryDirectory(prefix="fmprobe-sweep-bench-") as tmp:  # ~150 MB of images, cache and runs
+        measure(Path(tmp))
+
+
+def measure(folder: Path) -> None:
     manifest = write_data(folder)
     model = write_model(folder / "model")
     cfg = base_config(folder, manifest, model)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -89,15 +88,17 @@ def test_arbitrary_documents_parse_or_raise_a_config_error(document):
     check_config(document)
 
 
-_CONFIG_DIR = Path(tempfile.mkdtemp(prefix="fmprobe-fuzz-config-"))
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz-config")
 
 
 @FUZZ
 @given(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode),
                  values.map(lambda v: yaml.safe_dump(v).encode())),
        st.dictionaries(st.sampled_from(KEYS), values, max_size=3))
-def test_config_files_and_overrides_load_or_raise_a_config_error(raw, overrides):
-    path = _CONFIG_DIR / "exp.yaml"
+def test_config_files_and_overrides_load_or_raise_a_config_error(config_dir, raw, overrides):
+    path = config_dir / "exp.yaml"
     path.write_bytes(raw)
     try:
         exp = load_config(path, overrides)
@@ -108,8 +109,12 @@ def test_config_files_and_overrides_load_or_raise_a_config_error(raw, overrides)
 
 # --- manifests -----------------------------------------------------------------------------------------
 
-_MEDIA = Path(tempfile.mkdtemp(prefix="fmprobe-fuzz-manifest-"))
-Image.fromarray(np.zeros((4, 4), np.uint8)).save(_MEDIA / "a.png")
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the fuzzed manifests are written, beside the one image their relative paths may name."""
+    folder = tmp_path_factory.mktemp("fuzz-manifest")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "a.png")
+    return folder
 
 CELLS = st.one_of(
     st.sampled_from(["", "nan", "NA", "null", "None", "0", "1", "1.0", "0.0", "2", "-1", "inf", "-inf", "1e400",
@@ -160,17 +165,17 @@ def check_manifest(manifest_path: Path, task: dict, data: dict | None = None) ->
 @given(st.lists(st.sampled_from(COLUMNS), min_size=1, max_size=7),
        st.lists(st.lists(CELLS, min_size=7, max_size=7), max_size=6), TASKS,
        st.sampled_from([{}, {"group_column": None, "split_column": None}, {"group_column": "extra"}]))
-def test_csv_manifests_load_or_raise_a_clear_error(columns, rows, task, data):
+def test_csv_manifests_load_or_raise_a_clear_error(media_dir, columns, rows, task, data):
     rows = [r[: len(columns)] for r in rows]
-    path = _MEDIA / "m.csv"
+    path = media_dir / "m.csv"
     path.write_text(csv_text(columns, rows), encoding="utf-8")
     check_manifest(path, task, data)
 
 
 @FUZZ
 @given(st.binary(max_size=300), TASKS)
-def test_arbitrary_bytes_as_a_manifest_raise_a_clear_error(raw, task):
-    path = _MEDIA / "raw.csv"
+def test_arbitrary_bytes_as_a_manifest_raise_a_clear_error(media_dir, raw, task):
+    path = media_dir / "raw.csv"
     path.write_bytes(raw)
     check_manifest(path, task)
 
@@ -184,11 +189,11 @@ PARQUET_COLUMNS = st.sampled_from([
 @FUZZ
 @given(st.integers(0, 5), st.fixed_dictionaries({c: PARQUET_COLUMNS for c in ["sample_id", "y", "z", "group"]}),
        TASKS, st.data())
-def test_parquet_manifests_with_any_column_types(n, kinds, task, data):
+def test_parquet_manifests_with_any_column_types(media_dir, n, kinds, task, data):
     frame = {"path": ["a.png"] * n}
     for column, (_, strategy) in kinds.items():
         frame[column] = data.draw(st.lists(strategy, min_size=n, max_size=n))
-    path = _MEDIA / "m.parquet"
+    path = media_dir / "m.parquet"
     pd.DataFrame(frame).to_parquet(path, index=False)
     check_manifest(path, task, {"split_column": None})
 
