@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import replace
-from functools import cache, partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -151,10 +151,10 @@ def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, Ban
 
     With several groups, the first seed of every group trains before the other seeds: a time estimate then knows
     every group's seconds per epoch and early stopping after one fit each. Every fit is seeded on its own, so the
-    order changes no number (the callers sort the runs head by head); a group's inputs are read once per process.
+    order changes no number (the callers sort the runs head by head); a group's inputs are read once per round.
     ``side_by_side``: the fits on one torch thread (heads on pooled features) are shared with forked copies of this
-    process (``forks.fork_map``), which compute on one thread too; heads on tokens, which take the process's
-    threads, train here."""
+    process (``forks.fork_map``, group by group, so each reads a group's inputs about once), which compute on one
+    thread too; heads on tokens, which take the process's threads, train here."""
     exp = exps[0]
     results = [ProbeResults(training_inputs=[{"stage": "all epochs", **cached_inputs(e)}]) for e in exps]
     fitting = FitTargets.for_task(task, targets)
@@ -169,7 +169,7 @@ def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, Ban
     weights = balanced_weights(targets["train"], task.type) if exp.train.balanced_sampler else None
     unique = len(exps) > 1  # bank members need distinct names across arms
 
-    @cache
+    @lru_cache(maxsize=1)  # one group's inputs held at a time: the passes below come group by group
     def group_inputs(g: int) -> tuple[tuple[torch.nn.Module, dict], dict[str, torch.Tensor], list[BankMember]]:
         group = groups[g][0]
         loss = build_loss(exp.loss, exp.task, targets["train"], num_classes=task.num_classes)
@@ -186,7 +186,7 @@ def _train_groups(exps: list[Experiment], groups: list[tuple[list[tuple[int, Ban
     seeds = list(exp.train.seeds)
     rounds = [seeds] if len(groups) <= 1 else [seeds[:1], seeds[1:]]
     order = [(g, seed) for round_seeds in rounds for g in range(len(groups)) for seed in round_seeds]
-    forked = [item for item in order if side_by_side and not reads_tokens(groups[item[0]][0][0][1].head)]
+    forked = sorted(item for item in order if side_by_side and not reads_tokens(groups[item[0]][0][0][1].head))
     runs = dict(zip(forked, fork_map(fit, forked)))
     for item in order:
         for (i, _), run in zip(groups[item[0]][0], runs[item] if item in runs else fit(item)):
