@@ -59,9 +59,13 @@ def test_a_child_that_dies_is_an_error_that_says_so():
     assert _children() == before
 
 
-def test_a_result_that_cannot_travel_fails_its_item():
-    with pytest.raises(RuntimeError, match="could not be sent back: Can't pickle local object"):
-        fork_map(lambda x: (lambda: x), range(2), processes=2)
+def test_a_result_that_cannot_travel_fails_its_item_alone():
+    def result(x: int) -> object:
+        return (lambda: x) if x == 3 else x
+
+    # the child computes items 1 and 3: the error is item 3's, so item 1's result came back
+    with pytest.raises(RuntimeError, match="item 3, computed in a forked worker, could not be sent back: Can't pickle"):
+        fork_map(result, range(5), processes=2)
 
 
 def test_a_fork_map_inside_one_computes_its_items_in_its_own_process():

@@ -104,14 +104,10 @@ def _child(fn: Callable[[T], R], items: list[T], k: int, count: int, write: int,
         gc.freeze()
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
-        outcomes = [(i, (ok, value if ok else _portable(value))) for i, (ok, value) in _share(fn, items, k, count)]
-        try:
-            payload = pickle.dumps(outcomes)
-        except Exception as err:  # a result that cannot travel: each of this child's items fails with that
-            error = RuntimeError(f"results computed in a forked worker could not be sent back: {err}")
-            payload = pickle.dumps([(i, (False, error)) for i, _ in outcomes])
+        outcomes = [_travelling(i, ok, value if ok else _portable(value)) for i, (ok, value) in
+                    _share(fn, items, k, count)]  # fmt: skip
         with os.fdopen(write, "wb") as pipe:
-            pipe.write(payload)
+            pipe.write(pickle.dumps(outcomes))
     except KeyboardInterrupt:  # the parent was interrupted too, and says so
         status = 130
     except BaseException:
@@ -119,6 +115,16 @@ def _child(fn: Callable[[T], R], items: list[T], k: int, count: int, write: int,
         status = 1
     finally:
         os._exit(status)
+
+
+def _travelling(i: int, ok: bool, value: object) -> tuple[int, tuple[bool, object]]:
+    """An item's outcome as it can be sent to the parent: a result that cannot be pickled fails that item alone."""
+    try:
+        pickle.dumps(value)
+    except Exception as err:
+        return i, (False, RuntimeError(f"the result of item {i}, computed in a forked worker, could not be sent back: "
+                                       f"{err}"))  # fmt: skip
+    return i, (ok, value)
 
 
 def _die_with(parent: int) -> None:
