@@ -47,10 +47,10 @@ def fork_map(fn: Callable[[T], R], items: Sequence[T], processes: int | None = N
     sys.stdout.flush()
     sys.stderr.flush()
     children: list[tuple[int, int]] = []
+    parent = os.getpid()
     try:
         for k in range(1, count):
             read, write = os.pipe()
-            parent = os.getpid()
             pid = os.fork()
             if pid == 0:
                 os.close(read)
@@ -158,7 +158,7 @@ def _collect(pid: int, read: int) -> list[tuple[int, tuple[bool, object]]]:
 
 def _end(pid: int) -> None:
     try:
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
         pass
